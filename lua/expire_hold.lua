@@ -1,0 +1,16 @@
+-- Expire one hold whose lease ran out (the sidecar that took it died or hung).
+-- KEYS[1] account hash   KEYS[2] the account's holds hash   KEYS[3] the partition's hold-expiry zset
+-- ARGV[1] request id   ARGV[2] expiry member   ARGV[3] now (ms since epoch)
+-- Returns the amount released (0 when the lease was renewed or the hold is already gone).
+local lease_end = redis.call('ZSCORE', KEYS[3], ARGV[2])
+if not lease_end or tonumber(lease_end) > tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('ZREM', KEYS[3], ARGV[2])
+local hold = redis.call('HGET', KEYS[2], ARGV[1])
+if not hold then
+  return 0
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'held', 0 - tonumber(hold))
+return tonumber(hold)

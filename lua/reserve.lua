@@ -1,0 +1,27 @@
+-- Reserve: hold the worst-case cost of one request, atomically and idempotently.
+-- KEYS[1] account hash (fields: balance, held)   KEYS[2] the account's holds hash (request id -> amount)
+-- KEYS[3] the partition's hold-expiry zset        KEYS[4] the request's settled marker
+-- ARGV[1] request id   ARGV[2] amount (micro-credits, integer string)
+-- ARGV[3] lease end (ms since epoch)   ARGV[4] expiry member ("<account> <request id>")
+-- Returns {status, balance, held}: 1 held (also when this request id already holds),
+-- 0 insufficient, -1 no such account, -2 this request id was already settled.
+-- All arithmetic is on integers below 2^53, exact in Lua's numbers; sums are done by HINCRBY.
+local balance = redis.call('HGET', KEYS[1], 'balance')
+if not balance then
+  return {-1, 0, 0}
+end
+balance = tonumber(balance)
+local held = tonumber(redis.call('HGET', KEYS[1], 'held') or '0')
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return {-2, balance, held}
+end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  return {1, balance, held}
+end
+if balance - held < tonumber(ARGV[2]) then
+  return {0, balance, held}
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+held = redis.call('HINCRBY', KEYS[1], 'held', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return {1, balance, held}

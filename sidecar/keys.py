@@ -1,0 +1,86 @@
+"""Every Redis key name creditgate uses, built in one place.
+
+An account's keys share one hash tag, ``{p<N>}``, so a script touching an account's balance, holds and
+markers stays inside one hash slot and runs unchanged on Redis Cluster. Accounts map to partitions by a
+stable hash (CRC-32 of the account id), so the mapping never changes while ``partitions`` does not.
+Changing ``partitions`` on a store that holds data orphans it: treat it as fixed at first start.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class AccountKeys:
+    """The keys of one account, all in one hash slot."""
+
+    account: str
+    partition: int
+    balance: str  # hash: balance, held, created_at
+    holds: str  # hash: request id -> held micro-credits
+    hold_expiry: str  # zset (partition-wide): "<account> <request id>" scored by lease end (ms)
+    api_keys: str  # set of the account's API key ids
+    tag: str
+
+    def settled(self, request_id: str) -> str:
+        return f"{self.tag}:settled:{request_id}"
+
+    def credited(self, idempotency_key: str) -> str:
+        return f"{self.tag}:credited:{self.account}:{idempotency_key}"
+
+    def expiry_member(self, request_id: str) -> str:
+        return f"{self.account} {request_id}"
+
+
+class KeySpace:
+    def __init__(self, prefix: str, partitions: int) -> None:
+        self.prefix = prefix
+        self.partitions = partitions
+        self._cache: dict[str, AccountKeys] = {}
+
+    def partition_of(self, account: str) -> int:
+        return zlib.crc32(account.encode()) % self.partitions
+
+    def partition_tag(self, partition: int) -> str:
+        return f"{self.prefix}{{p{partition}}}"
+
+    def hold_expiry(self, partition: int) -> str:
+        return f"{self.partition_tag(partition)}:hold-expiry"
+
+    def account(self, account: str) -> AccountKeys:
+        keys = self._cache.get(account)
+        if keys is None:
+            partition = self.partition_of(account)
+            tag = self.partition_tag(partition)
+            keys = AccountKeys(
+                account=account,
+                partition=partition,
+                balance=f"{tag}:account:{account}",
+                holds=f"{tag}:holds:{account}",
+                hold_expiry=self.hold_expiry(partition),
+                api_keys=f"{tag}:api-keys:{account}",
+                tag=tag,
+            )
+            if len(self._cache) < 100_000:
+                self._cache[account] = keys
+        return keys
+
+    @property
+    def accounts(self) -> str:
+        """Set of every account id."""
+        return f"{self.prefix}accounts"
+
+    def api_key(self, key_hash: str) -> str:
+        """Hash: account, id, created_at — looked up by the SHA-256 of the presented key."""
+        return f"{self.prefix}api-key:{key_hash}"
+
+    def api_key_id(self, key_id: str) -> str:
+        """String: the key hash behind a public key id, for revocation."""
+        return f"{self.prefix}api-key-id:{key_id}"
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (the client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else value

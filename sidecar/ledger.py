@@ -1,0 +1,156 @@
+"""The Redis side of money: reserve, settle, credit and expire holds, each one Lua script.
+
+The scripts live in ``lua/*.lua`` (shipped inside the package), are registered once, and are idempotent
+by an id, so redis-py's own retry of a timed-out call can never move money twice.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .keys import KeySpace, as_text
+
+
+def load_lua(name: str) -> str:
+    return (files("sidecar") / "lua" / f"{name}.lua").read_text()
+
+
+class ReserveStatus(enum.IntEnum):
+    HELD = 1
+    INSUFFICIENT = 0
+    NO_ACCOUNT = -1
+    ALREADY_SETTLED = -2
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    status: ReserveStatus
+    balance: int
+    held: int  # the account's total active holds after this call
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    first: bool  # False: settled before; nothing moved now, `charged` is the first charge
+    balance: int
+    released: int  # the hold this settlement released (0 when it had expired)
+    charged: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldView:
+    request_id: str
+    amount: int
+    lease_end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccountBalance:
+    account: str
+    balance: int
+    held: int
+    holds: list[HoldView]
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+class UnknownAccount(LookupError):
+    pass
+
+
+class IdempotencyConflict(ValueError):
+    pass
+
+
+class RedisLedger:
+    def __init__(self, redis: Redis, keys: KeySpace, *, settled_marker_ms: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.settled_marker_ms = settled_marker_ms
+        self._reserve = redis.register_script(load_lua("reserve"))
+        self._settle = redis.register_script(load_lua("settle"))
+        self._credit = redis.register_script(load_lua("credit"))
+        self._expire = redis.register_script(load_lua("expire_hold"))
+
+    async def load_scripts(self) -> None:
+        """Load every script into the server's cache (also proves Redis is reachable)."""
+        for script in (self._reserve, self._settle, self._credit, self._expire):
+            script.sha = await self.redis.script_load(script.script)
+
+    async def reserve(self, account: str, request_id: str, amount: int, lease_end_ms: int) -> Reservation:
+        k = self.keys.account(account)
+        status, balance, held = await self._reserve(
+            keys=[k.balance, k.holds, k.hold_expiry, k.settled(request_id)],
+            args=[request_id, amount, lease_end_ms, k.expiry_member(request_id)],
+        )
+        return Reservation(ReserveStatus(status), int(balance), int(held))
+
+    async def settle(self, account: str, request_id: str, charge: int) -> Settlement:
+        """Release the request's hold and debit `charge` (0 to just release), exactly once."""
+        if charge < 0:
+            raise ValueError("charge must be >= 0")
+        k = self.keys.account(account)
+        status, balance, released, charged = await self._settle(
+            keys=[k.balance, k.holds, k.hold_expiry, k.settled(request_id)],
+            args=[request_id, charge, self.settled_marker_ms, k.expiry_member(request_id)],
+        )
+        if status == -1:
+            raise UnknownAccount(account)
+        return Settlement(status == 1, int(balance), int(released), int(charged))
+
+    async def credit(self, account: str, idempotency_key: str, amount: int) -> tuple[bool, int]:
+        """Add `amount` once per idempotency key; returns (credited now, balance)."""
+        if amount <= 0:
+            raise ValueError("amount must be > 0")
+        k = self.keys.account(account)
+        status, balance = await self._credit(
+            keys=[k.balance, k.credited(idempotency_key)], args=[amount, f"{account} {amount}"]
+        )
+        if status == -1:
+            raise UnknownAccount(account)
+        if status == -2:
+            raise IdempotencyConflict(idempotency_key)
+        return status == 1, int(balance)
+
+    async def balance(self, account: str) -> AccountBalance:
+        k = self.keys.account(account)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(k.balance, ["balance", "held"])
+            pipe.hgetall(k.holds)
+            (balance, held), holds = await pipe.execute()
+        if balance is None:
+            raise UnknownAccount(account)
+        leases: list[Any] = []  # lease end per hold, in the order of `holds`
+        if holds:
+            leases = await self.redis.zmscore(k.hold_expiry, [k.expiry_member(as_text(r)) for r in holds])
+        views = [
+            HoldView(as_text(rid), int(amount), int(lease or 0))
+            for (rid, amount), lease in zip(holds.items(), leases, strict=True)
+        ]
+        return AccountBalance(
+            account, int(balance), int(held or 0), sorted(views, key=lambda h: h.request_id)
+        )
+
+    async def expire_holds(self, now_ms: int, limit: int = 500) -> int:
+        """Release holds whose lease ended before `now_ms`; returns how many micro-credits were released."""
+        released = 0
+        for partition in range(self.keys.partitions):
+            zset = self.keys.hold_expiry(partition)
+            members = await self.redis.zrangebyscore(zset, "-inf", now_ms, start=0, num=limit)
+            for member in members:
+                assert isinstance(member, bytes | str)
+                account, _, request_id = as_text(member).partition(" ")
+                k = self.keys.account(account)
+                released += int(
+                    await self._expire(
+                        keys=[k.balance, k.holds, k.hold_expiry], args=[request_id, as_text(member), now_ms]
+                    )
+                )
+        return released

@@ -1,0 +1,166 @@
+"""Prices, the worst-case estimate and the cost of a request, in integer micro-credits. Pure: no I/O.
+
+Prices are configured as decimal strings of credits per 1K tokens (and credits per request for the fee).
+They are read exactly (``decimal.Decimal`` -> ``fractions.Fraction``), brought to one integer scale per
+model at startup, and every cost is computed with integers only:
+
+    base   = uncached_prompt × prompt + cached × cached_prompt + completion × completion + request_fee
+    charge = ceil(base × multiplier)                        (micro-credits)
+
+Rounding happens once, at the end, upward to the next micro-credit. The multiplier applies to the whole
+base, the fee included: pooled key ``pooled_multiplier`` (1.25 by default), the caller's own key
+``byok_multiplier`` (1 by default).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import TYPE_CHECKING
+
+from .errors import BadRequest, ConfigError
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+MICRO = 1_000_000
+# Amounts stay below 2**53 so that Redis' Lua numbers (doubles) hold them exactly.
+MAX_MICRO = 2**53 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # part of prompt_tokens that was served from the provider's prompt cache
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """One model's price, scaled so that ``micro-credits = value / scale``; every field an integer."""
+
+    model: str
+    upstream: str
+    max_output_tokens: int
+    scale: int
+    prompt: int  # per token
+    completion: int  # per token
+    cached_prompt: int | None  # per token; None: cached tokens cost the prompt price
+    request_fee: int  # per request
+
+    def base(self, usage: Usage) -> int:
+        """Cost before the multiplier, in 1/scale micro-credits."""
+        cached = min(usage.cached_tokens, usage.prompt_tokens) if self.cached_prompt is not None else 0
+        return (
+            (usage.prompt_tokens - cached) * self.prompt
+            + cached * (self.cached_prompt or 0)
+            + usage.completion_tokens * self.completion
+            + self.request_fee
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Multiplier:
+    numerator: int
+    denominator: int
+
+
+def ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def cost(price: Price, usage: Usage, multiplier: Multiplier) -> int:
+    """The charge for a finished request, in micro-credits, rounded up once."""
+    return ceil_div(price.base(usage) * multiplier.numerator, price.scale * multiplier.denominator)
+
+
+def worst_case(price: Price, prompt_tokens: int, output_tokens: int, multiplier: Multiplier) -> int:
+    """The hold: every prompt token at the uncached price plus the whole output budget."""
+    return cost(price, Usage(prompt_tokens=prompt_tokens, completion_tokens=output_tokens), multiplier)
+
+
+def estimate_prompt_tokens(body_size: int, bytes_per_token: int) -> int:
+    """An upper estimate of prompt tokens from the request body's size (a BPE token is at least a byte)."""
+    return ceil_div(body_size, bytes_per_token)
+
+
+def parse_decimal(value: str, setting: str, *, allow_zero: bool = True) -> Fraction:
+    try:
+        number = Decimal(value)
+    except (InvalidOperation, TypeError):
+        raise ConfigError(
+            f"{setting} must be a decimal string such as '0.0025', got {value!r}.", param=setting
+        ) from None
+    if not number.is_finite() or number < 0 or (number == 0 and not allow_zero):
+        raise ConfigError(
+            f"{setting} must be a {'non-negative' if allow_zero else 'positive'} number.", param=setting
+        )
+    return Fraction(number)
+
+
+class PriceTable:
+    def __init__(
+        self, prices: dict[str, Price], aliases: dict[str, str], pooled: Multiplier, byok: Multiplier
+    ) -> None:
+        self.prices = prices
+        self.aliases = aliases
+        self.pooled = pooled
+        self.byok = byok
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PriceTable:
+        prices: dict[str, Price] = {}
+        aliases: dict[str, str] = {}
+        for name, model in settings.models.items():
+            where = f"models.{name}"
+            per_1k = {
+                "prompt": parse_decimal(model.prompt, f"{where}.prompt"),
+                "completion": parse_decimal(model.completion, f"{where}.completion"),
+            }
+            if model.cached_prompt is not None:
+                per_1k["cached_prompt"] = parse_decimal(model.cached_prompt, f"{where}.cached_prompt")
+            per_token = {field: value * MICRO / 1000 for field, value in per_1k.items()}
+            fee = parse_decimal(model.request_fee, f"{where}.request_fee") * MICRO
+            scale = math.lcm(fee.denominator, *(v.denominator for v in per_token.values()))
+
+            def scaled(value: Fraction, scale: int = scale) -> int:
+                return int(value * scale)
+
+            prices[name] = Price(
+                model=name,
+                upstream=model.upstream,
+                max_output_tokens=model.max_output_tokens,
+                scale=scale,
+                prompt=scaled(per_token["prompt"]),
+                completion=scaled(per_token["completion"]),
+                cached_prompt=scaled(per_token["cached_prompt"]) if "cached_prompt" in per_token else None,
+                request_fee=scaled(fee),
+            )
+            for alias in model.aliases:
+                if alias in settings.models or aliases.get(alias, name) != name:
+                    raise ConfigError(
+                        f"{where}.aliases: {alias!r} names two models.", param=f"{where}.aliases"
+                    )
+                aliases[alias] = name
+        return cls(
+            prices,
+            aliases,
+            _multiplier(settings.pooled_multiplier, "pooled_multiplier"),
+            _multiplier(settings.byok_multiplier, "byok_multiplier"),
+        )
+
+    def resolve(self, model: str) -> Price:
+        """The price of a model named directly or by alias; an unknown model is a 400, never free."""
+        price = self.prices.get(model) or self.prices.get(self.aliases.get(model, ""))
+        if price is None:
+            raise BadRequest(
+                f"The model {model!r} is not priced by this gateway.", param="model", code="model_not_found"
+            )
+        return price
+
+
+def _multiplier(value: str, setting: str) -> Multiplier:
+    fraction = parse_decimal(value, setting, allow_zero=False)
+    return Multiplier(fraction.numerator, fraction.denominator)

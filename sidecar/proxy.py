@@ -1,0 +1,314 @@
+"""The metered request handler: authenticate → estimate → reserve → forward → relay → settle.
+
+It orchestrates; pricing, usage and header rules live in their own pure modules. Once a hold is taken the
+rest of the exchange runs in its own task, shielded from the handler's cancellation, so a client that
+goes away can never leave a request unsettled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from .accounts import AccountStore
+from .config import Settings
+from .errors import (
+    REQUEST_ID,
+    BadRequest,
+    Conflict,
+    InsufficientCredits,
+    Unauthorized,
+    UpstreamUnavailable,
+)
+from .ledger import RedisLedger, ReserveStatus
+from .pricing import Multiplier, Price, PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
+from .upstream import Upstream, request_headers, response_headers
+from .usage import SSEReader, usage_from_body
+from .wire import ROUTES, MeteredRequest, Route, decode_request, with_usage_requested
+
+log = logging.getLogger("creditgate.proxy")
+
+# A client that leaves mid-stream without usage is charged the prompt at this many bytes per token
+# (the usual English average) plus one completion token per streamed chunk it was sent.
+DISCONNECT_ESTIMATE_BYTES_PER_TOKEN = 4
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One metered request, from its hold to its settlement."""
+
+    request_id: str
+    account: str
+    route: Route
+    request: MeteredRequest
+    price: Price
+    multiplier: Multiplier
+    body: bytes  # what is forwarded
+    body_size: int  # the client's body size, for estimates
+    hold: int
+    upstream: Upstream
+    credential: str | None
+    strip_usage_chunk: bool
+    usage: Usage | None = None
+    charge: int = 0
+    outcome: str = "pending"
+    relayed_events: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        prices: PriceTable,
+        ledger: RedisLedger,
+        accounts: AccountStore,
+        upstreams: dict[str, Upstream],
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.settings = settings
+        self.prices = prices
+        self.ledger = ledger
+        self.accounts = accounts
+        self.upstreams = upstreams
+        self.session = session
+        self.in_flight: set[asyncio.Task[web.StreamResponse]] = set()
+        self._drop_headers = [
+            settings.byok_header,
+            *([settings.account_header] if settings.account_header else []),
+        ]
+
+    # ---- authentication -------------------------------------------------------------------------
+
+    async def authenticate(self, request: web.Request) -> str:
+        header = self.settings.account_header
+        if header:
+            account = request.headers.get(header)
+            if account and await self.accounts.exists(account):
+                return account
+            if account:
+                raise Unauthorized(f"Unknown account in the {header} header.")
+        auth = request.headers.get("Authorization", "")
+        scheme, _, api_key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not api_key.strip():
+            raise Unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
+        found = await self.accounts.account_for_key(api_key.strip(), time.monotonic())
+        if found is None:
+            raise Unauthorized("Incorrect or revoked API key.")
+        return found
+
+    # ---- metered routes ---------------------------------------------------------------------------
+
+    async def handle_metered(self, request: web.Request) -> web.StreamResponse:
+        request_id = "req_" + uuid.uuid4().hex
+        request[REQUEST_ID] = request_id
+        account = await self.authenticate(request)
+        body = await request.read()
+        exchange = self._plan(request, request_id, account, body)
+        reservation = await self.ledger.reserve(
+            account,
+            request_id,
+            exchange.hold,
+            int(time.time() * 1000) + self.settings.hold_lease_seconds * 1000,
+        )
+        if reservation.status is ReserveStatus.INSUFFICIENT:
+            raise InsufficientCredits(
+                reservation.balance - reservation.held, exchange.hold, self.settings.top_up_url
+            )
+        if reservation.status is ReserveStatus.NO_ACCOUNT:
+            raise Unauthorized("The account behind this key no longer exists.")
+        if reservation.status is ReserveStatus.ALREADY_SETTLED:
+            raise Conflict("This request id was already settled.")
+        task = asyncio.create_task(self._run(request, exchange), name=f"exchange-{request_id}")
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+        return await asyncio.shield(task)
+
+    def _plan(self, request: web.Request, request_id: str, account: str, body: bytes) -> Exchange:
+        route = ROUTES[request.path]
+        parsed = decode_request(body)
+        price = self.prices.resolve(parsed.model)
+        limit = parsed.output_limit
+        if limit is not None and limit > price.max_output_tokens:
+            field_name = next(
+                name
+                for name in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                if getattr(parsed, name)
+            )
+            raise BadRequest(
+                f"{field_name} is {limit}, above the {price.max_output_tokens} output tokens allowed for "
+                f"{price.model}.",
+                param=field_name,
+            )
+        n = (parsed.n or 1) if route.has_n else 1
+        output_tokens = n * (limit or price.max_output_tokens) if route.has_output else 0
+        byok_key = request.headers.get(self.settings.byok_header)
+        multiplier = self.prices.byok if byok_key else self.prices.pooled
+        upstream = self.upstreams[price.upstream]
+        prompt_tokens = estimate_prompt_tokens(len(body), self.settings.prompt_bytes_per_token)
+        strip = bool(
+            parsed.stream
+            and route.kind in ("chat", "completions")
+            and not (parsed.stream_options and parsed.stream_options.include_usage)
+        )
+        return Exchange(
+            request_id=request_id,
+            account=account,
+            route=route,
+            request=parsed,
+            price=price,
+            multiplier=multiplier,
+            body=with_usage_requested(body) if strip else body,
+            body_size=len(body),
+            hold=worst_case(price, prompt_tokens, output_tokens, multiplier),
+            upstream=upstream,
+            credential=byok_key or upstream.api_key,
+            strip_usage_chunk=strip,
+        )
+
+    async def _run(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        """Forward, relay and settle; the settlement happens whatever goes wrong."""
+        headers = request_headers(request.headers, self._drop_headers, ex.credential)
+        try:
+            try:
+                upstream = await self.session.post(
+                    f"{ex.upstream.base_url}/{ex.route.path}", data=ex.body, headers=headers
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                ex.outcome = "upstream_unreachable"
+                raise UpstreamUnavailable(
+                    f"The upstream {ex.upstream.name!r} could not be reached ({type(exc).__name__})."
+                ) from None
+            async with upstream:
+                if upstream.status == 200 and upstream.content_type == "text/event-stream":
+                    return await self._relay_stream(request, ex, upstream)
+                return await self._relay_body(ex, upstream)
+        finally:
+            await self._settle(ex)
+
+    async def _relay_body(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.Response:
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            ex.outcome = "upstream_failed"
+            raise UpstreamUnavailable(f"The upstream {ex.upstream.name!r} failed mid-response.") from exc
+        headers = response_headers(upstream.headers)
+        headers["x-request-id"] = ex.request_id
+        if upstream.status == 200:
+            ex.usage = usage_from_body(body)
+            ex.outcome = "ok" if ex.usage else "no_usage"
+        else:
+            ex.outcome = f"upstream_{upstream.status}"
+        settlement = await self._settle(ex)
+        headers["x-creditgate-charged"] = str(ex.charge)
+        if settlement is not None:
+            headers["x-creditgate-balance"] = str(settlement)
+        return web.Response(status=upstream.status, body=body, headers=headers)
+
+    async def _relay_stream(
+        self, request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        headers = response_headers(upstream.headers)
+        headers["x-request-id"] = ex.request_id
+        headers["x-creditgate-held"] = str(ex.hold)
+        response = web.StreamResponse(status=200, headers=headers)
+        reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk)
+        client_gone = False
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            client_gone = True
+        ex.outcome = "no_usage"
+        drain_until: float | None = None
+        try:
+            while True:
+                if drain_until is None:
+                    chunk = await upstream.content.readany()
+                else:
+                    async with asyncio.timeout_at(drain_until):
+                        chunk = await upstream.content.readany()
+                if not chunk:
+                    break
+                events = reader.feed(chunk)
+                if events and not client_gone:
+                    try:
+                        await response.write(b"".join(events))
+                        ex.relayed_events = reader.data_events
+                    except ConnectionError:
+                        client_gone = True
+                if client_gone:
+                    if reader.usage is not None:
+                        break
+                    if drain_until is None:
+                        drain_until = (
+                            asyncio.get_running_loop().time() + self.settings.disconnect_drain_seconds
+                        )
+            if not client_gone:
+                rest = reader.flush()
+                if rest:
+                    await response.write(rest)
+                await response.write_eof()
+        except (aiohttp.ClientError, TimeoutError, ConnectionError):
+            ex.outcome = "stream_cut"
+            if not client_gone and request.transport is not None:
+                # Cut the client's stream too (no terminating chunk), so it cannot mistake a partial
+                # answer for a whole one.
+                request.transport.close()
+        ex.usage = reader.usage
+        if ex.usage is not None:
+            ex.outcome = "ok" if not client_gone else "client_gone"
+        elif client_gone:
+            ex.outcome = "client_gone_estimated"
+            ex.usage = Usage(
+                prompt_tokens=-(-ex.body_size // DISCONNECT_ESTIMATE_BYTES_PER_TOKEN),
+                completion_tokens=ex.relayed_events,
+            )
+        return response
+
+    async def _settle(self, ex: Exchange) -> int | None:
+        """Settle once (later calls are no-ops); returns the balance after, when known."""
+        if ex.outcome == "settled":
+            return None
+        ex.charge = cost(ex.price, ex.usage, ex.multiplier) if ex.usage is not None else 0
+        outcome, ex.outcome = ex.outcome, "settled"
+        try:
+            settlement = await self.ledger.settle(ex.account, ex.request_id, ex.charge)
+        except Exception:
+            log.exception("settle failed for %s; its hold is released when its lease ends", ex.request_id)
+            return None
+        ex.extra["outcome"] = outcome
+        if settlement.charged > settlement.released and settlement.first:
+            ex.extra["overdraft"] = str(settlement.charged - settlement.released)
+            log.warning(
+                "request %s on %s cost %d, above its hold of %d",
+                ex.request_id,
+                ex.account,
+                ex.charge,
+                ex.hold,
+            )
+        return settlement.balance
+
+    # ---- pass-through ----------------------------------------------------------------------------
+
+    async def handle_models(self, request: web.Request) -> web.StreamResponse:
+        request[REQUEST_ID] = "req_" + uuid.uuid4().hex
+        await self.authenticate(request)
+        upstream = self.upstreams["default"]
+        headers = request_headers(request.headers, self._drop_headers, upstream.api_key)
+        suffix = request.match_info.get("tail", "")
+        try:
+            async with self.session.get(
+                f"{upstream.base_url}/models{suffix and '/' + suffix}", headers=headers
+            ) as resp:
+                body = await resp.read()
+                relayed = response_headers(resp.headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"The upstream could not be reached ({type(exc).__name__}).") from None
+        relayed["x-request-id"] = request[REQUEST_ID]
+        return web.Response(status=resp.status, body=body, headers=relayed)

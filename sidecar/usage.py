@@ -1,0 +1,155 @@
+"""Token usage from provider responses, and an incremental SSE reader that finds it. Pure: no I/O.
+
+- Chat / completions / embeddings bodies: ``usage.prompt_tokens``, ``usage.completion_tokens``,
+  ``usage.prompt_tokens_details.cached_tokens``.
+- Responses API: ``usage.input_tokens``, ``usage.output_tokens``,
+  ``usage.input_tokens_details.cached_tokens``; in a stream, on the ``response.completed``
+  (or ``response.incomplete``) event's ``response``.
+- Chat / completions streams: the final chunk sent when ``stream_options.include_usage`` is set.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .pricing import Usage
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = 0
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = 0
+    prompt_tokens_details: _Details | None = None
+    input_tokens_details: _Details | None = None
+
+    def to_usage(self) -> Usage | None:
+        if self.prompt_tokens is not None:
+            details = self.prompt_tokens_details
+            return _checked(
+                self.prompt_tokens, self.completion_tokens or 0, details.cached_tokens if details else 0
+            )
+        if self.input_tokens is not None:
+            details = self.input_tokens_details
+            return _checked(
+                self.input_tokens, self.output_tokens or 0, details.cached_tokens if details else 0
+            )
+        return None
+
+
+def _checked(prompt: int, completion: int, cached: int | None) -> Usage | None:
+    if prompt < 0 or completion < 0 or (cached or 0) < 0:
+        return None
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached or 0)
+
+
+class _Body(msgspec.Struct):
+    usage: _Usage | None = None
+    choices: list[msgspec.Raw] | None = None
+
+
+class _ResponseEvent(msgspec.Struct):
+    type: str = ""
+    response: _Body | None = None
+
+
+_body_decoder = msgspec.json.Decoder(_Body)
+_event_decoder = msgspec.json.Decoder(_ResponseEvent)
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """Usage from a whole JSON response body (any metered route), or None when it has none."""
+    try:
+        parsed = _body_decoder.decode(body)
+    except msgspec.MsgspecError:
+        return None
+    return parsed.usage.to_usage() if parsed.usage else None
+
+
+def split_event(event: bytes) -> bytes:
+    """The data of one SSE event (``data:`` lines joined by newlines)."""
+    lines = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(lines)
+
+
+class SSEReader:
+    """Splits a byte stream into whole SSE events (terminator included, so relaying is byte-identical)
+    and watches them for usage.
+
+    ``feed`` returns the events to relay. With ``strip_usage_chunk`` the chat/completions usage chunk
+    (``choices: []`` with a usage object), which the sidecar asked for on the client's behalf, is
+    recorded but not returned.
+    """
+
+    def __init__(self, *, strip_usage_chunk: bool = False) -> None:
+        self._buffer = b""
+        self.strip_usage_chunk = strip_usage_chunk
+        self.usage: Usage | None = None
+        self.data_events = 0  # events carrying data other than [DONE]: about one token each
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        events: list[bytes] = []
+        start = 0
+        while True:
+            end = _event_end(buffer, start)
+            if end < 0:
+                break
+            event = buffer[start:end]
+            start = end
+            if self._watch(event):
+                events.append(event)
+        self._buffer = buffer[start:]
+        return events
+
+    def flush(self) -> bytes:
+        """Whatever is left unterminated when the stream ends (relayed as is)."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _watch(self, event: bytes) -> bool:
+        """Record usage carried by the event; False when the event is to be withheld from the client."""
+        if b"data:" not in event:
+            return True
+        data = split_event(event)
+        if not data or data == b"[DONE]":
+            return True
+        self.data_events += 1
+        if b'"usage"' not in data:
+            return True
+        if b"response." in data:
+            try:
+                parsed = _event_decoder.decode(data)
+            except msgspec.MsgspecError:
+                return True
+            if parsed.type in ("response.completed", "response.incomplete") and parsed.response is not None:
+                usage = parsed.response.usage
+                self.usage = usage.to_usage() if usage else self.usage
+            return True
+        try:
+            chunk = _body_decoder.decode(data)
+        except msgspec.MsgspecError:
+            return True
+        if chunk.usage is None:
+            return True
+        self.usage = chunk.usage.to_usage() or self.usage
+        self.data_events -= 1  # the usage chunk carries no tokens of its own
+        return not (self.strip_usage_chunk and not chunk.choices)
+
+
+def _event_end(buffer: bytes, start: int) -> int:
+    """Index just past the blank line that ends the event starting at ``start``, or -1."""
+    best = -1
+    for terminator in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        index = buffer.find(terminator, start)
+        if index >= 0 and (best < 0 or index + len(terminator) < best):
+            best = index + len(terminator)
+    return best

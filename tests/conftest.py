@@ -1,0 +1,178 @@
+"""Shared fixtures: a real Redis, the demo upstream over real HTTP, and a sidecar in front of it.
+
+Redis: ``CREDITGATE_TEST_REDIS_URL``, else 127.0.0.1:6379 when it answers, else an embedded redis-server
+started for the session. With ``CI=true`` a missing Redis is a failure, never a skip or a fallback.
+Every test gets its own key prefix, so tests share one Redis without seeing each other's keys.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from sidecar.app import LEDGER, create_app
+from sidecar.config import Settings
+from sidecar.demo import CALLS, create_demo_upstream
+from sidecar.embedded import EmbeddedRedis
+from sidecar.ledger import RedisLedger
+
+ADMIN_TOKEN = "admin-secret-for-tests"
+PROVIDER_KEY = "sk-provider-secret-for-tests"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("CREDITGATE_TEST_REDIS_URL", DEFAULT_REDIS)
+    if _answers(url):
+        yield url
+        return
+    if os.environ.get("CI") == "true" or "CREDITGATE_TEST_REDIS_URL" in os.environ:
+        pytest.fail(f"Redis at {url} does not answer; with CI=true (or an explicit URL) the tests need it.")
+    embedded = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False)
+    try:
+        yield embedded.start()
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def make_settings(redis_url: str, upstream_url: str = "http://127.0.0.1:9/v1", **overrides: Any) -> Settings:
+    """Settings as an operator would write them, with a key prefix of the test's own."""
+    raw: dict[str, Any] = {
+        "redis_url": redis_url,
+        "key_prefix": f"t{uuid.uuid4().hex[:12]}:",
+        "upstream_url": upstream_url,
+        "upstream_api_key": PROVIDER_KEY,
+        "admin_token": ADMIN_TOKEN,
+        "auth_cache_seconds": 0,
+        "disconnect_drain_seconds": 10,
+    }
+    raw.update(overrides)
+    return msgspec.convert(raw, Settings)
+
+
+@dataclass
+class Upstream:
+    server: TestServer
+    app: web.Application
+    seen_headers: list[dict[str, str]]
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    def calls(self, route: str | None = None) -> int:
+        counter = self.app[CALLS]
+        return counter[route] if route else sum(counter.values())
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    """The demo upstream on a real port; it records the headers of every request it receives."""
+    seen: list[dict[str, str]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = create_demo_upstream(["gpt-4o-mini"])
+    app.middlewares.append(record)
+    server = TestServer(app)
+    await server.start_server()
+    yield Upstream(server, app, seen)
+    await server.close()
+
+
+@dataclass
+class Sidecar:
+    client: TestClient[web.Request, web.Application]
+    settings: Settings
+
+    @property
+    def ledger(self) -> RedisLedger:
+        return self.client.app[LEDGER]
+
+    def admin_headers(self, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}", **extra}
+
+    async def admin(self, method: str, path: str, json: Any = None, **headers: str) -> Any:
+        resp = await self.client.request(method, f"/admin{path}", json=json, headers=self.admin_headers(**headers))
+        body = await resp.json()
+        assert resp.status < 300, body
+        return body
+
+    async def account(self, micro: int, account: str | None = None) -> tuple[str, str]:
+        """A new account holding `micro` micro-credits and a key for it: (account id, API key)."""
+        created = await self.admin("POST", "/accounts", {"id": account} if account else {})
+        if micro:
+            await self.admin(
+                "POST", f"/accounts/{created['id']}/grants", {"amount": micro}, **{"Idempotency-Key": uuid.uuid4().hex}
+            )
+        key = await self.admin("POST", f"/accounts/{created['id']}/keys")
+        return created["id"], key["key"]
+
+    async def balance(self, account: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.admin("GET", f"/accounts/{account}")
+        return result
+
+
+SidecarFactory = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+async def make_sidecar(
+    redis_url: str, upstream: Upstream, aiohttp_client: Any
+) -> SidecarFactory:
+    async def factory(**overrides: Any) -> Sidecar:
+        settings = make_settings(redis_url, **{"upstream_url": upstream.url, **overrides})
+        client = await aiohttp_client(create_app(settings))
+        return Sidecar(client, settings)
+
+    return factory
+
+
+@pytest.fixture
+async def sidecar(make_sidecar: SidecarFactory) -> Sidecar:
+    return await make_sidecar()
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Callable[[str], str]:
+    def write(text: str) -> str:
+        path = tmp_path / "creditgate.yaml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
