@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import yaml
@@ -19,6 +19,7 @@ import yaml
 from .errors import ConfigError
 
 ENV_PREFIX = "CREDITGATE_"
+T = TypeVar("T")
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -166,11 +167,18 @@ def load_settings(config_file: str | None = None, environ: Mapping[str, str] | N
             raise ConfigError(f"Config file {path} must hold a mapping of settings.", param="config")
         raw.update(loaded or {})
     raw.update(_from_env(environ))
-    try:
-        settings = msgspec.convert(raw, Settings, strict=False)
-    except msgspec.ValidationError as exc:
-        setting = _setting_of(str(exc))
-        raise ConfigError(f"Invalid setting {setting}: {exc}", param=setting) from None
+    # Tables are converted entry by entry so that an error names the entry (msgspec elides dict keys).
+    tables = {name: raw.pop(name) for name in _STRUCTURED if name in raw}
+    settings = _convert(raw, Settings, "")
+    for table, entry_type in (("models", ModelConfig), ("upstreams", UpstreamConfig)):
+        if table in tables:
+            entries = tables[table]
+            if not isinstance(entries, dict):
+                raise ConfigError(f"{table} must be a mapping of names to settings.", param=table)
+            converted = {
+                str(name): _convert(value, entry_type, f"{table}.{name}.") for name, value in entries.items()
+            }
+            settings = msgspec.structs.replace(settings, **{table: converted})
     _check(settings)
     from .pricing import PriceTable  # prices are validated by the code that uses them
 
@@ -178,9 +186,22 @@ def load_settings(config_file: str | None = None, environ: Mapping[str, str] | N
     return settings
 
 
+def _convert(raw: Any, kind: type[T], where: str) -> T:
+    try:
+        return msgspec.convert(raw, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        setting = where + _setting_of(str(exc))
+        setting = setting.rstrip(".") or "config"
+        raise ConfigError(f"Invalid setting {setting}: {exc}", param=setting) from None
+
+
 def _setting_of(message: str) -> str:
-    match = re.search(r"at `\$\.([^`]+)`", message)
+    """The dotted path of the field a msgspec validation message is about."""
+    path = ""
+    match = re.search(r"at `\$\.?([^`]*)`", message)
     if match:
-        return match.group(1).replace("[", ".").replace("]", "").replace("'", "").replace('"', "")
-    match = re.search(r"Object contains unknown field `([^`]+)`", message)
-    return match.group(1) if match else "config"
+        path = match.group(1).replace("[", ".").replace("]", "")
+    named = re.search(r"(?:unknown|missing required) field `([^`]+)`", message)
+    if named:
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
+    return path

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import msgspec
 from aiohttp import web
+from redis.exceptions import RedisError
 
 log = logging.getLogger("creditgate.errors")
 
@@ -147,6 +148,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = error_response(cls(message), request.get(REQUEST_ID))
         resp.set_status(exc.status)
         return resp
+    except RedisError as exc:
+        log.error("Redis failed on %s %s: %r", request.method, request.path, exc)
+        unavailable = ServiceUnavailable("The credit store is unavailable; retry shortly.")
+        return error_response(unavailable, request.get(REQUEST_ID))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(CreditgateError("Internal error in creditgate."), request.get(REQUEST_ID))

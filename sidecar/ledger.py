@@ -17,7 +17,7 @@ from .keys import KeySpace, as_text
 
 
 def load_lua(name: str) -> str:
-    return (files("sidecar") / "lua" / f"{name}.lua").read_text()
+    return files("sidecar").joinpath("lua", f"{name}.lua").read_text()
 
 
 class ReserveStatus(enum.IntEnum):

@@ -121,7 +121,7 @@ class PriceTable:
             }
             if model.cached_prompt is not None:
                 per_1k["cached_prompt"] = parse_decimal(model.cached_prompt, f"{where}.cached_prompt")
-            per_token = {field: value * MICRO / 1000 for field, value in per_1k.items()}
+            per_token = {field: value * Fraction(MICRO, 1000) for field, value in per_1k.items()}
             fee = parse_decimal(model.request_fee, f"{where}.request_fee") * MICRO
             scale = math.lcm(fee.denominator, *(v.denominator for v in per_token.values()))
 

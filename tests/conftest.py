@@ -127,7 +127,9 @@ class Sidecar:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}", **extra}
 
     async def admin(self, method: str, path: str, json: Any = None, **headers: str) -> Any:
-        resp = await self.client.request(method, f"/admin{path}", json=json, headers=self.admin_headers(**headers))
+        resp = await self.client.request(
+            method, f"/admin{path}", json=json, headers=self.admin_headers(**headers)
+        )
         body = await resp.json()
         assert resp.status < 300, body
         return body
@@ -137,7 +139,10 @@ class Sidecar:
         created = await self.admin("POST", "/accounts", {"id": account} if account else {})
         if micro:
             await self.admin(
-                "POST", f"/accounts/{created['id']}/grants", {"amount": micro}, **{"Idempotency-Key": uuid.uuid4().hex}
+                "POST",
+                f"/accounts/{created['id']}/grants",
+                {"amount": micro},
+                **{"Idempotency-Key": uuid.uuid4().hex},
             )
         key = await self.admin("POST", f"/accounts/{created['id']}/keys")
         return created["id"], key["key"]
@@ -151,9 +156,7 @@ SidecarFactory = Callable[..., Awaitable[Sidecar]]
 
 
 @pytest.fixture
-async def make_sidecar(
-    redis_url: str, upstream: Upstream, aiohttp_client: Any
-) -> SidecarFactory:
+async def make_sidecar(redis_url: str, upstream: Upstream, aiohttp_client: Any) -> SidecarFactory:
     async def factory(**overrides: Any) -> Sidecar:
         settings = make_settings(redis_url, **{"upstream_url": upstream.url, **overrides})
         client = await aiohttp_client(create_app(settings))
@@ -175,4 +178,3 @@ def config_file(tmp_path: Path) -> Callable[[str], str]:
         return str(path)
 
     return write
-

@@ -45,9 +45,12 @@ def hold_for(body: bytes, n: int = 1, limit: int = 100) -> int:
     return pooled(len(body) * 1000 + n * limit * 2000)
 
 
-async def post(sc: Sidecar, path: str, body: dict[str, Any], key: str, **headers: str) -> aiohttp.ClientResponse:
-    return await sc.client.post(path, data=msgspec.json.encode(body), headers={"Authorization": f"Bearer {key}",
-                                                                                **headers})
+async def post(
+    sc: Sidecar, path: str, body: dict[str, Any], key: str, **headers: str
+) -> aiohttp.ClientResponse:
+    return await sc.client.post(
+        path, data=msgspec.json.encode(body), headers={"Authorization": f"Bearer {key}", **headers}
+    )
 
 
 async def settled(sc: Sidecar) -> None:
@@ -62,8 +65,12 @@ async def test_chat_non_streamed_is_charged_from_usage(priced: Sidecar, upstream
     resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
     body = await resp.json()
     assert resp.status == 200
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 16,
+        "total_tokens": 21,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     charge = pooled(5 * 1000 + 16 * 2000)
     assert resp.headers["x-creditgate-charged"] == str(charge)
     assert resp.headers["x-creditgate-balance"] == str(10_000_000 - charge)
@@ -76,8 +83,13 @@ async def test_chat_non_streamed_is_charged_from_usage(priced: Sidecar, upstream
 
 async def test_alias_and_cached_tokens(priced: Sidecar) -> None:
     _, key = await priced.account(10_000_000)
-    resp = await post(priced, "/v1/chat/completions", {"model": "tm", "messages": HELLO, "max_tokens": 4}, key,
-                      **{"x-demo-cached-tokens": "3"})
+    resp = await post(
+        priced,
+        "/v1/chat/completions",
+        {"model": "tm", "messages": HELLO, "max_tokens": 4},
+        key,
+        **{"x-demo-cached-tokens": "3"},
+    )
     assert resp.status == 200
     # 2 uncached prompt tokens, 3 cached at half price, 4 completion tokens.
     assert resp.headers["x-creditgate-charged"] == str(pooled(2 * 1000 + 3 * 500 + 4 * 2000))
@@ -85,8 +97,9 @@ async def test_alias_and_cached_tokens(priced: Sidecar) -> None:
 
 async def test_request_fee_and_n(priced: Sidecar) -> None:
     _, key = await priced.account(10_000_000)
-    resp = await post(priced, "/v1/chat/completions",
-                      {"model": "test-fee", "messages": HELLO, "max_tokens": 3, "n": 2}, key)
+    resp = await post(
+        priced, "/v1/chat/completions", {"model": "test-fee", "messages": HELLO, "max_tokens": 3, "n": 2}, key
+    )
     assert resp.status == 200
     assert len((await resp.json())["choices"]) == 2
     assert resp.headers["x-creditgate-charged"] == str(pooled(5 * 1000 + 6 * 2000 + 10_000))
@@ -94,8 +107,13 @@ async def test_request_fee_and_n(priced: Sidecar) -> None:
 
 async def test_byok_costs_base_price_and_sends_the_callers_key(priced: Sidecar, upstream: Upstream) -> None:
     _, key = await priced.account(10_000_000)
-    resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key,
-                      **{"x-creditgate-provider-key": "sk-callers-own"})
+    resp = await post(
+        priced,
+        "/v1/chat/completions",
+        {"model": "test-model", "messages": HELLO},
+        key,
+        **{"x-creditgate-provider-key": "sk-callers-own"},
+    )
     assert resp.status == 200
     assert resp.headers["x-creditgate-charged"] == str(5 * 1000 + 16 * 2000)
     sent = upstream.seen_headers[-1]
@@ -116,17 +134,18 @@ async def test_client_key_never_reaches_upstream_and_provider_key_never_reaches_
     assert PROVIDER_KEY.encode() not in await resp.read()
 
 
-async def _stream(sc: Sidecar, path: str, body: dict[str, Any], key: str, **headers: str) -> tuple[
-    aiohttp.ClientResponse, bytes
-]:
+async def _stream(
+    sc: Sidecar, path: str, body: dict[str, Any], key: str, **headers: str
+) -> tuple[aiohttp.ClientResponse, bytes]:
     resp = await post(sc, path, body, key, **headers)
     return resp, await resp.read()
 
 
 async def _direct(upstream: Upstream, path: str, body: dict[str, Any]) -> bytes:
-    async with aiohttp.ClientSession() as session, session.post(
-        upstream.url + path, data=msgspec.json.encode(body)
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(upstream.url + path, data=msgspec.json.encode(body)) as resp,
+    ):
         return await resp.read()
 
 
@@ -136,8 +155,13 @@ def _events(raw: bytes) -> list[bytes]:
 
 async def test_chat_stream_relayed_byte_identical(priced: Sidecar, upstream: Upstream) -> None:
     account, key = await priced.account(10_000_000)
-    body = {"model": "test-model", "messages": HELLO, "stream": True, "max_tokens": 8,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "test-model",
+        "messages": HELLO,
+        "stream": True,
+        "max_tokens": 8,
+        "stream_options": {"include_usage": True},
+    }
     resp, raw = await _stream(priced, "/v1/chat/completions", body, key)
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/event-stream")
@@ -156,8 +180,9 @@ async def test_chat_stream_usage_chunk_asked_for_by_sidecar_is_stripped(
     body = {"model": "test-model", "messages": HELLO, "stream": True, "max_tokens": 8}
     resp, raw = await _stream(priced, "/v1/chat/completions", body, key)
     assert resp.status == 200
-    with_usage = _events(await _direct(upstream, "/chat/completions",
-                                       {**body, "stream_options": {"include_usage": True}}))
+    with_usage = _events(
+        await _direct(upstream, "/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    )
     usage_chunk = with_usage[-2]
     assert b'"choices":[]' in usage_chunk
     assert _events(raw) == [e for e in with_usage if e != usage_chunk]
@@ -210,11 +235,15 @@ async def test_responses_streamed_and_not(priced: Sidecar, upstream: Upstream) -
     assert (await priced.balance(account))["balance"] == 10_000_000 - 2 * charge
 
 
-async def test_insufficient_credits_is_402_and_upstream_is_not_called(priced: Sidecar, upstream: Upstream) -> None:
+async def test_insufficient_credits_is_402_and_upstream_is_not_called(
+    priced: Sidecar, upstream: Upstream
+) -> None:
     body = msgspec.json.encode({"model": "test-model", "messages": HELLO, "max_tokens": 10})
     need = hold_for(body, limit=10)
     account, key = await priced.account(need - 1)
-    resp = await priced.client.post("/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"})
+    resp = await priced.client.post(
+        "/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"}
+    )
     assert resp.status == 402
     assert resp.headers["x-should-retry"] == "false"
     error = (await resp.json())["error"]
@@ -231,7 +260,9 @@ async def test_insufficient_credits_is_402_and_upstream_is_not_called(priced: Si
     assert (state["balance"], state["held"]) == (need - 1, 0)
     # Exactly enough is enough.
     await priced.admin("POST", f"/accounts/{account}/grants", {"amount": 1}, **{"Idempotency-Key": "top-up"})
-    resp = await priced.client.post("/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"})
+    resp = await priced.client.post(
+        "/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"}
+    )
     assert resp.status == 200
     assert upstream.calls() == 1
 
@@ -239,8 +270,12 @@ async def test_insufficient_credits_is_402_and_upstream_is_not_called(priced: Si
 async def test_402_message_shows_balance_in_credits(make_sidecar: SidecarFactory) -> None:
     sc = await make_sidecar(models=MODELS, top_up_url="https://billing.example/top-up")
     _, key = await sc.account(12_500_000)
-    resp = await post(sc, "/v1/chat/completions", {"model": "test-model", "messages": HELLO,
-                                                    "max_tokens": 100, "n": 64}, key)
+    resp = await post(
+        sc,
+        "/v1/chat/completions",
+        {"model": "test-model", "messages": HELLO, "max_tokens": 100, "n": 64},
+        key,
+    )
     assert resp.status == 402
     error = (await resp.json())["error"]
     assert error["message"] == "Insufficient credits. Current balance: 12.5 credits."
@@ -248,10 +283,17 @@ async def test_402_message_shows_balance_in_credits(make_sidecar: SidecarFactory
 
 
 @pytest.mark.parametrize("status", [500, 429, 400])
-async def test_upstream_error_is_relayed_and_costs_nothing(priced: Sidecar, upstream: Upstream, status: int) -> None:
+async def test_upstream_error_is_relayed_and_costs_nothing(
+    priced: Sidecar, upstream: Upstream, status: int
+) -> None:
     account, key = await priced.account(10_000_000)
-    resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key,
-                      **{"x-demo-status": str(status)})
+    resp = await post(
+        priced,
+        "/v1/chat/completions",
+        {"model": "test-model", "messages": HELLO},
+        key,
+        **{"x-demo-status": str(status)},
+    )
     assert resp.status == status
     assert (await resp.json())["error"]["message"] == f"demo failure {status}"
     assert resp.headers["x-creditgate-charged"] == "0"
@@ -274,8 +316,13 @@ async def test_upstream_connection_refused_costs_nothing(make_sidecar: SidecarFa
 
 async def test_no_usage_costs_nothing(priced: Sidecar) -> None:
     account, key = await priced.account(10_000_000)
-    resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key,
-                      **{"x-demo-no-usage": "1"})
+    resp = await post(
+        priced,
+        "/v1/chat/completions",
+        {"model": "test-model", "messages": HELLO},
+        key,
+        **{"x-demo-no-usage": "1"},
+    )
     assert resp.status == 200
     assert resp.headers["x-creditgate-charged"] == "0"
     assert (await priced.balance(account))["balance"] == 10_000_000
@@ -294,8 +341,9 @@ async def test_stream_cut_by_upstream_costs_nothing(priced: Sidecar) -> None:
 async def test_overdraft_is_still_charged_in_full(priced: Sidecar) -> None:
     body = {"model": "test-model", "messages": HELLO, "max_tokens": 2}
     account, key = await priced.account(10_000_000)
-    resp = await post(priced, "/v1/chat/completions", body, key,
-                      **{"x-demo-tokens": "90", "x-demo-ignore-limit": "1"})
+    resp = await post(
+        priced, "/v1/chat/completions", body, key, **{"x-demo-tokens": "90", "x-demo-ignore-limit": "1"}
+    )
     assert resp.status == 200
     charge = pooled(5 * 1000 + 90 * 2000)
     assert charge > hold_for(msgspec.json.encode(body), limit=2)
@@ -306,8 +354,11 @@ async def test_overdraft_is_still_charged_in_full(priced: Sidecar) -> None:
 async def _disconnect_after(sc: Sidecar, body: dict[str, Any], key: str, events: int, **headers: str) -> None:
     """Read `events` SSE events of a streamed answer, then drop the connection."""
     async with aiohttp.ClientSession() as session:
-        resp = await session.post(sc.client.make_url("/v1/chat/completions"), data=msgspec.json.encode(body),
-                                  headers={"Authorization": f"Bearer {key}", **headers})
+        resp = await session.post(
+            sc.client.make_url("/v1/chat/completions"),
+            data=msgspec.json.encode(body),
+            headers={"Authorization": f"Bearer {key}", **headers},
+        )
         assert resp.status == 200
         seen = 0
         while seen < events:
@@ -316,7 +367,9 @@ async def _disconnect_after(sc: Sidecar, body: dict[str, Any], key: str, events:
         resp.close()  # closes the connection mid-stream
 
 
-async def test_client_disconnect_is_charged_from_usage_read_after(priced: Sidecar, upstream: Upstream) -> None:
+async def test_client_disconnect_is_charged_from_usage_read_after(
+    priced: Sidecar, upstream: Upstream
+) -> None:
     account, key = await priced.account(10_000_000)
     body = {"model": "test-model", "messages": HELLO, "stream": True, "max_tokens": 40}
     await _disconnect_after(priced, body, key, 2, **{"x-demo-tokens": "40", "x-demo-token-delay-ms": "5"})
@@ -330,8 +383,9 @@ async def test_client_disconnect_without_usage_is_charged_an_estimate(priced: Si
     account, key = await priced.account(10_000_000)
     body = {"model": "test-model", "messages": HELLO, "stream": True, "max_tokens": 40}
     size = len(msgspec.json.encode(body))
-    await _disconnect_after(priced, body, key, 2, **{"x-demo-tokens": "40", "x-demo-token-delay-ms": "5",
-                                                       "x-demo-no-usage": "1"})
+    await _disconnect_after(
+        priced, body, key, 2, **{"x-demo-tokens": "40", "x-demo-token-delay-ms": "5", "x-demo-no-usage": "1"}
+    )
     await settled(priced)
     state = await priced.balance(account)
     charged = 10_000_000 - state["balance"]
@@ -360,7 +414,9 @@ async def test_revoked_key_is_401(priced: Sidecar) -> None:
     assert resp.status == 200  # the first key still works
     created = await priced.admin("POST", f"/accounts/{account}/keys")
     await priced.admin("DELETE", f"/keys/{created['id']}")
-    resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, created["key"])
+    resp = await post(
+        priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, created["key"]
+    )
     assert resp.status == 401
 
 
@@ -387,7 +443,9 @@ async def test_bad_requests_are_400_with_nothing_held(
     priced: Sidecar, upstream: Upstream, body: bytes, param: str | None
 ) -> None:
     account, key = await priced.account(10_000_000)
-    resp = await priced.client.post("/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"})
+    resp = await priced.client.post(
+        "/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"}
+    )
     assert resp.status == 400
     error = (await resp.json())["error"]
     assert error["type"] == "invalid_request_error"
@@ -420,14 +478,18 @@ async def test_trusted_account_header(make_sidecar: SidecarFactory, upstream: Up
     assert resp.status == 401
 
 
-async def test_in_flight_requests_finish_when_balance_reaches_zero(priced: Sidecar, upstream: Upstream) -> None:
+async def test_in_flight_requests_finish_when_balance_reaches_zero(
+    priced: Sidecar, upstream: Upstream
+) -> None:
     """Two holds fit; both complete even though their charges use up the balance; then 402."""
     body = {"model": "test-model", "messages": HELLO, "max_tokens": 10}
     hold = hold_for(msgspec.json.encode(body), limit=10)
     account, key = await priced.account(2 * hold)
     headers = {"x-demo-tokens": "10"}
-    first, second = await asyncio.gather(post(priced, "/v1/chat/completions", body, key, **headers),
-                                         post(priced, "/v1/chat/completions", body, key, **headers))
+    first, second = await asyncio.gather(
+        post(priced, "/v1/chat/completions", body, key, **headers),
+        post(priced, "/v1/chat/completions", body, key, **headers),
+    )
     assert (first.status, second.status) == (200, 200)
     third = await post(priced, "/v1/chat/completions", {**body, "max_tokens": 100}, key)
     assert third.status == 402

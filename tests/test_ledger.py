@@ -1,0 +1,143 @@
+"""The Lua money scripts against real Redis: atomic, idempotent by id, integer-exact."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from sidecar.accounts import AccountStore
+from sidecar.keys import KeySpace
+from sidecar.ledger import IdempotencyConflict, RedisLedger, ReserveStatus, UnknownAccount
+from sidecar.pricing import MAX_MICRO
+
+NOW = 1_800_000_000_000
+LEASE = NOW + 60_000
+
+
+@pytest.fixture
+async def ledger(redis_client: Redis) -> AsyncIterator[RedisLedger]:
+    keys = KeySpace(f"t{uuid.uuid4().hex[:12]}:", 4)
+    ledger = RedisLedger(redis_client, keys, settled_marker_ms=60_000)
+    await ledger.load_scripts()
+    yield ledger
+    names = [name async for name in redis_client.scan_iter(match=f"{keys.prefix}*")]
+    if names:
+        await redis_client.delete(*names)
+
+
+async def funded(ledger: RedisLedger, amount: int) -> str:
+    account = await AccountStore(ledger.redis, ledger.keys, cache_seconds=0).create_account()
+    if amount:
+        await ledger.credit(account, "seed", amount)
+    return account
+
+
+async def test_reserve_holds_and_settle_debits(ledger: RedisLedger) -> None:
+    account = await funded(ledger, 1000)
+    held = await ledger.reserve(account, "r1", 600, LEASE)
+    assert (held.status, held.balance, held.held) == (ReserveStatus.HELD, 1000, 600)
+    # 400 available: a second hold of 401 does not fit, 400 does.
+    assert (await ledger.reserve(account, "r2", 401, LEASE)).status is ReserveStatus.INSUFFICIENT
+    assert (await ledger.reserve(account, "r3", 400, LEASE)).status is ReserveStatus.HELD
+    settled = await ledger.settle(account, "r1", 250)
+    assert (settled.first, settled.balance, settled.released, settled.charged) == (True, 750, 600, 250)
+    view = await ledger.balance(account)
+    assert (view.balance, view.held, view.available) == (750, 400, 350)
+    assert [(h.request_id, h.amount, h.lease_end_ms) for h in view.holds] == [("r3", 400, LEASE)]
+
+
+async def test_reserve_twice_with_one_id_holds_once(ledger: RedisLedger) -> None:
+    account = await funded(ledger, 1000)
+    first, second = await asyncio.gather(
+        ledger.reserve(account, "r1", 700, LEASE), ledger.reserve(account, "r1", 700, LEASE)
+    )
+    assert first.status is second.status is ReserveStatus.HELD
+    view = await ledger.balance(account)
+    assert (view.held, len(view.holds)) == (700, 1)
+
+
+async def test_settle_twice_with_one_id_debits_once(ledger: RedisLedger) -> None:
+    account = await funded(ledger, 1000)
+    await ledger.reserve(account, "r1", 500, LEASE)
+    results = await asyncio.gather(*(ledger.settle(account, "r1", 300) for _ in range(5)))
+    assert sorted(r.first for r in results) == [False, False, False, False, True]
+    assert all(r.charged == 300 for r in results)
+    view = await ledger.balance(account)
+    assert (view.balance, view.held) == (700, 0)
+    # A retry that carries another amount still moves nothing: the first settlement stands.
+    again = await ledger.settle(account, "r1", 999)
+    assert (again.first, again.charged, again.balance) == (False, 300, 700)
+
+
+async def test_reserve_after_settle_is_refused(ledger: RedisLedger) -> None:
+    account = await funded(ledger, 1000)
+    await ledger.reserve(account, "r1", 500, LEASE)
+    await ledger.settle(account, "r1", 100)
+    late = await ledger.reserve(account, "r1", 500, LEASE)
+    assert late.status is ReserveStatus.ALREADY_SETTLED
+    assert (await ledger.balance(account)).held == 0
+
+
+async def test_overdraft_debits_the_full_charge(ledger: RedisLedger) -> None:
+    account = await funded(ledger, 100)
+    await ledger.reserve(account, "r1", 100, LEASE)
+    settled = await ledger.settle(account, "r1", 130)
+    assert (settled.balance, settled.released, settled.charged) == (-30, 100, 130)
+    assert (await ledger.reserve(account, "r2", 0, LEASE)).status is ReserveStatus.INSUFFICIENT
+
+
+async def test_expired_holds_are_reaped_and_a_late_settle_debits_once(ledger: RedisLedger) -> None:
+    account = await funded(ledger, 1000)
+    await ledger.reserve(account, "dead", 400, NOW - 1)
+    await ledger.reserve(account, "alive", 100, LEASE)
+    assert await ledger.expire_holds(NOW) == 400
+    assert await ledger.expire_holds(NOW) == 0
+    view = await ledger.balance(account)
+    assert (view.balance, view.held, [h.request_id for h in view.holds]) == (1000, 100, ["alive"])
+    late = await ledger.settle(account, "dead", 250)
+    assert (late.first, late.released, late.balance) == (True, 0, 750)
+    assert (await ledger.settle(account, "dead", 250)).balance == 750
+
+
+async def test_unknown_account(ledger: RedisLedger) -> None:
+    assert (await ledger.reserve("ghost", "r1", 1, LEASE)).status is ReserveStatus.NO_ACCOUNT
+    with pytest.raises(UnknownAccount):
+        await ledger.settle("ghost", "r1", 1)
+    with pytest.raises(UnknownAccount):
+        await ledger.credit("ghost", "k", 1)
+    with pytest.raises(UnknownAccount):
+        await ledger.balance("ghost")
+
+
+async def test_credit_is_idempotent_by_key(ledger: RedisLedger) -> None:
+    account = await funded(ledger, 0)
+    results = await asyncio.gather(*(ledger.credit(account, "grant-1", 5_000_000) for _ in range(20)))
+    assert sorted(credited for credited, _ in results).count(True) == 1
+    assert (await ledger.balance(account)).balance == 5_000_000
+    with pytest.raises(IdempotencyConflict):
+        await ledger.credit(account, "grant-1", 6_000_000)
+    # Idempotency keys are scoped to their account: another account's "grant-1" is its own grant.
+    other = await funded(ledger, 0)
+    assert await ledger.credit(other, "grant-1", 5_000_000) == (True, 5_000_000)
+
+
+async def test_amounts_near_the_bound_stay_exact(ledger: RedisLedger) -> None:
+    big = MAX_MICRO - 7
+    account = await funded(ledger, big)
+    await ledger.reserve(account, "r1", big - 1, LEASE)
+    settled = await ledger.settle(account, "r1", big - 3)
+    assert settled.balance == 3
+    view = await ledger.balance(account)
+    assert (view.balance, view.held) == (3, 0)
+
+
+async def test_keys_of_one_account_share_a_hash_slot(ledger: RedisLedger) -> None:
+    k = ledger.keys.account("acct_42")
+    tag = f"{{p{k.partition}}}"
+    for name in (k.balance, k.holds, k.hold_expiry, k.settled("r"), k.credited("g"), k.api_keys):
+        assert name.count("{") == 1
+        assert tag in name

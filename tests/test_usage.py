@@ -1,0 +1,101 @@
+"""Usage extraction and the incremental SSE reader: plain values, no servers."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.pricing import Usage
+from sidecar.usage import SSEReader, usage_from_body
+
+CHAT = b'{"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}'
+CACHED = b'{"usage":{"prompt_tokens":100,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":60}}}'
+RESPONSES = (
+    b'{"object":"response","usage":{"input_tokens":9,"output_tokens":4,'
+    b'"input_tokens_details":{"cached_tokens":2}}}'
+)
+EMBEDDINGS = b'{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}'
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (CHAT, Usage(12, 7, 0)),
+        (CACHED, Usage(100, 1, 60)),
+        (RESPONSES, Usage(9, 4, 2)),
+        (EMBEDDINGS, Usage(8, 0, 0)),
+        (b'{"choices":[]}', None),
+        (b'{"usage":null}', None),
+        (b'{"usage":{}}', None),
+        (b'{"usage":{"prompt_tokens":-1,"completion_tokens":2}}', None),
+        (b'{"usage":{"prompt_tokens":"12"}}', None),
+        (b"not json", None),
+        (b"[]", None),
+    ],
+)
+def test_usage_from_body(body: bytes, expected: Usage | None) -> None:
+    assert usage_from_body(body) == expected
+
+
+def chunk(content: str) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"' + content.encode() + b'"}}],"usage":null}\n\n'
+
+
+USAGE_CHUNK = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+DONE = b"data: [DONE]\n\n"
+STREAM = chunk("a") + chunk("b") + USAGE_CHUNK + DONE
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 64, len(STREAM)])
+def test_reader_reassembles_events_across_any_chunking(size: int) -> None:
+    reader = SSEReader()
+    out = b""
+    for start in range(0, len(STREAM), size):
+        out += b"".join(reader.feed(STREAM[start : start + size]))
+    assert out == STREAM
+    assert reader.flush() == b""
+    assert reader.usage == Usage(5, 2)
+    assert reader.data_events == 2
+
+
+def test_reader_strips_only_the_usage_chunk_it_was_asked_to() -> None:
+    reader = SSEReader(strip_usage_chunk=True)
+    assert reader.feed(STREAM) == [chunk("a"), chunk("b"), DONE]
+    assert reader.usage == Usage(5, 2)
+
+
+def test_a_usage_chunk_that_also_carries_choices_is_kept() -> None:
+    both = b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    reader = SSEReader(strip_usage_chunk=True)
+    assert reader.feed(both) == [both]
+    assert reader.usage == Usage(1, 1)
+
+
+def test_crlf_framing_and_comments_pass_through() -> None:
+    stream = b": keep-alive\r\n\r\n" + b'data: {"x":1}\r\n\r\n' + b"data: [DONE]\r\n\r\n"
+    reader = SSEReader()
+    assert b"".join(reader.feed(stream)) == stream
+    assert reader.data_events == 1
+
+
+def test_an_unterminated_tail_is_kept_until_flush() -> None:
+    reader = SSEReader()
+    assert reader.feed(b"data: partial") == []
+    assert reader.flush() == b"data: partial"
+
+
+def test_responses_stream_usage_comes_from_the_completed_event() -> None:
+    completed = (
+        b"event: response.completed\n"
+        b'data: {"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":2}}}\n\n'
+    )
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n'
+    reader = SSEReader(strip_usage_chunk=True)
+    assert reader.feed(delta + completed) == [delta, completed]
+    assert reader.usage == Usage(3, 2)
+
+
+def test_multiline_data_is_joined() -> None:
+    reader = SSEReader()
+    event = b'data: {"choices":[],\ndata: "usage":{"prompt_tokens":4,"completion_tokens":0}}\n\n'
+    assert reader.feed(event) == [event]
+    assert reader.usage == Usage(4, 0)
