@@ -1,8 +1,11 @@
--- Settle: release a request's hold and debit its actual cost, atomically and exactly once.
+-- Settle: release a request's hold, debit its actual cost and append the debit to the partition's
+-- outbox stream, atomically and exactly once.
 -- KEYS[1] account hash   KEYS[2] the account's holds hash   KEYS[3] the partition's hold-expiry zset
--- KEYS[4] the request's settled marker
+-- KEYS[4] the request's settled marker   KEYS[5] the partition's outbox stream
 -- ARGV[1] request id   ARGV[2] charge (micro-credits, integer string, >= 0)
 -- ARGV[3] settled-marker lifetime (ms)   ARGV[4] expiry member ("<account> <request id>")
+-- ARGV[5] "1" to record a zero charge too   ARGV[6] the outbox entry (JSON: request id, account,
+-- charge and what the ledger row records)
 -- Returns {status, balance, released, charged}: 1 settled now, 0 settled before (the first charge is
 -- returned and nothing moves), -1 no such account.
 -- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
@@ -24,6 +27,9 @@ if hold then
 end
 if ARGV[2] ~= '0' then
   balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - tonumber(ARGV[2]))
+end
+if ARGV[2] ~= '0' or ARGV[5] == '1' then
+  redis.call('XADD', KEYS[5], '*', 'd', ARGV[6])
 end
 redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
 return {1, tonumber(balance), released, tonumber(ARGV[2])}

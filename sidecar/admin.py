@@ -7,16 +7,18 @@ Amounts are integer micro-credits (``amount``) or an exact decimal string of cre
 from __future__ import annotations
 
 import hmac
+import secrets
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
-from .accounts import AccountStore
+from .accounts import AccountStore, check_account_id, hash_key, new_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, format_credits
 from .ledger import IdempotencyConflict, RedisLedger, UnknownAccount
 from .pricing import MICRO
+from .store import Conflicting, NoAccount, Store
 
 MAX_GRANT = 10**15  # one billion credits: keeps every balance far below 2**53
 
@@ -24,6 +26,8 @@ MAX_GRANT = 10**15  # one billion credits: keeps every balance far below 2**53
 class GrantBody(msgspec.Struct, forbid_unknown_fields=True):
     amount: int | None = None
     credits: str | None = None
+    kind: str = "grant"
+    note: str | None = None
 
 
 class AccountBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,39 +56,74 @@ def grant_amount(amount: int | None, credits: str | None) -> int:
     return amount
 
 
+MONEY_IN_KINDS = ("grant", "purchase", "bonus", "refund")
+
+
 class AdminOps:
-    def __init__(self, accounts: AccountStore, ledger: RedisLedger) -> None:
+    """Operator actions. Postgres is written first (the truth), then Redis (the hot copy)."""
+
+    def __init__(self, accounts: AccountStore, ledger: RedisLedger, store: Store) -> None:
         self.accounts = accounts
         self.ledger = ledger
+        self.store = store
 
     async def create_account(self, account: str | None = None) -> dict[str, Any]:
-        return {"id": await self.accounts.create_account(account)}
+        account = f"acct_{secrets.token_hex(8)}" if account is None else account
+        check_account_id(account)
+        if not await self.store.create_account(account):
+            raise Conflict(f"Account {account!r} already exists.", param="id")
+        await self.accounts.add_account(account)
+        return {"id": account}
 
     async def create_key(self, account: str) -> dict[str, Any]:
-        key = await self.accounts.create_key(account)
+        if not await self.store.account_exists(account):
+            raise NotFound(f"No account {account!r}.", param="account")
+        key = new_key(account)
+        await self.store.add_key(key.key_id, account, hash_key(key.api_key))
+        await self.accounts.add_key(key)
         return {"id": key.key_id, "account": key.account, "key": key.api_key}
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
-        account = await self.accounts.revoke_key(key_id)
+        revoked = await self.store.revoke_key(key_id)
+        if revoked is None:
+            raise NotFound(f"No API key {key_id!r}.", param="key_id")
+        account, key_hash = revoked
+        await self.accounts.remove_key(key_id, account, key_hash)
         return {"id": key_id, "account": account, "revoked": True}
 
-    async def grant(self, account: str, amount: int, idempotency_key: str) -> dict[str, Any]:
+    async def grant(
+        self, account: str, amount: int, idempotency_key: str, kind: str = "grant", note: str | None = None
+    ) -> dict[str, Any]:
+        """Money in, exactly once: the ledger row first (unique by idempotency key), then the Redis credit
+        keyed by the same id, then the row is marked applied. A retry, or the reconciler, finishes a grant
+        that stopped half-way; neither can credit twice."""
         if not idempotency_key or len(idempotency_key) > 200:
             raise BadRequest("A grant needs an Idempotency-Key of 1-200 characters.", param="Idempotency-Key")
+        if kind not in MONEY_IN_KINDS:
+            raise BadRequest(f"kind must be one of {', '.join(MONEY_IN_KINDS)}.", param="kind")
+        ledger_id = f"in:{account}:{idempotency_key}"  # keys are scoped to their account
         try:
-            credited, balance = await self.ledger.credit(account, idempotency_key, amount)
-        except UnknownAccount:
+            row = await self.store.record_money_in(ledger_id, account, kind, amount, note)
+        except NoAccount:
             raise NotFound(f"No account {account!r}.", param="account") from None
-        except IdempotencyConflict:
+        except Conflicting:
             raise Conflict(
-                "This Idempotency-Key was used for a different account or amount.", param="Idempotency-Key"
+                "This Idempotency-Key was used for a different amount or kind.", param="Idempotency-Key"
             ) from None
+        if not row.applied:
+            try:
+                await self.ledger.credit(account, ledger_id, amount)
+            except IdempotencyConflict:  # pragma: no cover - the ledger row already rules this out
+                raise Conflict("This Idempotency-Key was used for a different amount.") from None
+            await self.store.mark_applied([ledger_id])
+        view = await self.ledger.balance(account)
         return {
             "account": account,
             "amount": amount,
-            "credited": credited,
-            "balance": balance,
-            "balance_credits": format_credits(balance),
+            "kind": kind,
+            "credited": row.created,
+            "balance": view.balance,
+            "balance_credits": format_credits(view.balance),
         }
 
     async def balance(self, account: str) -> dict[str, Any]:
@@ -124,10 +163,10 @@ def admin_app(token: str | None) -> web.Application:
 
     @web.middleware
     async def require_token(request: web.Request, handler: Any) -> web.StreamResponse:
-        if token is None:
+        if not token:
             raise Forbidden("The admin API is off: set admin_token to turn it on.")
-        presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(presented.encode(), token.encode()):
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
             raise Unauthorized("Missing or wrong admin token.", code="invalid_admin_token")
         response: web.StreamResponse = await handler(request)
         return response
@@ -151,7 +190,8 @@ def admin_app(token: str | None) -> web.Application:
         body = _decode(await request.read(), GrantBody)
         amount = grant_amount(body.amount, body.credits)
         key = request.headers.get("Idempotency-Key", "")
-        return _json(await request.config_dict[ADMIN_OPS].grant(request.match_info["account"], amount, key))
+        ops = request.config_dict[ADMIN_OPS]
+        return _json(await ops.grant(request.match_info["account"], amount, key, body.kind, body.note))
 
     app = web.Application(middlewares=[require_token])
     app.router.add_post("/accounts", create_account)

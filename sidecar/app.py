@@ -6,82 +6,181 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
+import asyncpg
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from .accounts import AccountStore
 from .admin import ADMIN_OPS, AdminOps, admin_app
 from .config import Settings
 from .errors import error_middleware
+from .flusher import Flusher
 from .keys import KeySpace
 from .ledger import RedisLedger
 from .pricing import PriceTable
 from .proxy import Proxy
+from .reconcile import Drift, complete_money_in, rebuild_if_empty, reconcile
+from .store import Store
 from .upstream import create_session, upstreams_from
 from .wire import ROUTES
 
 log = logging.getLogger("creditgate.app")
 
-PROXY = web.AppKey("proxy", Proxy)
-LEDGER = web.AppKey("ledger", RedisLedger)
+
+def connect_redis(url: str, max_connections: int = 64) -> Redis:
+    """A client whose pool makes callers wait for a free connection rather than fail under a burst.
+    redis-py retries timed-out and dropped commands by itself; every money script is idempotent by id."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=5,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+    return Redis.from_pool(pool)
 
 
-def connect_redis(url: str) -> Redis:
-    # redis-py retries timed-out and dropped commands by itself; every money script is idempotent by id.
-    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
+@dataclass
+class Services:
+    """The clients every entry point (server, CLI verbs, flusher) builds the same way."""
+
+    settings: Settings
+    redis: Redis
+    store: Store
+    keys: KeySpace
+    ledger: RedisLedger
+    accounts: AccountStore
+
+    @property
+    def admin(self) -> AdminOps:
+        return AdminOps(self.accounts, self.ledger, self.store)
+
+    def flusher(self, consumer: str | None = None) -> Flusher:
+        s = self.settings
+        return Flusher(
+            self.redis,
+            self.keys,
+            self.store,
+            batch_size=s.flush_batch_size,
+            interval=s.flush_interval_seconds,
+            claim_idle_ms=int(s.flush_claim_idle_seconds * 1000),
+            concurrency=s.flush_concurrency,
+            consumer=consumer,
+        )
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(5):
+                await self.store.close()
+        except TimeoutError:
+            log.warning("Postgres pool did not close in 5 s; terminating its connections")
+            self.store.pool.terminate()
+        await self.redis.aclose()
 
 
-def build_ops(settings: Settings, redis: Redis) -> tuple[AccountStore, RedisLedger]:
+@contextlib.asynccontextmanager
+async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator[Services]:
+    """Connect to Redis and Postgres; with `prepare`, load the scripts, apply migrations (when
+    migrate_on_start) and rebuild an empty Redis from the ledger."""
+    if settings.redis_url is None or settings.database_url is None:
+        raise ValueError("redis_url and database_url must be resolved first (see cli.resolve_services)")
+    redis = connect_redis(settings.redis_url, settings.redis_max_connections)
+    store = Store(
+        await asyncpg.create_pool(settings.database_url, min_size=0, max_size=settings.flush_concurrency + 2)
+    )
     keys = KeySpace(settings.key_prefix, settings.partitions)
     ledger = RedisLedger(redis, keys, settled_marker_ms=settings.settled_marker_seconds * 1000)
     accounts = AccountStore(redis, keys, cache_seconds=settings.auth_cache_seconds)
-    return accounts, ledger
+    svc = Services(settings, redis, store, keys, ledger, accounts)
+    try:
+        if prepare:
+            await ledger.load_scripts()
+            await _prepare_ledger(svc)
+        yield svc
+    finally:
+        await svc.close()
 
 
-async def reap_expired_holds(ledger: RedisLedger, interval: float) -> None:
-    """Release the holds of requests whose sidecar died before settling them."""
+async def _prepare_ledger(svc: Services) -> None:
+    try:
+        if svc.settings.migrate_on_start:
+            await svc.store.migrate()
+        await rebuild_if_empty(svc.redis, svc.keys, svc.store)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        if not await svc.redis.exists(svc.keys.initialized):
+            raise
+        # Redis already holds the balances: serve on; the flusher keeps the backlog until Postgres returns.
+        log.error("Postgres is unavailable at startup (%r); serving from Redis, ledger writes wait", exc)
+
+
+async def _every(
+    interval: float, name: str, stop: asyncio.Event, step: Callable[[], Awaitable[None]]
+) -> None:
+    """Run `step` every `interval` seconds until `stop` is set; a failing pass is logged and retried."""
     while True:
-        await asyncio.sleep(interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        if stop.is_set():
+            return
         try:
-            released = await ledger.expire_holds(int(time.time() * 1000))
-            if released:
-                log.warning("released %d micro-credits of expired holds", released)
+            await step()
         except Exception:
-            log.exception("hold reaper pass failed; retrying next interval")
+            log.exception("%s pass failed; retrying next interval", name)
 
 
 def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> web.Application:
-    """The sidecar. ``settings.redis_url`` must be set (the CLI starts an embedded Redis when it is not)."""
-    if settings.redis_url is None:
-        raise ValueError("create_app needs settings.redis_url")
-    redis_url = settings.redis_url
+    """The sidecar. ``redis_url`` and ``database_url`` must be set (the CLI starts embedded servers)."""
     prices = PriceTable.from_settings(settings)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        redis = connect_redis(redis_url)
-        accounts, ledger = build_ops(settings, redis)
-        await ledger.load_scripts()
-        session = create_session(settings)
-        proxy = Proxy(
-            settings, prices, ledger, accounts, upstreams_from(settings, demo_upstream_url), session
-        )
-        app[PROXY], app[LEDGER], app[ADMIN_OPS] = proxy, ledger, AdminOps(accounts, ledger)
-        reaper = asyncio.create_task(
-            reap_expired_holds(ledger, settings.reaper_interval_seconds), name="creditgate-hold-reaper"
-        )
-        try:
-            yield
-        finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
-            if proxy.in_flight:
-                await asyncio.wait(set(proxy.in_flight))
-            await session.close()
-            await redis.aclose()
+        async with services(settings) as svc:
+            session = create_session(settings)
+            upstreams = upstreams_from(settings, demo_upstream_url)
+            proxy = Proxy(settings, prices, svc.ledger, svc.accounts, upstreams, session)
+            app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
+            flusher = svc.flusher()
+            app[FLUSHER] = flusher
+            app[DRIFT] = DriftState()
+
+            async def reap() -> None:
+                released = await svc.ledger.expire_holds(int(time.time() * 1000))
+                if released:
+                    log.warning("released %d micro-credits of expired holds", released)
+
+            async def check_drift() -> None:
+                await complete_money_in(svc.store, svc.ledger, older_than_seconds=60)
+                app[DRIFT].update(await reconcile(svc.redis, svc.keys, svc.store))
+
+            stop = asyncio.Event()
+            tasks = [
+                asyncio.create_task(
+                    _every(settings.reaper_interval_seconds, "hold reaper", stop, reap),
+                    name="creditgate-hold-reaper",
+                )
+            ]
+            if settings.flusher_enabled:
+                tasks.append(asyncio.create_task(flusher.run(), name="creditgate-flusher"))
+            if settings.reconcile_interval_seconds > 0:
+                tasks.append(
+                    asyncio.create_task(
+                        _every(settings.reconcile_interval_seconds, "reconcile", stop, check_drift),
+                        name="creditgate-reconciler",
+                    )
+                )
+            try:
+                yield
+            finally:
+                if proxy.in_flight:
+                    await asyncio.wait(set(proxy.in_flight))
+                await _stop_tasks(tasks, stop, flusher)
+                await session.close()
+                if settings.flusher_enabled:
+                    await _final_flush(flusher, settings.shutdown_flush_seconds)
 
     app.cleanup_ctx.append(lifecycle)
 
@@ -99,6 +198,53 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{tail:.+}", models)
     app.router.add_get("/healthz", healthz)
-
     app.add_subapp("/admin/", admin_app(settings.admin_token))
     return app
+
+
+async def _stop_tasks(tasks: list[asyncio.Task[None]], stop: asyncio.Event, flusher: Flusher) -> None:
+    """Ask the background tasks to finish what they are doing; cancel any still busy after 5 s."""
+    stop.set()
+    flusher.stop()
+    _, pending = await asyncio.wait(tasks, timeout=5)
+    for task in pending:
+        log.warning("background task %s did not stop in 5 s; cancelling it", task.get_name())
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _final_flush(flusher: Flusher, seconds: float) -> None:
+    """Write the outbox to Postgres before the pools close; what does not fit in time stays in Redis."""
+    try:
+        async with asyncio.timeout(seconds):
+            written = await flusher.drain(claim_idle_ms=flusher.claim_idle_ms)
+        log.info("final flush wrote %d ledger rows", written)
+    except Exception as exc:
+        log.error("final flush incomplete (%r); the rest waits in Redis for the next flusher", exc)
+
+
+class DriftState:
+    """The last reconcile pass, for monitoring."""
+
+    def __init__(self) -> None:
+        self.accounts = 0
+        self.total = 0
+        self.checked_at = 0.0
+
+    def update(self, drifts: list[Drift]) -> None:
+        self.accounts = len(drifts)
+        self.total = sum(abs(d.amount) for d in drifts)
+        self.checked_at = time.time()
+        for drift in drifts:
+            log.warning(
+                "ledger drift on %s: Redis %s, ledger says %d",
+                drift.account,
+                drift.redis_balance,
+                drift.expected,
+            )
+
+
+PROXY = web.AppKey("proxy", Proxy)
+SERVICES = web.AppKey("services", Services)
+FLUSHER = web.AppKey("flusher", Flusher)
+DRIFT = web.AppKey("drift", DriftState)

@@ -9,18 +9,19 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
-from .admin import AdminOps, grant_amount
-from .app import build_ops, connect_redis, create_app
+from .admin import MONEY_IN_KINDS, grant_amount
+from .app import Services, create_app, services
 from .config import Settings, load_settings
 from .demo import create_demo_upstream
-from .embedded import EmbeddedRedis
+from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import CreditgateError, format_credits
+from .reconcile import reconcile, repair
 
 log = logging.getLogger("creditgate")
 
@@ -34,17 +35,19 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 @contextlib.contextmanager
-def _redis_for(settings: Settings) -> Any:
-    """Settings with a redis_url: the configured one, or an embedded server's under data_dir."""
-    if settings.redis_url:
+def resolve_services(settings: Settings) -> Iterator[Settings]:
+    """Settings with redis_url and database_url set: the configured ones, or embedded servers'
+    under data_dir (started here, or joined when `serve` already runs them)."""
+    with contextlib.ExitStack() as stack:
+        if not settings.redis_url:
+            embedded_redis = EmbeddedRedis(settings.data_dir)
+            settings = msgspec.structs.replace(settings, redis_url=embedded_redis.start())
+            stack.callback(embedded_redis.stop)
+        if not settings.database_url:
+            embedded_pg = EmbeddedPostgres(settings.data_dir)
+            settings = msgspec.structs.replace(settings, database_url=embedded_pg.start())
+            stack.callback(embedded_pg.stop)
         yield settings
-        return
-    embedded = EmbeddedRedis(settings.data_dir)
-    url = embedded.start()
-    try:
-        yield msgspec.structs.replace(settings, redis_url=url)
-    finally:
-        embedded.stop()
 
 
 @contextlib.asynccontextmanager
@@ -93,18 +96,12 @@ async def _serve(settings: Settings, on_ready: Callable[[str], Awaitable[None]] 
 
 
 async def _demo_bootstrap(settings: Settings, url: str) -> None:
-    assert settings.redis_url is not None
-    redis = connect_redis(settings.redis_url)
-    try:
-        accounts, ledger = build_ops(settings, redis)
-        await ledger.load_scripts()
-        ops = AdminOps(accounts, ledger)
-        if not await accounts.exists("demo"):
+    async with services(settings, prepare=False) as svc:
+        ops = svc.admin
+        if not await svc.store.account_exists("demo"):
             await ops.create_account("demo")
-        grant = await ops.grant("demo", 10_000_000, "demo-welcome-credits")
+        grant = await ops.grant("demo", 10_000_000, "demo-welcome-credits", note="creditgate demo")
         key = await ops.create_key("demo")
-    finally:
-        await redis.aclose()
     model = next(iter(settings.models))
     print(
         f"""
@@ -134,17 +131,35 @@ def _run(coro: Awaitable[Any]) -> Any:
         return runner.run(main())
 
 
-async def _admin_call(
-    settings: Settings, call: Callable[[AdminOps], Awaitable[dict[str, Any]]]
-) -> dict[str, Any]:
-    assert settings.redis_url is not None
-    redis = connect_redis(settings.redis_url)
-    try:
-        accounts, ledger = build_ops(settings, redis)
-        await ledger.load_scripts()
-        return await call(AdminOps(accounts, ledger))
-    finally:
-        await redis.aclose()
+async def _with_services(settings: Settings, call: Callable[[Services], Awaitable[Any]]) -> Any:
+    async with services(settings) as svc:
+        return await call(svc)
+
+
+async def _flush(svc: Services, drain: bool) -> dict[str, Any]:
+    flusher = svc.flusher()
+    if drain:
+        return {"rows_written": await flusher.drain()}
+    await flusher.run()  # until interrupted
+    return {}  # pragma: no cover
+
+
+async def _reconcile(svc: Services, fix: bool) -> dict[str, Any]:
+    if fix:
+        drifts = await repair(svc.redis, svc.keys, svc.store, svc.ledger)
+    else:
+        drifts = await reconcile(svc.redis, svc.keys, svc.store)
+    return {
+        "repaired" if fix else "drifting": [
+            {
+                "account": d.account,
+                "redis_balance": d.redis_balance,
+                "ledger_expects": d.expected,
+                "drift": d.amount,
+            }
+            for d in drifts
+        ]
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,6 +184,13 @@ def _parser() -> argparse.ArgumentParser:
     amount.add_argument("--credits", help="decimal credits, e.g. 12.5")
     amount.add_argument("--amount", type=int, help="micro-credits")
     grant.add_argument("--idempotency-key", required=True)
+    grant.add_argument("--kind", default="grant", choices=MONEY_IN_KINDS)
+    grant.add_argument("--note")
+    sub.add_parser("migrate", help="apply the Postgres migrations (safe to run twice)")
+    flush = sub.add_parser("flush", help="run the outbox flusher standalone")
+    flush.add_argument("--drain", action="store_true", help="write what is waiting, then exit")
+    rec = sub.add_parser("reconcile", help="compare Redis balances with the ledger")
+    rec.add_argument("--repair", action="store_true", help="complete half-done grants and fix drift")
     return parser
 
 
@@ -181,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        with _redis_for(settings) as ready:
+        with resolve_services(settings) as ready:
             return _dispatch(args, ready)
     except CreditgateError as exc:
         print(json.dumps(exc.body(), indent=2), file=sys.stderr)
@@ -205,20 +227,26 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         _run(_serve(settings, ready))
         return 0
-    calls: dict[tuple[str, str | None], Callable[[AdminOps], Awaitable[dict[str, Any]]]] = {
-        ("account", "create"): lambda ops: (
-            ops.create_account(args.id) if hasattr(args, "id") else ops.create_account()
-        ),
-        ("account", "balance"): lambda ops: ops.balance(args.id),
-        ("key", "create"): lambda ops: ops.create_key(getattr(args, "account", "")),
-        ("key", "revoke"): lambda ops: ops.revoke_key(getattr(args, "key_id", "")),
-        ("grant", None): lambda ops: ops.grant(
-            args.account, grant_amount(args.amount, args.credits), args.idempotency_key
+    verb = (args.command, getattr(args, "verb", None))
+    calls: dict[tuple[str, str | None], Callable[[Services], Awaitable[Any]]] = {
+        ("migrate", None): lambda svc: _migrate(svc),
+        ("flush", None): lambda svc: _flush(svc, args.drain),
+        ("reconcile", None): lambda svc: _reconcile(svc, args.repair),
+        ("account", "create"): lambda svc: svc.admin.create_account(getattr(args, "id", None)),
+        ("account", "balance"): lambda svc: svc.admin.balance(args.id),
+        ("key", "create"): lambda svc: svc.admin.create_key(args.account),
+        ("key", "revoke"): lambda svc: svc.admin.revoke_key(args.key_id),
+        ("grant", None): lambda svc: svc.admin.grant(
+            args.account, grant_amount(args.amount, args.credits), args.idempotency_key, args.kind, args.note
         ),
     }
-    result = _run(_admin_call(settings, calls[(args.command, getattr(args, "verb", None))]))
+    result = _run(_with_services(settings, calls[verb]))
     print(json.dumps(result, indent=2))
     return 0
+
+
+async def _migrate(svc: Services) -> dict[str, Any]:
+    return {"applied": await svc.store.migrate()}
 
 
 if __name__ == "__main__":  # pragma: no cover

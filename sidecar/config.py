@@ -76,6 +76,17 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = ".creditgate"
     key_prefix: str = "cg:"
     partitions: PositiveInt = 16
+    redis_max_connections: PositiveInt = 64
+    # Postgres, the durable ledger: unset starts an embedded server (the pgserver package) under data_dir.
+    database_url: str | None = None
+    migrate_on_start: bool = True
+    flusher_enabled: bool = True
+    flush_batch_size: PositiveInt = 500
+    flush_interval_seconds: PositiveSeconds = 0.2
+    flush_concurrency: Annotated[int, msgspec.Meta(ge=1, le=8)] = 3
+    flush_claim_idle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    reconcile_interval_seconds: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    shutdown_flush_seconds: PositiveSeconds = 10.0
     # Upstreams and prices.
     upstream_url: str | None = None
     upstream_api_key: str | None = None

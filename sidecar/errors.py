@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
+import asyncpg
 import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -151,6 +152,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except RedisError as exc:
         log.error("Redis failed on %s %s: %r", request.method, request.path, exc)
         unavailable = ServiceUnavailable("The credit store is unavailable; retry shortly.")
+        return error_response(unavailable, request.get(REQUEST_ID))
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        # Only operator routes touch Postgres; the metered path never waits for it.
+        log.error("Postgres failed on %s %s: %r", request.method, request.path, exc)
+        unavailable = ServiceUnavailable("The ledger database is unavailable; retry shortly.")
         return error_response(unavailable, request.get(REQUEST_ID))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

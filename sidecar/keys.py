@@ -22,6 +22,7 @@ class AccountKeys:
     holds: str  # hash: request id -> held micro-credits
     hold_expiry: str  # zset (partition-wide): "<account> <request id>" scored by lease end (ms)
     api_keys: str  # set of the account's API key ids
+    outbox: str  # stream (partition-wide): settled debits on their way to Postgres
     tag: str
 
     def settled(self, request_id: str) -> str:
@@ -49,6 +50,19 @@ class KeySpace:
     def hold_expiry(self, partition: int) -> str:
         return f"{self.partition_tag(partition)}:hold-expiry"
 
+    def outbox(self, partition: int) -> str:
+        """Stream of settled debits; the flusher moves them to Postgres and deletes them once committed."""
+        return f"{self.partition_tag(partition)}:outbox"
+
+    @property
+    def initialized(self) -> str:
+        """Set once Redis holds the balances rebuilt from (or created with) the Postgres ledger."""
+        return f"{self.prefix}initialized"
+
+    @property
+    def rebuild_lock(self) -> str:
+        return f"{self.prefix}rebuild-lock"
+
     def account(self, account: str) -> AccountKeys:
         keys = self._cache.get(account)
         if keys is None:
@@ -61,6 +75,7 @@ class KeySpace:
                 holds=f"{tag}:holds:{account}",
                 hold_expiry=self.hold_expiry(partition),
                 api_keys=f"{tag}:api-keys:{account}",
+                outbox=self.outbox(partition),
                 tag=tag,
             )
             if len(self._cache) < 100_000:

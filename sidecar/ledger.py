@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 
 from .keys import KeySpace, as_text
+from .outbox import UsageEvent, encode_event
 
 
 def load_lua(name: str) -> str:
@@ -92,14 +94,33 @@ class RedisLedger:
         )
         return Reservation(ReserveStatus(status), int(balance), int(held))
 
-    async def settle(self, account: str, request_id: str, charge: int) -> Settlement:
-        """Release the request's hold and debit `charge` (0 to just release), exactly once."""
+    async def settle(
+        self,
+        account: str,
+        request_id: str,
+        charge: int,
+        event: UsageEvent | None = None,
+        *,
+        record: bool = False,
+    ) -> Settlement:
+        """Release the request's hold and debit `charge` (0 to just release), exactly once. A debit (or,
+        with `record`, a zero charge) is appended with its `event` to the outbox in the same step."""
         if charge < 0:
             raise ValueError("charge must be >= 0")
         k = self.keys.account(account)
+        entry = msgspec.structs.replace(
+            event or UsageEvent(), request_id=request_id, account=account, charge=charge
+        )
         status, balance, released, charged = await self._settle(
-            keys=[k.balance, k.holds, k.hold_expiry, k.settled(request_id)],
-            args=[request_id, charge, self.settled_marker_ms, k.expiry_member(request_id)],
+            keys=[k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox],
+            args=[
+                request_id,
+                charge,
+                self.settled_marker_ms,
+                k.expiry_member(request_id),
+                "1" if record else "0",
+                encode_event(entry),
+            ],
         )
         if status == -1:
             raise UnknownAccount(account)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from .accounts import AccountStore
 from .config import Settings
@@ -27,6 +28,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .ledger import RedisLedger, ReserveStatus
+from .outbox import UsageEvent
 from .pricing import Multiplier, Price, PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
 from .upstream import Upstream, request_headers, response_headers
 from .usage import SSEReader, usage_from_body
@@ -37,6 +39,8 @@ log = logging.getLogger("creditgate.proxy")
 # A client that leaves mid-stream without usage is charged the prompt at this many bytes per token
 # (the usual English average) plus one completion token per streamed chunk it was sent.
 DISCONNECT_ESTIMATE_BYTES_PER_TOKEN = 4
+# Pauses after failed settle attempts (seconds): ~6 s of Redis trouble is ridden out.
+SETTLE_RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0, 2.0, 2.0)
 
 
 @dataclass(slots=True)
@@ -54,7 +58,9 @@ class Exchange:
     hold: int
     upstream: Upstream
     credential: str | None
+    byok: bool
     strip_usage_chunk: bool
+    started_ms: int
     usage: Usage | None = None
     charge: int = 0
     outcome: str = "pending"
@@ -169,7 +175,9 @@ class Proxy:
             hold=worst_case(price, prompt_tokens, output_tokens, multiplier),
             upstream=upstream,
             credential=byok_key or upstream.api_key,
+            byok=bool(byok_key),
             strip_usage_chunk=strip,
+            started_ms=int(time.time() * 1000),
         )
 
     async def _run(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
@@ -277,10 +285,35 @@ class Proxy:
             return None
         ex.charge = cost(ex.price, ex.usage, ex.multiplier) if ex.usage is not None else 0
         outcome, ex.outcome = ex.outcome, "settled"
-        try:
-            settlement = await self.ledger.settle(ex.account, ex.request_id, ex.charge)
-        except Exception:
-            log.exception("settle failed for %s; its hold is released when its lease ends", ex.request_id)
+        usage = ex.usage or Usage()
+        event = UsageEvent(
+            route=ex.route.kind,
+            model=ex.price.model,
+            provider=ex.upstream.name,
+            key_source="byok" if ex.byok else "pooled",
+            multiplier=f"{ex.multiplier.numerator}/{ex.multiplier.denominator}",
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            hold=ex.hold,
+            outcome=outcome,
+            started_ms=ex.started_ms,
+            settled_ms=int(time.time() * 1000),
+        )
+        settlement = None
+        for attempt, pause in enumerate(SETTLE_RETRY_PAUSES):
+            try:
+                settlement = await self.ledger.settle(ex.account, ex.request_id, ex.charge, event)
+                break
+            except RedisError as exc:  # idempotent by request id: retrying cannot charge twice
+                log.warning("settle of %s failed (attempt %d): %r", ex.request_id, attempt + 1, exc)
+                await asyncio.sleep(pause)
+        if settlement is None:
+            log.error(
+                "settle of %s (%d micro-credits) failed for good; its hold is released when its lease ends",
+                ex.request_id,
+                ex.charge,
+            )
             return None
         ex.extra["outcome"] = outcome
         if settlement.charged > settlement.released and settlement.first:

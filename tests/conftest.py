@@ -1,12 +1,15 @@
-"""Shared fixtures: a real Redis, the demo upstream over real HTTP, and a sidecar in front of it.
+"""Shared fixtures: real Redis and Postgres, the demo upstream over real HTTP, and a sidecar in front.
 
 Redis: ``CREDITGATE_TEST_REDIS_URL``, else 127.0.0.1:6379 when it answers, else an embedded redis-server
-started for the session. With ``CI=true`` a missing Redis is a failure, never a skip or a fallback.
-Every test gets its own key prefix, so tests share one Redis without seeing each other's keys.
+started for the session. Postgres: ``CREDITGATE_TEST_DATABASE_URL``, else postgres@127.0.0.1:5432/test
+when it answers, else an embedded PostgreSQL. With ``CI=true`` a missing service is a failure, never a
+skip or a fallback. Every test gets its own Redis key prefix and its own Postgres schema, so tests share
+the servers without seeing each other's data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 import redis
@@ -21,15 +25,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from sidecar.app import LEDGER, create_app
+from sidecar.app import SERVICES, Services, create_app
 from sidecar.config import Settings
 from sidecar.demo import CALLS, create_demo_upstream
-from sidecar.embedded import EmbeddedRedis
+from sidecar.embedded import EmbeddedPostgres, EmbeddedRedis
 from sidecar.ledger import RedisLedger
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 PROVIDER_KEY = "sk-provider-secret-for-tests"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def _answers(url: str) -> bool:
@@ -58,6 +63,52 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         embedded.stop()
 
 
+def _pg_answers(dsn: str) -> bool:
+    async def probe() -> bool:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=3)
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False
+        await conn.close()
+        return True
+
+    return asyncio.run(probe())
+
+
+@pytest.fixture(scope="session")
+def database_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    dsn = os.environ.get("CREDITGATE_TEST_DATABASE_URL", DEFAULT_DATABASE)
+    if _pg_answers(dsn):
+        yield dsn
+        return
+    if os.environ.get("CI") == "true" or "CREDITGATE_TEST_DATABASE_URL" in os.environ:
+        pytest.fail(
+            f"Postgres at {dsn} does not answer; with CI=true (or an explicit URL) the tests need it."
+        )
+    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    try:
+        yield embedded.start()
+    finally:
+        embedded.stop()
+
+
+def with_schema(dsn: str, schema: str) -> str:
+    return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+
+
+@pytest.fixture
+async def database_url(database_server: str) -> AsyncIterator[str]:
+    """A DSN whose search_path is a fresh schema of this test's own."""
+    schema = f"t{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(database_server)
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield with_schema(database_server, schema)
+    finally:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
@@ -65,10 +116,13 @@ async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def make_settings(redis_url: str, upstream_url: str = "http://127.0.0.1:9/v1", **overrides: Any) -> Settings:
+def make_settings(
+    redis_url: str, database_url: str, upstream_url: str = "http://127.0.0.1:9/v1", **overrides: Any
+) -> Settings:
     """Settings as an operator would write them, with a key prefix of the test's own."""
     raw: dict[str, Any] = {
         "redis_url": redis_url,
+        "database_url": database_url,
         "key_prefix": f"t{uuid.uuid4().hex[:12]}:",
         "upstream_url": upstream_url,
         "upstream_api_key": PROVIDER_KEY,
@@ -120,8 +174,12 @@ class Sidecar:
     settings: Settings
 
     @property
+    def services(self) -> Services:
+        return self.client.app[SERVICES]
+
+    @property
     def ledger(self) -> RedisLedger:
-        return self.client.app[LEDGER]
+        return self.services.ledger
 
     def admin_headers(self, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}", **extra}
@@ -156,9 +214,11 @@ SidecarFactory = Callable[..., Awaitable[Sidecar]]
 
 
 @pytest.fixture
-async def make_sidecar(redis_url: str, upstream: Upstream, aiohttp_client: Any) -> SidecarFactory:
+async def make_sidecar(
+    redis_url: str, database_url: str, upstream: Upstream, aiohttp_client: Any
+) -> SidecarFactory:
     async def factory(**overrides: Any) -> Sidecar:
-        settings = make_settings(redis_url, **{"upstream_url": upstream.url, **overrides})
+        settings = make_settings(redis_url, database_url, **{"upstream_url": upstream.url, **overrides})
         client = await aiohttp_client(create_app(settings))
         return Sidecar(client, settings)
 

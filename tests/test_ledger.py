@@ -30,7 +30,8 @@ async def ledger(redis_client: Redis) -> AsyncIterator[RedisLedger]:
 
 
 async def funded(ledger: RedisLedger, amount: int) -> str:
-    account = await AccountStore(ledger.redis, ledger.keys, cache_seconds=0).create_account()
+    account = f"acct_{uuid.uuid4().hex[:8]}"
+    await AccountStore(ledger.redis, ledger.keys, cache_seconds=0).add_account(account)
     if amount:
         await ledger.credit(account, "seed", amount)
     return account

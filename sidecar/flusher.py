@@ -1,0 +1,261 @@
+"""Moves settled debits from the Redis outbox streams to the Postgres ledger, in batches, exactly once.
+
+Each partition's stream is read through one consumer group. A batch (up to ``flush_batch_size`` rows,
+or whatever arrived within ``flush_interval_seconds``) is written in one transaction that skips request
+ids already present; only after the commit are its entries acknowledged and deleted. A flusher that
+dies between the two leaves them pending: another claims them after ``flush_claim_idle_seconds`` and
+the replayed insert changes nothing. While Postgres is down the batch is retried with backoff and the
+backlog waits in Redis; nothing unacknowledged is ever deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from .keys import KeySpace, as_text
+from .outbox import ledger_row
+from .store import Store
+
+log = logging.getLogger("creditgate.flusher")
+
+GROUP = "ledger-flusher"
+_FAULT = os.environ.get("CG_TEST_FAULT", "")
+POLL = 0.05  # seconds between reads of an idle outbox  # crash tests: "crash-after-commit"
+
+
+@dataclass
+class FlushStats:
+    rows: int = 0
+    batches: int = 0
+    failures: int = 0
+    last_batch_rows: int = 0
+    last_batch_seconds: float = 0.0
+
+
+@dataclass
+class Batch:
+    entries: dict[str, list[tuple[str, dict[Any, Any]]]] = field(default_factory=dict)  # stream -> entries
+    size: int = 0
+
+    def add(self, stream: str, entries: Sequence[tuple[Any, dict[Any, Any]]]) -> None:
+        if entries:
+            self.entries.setdefault(stream, []).extend((as_text(i), f) for i, f in entries)
+            self.size += len(entries)
+
+
+class Flusher:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeySpace,
+        store: Store,
+        *,
+        batch_size: int = 500,
+        interval: float = 0.2,
+        claim_idle_ms: int = 30_000,
+        concurrency: int = 2,
+        consumer: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.streams = [keys.outbox(p) for p in range(keys.partitions)]
+        self.batch_size = batch_size
+        self.interval = interval
+        self.claim_idle_ms = claim_idle_ms
+        self.concurrency = concurrency
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.stats = FlushStats()
+        self._groups_ready = False
+        self._progress = asyncio.Condition()
+        self._next_claim = 0.0
+        self._stopping = asyncio.Event()
+
+    async def ensure_groups(self) -> None:
+        if self._groups_ready:
+            return
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._groups_ready = True
+
+    # ---- reading -----------------------------------------------------------------------------------
+
+    async def _claim(self, batch: Batch, min_idle_ms: int) -> None:
+        """Take over entries another (dead) consumer read but never acknowledged."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            per_stream = -(-self.batch_size // len(self.streams))
+            for stream in self.streams:
+                pipe.xautoclaim(stream, GROUP, self.consumer, min_idle_ms, start_id="0-0", count=per_stream)
+            replies = await pipe.execute()
+        for stream, reply in zip(self.streams, replies, strict=True):
+            batch.add(stream, [e for e in reply[1] if e[1]])  # deleted entries come back empty
+
+    async def _read(self, batch: Batch) -> int:
+        """Add new entries (without blocking); returns how many were added."""
+        want = self.batch_size - batch.size
+        if want <= 0:
+            return 0
+        # COUNT applies per stream: share the batch out so that one read never exceeds it.
+        per_stream = -(-want // len(self.streams))
+        reply: Any = await self.redis.xreadgroup(
+            GROUP, self.consumer, dict.fromkeys(self.streams, ">"), count=per_stream
+        )
+        before = batch.size
+        for stream, entries in reply or []:
+            batch.add(as_text(stream), entries)
+        return batch.size - before
+
+    async def collect(self) -> Batch:
+        """Up to batch_size entries, or what arrived within the interval (sooner when stopping).
+        Reads never block in Redis: an idle flusher polls every POLL seconds, so stopping it never
+        has to interrupt a command."""
+        await self.ensure_groups()
+        batch = Batch()
+        now = time.monotonic()
+        if now >= self._next_claim:  # dead consumers' entries: looked for a few times per idle period
+            self._next_claim = now + max(self.claim_idle_ms / 4000, 0.05)
+            await self._claim(batch, self.claim_idle_ms)
+        deadline = now + self.interval
+        while batch.size < self.batch_size and not self._stopping.is_set():
+            if await self._read(batch):
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await self._pause(min(remaining, POLL))
+        return batch
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the flusher is asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def stop(self) -> None:
+        """Ask the loops to finish the batch in hand and return."""
+        self._stopping.set()
+
+    # ---- writing -----------------------------------------------------------------------------------
+
+    async def write(self, batch: Batch) -> None:
+        """Commit the batch to Postgres, then acknowledge and delete its entries."""
+        if not batch.size:
+            return
+        started = time.perf_counter()
+        rows = [ledger_row(fields) for entries in batch.entries.values() for _, fields in entries]
+        await self.store.insert_usage(rows)
+        if _FAULT == "crash-after-commit":
+            os.kill(os.getpid(), signal.SIGKILL)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, entries in batch.entries.items():
+                ids = [entry_id for entry_id, _ in entries]
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xdel(stream, *ids)
+            await pipe.execute()
+        self.stats.rows += batch.size
+        self.stats.batches += 1
+        self.stats.last_batch_rows = batch.size
+        self.stats.last_batch_seconds = time.perf_counter() - started
+        async with self._progress:
+            self._progress.notify_all()
+
+    async def wait_for_rows(self, rows: int) -> None:
+        """Return once this flusher has written at least `rows` rows in all."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.stats.rows >= rows)
+
+    async def write_until_done(self, batch: Batch) -> bool:
+        """Retry a batch until Postgres takes it (with backoff); the entries stay pending meanwhile.
+        Returns False when asked to stop first: the entries then wait for the next flusher."""
+        delay = 0.2
+        while True:
+            try:
+                await self.write(batch)
+                return True
+            except Exception as exc:  # the flusher must outlive any failure
+                reraise_if_cancelled(exc)
+                self.stats.failures += 1
+                log.warning("flush of %d rows failed (%r); retrying in %.1fs", batch.size, exc, delay)
+                await self._pause(delay)
+                if self._stopping.is_set():
+                    return False
+                delay = min(delay * 2, 10.0)
+
+    async def run(self) -> None:
+        """The background loops (``concurrency`` of them, so one batch commits while the next is
+        written): collect, write, repeat, until stop() (or cancellation)."""
+        self._stopping.clear()
+        await asyncio.gather(*(self._loop() for _ in range(self.concurrency)))
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                batch = await self.collect()
+            except Exception as exc:
+                reraise_if_cancelled(exc)
+                log.warning("reading the outbox failed (%r); retrying", exc)
+                await self._pause(1.0)
+                continue
+            await self.write_until_done(batch)
+
+    async def drain(self, claim_idle_ms: int | None = None) -> int:
+        """Write everything in the outbox now; returns the rows written. New entries are written by
+        ``concurrency`` loops at once; then, with those loops done (so none of our own batches can be
+        taken for a dead consumer's), entries pending longer than the claim idle time are claimed and
+        written. Used at shutdown and by ``creditgate flush --drain``."""
+        await self.ensure_groups()
+        written = sum(await asyncio.gather(*(self._drain_new() for _ in range(self.concurrency))))
+        idle = self.claim_idle_ms if claim_idle_ms is None else claim_idle_ms
+        while True:
+            batch = Batch()
+            await self._claim(batch, idle)
+            if not batch.size:
+                return written
+            await self.write(batch)
+            written += batch.size
+
+    async def _drain_new(self) -> int:
+        written = 0
+        while True:
+            batch = Batch()
+            while batch.size < self.batch_size and await self._read(batch):
+                pass
+            if not batch.size:
+                return written
+            await self.write(batch)
+            written += batch.size
+
+    async def backlog(self) -> tuple[int, float]:
+        """(entries waiting, age in seconds of the oldest), across partitions."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xlen(stream)
+                pipe.xrange(stream, count=1)
+            replies = await pipe.execute()
+        length = sum(replies[0::2])
+        oldest = [int(as_text(r[0][0]).split("-")[0]) for r in replies[1::2] if r]
+        age = max(0.0, time.time() - min(oldest) / 1000) if oldest else 0.0
+        return length, age
+
+
+def reraise_if_cancelled(exc: Exception) -> None:
+    """A client library may turn our cancellation into its own error (redis-py raises ConnectionError
+    when cancelled mid-command); a loop that retries on errors must still stop when cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

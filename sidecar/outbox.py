@@ -1,0 +1,69 @@
+"""The outbox entry a settlement appends, and its conversion to a ledger row. Pure: no I/O.
+
+The settle script appends one field, ``d``: this entry as JSON, built by the caller with the same request
+id, account and charge it passes the script, in the same atomic step as the debit. One field keeps the
+stream compact and the flusher's parsing cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    request_id: str = ""
+    account: str = ""
+    charge: int = 0  # micro-credits debited
+    route: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    key_source: str | None = None  # "pooled" or "byok"
+    multiplier: str | None = None  # exact, e.g. "5/4"
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    hold: int | None = None
+    saved: int | None = None  # a cache hit: the credits it saved
+    outcome: str | None = None
+    started_ms: int | None = None
+    settled_ms: int | None = None
+
+
+encode_event = msgspec.json.Encoder().encode
+_decode_event = msgspec.json.Decoder(UsageEvent).decode
+
+
+def decode_entry(fields: dict[Any, Any]) -> UsageEvent:
+    data = fields.get(b"d") or fields.get("d") or b"{}"
+    try:
+        return _decode_event(data)
+    except msgspec.MsgspecError:
+        return UsageEvent(outcome="unreadable_event")
+
+
+def ledger_row(fields: dict[Any, Any]) -> tuple[Any, ...]:
+    """One outbox entry as a batch row for ``Store.insert_usage``; usage amounts are negative."""
+    event = decode_entry(fields)
+    overdraft = max(0, event.charge - event.hold) if event.hold is not None else None
+    return (
+        event.request_id,
+        event.account,
+        "usage",
+        -event.charge,
+        event.route,
+        event.model,
+        event.provider,
+        event.key_source,
+        event.multiplier,
+        event.prompt_tokens,
+        event.cached_tokens,
+        event.completion_tokens,
+        event.hold,
+        overdraft,
+        event.saved,
+        event.outcome,
+        event.started_ms,
+        event.settled_ms,
+    )

@@ -1,0 +1,248 @@
+"""Postgres, the durable truth: migrations, accounts and keys, money in, usage batches, reconcile reads.
+
+Nothing on the request path calls this module; the admin API, the flusher and the reconciler do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("creditgate.store")
+
+_MIGRATIONS_LOCK = 0x6372656469  # advisory lock id ("credi")
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(version, sql) of every migration shipped with the package, in order."""
+    folder = files("sidecar").joinpath("migrations")
+    found = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
+    return [(name.removesuffix(".sql"), folder.joinpath(name).read_text()) for name in found]
+
+
+async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> list[str]:
+    """Apply the migrations not applied yet, each in its own transaction; returns the versions applied.
+    Safe to run twice and from several processes at once (an advisory lock serialises them)."""
+    applied_now: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATIONS_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, sql in migration_files():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            applied_now.append(version)
+            log.info("applied migration %s", version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATIONS_LOCK)
+    return applied_now
+
+
+# The columns of a usage batch, in the order outbox.ledger_row builds them; the two times travel as
+# epoch milliseconds and become timestamptz in SQL.
+_BATCH = (
+    ("idempotency_id", "text"),
+    ("account_id", "text"),
+    ("kind", "text"),
+    ("amount", "bigint"),
+    ("route", "text"),
+    ("model", "text"),
+    ("provider", "text"),
+    ("key_source", "text"),
+    ("multiplier", "text"),
+    ("prompt_tokens", "bigint"),
+    ("cached_tokens", "bigint"),
+    ("completion_tokens", "bigint"),
+    ("hold", "bigint"),
+    ("overdraft", "bigint"),
+    ("saved", "bigint"),
+    ("outcome", "text"),
+    ("started_ms", "bigint"),
+    ("settled_ms", "bigint"),
+)
+_STORED = [name for name, _ in _BATCH[:-2]]
+_MS = "timestamptz 'epoch' + b.{} * interval '1 millisecond'"
+
+# One statement, one round trip: the batch arrives as one array per column. Rows whose request id is
+# already present are skipped, and the maintained balances move by exactly what was inserted.
+_INSERT_USAGE = f"""
+WITH inserted AS (
+    INSERT INTO ledger ({", ".join(_STORED)}, started_at, settled_at)
+    SELECT {", ".join(f"b.{c}" for c in _STORED)}, {_MS.format("started_ms")}, {_MS.format("settled_ms")}
+    FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, (_, t) in enumerate(_BATCH))})
+        AS b({", ".join(name for name, _ in _BATCH)})
+    ON CONFLICT (idempotency_id) DO NOTHING
+    RETURNING account_id, amount
+)
+UPDATE accounts AS a SET balance = a.balance + d.delta
+FROM (SELECT account_id, sum(amount) AS delta FROM inserted GROUP BY account_id) AS d
+WHERE a.id = d.account_id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class MoneyIn:
+    idempotency_id: str
+    account: str
+    amount: int
+    applied: bool
+    created: bool  # False: the row existed (a retry)
+
+
+class Conflicting(ValueError):
+    """An idempotency id was used before for another account, kind or amount."""
+
+
+class NoAccount(LookupError):
+    pass
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 4) -> Store:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> list[str]:
+        async with self.pool.acquire() as conn:
+            return await migrate(conn)
+
+    # ---- accounts and keys -----------------------------------------------------------------------
+
+    async def create_account(self, account: str) -> bool:
+        """False when it already exists."""
+        status = await self.pool.execute(
+            "INSERT INTO accounts (id) VALUES ($1) ON CONFLICT DO NOTHING", account
+        )
+        return bool(status == "INSERT 0 1")
+
+    async def account_exists(self, account: str) -> bool:
+        return bool(await self.pool.fetchval("SELECT true FROM accounts WHERE id = $1", account))
+
+    async def add_key(self, key_id: str, account: str, key_hash: str) -> None:
+        await self.pool.execute(
+            "INSERT INTO api_keys (id, account_id, key_hash) VALUES ($1, $2, $3)", key_id, account, key_hash
+        )
+
+    async def revoke_key(self, key_id: str) -> tuple[str, str] | None:
+        """(account, key hash) of the revoked key, or None when there is no such key."""
+        row = await self.pool.fetchrow(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1"
+            " RETURNING account_id, key_hash",
+            key_id,
+        )
+        return (row["account_id"], row["key_hash"]) if row else None
+
+    async def active_keys(self) -> list[tuple[str, str, str]]:
+        rows = await self.pool.fetch("SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
+        return [(r["id"], r["account_id"], r["key_hash"]) for r in rows]
+
+    # ---- money in --------------------------------------------------------------------------------
+
+    async def record_money_in(
+        self, idempotency_id: str, account: str, kind: str, amount: int, note: str | None
+    ) -> MoneyIn:
+        """Write a credit row once per idempotency id (not yet applied to Redis); a retry returns the row."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT true FROM accounts WHERE id = $1", account):
+                raise NoAccount(account)
+            row = await conn.fetchrow(
+                "INSERT INTO ledger (idempotency_id, account_id, kind, amount, applied, note)"
+                " VALUES ($1, $2, $3, $4, false, $5)"
+                " ON CONFLICT (idempotency_id) DO NOTHING RETURNING applied",
+                idempotency_id,
+                account,
+                kind,
+                amount,
+                note,
+            )
+            if row is not None:
+                await conn.execute(
+                    "UPDATE accounts SET balance = balance + $2 WHERE id = $1", account, amount
+                )
+                return MoneyIn(idempotency_id, account, amount, applied=False, created=True)
+            existing = await conn.fetchrow(
+                "SELECT account_id, kind, amount, applied FROM ledger WHERE idempotency_id = $1",
+                idempotency_id,
+            )
+        assert existing is not None
+        if (existing["account_id"], existing["kind"], existing["amount"]) != (account, kind, amount):
+            raise Conflicting(idempotency_id)
+        return MoneyIn(idempotency_id, account, amount, applied=existing["applied"], created=False)
+
+    async def mark_applied(self, idempotency_ids: Sequence[str]) -> None:
+        await self.pool.execute(
+            "UPDATE ledger SET applied = true WHERE idempotency_id = ANY($1::text[]) AND NOT applied",
+            list(idempotency_ids),
+        )
+
+    async def unapplied(self, older_than_seconds: float = 0) -> list[tuple[str, str, int]]:
+        """Money-in rows whose Redis credit may not have happened: (idempotency id, account, amount)."""
+        rows = await self.pool.fetch(
+            "SELECT idempotency_id, account_id, amount FROM ledger WHERE NOT applied"
+            " AND created_at <= now() - make_interval(secs => $1) ORDER BY created_at, idempotency_id",
+            older_than_seconds,
+        )
+        return [(r["idempotency_id"], r["account_id"], r["amount"]) for r in rows]
+
+    # ---- usage (the flusher) -----------------------------------------------------------------------
+
+    async def insert_usage(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Write a batch of usage rows in one transaction; request ids already present are skipped, so a
+        replayed batch changes nothing. Accounts the ledger has not seen yet (Redis rebuilt from an older
+        backup, say) are added first, so one unknown account cannot block the batch."""
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        if not columns:
+            return
+        try:
+            await self.pool.execute(_INSERT_USAGE, *columns)
+        except asyncpg.ForeignKeyViolationError:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO accounts (id) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                    columns[1],
+                )
+                await conn.execute(_INSERT_USAGE, *columns)
+
+    # ---- reconcile reads ---------------------------------------------------------------------------
+
+    async def balances(self) -> dict[str, tuple[int, int]]:
+        """account -> (ledger balance, money in not yet applied to Redis)."""
+        rows = await self.pool.fetch(
+            "SELECT a.id, a.balance, coalesce(u.pending, 0) AS pending FROM accounts a"
+            " LEFT JOIN (SELECT account_id, sum(amount) AS pending FROM ledger WHERE NOT applied"
+            " GROUP BY account_id) u ON u.account_id = a.id"
+        )
+        return {r["id"]: (int(r["balance"]), int(r["pending"])) for r in rows}
+
+    async def present(self, idempotency_ids: Sequence[str]) -> set[str]:
+        if not idempotency_ids:
+            return set()
+        rows = await self.pool.fetch(
+            "SELECT idempotency_id FROM ledger WHERE idempotency_id = ANY($1::text[])", list(idempotency_ids)
+        )
+        return {r["idempotency_id"] for r in rows}
+
+    async def ledger_sum(self, account: str) -> int:
+        return int(
+            await self.pool.fetchval(
+                "SELECT coalesce(sum(amount), 0) FROM ledger WHERE account_id = $1", account
+            )
+        )
