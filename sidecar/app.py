@@ -198,7 +198,25 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{tail:.+}", models)
     app.router.add_get("/healthz", healthz)
-    app.add_subapp("/admin/", admin_app(settings.admin_token))
+
+    async def ledger_status(request: web.Request) -> web.Response:
+        flusher, drift = request.config_dict[FLUSHER], request.config_dict[DRIFT]
+        backlog, oldest = await flusher.backlog()
+        return web.json_response(
+            {
+                "outbox_backlog": backlog,
+                "outbox_oldest_seconds": round(oldest, 3),
+                "flushed_rows": flusher.stats.rows,
+                "flush_failures": flusher.stats.failures,
+                "drifting_accounts": drift.accounts,
+                "drift_micro_credits": drift.total,
+                "drift_checked_at": drift.checked_at or None,
+            }
+        )
+
+    admin = admin_app(settings.admin_token)
+    admin.router.add_get("/ledger", ledger_status)
+    app.add_subapp("/admin/", admin)
     return app
 
 

@@ -279,6 +279,8 @@ async def test_redis_lost_is_rebuilt_from_the_ledger(make_sidecar: SidecarFactor
     assert not await rebuild_if_empty(svc.redis, svc.keys, svc.store)
     assert (await sc.balance(account))["balance"] == 2_000_000 - charge
     assert (await sc.balance(other))["balance"] == 500_000
+    status = await sc.admin("GET", "/ledger")
+    assert (status["outbox_backlog"], status["drifting_accounts"]) == (0, 0)
     # Keys come back too: the same client key still works.
     resp = await sc.client.post(
         "/v1/chat/completions",
