@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"creditgate: {exc.message}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("pgserver").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
     try:
         with resolve_services(settings) as ready:
             return _dispatch(args, ready)

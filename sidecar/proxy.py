@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -65,7 +65,6 @@ class Exchange:
     charge: int = 0
     outcome: str = "pending"
     relayed_events: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Proxy:
@@ -315,9 +314,7 @@ class Proxy:
                 ex.charge,
             )
             return None
-        ex.extra["outcome"] = outcome
-        if settlement.charged > settlement.released and settlement.first:
-            ex.extra["overdraft"] = str(settlement.charged - settlement.released)
+        if settlement.first and ex.charge > ex.hold:  # the overdraft is recorded in the ledger row too
             log.warning(
                 "request %s on %s cost %d, above its hold of %d",
                 ex.request_id,
