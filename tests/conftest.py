@@ -20,7 +20,6 @@ from typing import Any
 import asyncpg
 import msgspec
 import pytest
-import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
@@ -28,7 +27,7 @@ from redis.asyncio import Redis
 from sidecar.app import SERVICES, Services, create_app
 from sidecar.config import Settings
 from sidecar.demo import CALLS, create_demo_upstream
-from sidecar.embedded import EmbeddedPostgres, EmbeddedRedis
+from sidecar.embedded import EmbeddedPostgres, EmbeddedRedis, redis_answers
 from sidecar.ledger import RedisLedger
 
 ADMIN_TOKEN = "admin-secret-for-tests"
@@ -37,21 +36,10 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-def _answers(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (redis.RedisError, OSError):
-        return False
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("CREDITGATE_TEST_REDIS_URL", DEFAULT_REDIS)
-    if _answers(url):
+    if redis_answers(url, timeout=2):
         yield url
         return
     if os.environ.get("CI") == "true" or "CREDITGATE_TEST_REDIS_URL" in os.environ:
