@@ -1,6 +1,7 @@
--- Credit: add credits to an account exactly once per idempotency key.
+-- Credit: add credits to an account exactly once per idempotency key (also used, with a negative
+-- amount, for the reconciler's repairs, keyed by a repair id).
 -- KEYS[1] account hash   KEYS[2] the idempotency marker
--- ARGV[1] amount (micro-credits, integer string, > 0)   ARGV[2] fingerprint ("<account> <amount>")
+-- ARGV[1] amount (micro-credits, integer string; > 0 for money in)   ARGV[2] fingerprint ("<account> <amount>")
 -- Returns {status, balance}: 1 credited now, 0 credited before with the same fingerprint,
 -- -1 no such account, -2 the key was used before for a different account or amount.
 local balance = redis.call('HGET', KEYS[1], 'balance')

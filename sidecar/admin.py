@@ -70,9 +70,11 @@ class AdminOps:
     async def create_account(self, account: str | None = None) -> dict[str, Any]:
         account = f"acct_{secrets.token_hex(8)}" if account is None else account
         check_account_id(account)
-        if not await self.store.create_account(account):
-            raise Conflict(f"Account {account!r} already exists.", param="id")
+        created = await self.store.create_account(account)
+        # Also on a conflict: a create that died between Postgres and Redis is finished by its retry.
         await self.accounts.add_account(account)
+        if not created:
+            raise Conflict(f"Account {account!r} already exists.", param="id")
         return {"id": account}
 
     async def create_key(self, account: str) -> dict[str, Any]:
@@ -111,6 +113,7 @@ class AdminOps:
                 "This Idempotency-Key was used for a different amount or kind.", param="Idempotency-Key"
             ) from None
         if not row.applied:
+            await self.accounts.add_account(account)  # no-op unless a create stopped half-way
             try:
                 await self.ledger.credit(account, ledger_id, amount)
             except IdempotencyConflict:  # pragma: no cover - the ledger row already rules this out

@@ -94,6 +94,11 @@ class RedisLedger:
         )
         return Reservation(ReserveStatus(status), int(balance), int(held))
 
+    async def renew(self, account: str, request_id: str, lease_end_ms: int) -> None:
+        """Extend a live hold's lease (only if it is still held, and only forward)."""
+        k = self.keys.account(account)
+        await self.redis.zadd(k.hold_expiry, {k.expiry_member(request_id): lease_end_ms}, xx=True, gt=True)
+
     async def settle(
         self,
         account: str,
@@ -139,6 +144,17 @@ class RedisLedger:
         if status == -2:
             raise IdempotencyConflict(idempotency_key)
         return status == 1, int(balance)
+
+    async def adjust(self, account: str, adjustment_id: str, delta: int) -> int:
+        """Move the Redis balance by `delta` (either sign) once per adjustment id; returns the balance.
+        Used by repair only: the ledger is the truth and this brings the hot copy back to it."""
+        k = self.keys.account(account)
+        status, balance = await self._credit(
+            keys=[k.balance, k.credited(adjustment_id)], args=[delta, f"{account} {delta}"]
+        )
+        if status == -1:
+            raise UnknownAccount(account)
+        return int(balance)
 
     async def balance(self, account: str) -> AccountBalance:
         k = self.keys.account(account)

@@ -233,8 +233,13 @@ class Proxy:
             client_gone = True
         ex.outcome = "no_usage"
         drain_until: float | None = None
+        lease = self.settings.hold_lease_seconds
+        renew_at = time.monotonic() + lease / 3
         try:
             while True:
+                if time.monotonic() >= renew_at:  # a stream outliving its lease keeps its hold
+                    renew_at = time.monotonic() + lease / 3
+                    await self.ledger.renew(ex.account, ex.request_id, int(time.time() * 1000) + lease * 1000)
                 if drain_until is None:
                     chunk = await upstream.content.readany()
                 else:

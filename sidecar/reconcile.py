@@ -5,22 +5,24 @@ For every account, Redis' balance should equal
 
     ledger balance − money in not yet applied to Redis − debits settled in Redis but not yet flushed
 
-(active holds are kept apart, in the ``held`` field, and never touch the balance). A comparison races
-with settlements and flushes that happen between the Redis and the Postgres reads, so an account counts
-as drifting only when two passes in a row find the same non-zero drift.
+(active holds are kept apart, in the ``held`` field, and never touch the balance). The comparison holds
+the ledger barrier (``Store.barrier``): while it reads Redis and then Postgres, no usage batch commits and
+no money in is marked applied, so both reads describe the same moment. Settlements go on in Redis
+meanwhile; they are either in the Redis snapshot and its outbox, or in neither.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from .keys import KeySpace
-from .ledger import RedisLedger
+from .ledger import RedisLedger, UnknownAccount
 from .outbox import decode_entry
 from .store import Store
 
@@ -39,12 +41,22 @@ class Drift:
 
 
 async def complete_money_in(store: Store, ledger: RedisLedger, older_than_seconds: float = 0) -> int:
-    """Credit Redis for ledger rows written by a grant that died before its Redis step; returns how many."""
-    rows = await store.unapplied(older_than_seconds)
-    for idempotency_id, account, amount in rows:
-        await ledger.credit(account, idempotency_id, amount)
-    await store.mark_applied([r[0] for r in rows])
-    return len(rows)
+    """Credit Redis for ledger rows written by a grant that died before its Redis step; returns how many.
+    A row whose account Redis does not know is skipped (``repair`` adds the account) and stays pending."""
+    done = []
+    for idempotency_id, account, amount in await store.unapplied(older_than_seconds):
+        try:
+            await ledger.credit(account, idempotency_id, amount)
+        except UnknownAccount:
+            log.error(
+                "money in %s waits: account %s is missing from Redis (run reconcile --repair)",
+                idempotency_id,
+                account,
+            )
+            continue
+        done.append(idempotency_id)
+    await store.mark_applied(done)
+    return len(done)
 
 
 async def _snapshot(
@@ -71,42 +83,38 @@ async def _snapshot(
     return balances, debits
 
 
-async def _drifts(redis: Redis, keys: KeySpace, store: Store) -> dict[str, Drift]:
-    ledger_view = await store.balances()
-    balances, debits = await _snapshot(redis, keys, list(ledger_view))
-    flushed = await store.present([rid for entries in debits.values() for rid, _ in entries])
-    found: dict[str, Drift] = {}
-    for account, (ledger_balance, unapplied) in ledger_view.items():
+async def reconcile(redis: Redis, keys: KeySpace, store: Store) -> list[Drift]:
+    """Accounts whose Redis balance disagrees with the ledger."""
+    async with store.barrier() as conn:
+        accounts = [r["id"] for r in await conn.fetch("SELECT id FROM accounts")]
+        balances, debits = await _snapshot(redis, keys, accounts)
+        ledger_view, _ = await store.ledger_view(conn)
+        flushed = await store.present(conn, [rid for entries in debits.values() for rid, _ in entries])
+    found = []
+    for account, (ledger_balance, unapplied) in sorted(ledger_view.items()):
+        if account not in balances:
+            continue  # created after the snapshot's account list: next pass
         unflushed = sum(charge for rid, charge in debits.get(account, []) if rid not in flushed)
         drift = Drift(account, balances[account], ledger_balance - unapplied - unflushed)
         if drift.redis_balance is None or drift.amount:
-            found[account] = drift
+            found.append(drift)
     return found
 
 
-async def reconcile(redis: Redis, keys: KeySpace, store: Store) -> list[Drift]:
-    """Accounts whose Redis balance disagrees with the ledger in two passes in a row, by the same amount."""
-    first = await _drifts(redis, keys, store)
-    if not first:
-        return []
-    second = await _drifts(redis, keys, store)
-    return [d for a, d in sorted(second.items()) if a in first and first[a].amount == d.amount]
-
-
 async def repair(redis: Redis, keys: KeySpace, store: Store, ledger: RedisLedger) -> list[Drift]:
-    """Complete half-done money in, then move each drifting Redis balance onto the ledger's figure.
-    Returns the drifts that were repaired."""
-    await complete_money_in(store, ledger)
+    """Add accounts missing from Redis, complete half-done money in, then move each drifting Redis
+    balance onto the ledger's figure (by an idempotent adjustment, safe under redis-py's retries).
+    Returns the drifts found before repairing."""
     drifts = await reconcile(redis, keys, store)
     for drift in drifts:
-        k = keys.account(drift.account)
         if drift.redis_balance is None:
-            await redis.hset(
-                k.balance, mapping={"balance": drift.expected, "held": 0, "created_at": int(time.time())}
-            )
+            k = keys.account(drift.account)
+            await redis.hsetnx(k.balance, "balance", 0)
+            await redis.hsetnx(k.balance, "held", 0)
             await redis.sadd(keys.accounts, drift.account)
-        else:
-            await redis.hincrby(k.balance, "balance", -drift.amount)
+    await complete_money_in(store, ledger)
+    for drift in await reconcile(redis, keys, store):
+        await ledger.adjust(drift.account, f"repair:{uuid.uuid4().hex}", -drift.amount)
         log.warning("repaired %s: Redis balance %s -> %d", drift.account, drift.redis_balance, drift.expected)
     return drifts
 
@@ -121,29 +129,34 @@ async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: Store) -> bool:
     try:
         if await redis.exists(keys.initialized):
             return False
-        ledger_view = await store.balances()
-        unapplied = await store.unapplied()
-        _, debits = await _snapshot(redis, keys, list(ledger_view))
-        flushed = await store.present([rid for entries in debits.values() for rid, _ in entries])
-        now = int(time.time())
-        async with redis.pipeline(transaction=False) as pipe:
-            for account, (ledger_balance, _) in ledger_view.items():
-                unflushed = sum(charge for rid, charge in debits.get(account, []) if rid not in flushed)
-                pipe.hset(
-                    keys.account(account).balance,
-                    mapping={"balance": ledger_balance - unflushed, "held": 0, "created_at": now},
-                )
-                pipe.sadd(keys.accounts, account)
-            # The balance now includes every ledger row: money in still on its way must not be
-            # credited a second time by the grant that wrote it.
-            for idempotency_id, account, amount in unapplied:
-                pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")
-            for key_id, account, key_hash in await store.active_keys():
-                pipe.hset(keys.api_key(key_hash), mapping={"account": account, "id": key_id})
-                pipe.set(keys.api_key_id(key_id), key_hash)
-                pipe.sadd(keys.account(account).api_keys, key_id)
-            pipe.set(keys.initialized, now)
-            await pipe.execute()
+        async with store.barrier() as conn:
+            ledger_view, unapplied = await store.ledger_view(conn)
+            _, debits = await _snapshot(redis, keys, list(ledger_view))
+            flushed = await store.present(conn, [rid for entries in debits.values() for rid, _ in entries])
+            keys_rows = await conn.fetch(
+                "SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL"
+            )
+            now = int(time.time())
+            async with redis.pipeline(transaction=False) as pipe:
+                for account, (ledger_balance, _) in ledger_view.items():
+                    unflushed = sum(charge for rid, charge in debits.get(account, []) if rid not in flushed)
+                    k = keys.account(account)
+                    # Added, not set: a grant that raced in (after the snapshot) has already credited.
+                    pipe.hincrby(k.balance, "balance", ledger_balance - unflushed)
+                    pipe.hsetnx(k.balance, "held", 0)
+                    pipe.hsetnx(k.balance, "created_at", now)
+                    pipe.sadd(keys.accounts, account)
+                # The balances include the money in still on its way: its grant must not credit again.
+                for idempotency_id, account, amount in unapplied:
+                    pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")
+                for row in keys_rows:
+                    pipe.hset(
+                        keys.api_key(row["key_hash"]), mapping={"account": row["account_id"], "id": row["id"]}
+                    )
+                    pipe.set(keys.api_key_id(row["id"]), row["key_hash"])
+                    pipe.sadd(keys.account(row["account_id"]).api_keys, row["id"])
+                pipe.set(keys.initialized, now)
+                await pipe.execute()
         await store.mark_applied([row[0] for row in unapplied])
         log.warning("rebuilt Redis from the ledger: %d accounts", len(ledger_view))
         return True

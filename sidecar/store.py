@@ -5,8 +5,9 @@ Nothing on the request path calls this module; the admin API, the flusher and th
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -16,6 +17,10 @@ import asyncpg
 log = logging.getLogger("creditgate.store")
 
 _MIGRATIONS_LOCK = 0x6372656469  # advisory lock id ("credi")
+# Every transaction that changes what Redis should hold relative to the ledger (a usage batch, money in
+# marked applied) takes this lock shared; a reconcile or rebuild takes it exclusively while it reads
+# Redis and Postgres, so that no such change lands between the two reads.
+LEDGER_BARRIER = 0x6372656462
 
 
 def migration_files() -> list[tuple[str, str]]:
@@ -77,11 +82,11 @@ _MS = "timestamptz 'epoch' + b.{} * interval '1 millisecond'"
 # One statement, one round trip: the batch arrives as one array per column. Rows whose request id is
 # already present are skipped, and the maintained balances move by exactly what was inserted.
 _INSERT_USAGE = f"""
-WITH inserted AS (
+WITH barrier AS (SELECT pg_advisory_xact_lock_shared({LEDGER_BARRIER})), inserted AS (
     INSERT INTO ledger ({", ".join(_STORED)}, started_at, settled_at)
     SELECT {", ".join(f"b.{c}" for c in _STORED)}, {_MS.format("started_ms")}, {_MS.format("settled_ms")}
     FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, (_, t) in enumerate(_BATCH))})
-        AS b({", ".join(name for name, _ in _BATCH)})
+        AS b({", ".join(name for name, _ in _BATCH)}), barrier
     ON CONFLICT (idempotency_id) DO NOTHING
     RETURNING account_id, amount
 )
@@ -188,10 +193,12 @@ class Store:
         return MoneyIn(idempotency_id, account, amount, applied=existing["applied"], created=False)
 
     async def mark_applied(self, idempotency_ids: Sequence[str]) -> None:
-        await self.pool.execute(
-            "UPDATE ledger SET applied = true WHERE idempotency_id = ANY($1::text[]) AND NOT applied",
-            list(idempotency_ids),
-        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", LEDGER_BARRIER)
+            await conn.execute(
+                "UPDATE ledger SET applied = true WHERE idempotency_id = ANY($1::text[]) AND NOT applied",
+                list(idempotency_ids),
+            )
 
     async def unapplied(self, older_than_seconds: float = 0) -> list[tuple[str, str, int]]:
         """Money-in rows whose Redis credit may not have happened: (idempotency id, account, amount)."""
@@ -223,19 +230,43 @@ class Store:
 
     # ---- reconcile reads ---------------------------------------------------------------------------
 
-    async def balances(self) -> dict[str, tuple[int, int]]:
-        """account -> (ledger balance, money in not yet applied to Redis)."""
-        rows = await self.pool.fetch(
-            "SELECT a.id, a.balance, coalesce(u.pending, 0) AS pending FROM accounts a"
-            " LEFT JOIN (SELECT account_id, sum(amount) AS pending FROM ledger WHERE NOT applied"
-            " GROUP BY account_id) u ON u.account_id = a.id"
-        )
-        return {r["id"]: (int(r["balance"]), int(r["pending"])) for r in rows}
+    @contextlib.asynccontextmanager
+    async def barrier(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """Hold back usage batches and money-in completions while the caller compares Redis with the
+        ledger; yields the connection to read the ledger through."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", LEDGER_BARRIER)
+            try:
+                yield conn
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", LEDGER_BARRIER)
 
-    async def present(self, idempotency_ids: Sequence[str]) -> set[str]:
+    @staticmethod
+    async def ledger_view(
+        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    ) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str, int]]]:
+        """In one snapshot: account -> (ledger balance, money in not yet applied), and the unapplied rows."""
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            rows = await conn.fetch(
+                "SELECT a.id, a.balance, coalesce(u.pending, 0) AS pending FROM accounts a"
+                " LEFT JOIN (SELECT account_id, sum(amount) AS pending FROM ledger WHERE NOT applied"
+                " GROUP BY account_id) u ON u.account_id = a.id"
+            )
+            unapplied = await conn.fetch(
+                "SELECT idempotency_id, account_id, amount FROM ledger WHERE NOT applied ORDER BY created_at"
+            )
+        return (
+            {r["id"]: (int(r["balance"]), int(r["pending"])) for r in rows},
+            [(r["idempotency_id"], r["account_id"], int(r["amount"])) for r in unapplied],
+        )
+
+    @staticmethod
+    async def present(
+        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, idempotency_ids: Sequence[str]
+    ) -> set[str]:
         if not idempotency_ids:
             return set()
-        rows = await self.pool.fetch(
+        rows = await conn.fetch(
             "SELECT idempotency_id FROM ledger WHERE idempotency_id = ANY($1::text[])", list(idempotency_ids)
         )
         return {r["idempotency_id"] for r in rows}
