@@ -39,7 +39,7 @@ log = logging.getLogger("creditgate.proxy")
 # A client that leaves mid-stream without usage is charged the prompt at this many bytes per token
 # (the usual English average) plus one completion token per streamed chunk it was sent.
 DISCONNECT_ESTIMATE_BYTES_PER_TOKEN = 4
-# Pauses after failed settle attempts (seconds): ~6 s of Redis trouble is ridden out.
+# Pauses before retrying a failed settle (seconds): ~6 s of Redis trouble is ridden out.
 SETTLE_RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0, 2.0, 2.0)
 
 
@@ -305,13 +305,13 @@ class Proxy:
             settled_ms=int(time.time() * 1000),
         )
         settlement = None
-        for attempt, pause in enumerate(SETTLE_RETRY_PAUSES):
+        for attempt, pause in enumerate((0.0, *SETTLE_RETRY_PAUSES)):
+            await asyncio.sleep(pause)
             try:
                 settlement = await self.ledger.settle(ex.account, ex.request_id, ex.charge, event)
                 break
             except RedisError as exc:  # idempotent by request id: retrying cannot charge twice
                 log.warning("settle of %s failed (attempt %d): %r", ex.request_id, attempt + 1, exc)
-                await asyncio.sleep(pause)
         if settlement is None:
             log.error(
                 "settle of %s (%d micro-credits) failed for good; its hold is released when its lease ends",
