@@ -306,7 +306,8 @@ class Proxy:
         )
         settlement = None
         for attempt, pause in enumerate((0.0, *SETTLE_RETRY_PAUSES)):
-            await asyncio.sleep(pause)
+            if pause:
+                await asyncio.sleep(pause)
             try:
                 settlement = await self.ledger.settle(ex.account, ex.request_id, ex.charge, event)
                 break
