@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from .keys import KeySpace
 from .ledger import RedisLedger, UnknownAccount
 from .outbox import decode_entry
-from .store import Store
+from .store import LedgerConnection, Store
 
 log = logging.getLogger("creditgate.reconcile")
 
@@ -60,14 +60,15 @@ async def complete_money_in(store: Store, ledger: RedisLedger, older_than_second
 
 
 async def _snapshot(
-    redis: Redis, keys: KeySpace, accounts: list[str]
-) -> tuple[dict[str, int | None], dict[str, list[tuple[str, int]]]]:
-    """Redis balances and unflushed outbox debits, read atomically per partition."""
+    redis: Redis, keys: KeySpace, store: Store, conn: LedgerConnection, accounts: list[str]
+) -> tuple[dict[str, int | None], dict[str, int]]:
+    """Redis balances (read atomically per partition with its outbox) and, per account, the debits
+    still in the outbox that the ledger does not hold yet. Call it inside ``store.barrier()``."""
     by_partition: dict[int, list[str]] = defaultdict(list)
     for account in accounts:
         by_partition[keys.partition_of(account)].append(account)
     balances: dict[str, int | None] = {}
-    debits: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    debits: list[tuple[str, str, int]] = []
     for partition in range(keys.partitions):
         members = by_partition.get(partition, [])
         async with redis.pipeline(transaction=True) as pipe:
@@ -79,23 +80,26 @@ async def _snapshot(
             balances[account] = int(value) if value is not None else None
         for _, fields in outbox:
             entry = decode_entry(fields)
-            debits[entry.account].append((entry.request_id, entry.charge))
-    return balances, debits
+            debits.append((entry.account, entry.request_id, entry.charge))
+    flushed = await store.present(conn, [rid for _, rid, _ in debits])
+    unflushed: dict[str, int] = defaultdict(int)
+    for account, rid, charge in debits:
+        if rid not in flushed:
+            unflushed[account] += charge
+    return balances, unflushed
 
 
 async def reconcile(redis: Redis, keys: KeySpace, store: Store) -> list[Drift]:
     """Accounts whose Redis balance disagrees with the ledger."""
     async with store.barrier() as conn:
         accounts = [r["id"] for r in await conn.fetch("SELECT id FROM accounts")]
-        balances, debits = await _snapshot(redis, keys, accounts)
+        balances, unflushed = await _snapshot(redis, keys, store, conn, accounts)
         ledger_view, _ = await store.ledger_view(conn)
-        flushed = await store.present(conn, [rid for entries in debits.values() for rid, _ in entries])
     found = []
     for account, (ledger_balance, unapplied) in sorted(ledger_view.items()):
         if account not in balances:
             continue  # created after the snapshot's account list: next pass
-        unflushed = sum(charge for rid, charge in debits.get(account, []) if rid not in flushed)
-        drift = Drift(account, balances[account], ledger_balance - unapplied - unflushed)
+        drift = Drift(account, balances[account], ledger_balance - unapplied - unflushed.get(account, 0))
         if drift.redis_balance is None or drift.amount:
             found.append(drift)
     return found
@@ -131,18 +135,16 @@ async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: Store) -> bool:
             return False
         async with store.barrier() as conn:
             ledger_view, unapplied = await store.ledger_view(conn)
-            _, debits = await _snapshot(redis, keys, list(ledger_view))
-            flushed = await store.present(conn, [rid for entries in debits.values() for rid, _ in entries])
+            _, unflushed = await _snapshot(redis, keys, store, conn, list(ledger_view))
             keys_rows = await conn.fetch(
                 "SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL"
             )
             now = int(time.time())
             async with redis.pipeline(transaction=False) as pipe:
                 for account, (ledger_balance, _) in ledger_view.items():
-                    unflushed = sum(charge for rid, charge in debits.get(account, []) if rid not in flushed)
                     k = keys.account(account)
                     # Added, not set: a grant that raced in (after the snapshot) has already credited.
-                    pipe.hincrby(k.balance, "balance", ledger_balance - unflushed)
+                    pipe.hincrby(k.balance, "balance", ledger_balance - unflushed.get(account, 0))
                     pipe.hsetnx(k.balance, "held", 0)
                     pipe.hsetnx(k.balance, "created_at", now)
                     pipe.sadd(keys.accounts, account)

@@ -16,6 +16,8 @@ import asyncpg
 
 log = logging.getLogger("creditgate.store")
 
+LedgerConnection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
 _MIGRATIONS_LOCK = 0x6372656469  # advisory lock id ("credi")
 # Every transaction that changes what Redis should hold relative to the ledger (a usage batch, money in
 # marked applied) takes this lock shared; a reconcile or rebuild takes it exclusively while it reads
@@ -30,7 +32,7 @@ def migration_files() -> list[tuple[str, str]]:
     return [(name.removesuffix(".sql"), folder.joinpath(name).read_text()) for name in found]
 
 
-async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> list[str]:
+async def migrate(conn: LedgerConnection) -> list[str]:
     """Apply the migrations not applied yet, each in its own transaction; returns the versions applied.
     Safe to run twice and from several processes at once (an advisory lock serialises them)."""
     applied_now: list[str] = []
@@ -243,7 +245,7 @@ class Store:
 
     @staticmethod
     async def ledger_view(
-        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+        conn: LedgerConnection,
     ) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str, int]]]:
         """In one snapshot: account -> (ledger balance, money in not yet applied), and the unapplied rows."""
         async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -261,9 +263,7 @@ class Store:
         )
 
     @staticmethod
-    async def present(
-        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, idempotency_ids: Sequence[str]
-    ) -> set[str]:
+    async def present(conn: LedgerConnection, idempotency_ids: Sequence[str]) -> set[str]:
         if not idempotency_ids:
             return set()
         rows = await conn.fetch(

@@ -80,6 +80,12 @@ def database_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         embedded.stop()
 
 
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any CREDITGATE_* variable, plus `settings` (for subprocesses)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CREDITGATE_")}
+    return {**env, **settings}
+
+
 def with_schema(dsn: str, schema: str) -> str:
     return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
 

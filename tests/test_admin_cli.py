@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
@@ -28,7 +27,7 @@ from sidecar.config import load_settings
 from sidecar.errors import ConfigError
 from sidecar.keys import as_text
 
-from .conftest import ADMIN_TOKEN, Sidecar, SidecarFactory
+from .conftest import ADMIN_TOKEN, Sidecar, SidecarFactory, clean_env
 
 # ---- the admin API ------------------------------------------------------------------------------------
 
@@ -259,12 +258,6 @@ async def test_balance_shows_active_holds(sidecar: Sidecar) -> None:
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------
-
-
-def clean_env(**settings: str) -> dict[str, str]:
-    """This process's environment without any CREDITGATE_* variable, plus `settings`."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CREDITGATE_")}
-    return {**env, **settings}
 
 
 @dataclass

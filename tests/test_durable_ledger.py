@@ -4,7 +4,6 @@ rebuild. Real Redis, real Postgres, real processes for the crash tests."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from sidecar.outbox import UsageEvent, ledger_row
 from sidecar.reconcile import complete_money_in, rebuild_if_empty, reconcile, repair
 from sidecar.store import migration_files
 
-from .conftest import Sidecar, SidecarFactory, Upstream, make_settings
+from .conftest import Sidecar, SidecarFactory, Upstream, clean_env, make_settings
 
 LEASE = 4_000_000_000_000
 
@@ -138,16 +137,16 @@ async def test_a_replayed_batch_changes_nothing(svc: Services) -> None:
 
 
 def _cli(settings: Settings, *args: str, fault: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITGATE_")} | {
-        "CREDITGATE_REDIS_URL": settings.redis_url or "",
-        "CREDITGATE_DATABASE_URL": settings.database_url or "",
-        "CREDITGATE_KEY_PREFIX": settings.key_prefix,
-        "CREDITGATE_PARTITIONS": str(settings.partitions),
-        "CREDITGATE_FLUSH_BATCH_SIZE": "40",
-        "CREDITGATE_FLUSH_CONCURRENCY": "1",
-        "CREDITGATE_FLUSH_CLAIM_IDLE_SECONDS": "0",
-        "CG_TEST_FAULT": fault,
-    }
+    env = clean_env(
+        CREDITGATE_REDIS_URL=settings.redis_url or "",
+        CREDITGATE_DATABASE_URL=settings.database_url or "",
+        CREDITGATE_KEY_PREFIX=settings.key_prefix,
+        CREDITGATE_PARTITIONS=str(settings.partitions),
+        CREDITGATE_FLUSH_BATCH_SIZE="40",
+        CREDITGATE_FLUSH_CONCURRENCY="1",
+        CREDITGATE_FLUSH_CLAIM_IDLE_SECONDS="0",
+        CG_TEST_FAULT=fault,
+    )
     return subprocess.run(
         [sys.executable, "-m", "sidecar", *args],
         env=env,
