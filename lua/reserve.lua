@@ -3,9 +3,17 @@
 -- KEYS[3] the partition's hold-expiry zset        KEYS[4] the request's settled marker
 -- ARGV[1] request id   ARGV[2] amount (micro-credits, integer string)
 -- ARGV[3] lease end (ms since epoch)   ARGV[4] expiry member ("<account> <request id>")
+-- Optional KEYS[5] a response-cache entry (same hash tag): looked up first, in the same round trip.
 -- Returns {status, balance, held}: 1 held (also when this request id already holds),
--- 0 insufficient, -1 no such account, -2 this request id was already settled.
+-- 0 insufficient, -1 no such account, -2 this request id was already settled;
+-- or {2, entry, ttl ms} when the cache entry exists: nothing is held (a hit is free).
 -- All arithmetic is on integers below 2^53, exact in Lua's numbers; sums are done by HINCRBY.
+if KEYS[5] then
+  local entry = redis.call('GET', KEYS[5])
+  if entry then
+    return {2, entry, redis.call('PTTL', KEYS[5])}
+  end
+end
 local balance = redis.call('HGET', KEYS[1], 'balance')
 if not balance then
   return {-1, 0, 0}

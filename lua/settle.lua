@@ -6,6 +6,7 @@
 -- ARGV[3] settled-marker lifetime (ms)   ARGV[4] expiry member ("<account> <request id>")
 -- ARGV[5] "1" to record a zero charge too   ARGV[6] the outbox entry (JSON: request id, account,
 -- charge and what the ledger row records)
+-- Optional KEYS[6] a response-cache entry to store (same hash tag)   ARGV[7] its value   ARGV[8] its TTL (ms)
 -- Returns {status, balance, released, charged}: 1 settled now, 0 settled before (the first charge is
 -- returned and nothing moves), -1 no such account.
 -- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
@@ -32,4 +33,7 @@ if ARGV[2] ~= '0' or ARGV[5] == '1' then
   redis.call('XADD', KEYS[5], '*', 'd', ARGV[6])
 end
 redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
+if KEYS[6] then
+  redis.call('SET', KEYS[6], ARGV[7], 'PX', ARGV[8])
+end
 return {1, tonumber(balance), released, tonumber(ARGV[2])}

@@ -15,6 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from .accounts import AccountStore
 from .admin import ADMIN_OPS, AdminOps, admin_app
+from .cache import ResponseCache
 from .config import Settings
 from .errors import error_middleware
 from .flusher import Flusher
@@ -141,7 +142,8 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
         async with services(settings) as svc:
             session = create_session(settings)
             upstreams = upstreams_from(settings, demo_upstream_url)
-            proxy = Proxy(settings, prices, svc.ledger, svc.accounts, upstreams, session)
+            cache = ResponseCache(settings, svc.redis, svc.keys) if settings.cache_enabled else None
+            proxy = Proxy(settings, prices, svc.ledger, svc.accounts, upstreams, session, cache)
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
             flusher = svc.flusher()
             app[FLUSHER] = flusher

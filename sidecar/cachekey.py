@@ -1,6 +1,5 @@
-"""Which requests the response cache may answer, and the key it files them under. Pure: no I/O.
-
-(The first piece of the response cache, issue 4; lookup, storage and single flight come next.)
+"""Which requests the response cache may answer, the key it files them under, and the cache headers an
+answer carries. Pure: no I/O, time passed in.
 
 A request is cacheable when its answer is deterministic: embeddings always; chat, completions and
 responses only at ``temperature`` 0 with one choice. The key is the SHA-256 of canonical JSON (keys
@@ -14,26 +13,28 @@ in them share an entry.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 IGNORED_FIELDS = frozenset({"user", "metadata", "stream_options", "store", "service_tier", "model", "stream"})
 _encode = msgspec.json.Encoder(order="sorted").encode
+CACHE_NAME = "creditgate"  # the cache's name in Cache-Status (RFC 9211)
 
 
-def cacheable(route_kind: str, body: dict[str, Any]) -> bool:
+def cacheable(route_kind: str, temperature: float | None, n: int | None) -> bool:
     """Whether the answer to this request is deterministic enough to be served from cache."""
     if route_kind == "embeddings":
         return True
-    n = body.get("n", 1)
-    temperature = body.get("temperature")
-    return (
-        isinstance(temperature, int | float)
-        and not isinstance(temperature, bool)
-        and temperature == 0
-        and n in (1, None)
-    )
+    return temperature == 0 and n in (1, None)
+
+
+def account_scope(account: str) -> str:
+    return f"account:{account}"
+
+
+SHARED_SCOPE = "shared"  # distinct from every account scope, whatever the account is called
 
 
 def _canonical(value: Any) -> Any:
@@ -48,7 +49,7 @@ def _canonical(value: Any) -> Any:
 
 
 def cache_key(route_kind: str, model: str, body: dict[str, Any], scope: str) -> str:
-    """The entry's key: hex SHA-256 of the canonical request, scoped."""
+    """The entry's digest: hex SHA-256 of the canonical request, scoped."""
     material = {
         "route": route_kind,
         "model": model,
@@ -57,3 +58,38 @@ def cache_key(route_kind: str, model: str, body: dict[str, Any], scope: str) -> 
         "body": _canonical({k: v for k, v in body.items() if k not in IGNORED_FIELDS}),
     }
     return hashlib.sha256(_encode(material)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Directives:
+    """What the client's ``Cache-Control`` allows: look an answer up, and store the one it gets."""
+
+    lookup: bool
+    store: bool
+
+
+def client_directives(cache_control: str | None) -> Directives:
+    """``no-store``: neither look up nor store; ``no-cache``: skip the lookup, store the fresh answer."""
+    tokens = {part.strip().split("=", 1)[0].lower() for part in (cache_control or "").split(",")}
+    if "no-store" in tokens:
+        return Directives(lookup=False, store=False)
+    return Directives(lookup="no-cache" not in tokens, store=True)
+
+
+def hit_headers(stored_ms: int, expires_ms: int, now_ms: int, *, collapsed: bool) -> dict[str, str]:
+    """Headers of an answer served from cache. A collapsed one waited for an identical request's call."""
+    status = f"{CACHE_NAME}; hit; ttl={max(0, (expires_ms - now_ms) // 1000)}"
+    return {
+        "X-Cache": "HIT",
+        "Age": str(max(0, (now_ms - stored_ms) // 1000)),
+        "Cache-Status": status + ("; collapsed" if collapsed else ""),
+    }
+
+
+def miss_headers(forward: str, *, stored: bool) -> dict[str, str]:
+    """Headers of an answer from upstream; `forward` is RFC 9211's fwd reason: ``miss`` (looked up, not
+    found), ``request`` (the client's no-cache skipped the lookup) or ``bypass`` (not cacheable)."""
+    return {
+        "X-Cache": "MISS",
+        "Cache-Status": f"{CACHE_NAME}; fwd={forward}" + ("; stored" if stored else ""),
+    }

@@ -22,6 +22,7 @@ ENV_PREFIX = "CREDITGATE_"
 T = TypeVar("T")
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+RouteKind = Literal["chat", "completions", "embeddings", "responses"]
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -111,6 +112,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     upstream_read_timeout_seconds: PositiveSeconds = 300.0
     upstream_max_connections: PositiveInt = 1000
     max_body_bytes: PositiveInt = 32 * 1024 * 1024
+    # Response cache: deterministic requests answered from Redis, free.
+    cache_enabled: bool = True
+    cache_ttl_seconds: PositiveInt = 3600
+    cache_max_entry_bytes: PositiveInt = 1024 * 1024
+    cache_routes: list[RouteKind] = msgspec.field(
+        default_factory=lambda: ["chat", "completions", "embeddings", "responses"]
+    )
+    cache_scope: Literal["account", "shared"] = "account"
+    cache_wait_seconds: PositiveSeconds = 30.0
 
     def upstream_table(self) -> dict[str, UpstreamConfig]:
         """The configured upstreams; ``upstream_url`` / ``upstream_api_key`` define the one named default."""
@@ -128,6 +138,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _STRUCTURED = {"models", "upstreams"}
+_LISTS = {"cache_routes"}  # from the environment: comma-separated, or JSON
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -139,11 +150,13 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         field = name[len(ENV_PREFIX) :].lower()
         if field not in known:
             raise ConfigError(f"Unknown setting {name}.", param=name)
-        if field in _STRUCTURED:
+        if field in _STRUCTURED or (field in _LISTS and value.lstrip().startswith("[")):
             try:
                 raw[field] = msgspec.json.decode(value)
             except msgspec.DecodeError as exc:
                 raise ConfigError(f"{name} must be JSON: {exc}", param=name) from None
+        elif field in _LISTS:
+            raw[field] = [item.strip() for item in value.split(",") if item.strip()]
         else:
             raw[field] = value
     return raw

@@ -34,6 +34,11 @@ class AccountKeys:
     def expiry_member(self, request_id: str) -> str:
         return f"{self.account} {request_id}"
 
+    def cache(self, digest: str) -> str:
+        """A response-cache entry scoped to this account (its digest covers the account), in the
+        account's slot so the money scripts can look it up and store it in the same round trip."""
+        return f"{self.tag}:cache:{digest}"
+
 
 class KeySpace:
     def __init__(self, prefix: str, partitions: int) -> None:
@@ -81,6 +86,10 @@ class KeySpace:
             if len(self._cache) < 100_000:
                 self._cache[account] = keys
         return keys
+
+    def shared_cache(self, digest: str) -> str:
+        """A response-cache entry shared by every account (``cache_scope: shared``)."""
+        return f"{self.prefix}cache:{digest}"
 
     @property
     def accounts(self) -> str:

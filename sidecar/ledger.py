@@ -27,6 +27,7 @@ class ReserveStatus(enum.IntEnum):
     INSUFFICIENT = 0
     NO_ACCOUNT = -1
     ALREADY_SETTLED = -2
+    CACHED = 2  # the response-cache entry looked up with the hold exists; nothing was held
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,7 @@ class Reservation:
     status: ReserveStatus
     balance: int
     held: int  # the account's total active holds after this call
+    cached: bytes | None = None  # the cache entry, when status is CACHED
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +88,21 @@ class RedisLedger:
         for script in (self._reserve, self._settle, self._credit, self._expire):
             script.sha = await self.redis.script_load(script.script)
 
-    async def reserve(self, account: str, request_id: str, amount: int, lease_end_ms: int) -> Reservation:
+    async def reserve(
+        self, account: str, request_id: str, amount: int, lease_end_ms: int, *, cache_key: str | None = None
+    ) -> Reservation:
+        """Hold `amount` for the request. With `cache_key` (an entry in the account's slot), that entry is
+        looked up first in the same script: when it exists it is returned and nothing is held."""
         k = self.keys.account(account)
-        status, balance, held = await self._reserve(
-            keys=[k.balance, k.holds, k.hold_expiry, k.settled(request_id)],
-            args=[request_id, amount, lease_end_ms, k.expiry_member(request_id)],
+        keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id)]
+        if cache_key is not None:
+            keys.append(cache_key)
+        reply = await self._reserve(
+            keys=keys, args=[request_id, amount, lease_end_ms, k.expiry_member(request_id)]
         )
+        if reply[0] == ReserveStatus.CACHED:
+            return Reservation(ReserveStatus.CACHED, 0, 0, cached=reply[1])
+        status, balance, held = reply
         return Reservation(ReserveStatus(status), int(balance), int(held))
 
     async def renew(self, account: str, request_id: str, lease_end_ms: int) -> None:
@@ -107,26 +118,30 @@ class RedisLedger:
         event: UsageEvent | None = None,
         *,
         record: bool = False,
+        cache_entry: tuple[str, bytes, int] | None = None,
     ) -> Settlement:
         """Release the request's hold and debit `charge` (0 to just release), exactly once. A debit (or,
-        with `record`, a zero charge) is appended with its `event` to the outbox in the same step."""
+        with `record`, a zero charge) is appended with its `event` to the outbox in the same step.
+        `cache_entry` (key in the account's slot, value, TTL in ms) is stored in that step too."""
         if charge < 0:
             raise ValueError("charge must be >= 0")
         k = self.keys.account(account)
         entry = msgspec.structs.replace(
             event or UsageEvent(), request_id=request_id, account=account, charge=charge
         )
-        status, balance, released, charged = await self._settle(
-            keys=[k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox],
-            args=[
-                request_id,
-                charge,
-                self.settled_marker_ms,
-                k.expiry_member(request_id),
-                "1" if record else "0",
-                encode_event(entry),
-            ],
-        )
+        keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox]
+        args: list[str | int | bytes] = [
+            request_id,
+            charge,
+            self.settled_marker_ms,
+            k.expiry_member(request_id),
+            "1" if record else "0",
+            encode_event(entry),
+        ]
+        if cache_entry is not None:
+            keys.append(cache_entry[0])
+            args += [cache_entry[1], cache_entry[2]]
+        status, balance, released, charged = await self._settle(keys=keys, args=args)
         if status == -1:
             raise UnknownAccount(account)
         return Settlement(status == 1, int(balance), int(released), int(charged))

@@ -8,6 +8,7 @@ goes away can never leave a request unsettled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -15,9 +16,12 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from redis.exceptions import RedisError
 
 from .accounts import AccountStore
+from .cache import BYPASS, CachedResponse, CachePlan, ResponseCache
+from .cachekey import hit_headers, miss_headers
 from .config import Settings
 from .errors import (
     REQUEST_ID,
@@ -27,7 +31,7 @@ from .errors import (
     Unauthorized,
     UpstreamUnavailable,
 )
-from .ledger import RedisLedger, ReserveStatus
+from .ledger import RedisLedger, Reservation, ReserveStatus
 from .outbox import UsageEvent
 from .pricing import Multiplier, Price, PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
 from .upstream import Upstream, request_headers, response_headers
@@ -61,10 +65,14 @@ class Exchange:
     byok: bool
     strip_usage_chunk: bool
     started_ms: int
+    cache: CachePlan | None  # None: the cache is off
     usage: Usage | None = None
     charge: int = 0
     outcome: str = "pending"
     relayed_events: int = 0
+    cache_result: str = "off"  # hit, collapsed, miss, bypass or off
+    flight: asyncio.Future[CachedResponse | None] | None = None  # the single flight this request leads
+    stored: tuple[CachedResponse, bytes] | None = None  # the answer to store in the cache, encoded
 
 
 class Proxy:
@@ -76,8 +84,10 @@ class Proxy:
         accounts: AccountStore,
         upstreams: dict[str, Upstream],
         session: aiohttp.ClientSession,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.settings = settings
+        self.cache = cache
         self.prices = prices
         self.ledger = ledger
         self.accounts = accounts
@@ -115,25 +125,109 @@ class Proxy:
         request[REQUEST_ID] = request_id
         account = await self.authenticate(request)
         body = await request.read()
-        exchange = self._plan(request, request_id, account, body)
+        ex = self._plan(request, request_id, account, body)
+        try:
+            cached = await self._cached_or_held(ex)
+        except BaseException:
+            self._land(ex, None)
+            raise
+        if cached is not None:
+            self._land(ex, cached)
+            return await self._serve_hit(request, ex, cached)
+        task = asyncio.create_task(self._run(request, ex), name=f"exchange-{request_id}")
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+        return await asyncio.shield(task)
+
+    async def _cached_or_held(self, ex: Exchange) -> CachedResponse | None:
+        """The cached answer to serve, or None once the worst case is held for an upstream call.
+        Identical cacheable requests in flight here wait for the first one's answer (single flight)."""
+        plan, cache = ex.cache, self.cache
+        if plan is None or cache is None or not plan.lookup:
+            await self._hold(ex, None)
+            return None
+        leader, flight = cache.lead_or_join(plan.digest)
+        if leader:
+            ex.flight = flight
+        else:
+            answer = await cache.wait(flight)
+            if answer is not None:
+                ex.cache_result = "collapsed"
+                return answer
+            # The first request got no storable answer (or took too long): go upstream ourselves.
+        if not plan.colocated:
+            answer = await cache.get(plan.key)
+            if answer is not None:
+                ex.cache_result = "hit"
+                return answer
+        reservation = await self._hold(ex, plan.key if plan.colocated else None)
+        if reservation.status is ReserveStatus.CACHED:
+            answer = cache.decode(reservation.cached)
+            if answer is not None:
+                ex.cache_result = "hit"
+                return answer
+            await self._hold(ex, None)  # an entry this version cannot read: answer from upstream
+        return None
+
+    async def _hold(self, ex: Exchange, cache_key: str | None) -> Reservation:
+        """Reserve the worst case (looking up `cache_key` in the same step); raises when it cannot."""
         reservation = await self.ledger.reserve(
-            account,
-            request_id,
-            exchange.hold,
+            ex.account,
+            ex.request_id,
+            ex.hold,
             int(time.time() * 1000) + self.settings.hold_lease_seconds * 1000,
+            cache_key=cache_key,
         )
         if reservation.status is ReserveStatus.INSUFFICIENT:
             raise InsufficientCredits(
-                reservation.balance - reservation.held, exchange.hold, self.settings.top_up_url
+                reservation.balance - reservation.held, ex.hold, self.settings.top_up_url
             )
         if reservation.status is ReserveStatus.NO_ACCOUNT:
             raise Unauthorized("The account behind this key no longer exists.")
         if reservation.status is ReserveStatus.ALREADY_SETTLED:
             raise Conflict("This request id was already settled.")
-        task = asyncio.create_task(self._run(request, exchange), name=f"exchange-{request_id}")
-        self.in_flight.add(task)
-        task.add_done_callback(self.in_flight.discard)
-        return await asyncio.shield(task)
+        return reservation
+
+    def _land(self, ex: Exchange, answer: CachedResponse | None) -> None:
+        """End the single flight this request leads, handing its waiters `answer` (None: go upstream)."""
+        if ex.flight is not None and ex.cache is not None and self.cache is not None:
+            self.cache.land(ex.cache.digest, ex.flight, answer)
+            ex.flight = None
+
+    async def _serve_hit(
+        self, request: web.Request, ex: Exchange, entry: CachedResponse
+    ) -> web.StreamResponse:
+        """Answer from cache: no hold, no charge; recorded as a zero-charge usage entry with what it saved."""
+        assert self.cache is not None
+        collapsed = ex.cache_result == "collapsed"
+        ex.usage = entry.usage
+        saved = cost(ex.price, entry.usage, ex.multiplier)
+        event = self._event(ex, "cache_collapsed" if collapsed else "cache_hit", hold=0, saved=saved)
+        settlement = await self.ledger.settle(ex.account, ex.request_id, 0, event, record=True)
+        ex.outcome = "settled"
+        stats = self.cache.stats
+        stats.saved += saved
+        if collapsed:
+            stats.collapsed += 1
+        else:
+            stats.hits += 1
+        now = int(time.time() * 1000)
+        headers = CIMultiDict(entry.headers)
+        headers.update(hit_headers(entry.stored_ms, entry.expires_ms, now, collapsed=collapsed))
+        headers["x-request-id"] = ex.request_id
+        headers["x-creditgate-charged"] = "0"
+        headers["x-creditgate-balance"] = str(settlement.balance)
+        if not entry.stream:
+            return web.Response(status=200, body=entry.body, headers=headers)
+        # Replay the upstream's events in their framing, minus the usage chunk unless this client asked.
+        reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk)
+        events = b"".join(reader.feed(entry.body)) + reader.flush()
+        response = web.StreamResponse(status=200, headers=headers)
+        with contextlib.suppress(ConnectionError):
+            await response.prepare(request)
+            await response.write(events)
+            await response.write_eof()
+        return response
 
     def _plan(self, request: web.Request, request_id: str, account: str, body: bytes) -> Exchange:
         route = ROUTES[request.path]
@@ -162,6 +256,11 @@ class Proxy:
             and route.kind in ("chat", "completions")
             and not (parsed.stream_options and parsed.stream_options.include_usage)
         )
+        plan = None
+        if self.cache is not None:
+            plan = self.cache.plan(
+                route.kind, parsed, price.model, body, account, request.headers.get("Cache-Control")
+            )
         return Exchange(
             request_id=request_id,
             account=account,
@@ -177,6 +276,8 @@ class Proxy:
             byok=bool(byok_key),
             strip_usage_chunk=strip,
             started_ms=int(time.time() * 1000),
+            cache=plan,
+            cache_result="off" if plan is None else ("bypass" if plan is BYPASS else "miss"),
         )
 
     async def _run(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
@@ -198,6 +299,7 @@ class Proxy:
                 return await self._relay_body(ex, upstream)
         finally:
             await self._settle(ex)
+            self._land(ex, ex.stored[0] if ex.stored else None)
 
     async def _relay_body(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.Response:
         try:
@@ -210,9 +312,13 @@ class Proxy:
         if upstream.status == 200:
             ex.usage = usage_from_body(body)
             ex.outcome = "ok" if ex.usage else "no_usage"
+            if ex.usage is not None:
+                self._keep_for_cache(ex, body, upstream, stream=False)
         else:
             ex.outcome = f"upstream_{upstream.status}"
         settlement = await self._settle(ex)
+        if ex.cache is not None:
+            headers.update(miss_headers(ex.cache.forward, stored=ex.stored is not None))
         headers["x-creditgate-charged"] = str(ex.charge)
         if settlement is not None:
             headers["x-creditgate-balance"] = str(settlement)
@@ -224,8 +330,13 @@ class Proxy:
         headers = response_headers(upstream.headers)
         headers["x-request-id"] = ex.request_id
         headers["x-creditgate-held"] = str(ex.hold)
+        if ex.cache is not None:
+            headers.update(miss_headers(ex.cache.forward, stored=False))
         response = web.StreamResponse(status=200, headers=headers)
         reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk)
+        # What the upstream sent, kept for the cache while it fits (None once it does not).
+        captured: list[bytes] | None = [] if ex.cache is not None and ex.cache.store else None
+        captured_size = 0
         client_gone = False
         try:
             await response.prepare(request)
@@ -247,6 +358,11 @@ class Proxy:
                         chunk = await upstream.content.readany()
                 if not chunk:
                     break
+                if captured is not None:
+                    captured_size += len(chunk)
+                    captured = captured if captured_size <= self.settings.cache_max_entry_bytes else None
+                    if captured is not None:
+                        captured.append(chunk)
                 events = reader.feed(chunk)
                 if events and not client_gone:
                     try:
@@ -266,8 +382,11 @@ class Proxy:
                 if rest:
                     await response.write(rest)
                 await response.write_eof()
+                if captured is not None and reader.usage is not None:
+                    self._keep_for_cache(ex, b"".join(captured), upstream, stream=True, usage=reader.usage)
         except (aiohttp.ClientError, TimeoutError, ConnectionError):
             ex.outcome = "stream_cut"
+            ex.stored = None
             if not client_gone and request.transport is not None:
                 # Cut the client's stream too (no terminating chunk), so it cannot mistake a partial
                 # answer for a whole one.
@@ -283,14 +402,32 @@ class Proxy:
             )
         return response
 
-    async def _settle(self, ex: Exchange) -> int | None:
-        """Settle once (later calls are no-ops); returns the balance after, when known."""
-        if ex.outcome == "settled":
-            return None
-        ex.charge = cost(ex.price, ex.usage, ex.multiplier) if ex.usage is not None else 0
-        outcome, ex.outcome = ex.outcome, "settled"
+    def _keep_for_cache(
+        self,
+        ex: Exchange,
+        body: bytes,
+        upstream: aiohttp.ClientResponse,
+        *,
+        stream: bool,
+        usage: Usage | None = None,
+    ) -> None:
+        """Keep a complete 200 answer with usage for the cache, when this request may store one."""
+        if ex.cache is None or self.cache is None or not ex.cache.store:
+            return
+        if stream and ex.route.kind != "responses" and not body.rstrip().endswith(b"data: [DONE]"):
+            return  # a stream that ended early is never stored
+        ex.stored = self.cache.entry(
+            body,
+            stream=stream,
+            headers=upstream.headers,
+            usage=usage or ex.usage or Usage(),
+            now_ms=int(time.time() * 1000),
+        )
+
+    def _event(self, ex: Exchange, outcome: str, *, hold: int, saved: int | None = None) -> UsageEvent:
+        """The outbox entry (the future ledger row) of this request."""
         usage = ex.usage or Usage()
-        event = UsageEvent(
+        return UsageEvent(
             route=ex.route.kind,
             model=ex.price.model,
             provider=ex.upstream.name,
@@ -299,17 +436,31 @@ class Proxy:
             prompt_tokens=usage.prompt_tokens,
             cached_tokens=usage.cached_tokens,
             completion_tokens=usage.completion_tokens,
-            hold=ex.hold,
+            hold=hold,
+            saved=saved,
             outcome=outcome,
             started_ms=ex.started_ms,
             settled_ms=int(time.time() * 1000),
         )
+
+    async def _settle(self, ex: Exchange) -> int | None:
+        """Settle once (later calls are no-ops); returns the balance after, when known."""
+        if ex.outcome == "settled":
+            return None
+        ex.charge = cost(ex.price, ex.usage, ex.multiplier) if ex.usage is not None else 0
+        outcome, ex.outcome = ex.outcome, "settled"
+        event = self._event(ex, outcome, hold=ex.hold)
+        store = None
+        if ex.stored is not None and ex.cache is not None and ex.cache.colocated:
+            store = (ex.cache.key, ex.stored[1], self.settings.cache_ttl_seconds * 1000)
         settlement = None
         for attempt, pause in enumerate((0.0, *SETTLE_RETRY_PAUSES)):
             if pause:
                 await asyncio.sleep(pause)
             try:
-                settlement = await self.ledger.settle(ex.account, ex.request_id, ex.charge, event)
+                settlement = await self.ledger.settle(
+                    ex.account, ex.request_id, ex.charge, event, cache_entry=store
+                )
                 break
             except RedisError as exc:  # idempotent by request id: retrying cannot charge twice
                 log.warning("settle of %s failed (attempt %d): %r", ex.request_id, attempt + 1, exc)
@@ -319,7 +470,17 @@ class Proxy:
                 ex.request_id,
                 ex.charge,
             )
+            ex.stored = None
             return None
+        if ex.stored is not None and ex.cache is not None and self.cache is not None:
+            if not ex.cache.colocated:
+                try:
+                    await self.cache.put(ex.cache.key, ex.stored[1])
+                except RedisError as exc:  # the answer is served all the same; only the entry is lost
+                    log.warning("storing the cache entry of %s failed: %r", ex.request_id, exc)
+                    ex.stored = None
+            if ex.stored is not None:
+                self.cache.stats.stored += 1
         if settlement.first and ex.charge > ex.hold:  # the overdraft is recorded in the ledger row too
             log.warning(
                 "request %s on %s cost %d, above its hold of %d",

@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 
-from sidecar.cachekey import cache_key, cacheable
+from sidecar.cachekey import (
+    SHARED_SCOPE,
+    account_scope,
+    cache_key,
+    cacheable,
+    client_directives,
+    hit_headers,
+    miss_headers,
+)
 
 CHAT: dict[str, Any] = {
     "model": "gpt-4o-mini",
@@ -16,23 +24,23 @@ CHAT: dict[str, Any] = {
 
 
 @pytest.mark.parametrize(
-    ("kind", "body", "expected"),
+    ("kind", "temperature", "n", "expected"),
     [
-        ("embeddings", {"input": "x"}, True),
-        ("chat", CHAT, True),
-        ("chat", {**CHAT, "temperature": 0.0}, True),
-        ("chat", {**CHAT, "temperature": 0.7}, False),
-        ("chat", {k: v for k, v in CHAT.items() if k != "temperature"}, False),  # default is 1
-        ("chat", {**CHAT, "temperature": False}, False),
-        ("chat", {**CHAT, "temperature": "0"}, False),
-        ("chat", {**CHAT, "n": 2}, False),
-        ("chat", {**CHAT, "n": 1}, True),
-        ("completions", {"prompt": "x", "temperature": 0}, True),
-        ("responses", {"input": "x", "temperature": 0}, True),
+        ("embeddings", None, None, True),
+        ("embeddings", 0.7, None, True),
+        ("chat", 0, None, True),
+        ("chat", 0.0, None, True),
+        ("chat", 0.7, None, False),
+        ("chat", None, None, False),  # the default temperature is 1
+        ("chat", 0, 2, False),
+        ("chat", 0, 1, True),
+        ("completions", 0, None, True),
+        ("responses", 0, None, True),
+        ("responses", 1e-9, None, False),
     ],
 )
-def test_cacheable(kind: str, body: dict[str, Any], expected: bool) -> None:
-    assert cacheable(kind, body) is expected
+def test_cacheable(kind: str, temperature: float | None, n: int | None, expected: bool) -> None:
+    assert cacheable(kind, temperature, n) is expected
 
 
 def test_fields_that_cannot_change_the_answer_share_a_key() -> None:
@@ -70,3 +78,55 @@ def test_key_is_a_sha256_hex_digest() -> None:
     key = cache_key("embeddings", "text-embedding-3-small", {"input": "x"}, "acct_1")
     assert len(key) == 64
     assert int(key, 16) >= 0
+
+
+def test_an_account_named_shared_does_not_read_the_shared_scope() -> None:
+    assert cache_key("chat", "gpt-4o-mini", CHAT, account_scope("shared")) != cache_key(
+        "chat", "gpt-4o-mini", CHAT, SHARED_SCOPE
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "lookup", "store"),
+    [
+        (None, True, True),
+        ("", True, True),
+        ("max-age=60", True, True),
+        ("no-cache", False, True),
+        ("No-Cache", False, True),
+        ("no-store", False, False),
+        ("no-cache, no-store", False, False),
+        ("private, no-store", False, False),
+        ('no-cache="set-cookie"', False, True),
+    ],
+)
+def test_client_cache_control(header: str | None, lookup: bool, store: bool) -> None:
+    directives = client_directives(header)
+    assert (directives.lookup, directives.store) == (lookup, store)
+
+
+def test_hit_headers_follow_rfc_9211() -> None:
+    stored, expires, now = 1_000_000, 1_000_000 + 3_600_000, 1_000_000 + 61_500
+    assert hit_headers(stored, expires, now, collapsed=False) == {
+        "X-Cache": "HIT",
+        "Age": "61",
+        "Cache-Status": "creditgate; hit; ttl=3538",
+    }
+    assert hit_headers(stored, expires, stored, collapsed=True)["Cache-Status"] == (
+        "creditgate; hit; ttl=3600; collapsed"
+    )
+    # A clock that steps back never yields a negative age.
+    assert hit_headers(stored, expires, stored - 5_000, collapsed=False)["Age"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("forward", "stored", "status"),
+    [
+        ("miss", True, "creditgate; fwd=miss; stored"),
+        ("miss", False, "creditgate; fwd=miss"),
+        ("request", True, "creditgate; fwd=request; stored"),
+        ("bypass", False, "creditgate; fwd=bypass"),
+    ],
+)
+def test_miss_headers(forward: str, stored: bool, status: str) -> None:
+    assert miss_headers(forward, stored=stored) == {"X-Cache": "MISS", "Cache-Status": status}

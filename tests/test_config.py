@@ -98,3 +98,16 @@ def test_every_setting_is_documented_with_its_default() -> None:
     for name in Settings.__struct_fields__:
         assert name in rows, f"README has no row for setting {name}"
         assert rows[name].count("|") >= 4, f"README row for {name} lacks a default"
+
+
+@pytest.mark.parametrize("value", ["chat, embeddings", '["chat", "embeddings"]'])
+def test_cache_routes_from_the_environment(value: str) -> None:
+    settings = load_settings(environ={"CREDITGATE_CACHE_ROUTES": value})
+    assert settings.cache_routes == ["chat", "embeddings"]
+
+
+def test_an_unknown_cache_route_is_named() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"CREDITGATE_CACHE_ROUTES": "chat,images"})
+    assert raised.value.param == "cache_routes.1"  # the offending entry
+    assert "'images'" in raised.value.message

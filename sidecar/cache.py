@@ -1,0 +1,195 @@
+"""The response cache: what a request may do with it, its entries in Redis, and single flight.
+
+Entries are msgpack records (body bytes, a few provider headers, the usage that produced them, when they
+were stored) kept in Redis with a TTL. With the default account scope an entry lives in the account's
+hash slot, so ``reserve.lua`` looks it up in the same round trip that takes the hold and ``settle.lua``
+stores it in the same round trip that settles: a miss costs no extra round trip. A shared-scope entry
+lives outside any account's slot and takes one command of its own each way.
+
+Single flight: the first of several concurrent identical cacheable requests in this process leads (goes
+upstream); the others wait for its answer (up to ``cache_wait_seconds``) and are served it as a hit. If
+the leader gets no storable answer, the waiters go upstream themselves, and are charged only for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import msgspec
+from multidict import CIMultiDictProxy
+from redis.asyncio import Redis
+
+from .cachekey import SHARED_SCOPE, account_scope, cache_key, cacheable, client_directives
+from .config import Settings
+from .keys import KeySpace
+from .pricing import Usage
+from .wire import MeteredRequest
+
+# Provider headers worth replaying; everything else is per call (ids, dates, rate limits, cookies).
+KEPT_HEADERS = ("content-type", "openai-model", "openai-version")
+
+
+class CachedResponse(msgspec.Struct, array_like=True):
+    body: bytes  # the whole JSON body, or every SSE event as the upstream sent it (usage chunk included)
+    stream: bool
+    headers: list[tuple[str, str]]
+    stored_ms: int
+    expires_ms: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(CachedResponse).decode
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """What one request does with the cache."""
+
+    forward: str  # RFC 9211 fwd reason when answered from upstream: miss, request (no-cache), bypass
+    lookup: bool = False
+    store: bool = False
+    digest: str = ""  # the single-flight key
+    key: str = ""  # the entry's Redis key
+    colocated: bool = True  # the entry is in the account's slot: handled inside the money scripts
+
+
+BYPASS = CachePlan(forward="bypass")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    collapsed: int = 0
+    misses: int = 0
+    bypassed: int = 0
+    stored: int = 0
+    too_large: int = 0
+    saved: int = 0  # micro-credits the hits would have cost
+    waiting: int = 0  # requests waiting now for an identical request's answer
+
+
+class ResponseCache:
+    def __init__(self, settings: Settings, redis: Redis, keys: KeySpace) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_ms = settings.cache_ttl_seconds * 1000
+        self.max_entry_bytes = settings.cache_max_entry_bytes
+        self.routes = frozenset(settings.cache_routes)
+        self.shared = settings.cache_scope == "shared"
+        self.wait_seconds = settings.cache_wait_seconds
+        self.stats = CacheStats()
+        self._flights: dict[str, asyncio.Future[CachedResponse | None]] = {}
+
+    # ---- deciding ----------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        route_kind: str,
+        request: MeteredRequest,
+        model: str,
+        body: bytes,
+        account: str,
+        cache_control: str | None,
+    ) -> CachePlan:
+        if route_kind not in self.routes or not cacheable(route_kind, request.temperature, request.n):
+            self.stats.bypassed += 1
+            return BYPASS
+        directives = client_directives(cache_control)
+        if not directives.store:
+            self.stats.bypassed += 1
+            return BYPASS
+        scope = SHARED_SCOPE if self.shared else account_scope(account)
+        digest = cache_key(route_kind, model, msgspec.json.decode(body), scope)
+        key = self.keys.shared_cache(digest) if self.shared else self.keys.account(account).cache(digest)
+        return CachePlan(
+            forward="miss" if directives.lookup else "request",
+            lookup=directives.lookup,
+            store=True,
+            digest=digest,
+            key=key,
+            colocated=not self.shared,
+        )
+
+    # ---- entries -----------------------------------------------------------------------------------
+
+    def entry(
+        self, body: bytes, *, stream: bool, headers: CIMultiDictProxy[str], usage: Usage, now_ms: int
+    ) -> tuple[CachedResponse, bytes] | None:
+        """The entry for a complete answer and its encoding, or None when it is over the size cap."""
+        if len(body) > self.max_entry_bytes:
+            self.stats.too_large += 1
+            return None
+        kept = [(name, headers[name]) for name in KEPT_HEADERS if name in headers]
+        entry = CachedResponse(
+            body,
+            stream,
+            kept,
+            now_ms,
+            now_ms + self.ttl_ms,
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.completion_tokens,
+        )
+        encoded = _encode(entry)
+        if len(encoded) > self.max_entry_bytes:
+            self.stats.too_large += 1
+            return None
+        return entry, encoded
+
+    @staticmethod
+    def decode(value: bytes | None) -> CachedResponse | None:
+        """An entry read back; None for one this version cannot read (it is then treated as a miss)."""
+        if value is None:
+            return None
+        try:
+            return _decode(value)
+        except msgspec.MsgspecError:
+            return None
+
+    async def get(self, key: str) -> CachedResponse | None:
+        """A shared-scope lookup (account-scoped ones happen inside the reserve script)."""
+        value = await self.redis.get(key)
+        return self.decode(value if isinstance(value, bytes) else None)
+
+    async def put(self, key: str, encoded: bytes) -> None:
+        """A shared-scope store (account-scoped ones happen inside the settle script)."""
+        await self.redis.set(key, encoded, px=self.ttl_ms)
+
+    # ---- single flight -----------------------------------------------------------------------------
+
+    def lead_or_join(self, digest: str) -> tuple[bool, asyncio.Future[CachedResponse | None]]:
+        """(True, flight) when this request leads the flight for `digest`, (False, flight) to wait on."""
+        flight = self._flights.get(digest)
+        if flight is not None:
+            return False, flight
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[digest] = flight
+        return True, flight
+
+    def land(
+        self, digest: str, flight: asyncio.Future[CachedResponse | None], entry: CachedResponse | None
+    ) -> None:
+        """End a flight with the answer its waiters may be served (None: they go upstream themselves)."""
+        if self._flights.get(digest) is flight:
+            del self._flights[digest]
+        if not flight.done():
+            flight.set_result(entry)
+
+    async def wait(self, flight: asyncio.Future[CachedResponse | None]) -> CachedResponse | None:
+        """The leader's answer, or None when it has none or it takes longer than cache_wait_seconds."""
+        self.stats.waiting += 1
+        try:
+            async with asyncio.timeout(self.wait_seconds):
+                return await asyncio.shield(flight)
+        except TimeoutError:
+            return None
+        finally:
+            self.stats.waiting -= 1
