@@ -167,6 +167,7 @@ class Proxy:
                 ex.cache_result = "hit"
                 return answer
             await self._hold(ex, None)  # an entry this version cannot read: answer from upstream
+        cache.stats.misses += 1
         return None
 
     async def _hold(self, ex: Exchange, cache_key: str | None) -> Reservation:
@@ -360,8 +361,9 @@ class Proxy:
                     break
                 if captured is not None:
                     captured_size += len(chunk)
-                    captured = captured if captured_size <= self.settings.cache_max_entry_bytes else None
-                    if captured is not None:
+                    if captured_size > self.settings.cache_max_entry_bytes:
+                        captured = None  # too large to cache: stop keeping it
+                    else:
                         captured.append(chunk)
                 events = reader.feed(chunk)
                 if events and not client_gone:

@@ -326,7 +326,7 @@ async def test_50_concurrent_identical_misses_make_one_upstream_call(
     assert sum(headers["X-Cache"] == "HIT" for _, _, headers in results) == 49
     state = await sc.balance(account)
     assert (state["balance"], state["held"]) == (START - CHARGE, 0)
-    assert (cache.stats.collapsed, cache.stats.waiting) == (49, 0)
+    assert (cache.stats.misses, cache.stats.collapsed, cache.stats.waiting) == (1, 49, 0)
 
 
 async def test_waiters_go_upstream_themselves_when_the_first_call_fails(
