@@ -269,7 +269,7 @@ class Proxy:
             request=parsed,
             price=price,
             multiplier=multiplier,
-            body=with_usage_requested(body) if strip else body,
+            body=with_usage_requested(body, parsed) if strip else body,
             body_size=len(body),
             hold=worst_case(price, prompt_tokens, output_tokens, multiplier),
             upstream=upstream,

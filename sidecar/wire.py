@@ -24,7 +24,7 @@ class StreamOptions(msgspec.Struct):
 class MeteredRequest(msgspec.Struct, kw_only=True):
     model: str
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | msgspec.UnsetType | None = msgspec.UNSET  # UNSET: not in the body
     n: Count | None = None
     max_tokens: TokenLimit | None = None
     max_completion_tokens: TokenLimit | None = None
@@ -73,10 +73,17 @@ ROUTES = {
 }
 
 _json_encoder = msgspec.json.Encoder()
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
 
-def with_usage_requested(body: bytes) -> bytes:
-    """The body with ``stream_options.include_usage`` set, so the stream ends with a usage chunk."""
+def with_usage_requested(body: bytes, request: MeteredRequest) -> bytes:
+    """The body with ``stream_options.include_usage`` set, so the stream ends with a usage chunk.
+
+    `request` is `body` decoded. A body without ``stream_options`` (the usual case) gets the member spliced
+    in after its opening brace, bytes untouched otherwise; one with options of its own is re-encoded."""
+    if request.stream_options is msgspec.UNSET:
+        start = body.index(b"{") + 1  # the body decoded as an object with a model: a member follows
+        return body[:start] + _INCLUDE_USAGE + body[start:]
     data: dict[str, Any] = msgspec.json.decode(body)
     options = data.get("stream_options")
     data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
