@@ -1,0 +1,333 @@
+"""Offline checks of the deploy artifacts, run by .ci/deploy-checks.
+
+    python .ci/deploy_checks.py chart      helm lint + helm template for every helm/creditgate/ci/*.yaml and
+                                           the example app chart; every rendered manifest validated against
+                                           the Kubernetes schemas (strict) of 1.29 and the newest version
+                                           kubernetes-validate carries; render-time guards proven to fire
+    python .ci/deploy_checks.py dashboard  the Grafana dashboard parses and uses only contract metrics
+
+No cluster, no network: helm-python-sdk renders with Helm's Go engine in-process, kubernetes-validate ships
+the schemas. ServiceMonitor is a CRD with no schema there: it is checked against .ci/schemas/ instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "creditgate"
+EXAMPLE = ROOT / "helm" / "examples" / "app-with-creditgate"
+MIN_K8S = "1.29.0"  # Chart.yaml kubeVersion
+K8S_VERSIONS = (MIN_K8S, kubernetes_validate.latest_version())
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ROOT
+    / ".ci"
+    / "schemas"
+    / "servicemonitor-monitoring.coreos.com-v1.json",
+}
+HARDENING = {
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def fail(message: str) -> None:
+    raise CheckFailed(message)
+
+
+# ---------------------------------------------------------------- chart
+
+
+def lint(values_file: Path) -> None:
+    values = yaml.safe_load(values_file.read_text())
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{MIN_K8S}")
+    # severity: 1 info, 2 warning, 3 error; the only info today is "icon is recommended"
+    serious = [m for m in report["messages"] if m["severity"] >= 2]
+    if report["errors"] or serious:
+        fail(f"helm lint {values_file.name}: {report['errors'] or serious}")
+    infos = "; ".join(m["error"] for m in report["messages"])
+    print(f"  lint {values_file.relative_to(ROOT)}: ok" + (f" (info: {infos})" if infos else ""))
+
+
+def render(chart: Path, values: dict[str, Any] | None) -> list[dict[str, Any]]:
+    with helm.Chart.load(chart) as loaded:
+        rendered = loaded.render(values, name="cg", namespace="billing")
+    documents: list[dict[str, Any]] = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc is None:
+                continue
+            if not isinstance(doc, dict) or "kind" not in doc or "apiVersion" not in doc:
+                fail(f"{path}: rendered a document that is not a Kubernetes object: {doc!r:.200}")
+            documents.append(doc)
+    return documents
+
+
+def validate(doc: dict[str, Any], where: str) -> str:
+    name = f"{doc['kind']}/{doc['metadata']['name']}"
+    crd = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+    if crd is not None:
+        try:
+            jsonschema.Draft202012Validator(json.loads(crd.read_text())).validate(doc)
+        except jsonschema.ValidationError as exc:
+            fail(f"{where}: {name} does not match {crd.name}: {exc.json_path}: {exc.message}")
+        return f"{name} (CRD: structural schema {crd.relative_to(ROOT)})"
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            fail(f"{where}: {name} is invalid for Kubernetes {version}: {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            fail(f"{where}: no schema for {name}: {exc.message} (add one under .ci/schemas/ if it is a CRD)")
+    return name
+
+
+def pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+            yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]
+
+
+def check_pod(name: str, pod: dict[str, Any]) -> None:
+    """What schemas cannot see: the creditgate container's hardening, probes, shutdown budget, mounts."""
+    init = pod.get("initContainers", [])
+    main = pod.get("containers", [])
+    found = [(c, True) for c in init if c["name"] == "creditgate"] + [
+        (c, False) for c in main if c["name"] == "creditgate"
+    ]
+    if len(found) != 1:
+        fail(f"{name}: expected one creditgate container, found {len(found)}")
+    container, is_sidecar = found[0]
+    if is_sidecar and container.get("restartPolicy") != "Always":
+        fail(f"{name}: the creditgate init container must have restartPolicy: Always (native sidecar)")
+    if not is_sidecar and "restartPolicy" in container:
+        fail(f"{name}: a regular container cannot carry restartPolicy")
+    security = container.get("securityContext", {})
+    for key, wanted in HARDENING.items():
+        if security.get(key) != wanted:
+            fail(f"{name}: creditgate securityContext.{key} is {security.get(key)!r}, expected {wanted!r}")
+    pod_security = pod.get("securityContext", {})
+    if not (security.get("runAsNonRoot") or pod_security.get("runAsNonRoot")):
+        fail(f"{name}: runAsNonRoot is not set")
+    probes = {
+        kind: (container.get(kind) or {}).get("httpGet", {})
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+    wanted_paths = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    for kind, path in wanted_paths.items():
+        if probes[kind].get("path") != path or probes[kind].get("port") != "creditgate":
+            fail(f"{name}: {kind} must GET {path} on the port named creditgate, has {probes[kind]}")
+    env = {e["name"]: e for e in container.get("env", [])}
+    for required in ("CREDITGATE_REDIS_URL", "CREDITGATE_DATABASE_URL"):
+        if "secretKeyRef" not in env.get(required, {}).get("valueFrom", {}):
+            fail(f"{name}: {required} must come from a Secret (secretKeyRef)")
+    grace = int(env["CREDITGATE_SHUTDOWN_GRACE_SECONDS"]["value"])
+    flush = int(env["CREDITGATE_SHUTDOWN_FLUSH_SECONDS"]["value"])
+    command = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+    match = re.search(r"time\.sleep\((\d+)\)", command)
+    if match is None:
+        fail(f"{name}: preStop is not the python sleep the chart renders: {command}")
+        return
+    pre_stop = int(match.group(1))
+    period = pod.get("terminationGracePeriodSeconds", 30)
+    if period <= pre_stop + grace + flush:
+        fail(
+            f"{name}: terminationGracePeriodSeconds {period} <= "
+            f"preStop {pre_stop} + grace {grace} + flush {flush}"
+        )
+    volumes = {v["name"] for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        if mount["name"] not in volumes:
+            fail(f"{name}: volumeMount {mount['name']} has no volume in the pod")
+    if not any(m["mountPath"] == "/tmp" for m in container.get("volumeMounts", [])):
+        fail(f"{name}: /tmp must be a writable volume (the root filesystem is read-only)")
+
+
+def check_config(docs: list[dict[str, Any]], where: str) -> None:
+    """The rendered config file is loaded by creditgate's own settings loader."""
+    from sidecar.config import load_settings
+
+    configs = [d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d.get("data", {})]
+    if len(configs) != 1:
+        fail(f"{where}: expected one creditgate ConfigMap with config.yaml, found {len(configs)}")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
+        handle.write(configs[0]["data"]["config.yaml"])
+        handle.flush()
+        try:
+            load_settings(handle.name, environ={})
+        except Exception as exc:
+            fail(f"{where}: creditgate refuses the rendered config.yaml: {exc}")
+
+
+def render_and_validate(chart: Path, values: dict[str, Any] | None, where: str) -> list[dict[str, Any]]:
+    docs = render(chart, values)
+    names = [validate(doc, where) for doc in docs]
+    for name, pod in pods(docs):
+        check_pod(f"{where}: {name}", pod)
+    check_config(docs, where)
+    print(f"  {where}: {len(docs)} manifests valid for Kubernetes {' and '.join(K8S_VERSIONS)}")
+    for name in names:
+        print(f"    {name}")
+    return docs
+
+
+NEGATIVE = [
+    # (what, changes to ci/standalone.yaml, text the render error must contain)
+    ("default values (no Secrets named)", None, "secrets.redisUrl.name is required"),
+    (
+        "no upstream",
+        {"config": {"upstream_url": None}, "secrets": {"upstreamApiKey": {"name": ""}}},
+        "configure an upstream",
+    ),
+    ("grace period too short", {"terminationGracePeriodSeconds": 45}, "must exceed"),
+    ("chart-managed setting in config", {"config": {"redis_url": "redis://x"}}, "redis_url"),
+    (
+        "writable root filesystem",
+        {"securityContext": {"readOnlyRootFilesystem": False}},
+        "readOnlyRootFilesystem",
+    ),
+    ("unknown value", {"replicas": 3}, "replicas"),
+]
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def check_guards() -> None:
+    base = yaml.safe_load((CHART / "ci" / "standalone.yaml").read_text())
+    for what, changes, expected in NEGATIVE:
+        values = None if changes is None else merged(base, changes)
+        try:
+            render(CHART, values)
+        except helm.HelmError as exc:
+            if expected not in str(exc):
+                fail(f"guard '{what}': rendering failed, but not naming {expected!r}: {exc}")
+            print(f"  refused as expected: {what}")
+            continue
+        fail(f"guard '{what}': rendering succeeded; expected an error naming {expected!r}")
+
+
+def check_chart() -> None:
+    values_files = sorted((CHART / "ci").glob("*.yaml"))
+    if not values_files:
+        fail("no helm/creditgate/ci/*.yaml values files")
+    kinds: set[str] = set()
+    for values_file in values_files:
+        lint(values_file)
+        values = yaml.safe_load(values_file.read_text())
+        docs = render_and_validate(CHART, values, f"ci/{values_file.name}")
+        kinds.update(d["kind"] for d in docs)
+    docs = render_and_validate(EXAMPLE, None, f"example {EXAMPLE.relative_to(ROOT)}")
+    kinds.update(d["kind"] for d in docs)
+    for kind in (
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "ServiceAccount",
+    ):
+        if kind not in kinds:
+            fail(f"no ci values file renders a {kind}")
+    check_guards()
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+def contract() -> dict[str, str]:
+    """metric name -> type, from helm/creditgate/dashboards/metrics.txt."""
+    metrics: dict[str, str] = {}
+    for line in (CHART / "dashboards" / "metrics.txt").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, kind, _labels = line.split()
+            metrics[name] = kind
+    return metrics
+
+
+def strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+
+
+def check_dashboard() -> None:
+    path = CHART / "dashboards" / "creditgate.json"
+    dashboard = json.loads(path.read_text())
+    metrics = contract()
+    used: set[str] = set()
+    for text in strings(dashboard):
+        for name in re.findall(r"\bcreditgate_[a-z0-9_]+", text):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if name in metrics:
+                used.add(name)
+            elif base != name and metrics.get(base) == "histogram":
+                used.add(base)
+            else:
+                fail(f"{path.name} uses {name}, which is not in the metric contract (dashboards/metrics.txt)")
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    if variables.get("datasource", {}).get("type") != "datasource":
+        fail(f"{path.name}: no datasource variable")
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    if len(ids) != len(set(ids)):
+        fail(f"{path.name}: duplicate panel ids")
+    for panel in panels:
+        sources = [panel.get("datasource"), *(t.get("datasource") for t in panel.get("targets", []))]
+        if any((s or {}).get("uid") != "${datasource}" for s in sources):
+            fail(f"{path.name}: panel {panel['title']!r} does not use the $datasource variable")
+        if not panel.get("targets"):
+            fail(f"{path.name}: panel {panel['title']!r} has no query")
+    unused = sorted(set(metrics) - used)
+    where = path.relative_to(ROOT)
+    print(f"  {where}: {len(panels)} panels, {len(used)} of {len(metrics)} contract metrics used")
+    if unused:
+        print(f"  not charted: {', '.join(unused)}")
+
+
+def main() -> int:
+    checks = {"chart": check_chart, "dashboard": check_dashboard}
+    if len(sys.argv) != 2 or sys.argv[1] not in checks:
+        print(f"usage: {sys.argv[0]} {{{'|'.join(checks)}}}", file=sys.stderr)
+        return 2
+    try:
+        checks[sys.argv[1]]()
+    except CheckFailed as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
