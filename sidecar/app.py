@@ -19,8 +19,11 @@ from .cache import ResponseCache
 from .config import Settings
 from .errors import error_middleware
 from .flusher import Flusher
+from .health import READINESS, Readiness, healthz, readyz
 from .keys import KeySpace
 from .ledger import RedisLedger
+from .metrics import METRICS, Metrics, metrics_handler
+from .observe import RequestRecord, log_request, request_observer
 from .pricing import PriceTable
 from .proxy import Proxy
 from .reconcile import Drift, complete_money_in, rebuild_if_empty, reconcile
@@ -136,7 +139,17 @@ async def _every(
 def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> web.Application:
     """The sidecar. ``redis_url`` and ``database_url`` must be set (the CLI starts embedded servers)."""
     prices = PriceTable.from_settings(settings)
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    metrics = Metrics()
+
+    def report(rec: RequestRecord) -> None:
+        metrics.observe_request(rec)
+        if settings.log_requests:
+            log_request(rec)
+
+    app = web.Application(
+        middlewares=[request_observer(report), error_middleware], client_max_size=settings.max_body_bytes
+    )
+    app[METRICS] = metrics
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with services(settings) as svc:
@@ -147,7 +160,15 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
             flusher = svc.flusher()
             app[FLUSHER] = flusher
-            app[DRIFT] = DriftState()
+            drift = app[DRIFT] = DriftState()
+            app[READINESS] = Readiness(svc.ledger, settings.readiness_grace_seconds)
+            svc.ledger.on_script = metrics.observe_script
+            flusher.on_batch = metrics.observe_flush
+            metrics.sources.holds_active = lambda: len(proxy.in_flight)
+            metrics.sources.rows_written = lambda: flusher.stats.rows
+            metrics.sources.flush_failures = lambda: flusher.stats.failures
+            metrics.sources.drift = lambda: (drift.accounts, drift.total)
+            metrics.sources.backlog = flusher.backlog
 
             async def reap() -> None:
                 released = await svc.ledger.expire_holds(int(time.time() * 1000))
@@ -177,8 +198,7 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
             try:
                 yield
             finally:
-                if proxy.in_flight:
-                    await asyncio.wait(set(proxy.in_flight))
+                await proxy.finish(0)  # normally done already, by on_shutdown
                 await _stop_tasks(tasks, stop, flusher)
                 await session.close()
                 if settings.flusher_enabled:
@@ -186,20 +206,26 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
 
     app.cleanup_ctx.append(lifecycle)
 
+    async def on_shutdown(app: web.Application) -> None:
+        """The listening socket is closed: finish the requests in flight (up to the grace period)."""
+        app[READINESS].stopping = True
+        await app[PROXY].finish(settings.shutdown_grace_seconds)
+
+    app.on_shutdown.append(on_shutdown)
+
     async def metered(request: web.Request) -> web.StreamResponse:
         return await request.app[PROXY].handle_metered(request)
 
     async def models(request: web.Request) -> web.StreamResponse:
         return await request.app[PROXY].handle_models(request)
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     for path in ROUTES:
         app.router.add_post(path, metered)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{tail:.+}", models)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
 
     async def ledger_status(request: web.Request) -> web.Response:
         flusher, drift = request.config_dict[FLUSHER], request.config_dict[DRIFT]

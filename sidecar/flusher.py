@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,8 @@ class Flusher:
         self.concurrency = concurrency
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stats = FlushStats()
+        # Called with (rows, seconds) after every batch written; the app points it at its metrics.
+        self.on_batch: Callable[[int, float], None] = lambda rows, seconds: None
         self._groups_ready = False
         self._progress = asyncio.Condition()
         self._next_claim = 0.0
@@ -171,6 +173,7 @@ class Flusher:
         self.stats.batches += 1
         self.stats.last_batch_rows = batch.size
         self.stats.last_batch_seconds = time.perf_counter() - started
+        self.on_batch(batch.size, self.stats.last_batch_seconds)
         async with self._progress:
             self._progress.notify_all()
 

@@ -28,10 +28,12 @@ from .errors import (
     BadRequest,
     Conflict,
     InsufficientCredits,
+    ServiceUnavailable,
     Unauthorized,
     UpstreamUnavailable,
 )
 from .ledger import RedisLedger, Reservation, ReserveStatus
+from .observe import RECORD, RequestRecord
 from .outbox import UsageEvent
 from .pricing import Multiplier, Price, PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
 from .upstream import Upstream, request_headers, response_headers
@@ -66,6 +68,7 @@ class Exchange:
     strip_usage_chunk: bool
     started_ms: int
     cache: CachePlan | None  # None: the cache is off
+    record: RequestRecord
     usage: Usage | None = None
     charge: int = 0
     outcome: str = "pending"
@@ -73,6 +76,22 @@ class Exchange:
     cache_result: str = "off"  # hit, collapsed, miss, bypass or off
     flight: asyncio.Future[CachedResponse | None] | None = None  # the single flight this request leads
     stored: tuple[CachedResponse, bytes] | None = None  # the answer to store in the cache, encoded
+    # Shutdown: `cut` asks the exchange to stop waiting on the upstream; `cutter` is the timeout of the
+    # phase waiting now, rescheduled to now by Proxy.cut_all().
+    cut: bool = False
+    cutter: asyncio.Timeout | None = None
+
+    def estimated_usage(self) -> Usage:
+        """What a request that did not run to its end is charged without usage: the prompt at
+        DISCONNECT_ESTIMATE_BYTES_PER_TOKEN bytes per token plus one token per chunk relayed."""
+        return Usage(
+            prompt_tokens=-(-self.body_size // DISCONNECT_ESTIMATE_BYTES_PER_TOKEN),
+            completion_tokens=self.relayed_events,
+        )
+
+    def cut_timeout(self) -> asyncio.Timeout:
+        """A timeout for one phase of waiting that Proxy.cut_all() can end at once."""
+        return asyncio.timeout(0 if self.cut else None)
 
 
 class Proxy:
@@ -94,6 +113,8 @@ class Proxy:
         self.upstreams = upstreams
         self.session = session
         self.in_flight: set[asyncio.Task[web.StreamResponse]] = set()
+        self.exchanges: dict[str, Exchange] = {}  # the live ones, by request id
+        self.cutting = False  # shutting down past the grace period: every exchange is cut
         self._drop_headers = [
             settings.byok_header,
             *([settings.account_header] if settings.account_header else []),
@@ -123,20 +144,30 @@ class Proxy:
     async def handle_metered(self, request: web.Request) -> web.StreamResponse:
         request_id = "req_" + uuid.uuid4().hex
         request[REQUEST_ID] = request_id
+        rec = request.get(RECORD) or RequestRecord(ROUTES[request.path].kind, time.perf_counter())
+        rec.request_id = request_id
         account = await self.authenticate(request)
+        rec.account = account
         body = await request.read()
-        ex = self._plan(request, request_id, account, body)
+        ex = self._plan(request, request_id, account, body, rec)
         try:
             cached = await self._cached_or_held(ex)
         except BaseException:
             self._land(ex, None)
             raise
+        finally:
+            rec.cache = ex.cache_result
         if cached is not None:
             self._land(ex, cached)
             return await self._serve_hit(request, ex, cached)
+        rec.hold = ex.hold
+        ex.cut = self.cutting
         task = asyncio.create_task(self._run(request, ex), name=f"exchange-{request_id}")
+        rec.exchange = task
         self.in_flight.add(task)
+        self.exchanges[request_id] = ex
         task.add_done_callback(self.in_flight.discard)
+        task.add_done_callback(lambda _: self.exchanges.pop(request_id, None))
         return await asyncio.shield(task)
 
     async def _cached_or_held(self, ex: Exchange) -> CachedResponse | None:
@@ -150,7 +181,11 @@ class Proxy:
         if leader:
             ex.flight = flight
         else:
-            answer = await cache.wait(flight)
+            waiting = time.perf_counter()
+            try:
+                answer = await cache.wait(flight)
+            finally:  # waiting on the leader's upstream call is not our own work
+                ex.record.waited += time.perf_counter() - waiting
             if answer is not None:
                 ex.cache_result = "collapsed"
                 return answer
@@ -206,6 +241,8 @@ class Proxy:
         event = self._event(ex, "cache_collapsed" if collapsed else "cache_hit", hold=0, saved=saved)
         settlement = await self.ledger.settle(ex.account, ex.request_id, 0, event, record=True)
         ex.outcome = "settled"
+        rec = ex.record
+        rec.settled, rec.usage, rec.saved, rec.outcome = True, entry.usage, saved, event.outcome
         stats = self.cache.stats
         stats.saved += saved
         if collapsed:
@@ -230,10 +267,14 @@ class Proxy:
             await response.write_eof()
         return response
 
-    def _plan(self, request: web.Request, request_id: str, account: str, body: bytes) -> Exchange:
+    def _plan(
+        self, request: web.Request, request_id: str, account: str, body: bytes, rec: RequestRecord
+    ) -> Exchange:
         route = ROUTES[request.path]
         parsed = decode_request(body)
         price = self.prices.resolve(parsed.model)
+        rec.model = price.model
+        rec.stream = bool(parsed.stream)
         limit = parsed.output_limit
         if limit is not None and limit > price.max_output_tokens:
             field_name = next(
@@ -250,6 +291,7 @@ class Proxy:
         output_tokens = n * (limit or price.max_output_tokens) if route.has_output else 0
         byok_key = request.headers.get(self.settings.byok_header)
         multiplier = self.prices.byok if byok_key else self.prices.pooled
+        rec.key_source = "byok" if byok_key else "pooled"
         upstream = self.upstreams[price.upstream]
         prompt_tokens = estimate_prompt_tokens(len(body), self.settings.prompt_bytes_per_token)
         strip = bool(
@@ -278,36 +320,81 @@ class Proxy:
             strip_usage_chunk=strip,
             started_ms=int(time.time() * 1000),
             cache=plan,
+            record=rec,
             cache_result="off" if plan is None else ("bypass" if plan is BYPASS else "miss"),
         )
 
     async def _run(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         """Forward, relay and settle; the settlement happens whatever goes wrong."""
         headers = request_headers(request.headers, self._drop_headers, ex.credential)
+        rec = ex.record
         try:
+            rec.upstream_started = time.perf_counter()
             try:
-                upstream = await self.session.post(
-                    f"{ex.upstream.base_url}/{ex.route.path}", data=ex.body, headers=headers
-                )
+                async with ex.cut_timeout() as ex.cutter:
+                    upstream = await self.session.post(
+                        f"{ex.upstream.base_url}/{ex.route.path}", data=ex.body, headers=headers
+                    )
             except (aiohttp.ClientError, TimeoutError) as exc:
+                rec.upstream_ended = time.perf_counter()
+                self._shutdown_cut(ex)
                 ex.outcome = "upstream_unreachable"
                 raise UpstreamUnavailable(
                     f"The upstream {ex.upstream.name!r} could not be reached ({type(exc).__name__})."
                 ) from None
+            finally:
+                ex.cutter = None
+                rec.waited += time.perf_counter() - rec.upstream_started
             async with upstream:
                 if upstream.status == 200 and upstream.content_type == "text/event-stream":
                     return await self._relay_stream(request, ex, upstream)
+                rec.upstream_first_byte = time.perf_counter()  # the status line and headers are in
                 return await self._relay_body(ex, upstream)
         finally:
             await self._settle(ex)
             self._land(ex, ex.stored[0] if ex.stored else None)
 
+    def _shutdown_cut(self, ex: Exchange) -> None:
+        """When the exchange was cut by shutdown: settle it by the disconnect policy and answer 503."""
+        if not ex.cut:
+            return
+        ex.outcome = "shutdown_cut_estimated"
+        ex.usage = ex.estimated_usage()
+        raise ServiceUnavailable(
+            "creditgate is shutting down and could not finish this request in time; retry it.",
+            code="shutting_down",
+        )
+
     async def _relay_body(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.Response:
+        rec = ex.record
+        started = time.perf_counter()
         try:
-            body = await upstream.read()
+            async with ex.cut_timeout() as ex.cutter:
+                body = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self._shutdown_cut(ex)
             ex.outcome = "upstream_failed"
             raise UpstreamUnavailable(f"The upstream {ex.upstream.name!r} failed mid-response.") from exc
+        finally:
+            ex.cutter = None
+            rec.upstream_ended = time.perf_counter()
+            rec.waited += rec.upstream_ended - started
+        if upstream.status in (401, 403) and not ex.byok:
+            # The provider refused the pooled key. Its answer may quote part of that key ("Incorrect API
+            # key provided: sk-ab***yz"): it is replaced, never relayed. A BYOK caller gets the provider's
+            # own answer, which is about the caller's own key.
+            ex.outcome = f"upstream_{upstream.status}"
+            await self._settle(ex)
+            log.error(
+                "the upstream %r rejected the pooled provider key (HTTP %d); check its api_key",
+                ex.upstream.name,
+                upstream.status,
+            )
+            raise UpstreamUnavailable(
+                f"The provider rejected the gateway's credentials (upstream {ex.upstream.name!r}, "
+                f"HTTP {upstream.status}).",
+                code="upstream_auth_failed",
+            )
         headers = response_headers(upstream.headers)
         headers["x-request-id"] = ex.request_id
         if upstream.status == 200:
@@ -347,61 +434,79 @@ class Proxy:
         drain_until: float | None = None
         lease = self.settings.hold_lease_seconds
         renew_at = time.monotonic() + lease / 3
+        rec = ex.record
+        perf = time.perf_counter
+        shutdown_cut = False
         try:
-            while True:
-                if time.monotonic() >= renew_at:  # a stream outliving its lease keeps its hold
-                    renew_at = time.monotonic() + lease / 3
-                    await self.ledger.renew(ex.account, ex.request_id, int(time.time() * 1000) + lease * 1000)
-                if drain_until is None:
-                    chunk = await upstream.content.readany()
-                else:
-                    async with asyncio.timeout_at(drain_until):
-                        chunk = await upstream.content.readany()
-                if not chunk:
-                    break
-                if captured is not None:
-                    captured_size += len(chunk)
-                    if captured_size > self.settings.cache_max_entry_bytes:
-                        captured = None  # too large to cache: stop keeping it
-                    else:
-                        captured.append(chunk)
-                events = reader.feed(chunk)
-                if events and not client_gone:
-                    try:
-                        await response.write(b"".join(events))
-                        ex.relayed_events = reader.data_events
-                    except ConnectionError:
-                        client_gone = True
-                if client_gone:
-                    if reader.usage is not None:
-                        break
-                    if drain_until is None:
-                        drain_until = (
-                            asyncio.get_running_loop().time() + self.settings.disconnect_drain_seconds
+            async with ex.cut_timeout() as ex.cutter:
+                while True:
+                    if time.monotonic() >= renew_at:  # a stream outliving its lease keeps its hold
+                        renew_at = time.monotonic() + lease / 3
+                        await self.ledger.renew(
+                            ex.account, ex.request_id, int(time.time() * 1000) + lease * 1000
                         )
-            if not client_gone:
-                rest = reader.flush()
-                if rest:
-                    await response.write(rest)
-                await response.write_eof()
-                if captured is not None and reader.usage is not None:
-                    self._keep_for_cache(ex, b"".join(captured), upstream, stream=True, usage=reader.usage)
+                    waiting = perf()
+                    if drain_until is None:
+                        chunk = await upstream.content.readany()
+                    else:
+                        async with asyncio.timeout_at(drain_until):
+                            chunk = await upstream.content.readany()
+                    now = perf()
+                    rec.waited += now - waiting
+                    if rec.upstream_first_byte is None:
+                        rec.upstream_first_byte = now
+                    if not chunk:
+                        break
+                    if captured is not None:
+                        captured_size += len(chunk)
+                        if captured_size > self.settings.cache_max_entry_bytes:
+                            captured = None  # too large to cache: stop keeping it
+                        else:
+                            captured.append(chunk)
+                    events = reader.feed(chunk)
+                    if events and not client_gone:
+                        try:
+                            await response.write(b"".join(events))
+                            ex.relayed_events = reader.data_events
+                        except ConnectionError:
+                            client_gone = True
+                        rec.waited += perf() - now  # a slow client's time is not ours either
+                    if client_gone:
+                        if reader.usage is not None:
+                            break
+                        if drain_until is None:
+                            drain_until = (
+                                asyncio.get_running_loop().time() + self.settings.disconnect_drain_seconds
+                            )
+                rec.upstream_ended = perf()
+                if not client_gone:
+                    rest = reader.flush()
+                    if rest:
+                        await response.write(rest)
+                    await response.write_eof()
+                    if captured is not None and reader.usage is not None:
+                        self._keep_for_cache(
+                            ex, b"".join(captured), upstream, stream=True, usage=reader.usage
+                        )
         except (aiohttp.ClientError, TimeoutError, ConnectionError):
             ex.outcome = "stream_cut"
             ex.stored = None
+            shutdown_cut = ex.cut
             if not client_gone and request.transport is not None:
                 # Cut the client's stream too (no terminating chunk), so it cannot mistake a partial
                 # answer for a whole one.
                 request.transport.close()
+        finally:
+            ex.cutter = None
+            if rec.upstream_ended is None:
+                rec.upstream_ended = perf()
         ex.usage = reader.usage
         if ex.usage is not None:
-            ex.outcome = "ok" if not client_gone else "client_gone"
-        elif client_gone:
-            ex.outcome = "client_gone_estimated"
-            ex.usage = Usage(
-                prompt_tokens=-(-ex.body_size // DISCONNECT_ESTIMATE_BYTES_PER_TOKEN),
-                completion_tokens=ex.relayed_events,
-            )
+            ex.outcome = "shutdown_cut" if shutdown_cut else "client_gone" if client_gone else "ok"
+        elif client_gone or shutdown_cut:
+            # A client that left, or a stream cut by shutdown: charged the estimate (see estimated_usage).
+            ex.outcome = "shutdown_cut_estimated" if shutdown_cut else "client_gone_estimated"
+            ex.usage = ex.estimated_usage()
         return response
 
     def _keep_for_cache(
@@ -466,7 +571,11 @@ class Proxy:
                 break
             except RedisError as exc:  # idempotent by request id: retrying cannot charge twice
                 log.warning("settle of %s failed (attempt %d): %r", ex.request_id, attempt + 1, exc)
-        if settlement is None:
+        rec = ex.record
+        rec.outcome = outcome
+        if settlement is not None:
+            rec.settled, rec.charge, rec.usage = True, ex.charge, ex.usage
+        else:
             log.error(
                 "settle of %s (%d micro-credits) failed for good; its hold is released when its lease ends",
                 ex.request_id,
@@ -493,21 +602,57 @@ class Proxy:
             )
         return settlement.balance
 
+    # ---- shutdown ---------------------------------------------------------------------------------
+
+    def cut_all(self) -> None:
+        """Stop every live exchange from waiting on its upstream (and any started from now on); each is
+        settled by the disconnect policy: the usage the upstream reported, else the estimate."""
+        self.cutting = True
+        now = asyncio.get_running_loop().time()
+        for ex in self.exchanges.values():
+            ex.cut = True
+            if ex.cutter is not None:
+                ex.cutter.reschedule(now)
+
+    async def finish(self, grace: float) -> None:
+        """At shutdown: let the exchanges in flight finish for up to `grace` seconds, then cut the rest
+        and wait for them to settle."""
+        if self.in_flight:
+            log.info("waiting up to %.1f s for %d requests in flight", grace, len(self.in_flight))
+            await asyncio.wait(set(self.in_flight), timeout=grace)
+        if self.in_flight:
+            log.warning("cutting %d requests still running after %.1f s", len(self.in_flight), grace)
+            self.cut_all()
+            await asyncio.wait(set(self.in_flight))
+
     # ---- pass-through ----------------------------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         request[REQUEST_ID] = "req_" + uuid.uuid4().hex
-        await self.authenticate(request)
+        rec = request.get(RECORD) or RequestRecord("models", time.perf_counter())
+        rec.request_id = request[REQUEST_ID]
+        rec.account = await self.authenticate(request)
         upstream = self.upstreams["default"]
         headers = request_headers(request.headers, self._drop_headers, upstream.api_key)
         suffix = request.match_info.get("tail", "")
+        rec.upstream_started = time.perf_counter()
         try:
             async with self.session.get(
                 f"{upstream.base_url}/models{suffix and '/' + suffix}", headers=headers
             ) as resp:
+                rec.upstream_first_byte = time.perf_counter()
                 body = await resp.read()
                 relayed = response_headers(resp.headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"The upstream could not be reached ({type(exc).__name__}).") from None
+        finally:
+            rec.upstream_ended = time.perf_counter()
+            rec.waited += rec.upstream_ended - rec.upstream_started
+        if resp.status in (401, 403):  # about the pooled key, whose fragments its body may quote
+            log.error("the upstream 'default' rejected the pooled provider key (HTTP %d)", resp.status)
+            raise UpstreamUnavailable(
+                f"The provider rejected the gateway's credentials (upstream 'default', HTTP {resp.status}).",
+                code="upstream_auth_failed",
+            )
         relayed["x-request-id"] = request[REQUEST_ID]
         return web.Response(status=resp.status, body=body, headers=relayed)

@@ -10,7 +10,11 @@ the servers without seeing each other's data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -232,3 +236,79 @@ def config_file(tmp_path: Path) -> Callable[[str], str]:
         return str(path)
 
     return write
+
+
+class Served:
+    """A real ``creditgate serve`` process; its stderr (the log) is read line by line as it comes."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.ended = False
+        self._changed = asyncio.Condition()
+        assert proc.stderr is not None
+        self._pump = asyncio.create_task(self._read(proc.stderr), name="serve-stderr")
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while True:
+            line = await stream.readline()
+            async with self._changed:
+                if line:
+                    self.lines.append(line.decode())
+                else:
+                    self.ended = True
+                self._changed.notify_all()
+            if not line:
+                return
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        """The first match of `pattern` in the log, once it appears (fails if the log ends first)."""
+        async with asyncio.timeout(60), self._changed:
+            await self._changed.wait_for(lambda: bool(re.search(pattern, self.log)) or self.ended)
+        found = re.search(pattern, self.log)
+        assert found, f"{pattern!r} never appeared in the log:\n{self.log}"
+        return found
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send `sig`, wait for the process to exit and its log to end; returns the exit code."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        async with asyncio.timeout(60):
+            code = await self.proc.wait()
+            await self._pump
+        return code
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._pump
+
+
+@contextlib.asynccontextmanager
+async def serve_process(env: dict[str, str], cwd: Path) -> AsyncIterator[tuple[Served, str]]:
+    """Run ``creditgate serve`` with `env` (use clean_env, CREDITGATE_PORT=0); yields it and its base URL
+    once it listens. Killed on the way out if a test left it running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "serve",
+        env=env,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    served = Served(proc)
+    try:
+        found = await served.wait_for(r"creditgate listening on (http://[0-9.]+:[0-9]+)")
+        yield served, found.group(1)
+    finally:
+        await served.kill()

@@ -1,0 +1,69 @@
+"""Liveness and readiness.
+
+``/healthz`` answers from the event loop alone: it never touches Redis, Postgres or the upstream, so a
+dependency's trouble never gets the pod restarted. ``/readyz`` checks that Redis answers and still has
+the money scripts (reloading them if Redis forgot them, e.g. after a restart), within a short timeout.
+A blip does not take the pod out of its Service: it reports not-ready only once Redis has been failing
+for longer than ``readiness_grace_seconds`` (meanwhile requests that need Redis get a 503 each). From
+shutdown on it reports not-ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from .ledger import RedisLedger
+
+log = logging.getLogger("creditgate.health")
+
+CHECK_TIMEOUT = 1.0  # seconds one readiness check may take
+
+
+class Readiness:
+    def __init__(self, ledger: RedisLedger, grace_seconds: float) -> None:
+        self.ledger = ledger
+        self.grace = grace_seconds
+        self.failing_since: float | None = None
+        self.stopping = False
+
+    async def check(self) -> tuple[bool, str]:
+        """(ready, reason)."""
+        if self.stopping:
+            return False, "shutting down"
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                if not await self.ledger.scripts_loaded():
+                    log.warning("Redis lost the money scripts; loading them again")
+                    await self.ledger.load_scripts()
+        except (RedisError, OSError, TimeoutError) as exc:
+            now = time.monotonic()
+            if self.failing_since is None:
+                self.failing_since = now
+                log.warning("readiness: Redis check failed (%r)", exc)
+            failing = now - self.failing_since
+            if failing > self.grace:
+                return False, f"Redis failing for {failing:.1f} s ({type(exc).__name__})"
+            return True, f"Redis failing for {failing:.1f} s, within readiness_grace_seconds"
+        if self.failing_since is not None:
+            log.info("readiness: Redis answers again")
+        self.failing_since = None
+        return True, "ok"
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, reason = await request.config_dict[READINESS].check()
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "reason": reason}, status=200 if ready else 503
+    )

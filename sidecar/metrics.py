@@ -1,0 +1,222 @@
+"""Prometheus metrics: every object defined once, on a registry of the app's own, and ``GET /metrics``.
+
+Names follow the shared contract (``creditgate_*``, base units, ``_total`` counters, ``_seconds``
+durations). Labels stay bounded: route, model (a configured model, else ``other``), status class,
+cache result, script, reason — never an account, key or user. Modules keep plain stats of their own
+(``FlushStats``, ``DriftState``, the proxy's in-flight set); a collector reads them at scrape time, and
+the outbox backlog is refreshed by the ``/metrics`` handler just before rendering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .observe import RequestRecord
+
+log = logging.getLogger("creditgate.metrics")
+
+# LLM calls take from milliseconds (embeddings) to minutes (long generations).
+LLM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+SCRIPT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+FLUSH_ROWS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+FLUSH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BACKLOG_TIMEOUT = 1.0  # seconds the /metrics handler waits for the outbox backlog
+
+
+@dataclass
+class Sources:
+    """Where the scrape-time values come from; set once the app's services exist."""
+
+    holds_active: Callable[[], int] = lambda: 0
+    rows_written: Callable[[], int] = lambda: 0
+    flush_failures: Callable[[], int] = lambda: 0
+    drift: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    backlog: Callable[[], Awaitable[tuple[int, float]]] | None = None  # refreshed on each scrape
+
+
+class _StatsCollector(Collector):
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.sources
+        yield GaugeMetricFamily(
+            "creditgate_holds_active", "Exchanges holding credits in this process.", value=s.holds_active()
+        )
+        yield CounterMetricFamily(
+            "creditgate_ledger_rows_written", "Rows the flusher wrote to the ledger.", value=s.rows_written()
+        )
+        yield CounterMetricFamily(
+            "creditgate_flush_failures", "Failed ledger batch writes (retried).", value=s.flush_failures()
+        )
+        accounts, total = s.drift()
+        yield GaugeMetricFamily(
+            "creditgate_ledger_drift_accounts",
+            "Accounts whose Redis balance disagrees with the ledger.",
+            value=accounts,
+        )
+        yield GaugeMetricFamily(
+            "creditgate_ledger_drift_microcredits", "Sum of absolute drift at the last check.", value=total
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.sources = Sources()
+        Gauge("creditgate_build_info", "Build information.", ["version", "python"], registry=r).labels(
+            __version__, platform.python_version()
+        ).set(1)
+        self.requests = Counter(
+            "creditgate_requests",
+            "Requests answered.",
+            ["route", "model", "status_class", "cache"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "creditgate_request_duration_seconds",
+            "Whole request time.",
+            ["route"],
+            buckets=LLM_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "creditgate_upstream_duration_seconds",
+            "Upstream call, from sending to the last byte.",
+            ["route", "model"],
+            buckets=LLM_BUCKETS,
+            registry=r,
+        )
+        self.first_byte = Histogram(
+            "creditgate_upstream_first_byte_seconds",
+            "Time to the upstream's first byte (streams: first chunk, i.e. first token).",
+            ["route", "model"],
+            buckets=LLM_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "creditgate_overhead_seconds",
+            "Request time not spent waiting on the upstream or a slow client.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        money = ["route", "model"]
+        self.held = Counter("creditgate_held_microcredits", "Micro-credits held.", money, registry=r)
+        self.charged = Counter("creditgate_charged_microcredits", "Micro-credits charged.", money, registry=r)
+        self.released = Counter(
+            "creditgate_released_microcredits",
+            "Held micro-credits released (hold minus charge).",
+            money,
+            registry=r,
+        )
+        self.saved = Counter(
+            "creditgate_cache_saved_microcredits",
+            "Micro-credits the response cache saved callers.",
+            money,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "creditgate_tokens",
+            "Tokens by type (prompt: uncached).",
+            ["route", "model", "type"],
+            registry=r,
+        )
+        self.payment_required = Counter(
+            "creditgate_payment_required", "402 answers by reason.", ["route", "reason"], registry=r
+        )
+        self.overdrafts = Counter(
+            "creditgate_overdrafts", "Requests that cost more than their hold.", money, registry=r
+        )
+        self.backlog = Gauge("creditgate_outbox_backlog_entries", "Debits waiting in the outbox.", registry=r)
+        self.oldest = Gauge(
+            "creditgate_outbox_oldest_age_seconds", "Age of the oldest debit in the outbox.", registry=r
+        )
+        self.flush_rows = Histogram(
+            "creditgate_flush_batch_rows", "Rows per ledger batch.", buckets=FLUSH_ROWS_BUCKETS, registry=r
+        )
+        self.flush_seconds = Histogram(
+            "creditgate_flush_duration_seconds",
+            "Time to write one ledger batch.",
+            buckets=FLUSH_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.script = Histogram(
+            "creditgate_redis_script_duration_seconds",
+            "Redis money script calls.",
+            ["script"],
+            buckets=SCRIPT_BUCKETS,
+            registry=r,
+        )
+        r.register(_StatsCollector(self.sources))
+
+    # ---- hooks the modules call ----------------------------------------------------------------------
+
+    def observe_script(self, script: str, nanoseconds: int) -> None:
+        self.script.labels(script).observe(nanoseconds / 1e9)
+
+    def observe_flush(self, rows: int, seconds: float) -> None:
+        self.flush_rows.observe(rows)
+        self.flush_seconds.observe(seconds)
+
+    def observe_request(self, rec: RequestRecord) -> None:
+        route, model = rec.route, rec.model
+        self.requests.labels(route, model, rec.status_class, rec.cache).inc()
+        self.duration.labels(route).observe(rec.duration)
+        self.overhead.labels(route).observe(rec.overhead)
+        if rec.upstream_seconds is not None:
+            self.upstream_duration.labels(route, model).observe(rec.upstream_seconds)
+        if rec.first_byte_seconds is not None:
+            self.first_byte.labels(route, model).observe(rec.first_byte_seconds)
+        if rec.status == 402:
+            self.payment_required.labels(route, rec.error_code or "unknown").inc()
+        if rec.hold:
+            self.held.labels(route, model).inc(rec.hold)
+            if rec.settled:
+                self.charged.labels(route, model).inc(rec.charge)
+                if rec.hold > rec.charge:
+                    self.released.labels(route, model).inc(rec.hold - rec.charge)
+                elif rec.charge > rec.hold:
+                    self.overdrafts.labels(route, model).inc()
+        elif rec.charge:  # charged without a hold of its own (e.g. a collapsed cache follower)
+            self.charged.labels(route, model).inc(rec.charge)
+        if rec.saved:
+            self.saved.labels(route, model).inc(rec.saved)
+        if rec.usage is not None and rec.cache not in ("hit", "collapsed"):  # what the upstream processed
+            cached = min(rec.usage.cached_tokens, rec.usage.prompt_tokens)
+            self.tokens.labels(route, model, "prompt").inc(rec.usage.prompt_tokens - cached)
+            self.tokens.labels(route, model, "cached_prompt").inc(cached)
+            self.tokens.labels(route, model, "completion").inc(rec.usage.completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics = request.config_dict[METRICS]
+    backlog = metrics.sources.backlog
+    if backlog is not None:
+        try:
+            async with asyncio.timeout(BACKLOG_TIMEOUT):
+                entries, oldest = await backlog()
+            metrics.backlog.set(entries)
+            metrics.oldest.set(oldest)
+        except Exception as exc:  # the scrape still answers, with the last known backlog
+            log.warning("outbox backlog unavailable for /metrics: %r", exc)
+    body = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,165 @@
+"""Metrics: a scripted mix of requests, then the values /metrics reports for it (not just the names)."""
+
+from __future__ import annotations
+
+import msgspec
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.app import FLUSHER
+from sidecar.metrics import Metrics
+
+from .conftest import Sidecar, SidecarFactory
+from .test_proxy import HELLO, MODELS, hold_for, pooled, post, settled
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(sc: Sidecar) -> Samples:
+    resp = await sc.client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def chat(max_tokens: int, model: str = "test-model", **extra: object) -> dict[str, object]:
+    return {"model": model, "messages": HELLO, "max_tokens": max_tokens, **extra}
+
+
+async def test_scripted_mix_gives_exact_metric_values(make_sidecar: SidecarFactory) -> None:
+    sc = await make_sidecar(models=MODELS, reconcile_interval_seconds=0)
+    account, key = await sc.account(10_000_000)
+    _, poor_key = await sc.account(1000)
+
+    # 1. success, with 2 cached prompt tokens: 3 x 1000 + 2 x 500 + 10 x 2000
+    ok = chat(10)
+    resp = await post(sc, "/v1/chat/completions", ok, key, **{"x-demo-cached-tokens": "2"})
+    assert resp.status == 200
+    assert int(resp.headers["x-creditgate-charged"]) == pooled(24_000)
+    h1 = hold_for(msgspec.json.encode(ok), limit=10)
+
+    # 2. a stream, by the model's alias (labelled with the model's name)
+    streamed = chat(10, model="tm", stream=True)
+    resp = await post(sc, "/v1/chat/completions", streamed, key)
+    assert resp.status == 200
+    assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    h2 = int(resp.headers["x-creditgate-held"])
+    assert h2 == hold_for(msgspec.json.encode(streamed), limit=10)
+
+    # 3. the upstream fails: nothing charged, the hold released
+    resp = await post(sc, "/v1/chat/completions", ok, key, **{"x-demo-status": "500"})
+    assert resp.status == 500
+
+    # 4. an overdraft: 50 tokens against a limit of 1
+    over = chat(1)
+    resp = await post(
+        sc, "/v1/chat/completions", over, key, **{"x-demo-tokens": "50", "x-demo-ignore-limit": "1"}
+    )
+    assert int(resp.headers["x-creditgate-charged"]) == pooled(5_000 + 100_000)
+    h4 = hold_for(msgspec.json.encode(over), limit=1)
+    assert h4 < pooled(105_000)
+
+    # 5. 402, 6. a bad key, 7. an unpriced model
+    assert (await post(sc, "/v1/chat/completions", ok, poor_key)).status == 402
+    assert (await post(sc, "/v1/chat/completions", ok, "cgk-nope")).status == 401
+    assert (await post(sc, "/v1/chat/completions", chat(10, model="gpt-9"), key)).status == 400
+
+    # 8. embeddings (3 prompt tokens at 100), 9. the models list
+    embed = {"model": "test-embed", "input": "a b c"}
+    resp = await post(sc, "/v1/embeddings", embed, key)
+    assert int(resp.headers["x-creditgate-charged"]) == pooled(300)
+    h8 = pooled(len(msgspec.json.encode(embed)) * 100)  # every body byte a token, at 100 each
+    resp = await sc.client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 200
+
+    await settled(sc)
+    await sc.client.app[FLUSHER].wait_for_rows(4)  # the four debits (1, 2, 4, 8) reach the ledger
+    m = await scrape(sc)
+
+    charged_chat = pooled(24_000) + pooled(25_000) + pooled(105_000)
+    balance = (await sc.balance(account))["balance"]
+    assert 10_000_000 - balance == charged_chat + pooled(300)
+
+    req = "creditgate_requests_total"
+    chat_model = {"route": "chat", "model": "test-model"}
+    assert value(m, req, **chat_model, status_class="2xx", cache="off") == 3
+    assert value(m, req, **chat_model, status_class="5xx", cache="off") == 1
+    assert value(m, req, **chat_model, status_class="4xx", cache="off") == 1  # the 402
+    assert value(m, req, route="chat", model="other", status_class="4xx", cache="off") == 2
+    assert value(m, req, route="embeddings", model="test-embed", status_class="2xx", cache="off") == 1
+    assert value(m, req, route="models", model="other", status_class="2xx", cache="off") == 1
+
+    assert value(m, "creditgate_held_microcredits_total", **chat_model) == h1 + h2 + h1 + h4
+    assert value(m, "creditgate_charged_microcredits_total", **chat_model) == charged_chat
+    released = (h1 - pooled(24_000)) + (h2 - pooled(25_000)) + h1  # the overdraft releases nothing
+    assert value(m, "creditgate_released_microcredits_total", **chat_model) == released
+    embed_model = {"route": "embeddings", "model": "test-embed"}
+    assert value(m, "creditgate_held_microcredits_total", **embed_model) == h8
+    assert value(m, "creditgate_charged_microcredits_total", **embed_model) == pooled(300)
+    assert value(m, "creditgate_cache_saved_microcredits_total", **chat_model) == 0
+    assert value(m, "creditgate_overdrafts_total", **chat_model) == 1
+    assert value(m, "creditgate_payment_required_total", route="chat", reason="insufficient_credits") == 1
+
+    tokens = "creditgate_tokens_total"
+    assert value(m, tokens, **chat_model, type="prompt") == 3 + 5 + 5
+    assert value(m, tokens, **chat_model, type="cached_prompt") == 2
+    assert value(m, tokens, **chat_model, type="completion") == 10 + 10 + 50
+    assert value(m, tokens, **embed_model, type="prompt") == 3
+
+    assert value(m, "creditgate_request_duration_seconds_count", route="chat") == 7
+    assert value(m, "creditgate_overhead_seconds_count", route="chat") == 7
+    assert value(m, "creditgate_request_duration_seconds_count", route="models") == 1
+    assert value(m, "creditgate_upstream_duration_seconds_count", **chat_model) == 4
+    assert value(m, "creditgate_upstream_first_byte_seconds_count", **chat_model) == 4
+    assert value(m, "creditgate_upstream_duration_seconds_count", **embed_model) == 1
+    # the overhead never exceeds the whole request time
+    assert value(m, "creditgate_overhead_seconds_sum", route="chat") <= value(
+        m, "creditgate_request_duration_seconds_sum", route="chat"
+    )
+
+    script = "creditgate_redis_script_duration_seconds_count"
+    assert value(m, script, script="reserve") == 6  # every metered request that got a hold, and the 402
+    assert value(m, script, script="settle") == 5
+    assert value(m, script, script="credit") == 2  # the two grants
+
+    assert value(m, "creditgate_holds_active") == 0
+    assert value(m, "creditgate_ledger_rows_written_total") == 4
+    assert value(m, "creditgate_flush_batch_rows_sum") == 4
+    assert value(m, "creditgate_flush_duration_seconds_count") == value(m, "creditgate_flush_batch_rows_count")
+    assert value(m, "creditgate_flush_failures_total") == 0
+    assert value(m, "creditgate_outbox_backlog_entries") == 0
+    assert value(m, "creditgate_outbox_oldest_age_seconds") == 0
+    assert value(m, "creditgate_ledger_drift_accounts") == 0
+    build = [k for k in m if k[0] == "creditgate_build_info"]
+    assert len(build) == 1
+    assert dict(build[0][1])["version"] == "0.1.0"
+    assert m[build[0]] == 1
+
+
+async def test_held_streams_are_active_holds(make_sidecar: SidecarFactory) -> None:
+    sc = await make_sidecar(models=MODELS)
+    _, key = await sc.account(10_000_000)
+    resp = await post(
+        sc, "/v1/chat/completions", chat(10, stream=True), key, **{"x-demo-token-delay-ms": "20"}
+    )
+    await resp.content.readany()  # the stream has started: its hold is live
+    assert value(await scrape(sc), "creditgate_holds_active") == 1
+    await resp.read()
+    await settled(sc)
+    assert value(await scrape(sc), "creditgate_holds_active") == 0
+
+
+def test_each_app_has_its_own_registry() -> None:
+    one, two = Metrics(), Metrics()
+    one.requests.labels("chat", "m", "2xx", "off").inc()
+    assert b'creditgate_requests_total{cache="off",model="m",route="chat",status_class="2xx"} 1.0' in (
+        one.render()
+    )
+    assert b"creditgate_requests_total{" not in two.render()
