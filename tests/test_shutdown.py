@@ -57,7 +57,12 @@ async def ledger_state(
         await conn.close()
     assert row is not None, f"no ledger row for {request_id}"
     k = KeySpace(prefix, 16).account(account)
-    return dict(row), int(balance), int(await redis.hget(k.balance, "balance") or -1), await redis.hlen(k.holds)
+    return (
+        dict(row),
+        int(balance),
+        int(await redis.hget(k.balance, "balance") or -1),
+        await redis.hlen(k.holds),
+    )
 
 
 @pytest.fixture
@@ -84,6 +89,11 @@ async def start_stream(
     first = await resp.content.readany()  # the stream is under way
     assert first.startswith(b"data: ")
     return resp, body, first
+
+
+async def read_into(resp: aiohttp.ClientResponse, received: bytearray) -> None:
+    while chunk := await resp.content.readany():
+        received += chunk
 
 
 async def test_sigterm_lets_a_stream_finish_within_the_grace_period(
@@ -122,10 +132,9 @@ async def test_sigterm_cuts_a_stream_longer_than_the_grace_period_and_settles_it
         resp, body, first = await start_stream(session, url, key, tokens=4000, delay_ms=50)
         request_id = resp.headers["x-request-id"]
         served.proc.terminate()
-        received = first
+        received = bytearray(first)
         with pytest.raises(aiohttp.ClientPayloadError):  # cut: no terminating chunk
-            while chunk := await resp.content.readany():
-                received += chunk
+            await read_into(resp, received)
         assert b"[DONE]" not in received
         assert await served.stop() == 0, served.log
     assert "cutting 1 requests still running after 0.5 s" in served.log
