@@ -132,7 +132,9 @@ async def test_scripted_mix_gives_exact_metric_values(make_sidecar: SidecarFacto
     assert value(m, "creditgate_holds_active") == 0
     assert value(m, "creditgate_ledger_rows_written_total") == 4
     assert value(m, "creditgate_flush_batch_rows_sum") == 4
-    assert value(m, "creditgate_flush_duration_seconds_count") == value(m, "creditgate_flush_batch_rows_count")
+    assert value(m, "creditgate_flush_duration_seconds_count") == value(
+        m, "creditgate_flush_batch_rows_count"
+    )
     assert value(m, "creditgate_flush_failures_total") == 0
     assert value(m, "creditgate_outbox_backlog_entries") == 0
     assert value(m, "creditgate_outbox_oldest_age_seconds") == 0

@@ -66,7 +66,9 @@ async def test_no_secret_reaches_a_log_line_or_an_error_body(
         assert await call("POST", "/admin/accounts", json={"id": rich}, headers=admin) == 201
         assert await call("POST", "/admin/accounts", json={"id": poor}, headers=admin) == 201
         grant = {**admin, "Idempotency-Key": "g"}
-        assert await call("POST", f"/admin/accounts/{rich}/grants", json={"credits": "5"}, headers=grant) == 200
+        assert (
+            await call("POST", f"/admin/accounts/{rich}/grants", json={"credits": "5"}, headers=grant) == 200
+        )
         key, poor_key = await new_key(rich), await new_key(poor)
         auth = {"Authorization": f"Bearer {key}"}
 
@@ -86,7 +88,10 @@ async def test_no_secret_reaches_a_log_line_or_an_error_body(
         assert await call("POST", "/v1/chat/completions", data=chat, headers=echo) == 502
         assert await call("POST", "/v1/chat/completions", data=streamed, headers=echo) == 502
         assert await call("GET", "/v1/models", headers=echo) == 502
-        assert await call("POST", "/v1/chat/completions", data=chat, headers={**auth, "x-demo-status": "401"}) == 502
+        assert (
+            await call("POST", "/v1/chat/completions", data=chat, headers={**auth, "x-demo-status": "401"})
+            == 502
+        )
         # A BYOK caller gets the provider's own answer about its own key.
         byok = {**echo, "x-creditgate-provider-key": byok_key}
         assert await call("POST", "/v1/chat/completions", data=chat, headers=byok, keep=byok_bodies) == 401
