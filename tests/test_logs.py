@@ -107,7 +107,7 @@ async def test_one_request_line_per_request(
         "route": "chat",
         "model": "test-model",
         "status": 200,
-        "cache": "off",
+        "cache": "bypass",
         "stream": False,
         "outcome": "ok",
     }

@@ -79,45 +79,57 @@ async def test_scripted_mix_gives_exact_metric_values(make_sidecar: SidecarFacto
     resp = await sc.client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert resp.status == 200
 
+    # 10. a deterministic request twice: a miss (charged), then a cache hit (free; what it saved counted)
+    deterministic = chat(10, temperature=0)
+    resp = await post(sc, "/v1/chat/completions", deterministic, key)
+    assert (resp.headers["X-Cache"], int(resp.headers["x-creditgate-charged"])) == ("MISS", pooled(25_000))
+    resp = await post(sc, "/v1/chat/completions", deterministic, key)
+    assert (resp.headers["X-Cache"], int(resp.headers["x-creditgate-charged"])) == ("HIT", 0)
+    h10 = hold_for(msgspec.json.encode(deterministic), limit=10)
+
     await settled(sc)
-    await sc.client.app[FLUSHER].wait_for_rows(4)  # the four debits (1, 2, 4, 8) reach the ledger
+    # Debits 1, 2, 4, 8 and 10's miss, and the hit's zero-charge row, reach the ledger.
+    await sc.client.app[FLUSHER].wait_for_rows(6)
     m = await scrape(sc)
 
-    charged_chat = pooled(24_000) + pooled(25_000) + pooled(105_000)
+    charged_chat = pooled(24_000) + pooled(25_000) + pooled(105_000) + pooled(25_000)
     balance = (await sc.balance(account))["balance"]
     assert 10_000_000 - balance == charged_chat + pooled(300)
 
     req = "creditgate_requests_total"
     chat_model = {"route": "chat", "model": "test-model"}
-    assert value(m, req, **chat_model, status_class="2xx", cache="off") == 3
-    assert value(m, req, **chat_model, status_class="5xx", cache="off") == 1
-    assert value(m, req, **chat_model, status_class="4xx", cache="off") == 1  # the 402
+    # Requests that are not deterministic bypass the cache; ones that fail before they are read: "off".
+    assert value(m, req, **chat_model, status_class="2xx", cache="bypass") == 3
+    assert value(m, req, **chat_model, status_class="5xx", cache="bypass") == 1
+    assert value(m, req, **chat_model, status_class="4xx", cache="bypass") == 1  # the 402
+    assert value(m, req, **chat_model, status_class="2xx", cache="miss") == 1
+    assert value(m, req, **chat_model, status_class="2xx", cache="hit") == 1
     assert value(m, req, route="chat", model="other", status_class="4xx", cache="off") == 2
-    assert value(m, req, route="embeddings", model="test-embed", status_class="2xx", cache="off") == 1
+    assert value(m, req, route="embeddings", model="test-embed", status_class="2xx", cache="miss") == 1
     assert value(m, req, route="models", model="other", status_class="2xx", cache="off") == 1
 
-    assert value(m, "creditgate_held_microcredits_total", **chat_model) == h1 + h2 + h1 + h4
+    assert value(m, "creditgate_held_microcredits_total", **chat_model) == h1 + h2 + h1 + h4 + h10
     assert value(m, "creditgate_charged_microcredits_total", **chat_model) == charged_chat
-    released = (h1 - pooled(24_000)) + (h2 - pooled(25_000)) + h1  # the overdraft releases nothing
-    assert value(m, "creditgate_released_microcredits_total", **chat_model) == released
+    released = (h1 - pooled(24_000)) + (h2 - pooled(25_000)) + h1 + (h10 - pooled(25_000))
+    assert value(m, "creditgate_released_microcredits_total", **chat_model) == released  # none from 4
     embed_model = {"route": "embeddings", "model": "test-embed"}
     assert value(m, "creditgate_held_microcredits_total", **embed_model) == h8
     assert value(m, "creditgate_charged_microcredits_total", **embed_model) == pooled(300)
-    assert value(m, "creditgate_cache_saved_microcredits_total", **chat_model) == 0
+    assert value(m, "creditgate_cache_saved_microcredits_total", **chat_model) == pooled(25_000)
     assert value(m, "creditgate_overdrafts_total", **chat_model) == 1
     assert value(m, "creditgate_payment_required_total", route="chat", reason="insufficient_credits") == 1
 
-    tokens = "creditgate_tokens_total"
-    assert value(m, tokens, **chat_model, type="prompt") == 3 + 5 + 5
+    tokens = "creditgate_tokens_total"  # what the upstream processed: the cache hit adds none
+    assert value(m, tokens, **chat_model, type="prompt") == 3 + 5 + 5 + 5
     assert value(m, tokens, **chat_model, type="cached_prompt") == 2
-    assert value(m, tokens, **chat_model, type="completion") == 10 + 10 + 50
+    assert value(m, tokens, **chat_model, type="completion") == 10 + 10 + 50 + 10
     assert value(m, tokens, **embed_model, type="prompt") == 3
 
-    assert value(m, "creditgate_request_duration_seconds_count", route="chat") == 7
-    assert value(m, "creditgate_overhead_seconds_count", route="chat") == 7
+    assert value(m, "creditgate_request_duration_seconds_count", route="chat") == 9
+    assert value(m, "creditgate_overhead_seconds_count", route="chat") == 9
     assert value(m, "creditgate_request_duration_seconds_count", route="models") == 1
-    assert value(m, "creditgate_upstream_duration_seconds_count", **chat_model) == 4
-    assert value(m, "creditgate_upstream_first_byte_seconds_count", **chat_model) == 4
+    assert value(m, "creditgate_upstream_duration_seconds_count", **chat_model) == 5
+    assert value(m, "creditgate_upstream_first_byte_seconds_count", **chat_model) == 5
     assert value(m, "creditgate_upstream_duration_seconds_count", **embed_model) == 1
     # the overhead never exceeds the whole request time
     assert value(m, "creditgate_overhead_seconds_sum", route="chat") <= value(
@@ -125,13 +137,14 @@ async def test_scripted_mix_gives_exact_metric_values(make_sidecar: SidecarFacto
     )
 
     script = "creditgate_redis_script_duration_seconds_count"
-    assert value(m, script, script="reserve") == 6  # every metered request that got a hold, and the 402
-    assert value(m, script, script="settle") == 5
+    assert value(m, script, script="reserve") == 5  # 1-4 and the 402
+    assert value(m, script, script="lookup_reserve") == 3  # the cacheable ones: 8 and both of 10
+    assert value(m, script, script="settle") == 7
     assert value(m, script, script="credit") == 2  # the two grants
 
     assert value(m, "creditgate_holds_active") == 0
-    assert value(m, "creditgate_ledger_rows_written_total") == 4
-    assert value(m, "creditgate_flush_batch_rows_sum") == 4
+    assert value(m, "creditgate_ledger_rows_written_total") == 6
+    assert value(m, "creditgate_flush_batch_rows_sum") == 6
     assert value(m, "creditgate_flush_duration_seconds_count") == value(
         m, "creditgate_flush_batch_rows_count"
     )
