@@ -329,6 +329,11 @@ class Proxy:
         headers = request_headers(request.headers, self._drop_headers, ex.credential)
         rec = ex.record
         try:
+            if ex.cut:  # started after shutdown cut everything: the upstream is not called, nothing charged
+                ex.outcome = "shutting_down"
+                raise ServiceUnavailable(
+                    "creditgate is shutting down; retry this request.", code="shutting_down"
+                )
             rec.upstream_started = time.perf_counter()
             try:
                 async with ex.cut_timeout() as ex.cutter:

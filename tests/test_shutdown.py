@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,14 @@ import aiohttp
 import asyncpg
 import msgspec
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 
+from sidecar.app import PROXY
 from sidecar.keys import KeySpace
 
-from .conftest import ADMIN_TOKEN, Served, clean_env, serve_process
+from .conftest import ADMIN_TOKEN, Served, SidecarFactory, clean_env, serve_process
+from .test_proxy import HELLO, MODELS, pooled, post
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -149,3 +153,39 @@ async def test_sigterm_cuts_a_stream_longer_than_the_grace_period_and_settles_it
     assert row["amount"] < 0
     assert ledger_balance == redis_balance == 5_000_000 + row["amount"]
     assert holds == 0
+
+
+async def test_cut_at_the_deadline_settles_a_request_still_waiting_on_its_upstream(
+    make_sidecar: SidecarFactory, aiohttp_server: Any
+) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def stuck(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        arrived.set()
+        await release.wait()
+        return web.json_response({})
+
+    slow = web.Application()
+    slow.router.add_post("/v1/chat/completions", stuck)
+    server = await aiohttp_server(slow)
+    sc = await make_sidecar(models=MODELS, upstream_url=str(server.make_url("/v1")))
+    account, key = await sc.account(1_000_000)
+    body = {"model": "tm", "messages": HELLO, "max_tokens": 10}
+    pending = asyncio.create_task(post(sc, "/v1/chat/completions", body, key))
+    await arrived.wait()  # the upstream has the request and will not answer
+    await sc.client.app[PROXY].finish(0)  # the grace period is over: cut
+    resp = await pending
+    assert (resp.status, (await resp.json())["error"]["code"]) == (503, "shutting_down")
+    prompt_estimate = -(-len(msgspec.json.encode(body)) // 4)
+    after_cut = 1_000_000 - pooled(prompt_estimate * 1000)  # the disconnect policy: prompt estimate
+    assert (await sc.balance(account))["balance"] == after_cut
+    # Anything that still gets through after the cut is refused without calling the upstream.
+    late = await post(sc, "/v1/chat/completions", body, key)
+    assert (late.status, (await late.json())["error"]["code"]) == (503, "shutting_down")
+    assert calls == 1
+    assert (await sc.balance(account))["balance"] == after_cut
+    assert (await sc.balance(account))["holds"] == []
+    release.set()
