@@ -72,16 +72,22 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": self.redact(record.getMessage()),
         }
+        nested = False  # an extra that is neither text nor a plain scalar: redact the encoded line too
         for name, value in vars(record).items():
             if name not in _STANDARD and not name.startswith("_"):
-                line[name] = self.redact(value) if isinstance(value, str) else value
+                if isinstance(value, str):
+                    value = self.redact(value)
+                elif value is not None and not isinstance(value, int | float | bool):
+                    nested = True
+                line[name] = value
         if record.exc_info:
             line["exc"] = self.redact(self.formatException(record.exc_info))
         elif record.exc_text:
             line["exc"] = self.redact(record.exc_text)
         if record.stack_info:
             line["stack"] = self.redact(self.formatStack(record.stack_info))
-        return self.redact(self._encode(line).decode())
+        text = self._encode(line).decode()
+        return self.redact(text) if nested else text
 
 
 class TextFormatter(logging.Formatter):

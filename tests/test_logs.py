@@ -69,6 +69,9 @@ def test_json_lines_carry_extras_and_redacted_exceptions() -> None:
     line = json.loads(fmt.format(rec))
     assert "RuntimeError" in line["exc"]
     assert "leakedkey123" not in line["exc"]
+    nested = fmt.format(record("headers", headers={"Authorization": "Bearer the-admin-token"}))
+    assert "the-admin-token" not in nested
+    assert json.loads(nested)["headers"] == {"Authorization": REDACTED}
     text = TextFormatter(Redactor())
     assert text.format(record("hello", account="acme")).endswith("creditgate.test hello account=acme")
 
