@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -25,6 +25,8 @@ from . import __version__
 from .observe import RequestRecord
 
 log = logging.getLogger("creditgate.metrics")
+# No `*_created` series: they would double the series count and nothing reads them (process-wide).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # LLM calls take from milliseconds (embeddings) to minutes (long generations).
 LLM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import FLUSHER
 from sidecar.metrics import Metrics
+from sidecar.observe import RequestRecord
+from sidecar.pricing import Usage
 
 from .conftest import Sidecar, SidecarFactory
 from .test_proxy import HELLO, MODELS, hold_for, pooled, post, settled
@@ -178,3 +182,28 @@ def test_each_app_has_its_own_registry() -> None:
         one.render()
     )
     assert b"creditgate_requests_total{" not in two.render()
+
+
+def test_exposed_metrics_are_exactly_the_dashboard_contract() -> None:
+    """helm/creditgate/dashboards/metrics.txt is what the dashboard is built on: same names, types, labels."""
+    contract: dict[str, tuple[str, frozenset[str]]] = {}
+    for line in (
+        (Path(__file__).parent.parent / "helm/creditgate/dashboards/metrics.txt").read_text().splitlines()
+    ):
+        if line.strip() and not line.startswith("#"):
+            name, kind, labels = line.split()
+            contract[name] = (kind, frozenset() if labels == "-" else frozenset(labels.split(",")))
+    metrics = Metrics()
+    for charge in (3, 7):  # a release, then an overdraft
+        rec = RequestRecord("chat", 0.0, model="m", status=402, error_code="insufficient_credits", hold=5)
+        rec.usage, rec.settled, rec.charge, rec.saved, rec.ended = Usage(3, 2, 1), True, charge, 1, 1.0
+        rec.upstream_started, rec.upstream_first_byte, rec.upstream_ended = 0.1, 0.2, 0.9
+        metrics.observe_request(rec)
+    metrics.observe_script("reserve", 1000)
+    metrics.observe_flush(10, 0.01)
+    exposed: dict[str, tuple[str, frozenset[str]]] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        names = {k for s in family.samples for k in s.labels} - {"le"}
+        exposed[name] = (family.type, frozenset(names))
+    assert exposed == contract
