@@ -1,0 +1,659 @@
+"""Overhead benchmark: what creditgate costs over talking to the upstream directly, in one command.
+
+    python bench/overhead.py [--quick] [--no-cache] [--rounds 3] [--seconds 5] [--profile FILE]
+
+Starts a fast mock upstream (bench/mock_upstream.py), a bare aiohttp pass-through proxy
+(bench/bare_proxy.py, the ceiling for any aiohttp proxy) and ``creditgate serve`` as a real subprocess
+against the running Redis and Postgres (a fresh key prefix and a fresh schema, both removed at the end),
+with everything on: auth, reserve, settle, outbox, the flusher writing to Postgres, and the cache
+(enabled, but missed: every request body is unique) when this build has one. Then, for each scenario,
+every target is loaded in turn by bench/loadgen.py (a separate process), A B C A B C …, and the medians
+of the rounds are compared. Prints markdown tables: per-target figures with ratios and deltas against
+direct and against the bare proxy, then each goal with its verdict, plus creditgate's RSS after the load
+and its time from spawn to ready.
+
+``--profile FILE`` instead runs only creditgate under the non-streamed c=64 load while ``py-spy`` (not a
+project dependency: ``pip install py-spy``) records it (``.svg`` flame graph, ``.json`` speedscope,
+anything else raw collapsed stacks).
+
+Environment: BENCH_REDIS_URL (redis://127.0.0.1:6379/0), BENCH_DATABASE_URL
+(postgresql://postgres@127.0.0.1:5432/test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+import redis
+
+from sidecar.config import Settings
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PY = sys.executable
+MODEL = "bench-model"
+PROMPT = "Benchmark request {run}-__N__: please answer with sixteen tokens."
+# Goals from issue #6 (ratios from one interleaved run on a shared 2-core machine).
+GOAL_RPS_VS_BARE = 0.6
+GOAL_ADDED_P50_MS = 1.0
+GOAL_ADDED_TTFB_MS = 1.5
+GOAL_STREAM_RPS_VS_DIRECT = 0.95
+GOAL_HITS_VS_MISS = 1.5
+GOAL_RSS_MB = 100.0
+GOAL_READY_S = 1.5
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    concurrency: int
+    stream: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    title: str
+    url: str
+    unique: bool  # a body unique per request (a cache miss), else one repeated body (a cache hit)
+
+
+@dataclass
+class Stats:
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def median(self, metric: str, pct: str | None = None) -> float:
+        values = [r[metric][pct] if pct else r[metric] for r in self.rounds if r[metric] is not None]
+        return statistics.median(values) if values else float("nan")
+
+    def total(self, metric: str) -> int:
+        return sum(int(r[metric]) for r in self.rounds)
+
+
+SCENARIOS = [
+    Scenario("ns1", "non-streamed, c=1", 1, False),
+    Scenario("ns64", "non-streamed, c=64", 64, False),
+    Scenario("st64", "streamed (16 tokens, 5 ms apart), c=64", 64, True),
+]
+
+
+# ---- processes --------------------------------------------------------------------------------------
+
+
+class Children:
+    """Every process this run starts; all are stopped at the end, whatever happens."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def spawn_listening(self, name: str, argv: list[str]) -> str:
+        """Start a bench server and return the URL it prints once it listens."""
+        proc = self.spawn(name, argv)
+        assert proc.stdout is not None
+        line = _readline(proc.stdout, 15)
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"{name} did not start: {line!r}\n{self.tail(name)}")
+        return line.removeprefix("listening on ").strip()
+
+    def tail(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def stop(self, name: str, timeout: float = 20) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+
+def _readline(stream: IO[bytes], timeout: float) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return stream.readline().decode(errors="replace") if ready else ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _http(port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        payload = resp.read()
+        if resp.status >= 300:
+            raise RuntimeError(f"{method} {path}: {resp.status} {payload[:500]!r}")
+        return json.loads(payload) if payload else None
+    finally:
+        conn.close()
+
+
+def _status(port: int, path: str) -> int | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def _rss_mb(pid: int) -> tuple[float, float]:
+    """VmRSS and VmHWM (peak) of a process, in MB."""
+    fields = {}
+    status = Path(f"/proc/{pid}/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) / 1024
+    if "VmRSS" not in fields:
+        raise RuntimeError(f"process {pid} is gone: no RSS to read")
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+# ---- creditgate -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Creditgate:
+    children: Children
+    env: dict[str, str]
+    port: int
+    admin_token: str
+    pid: int = 0
+
+    def start(self) -> float:
+        """Spawn `creditgate serve`; seconds from spawn to the first 200 from /readyz (or /healthz)."""
+        started = time.perf_counter()
+        proc = self.children.spawn("creditgate", [PY, "-m", "sidecar", "serve"], self.env)
+        self.pid = proc.pid
+        path = "/readyz"
+        deadline = started + 60
+        while time.perf_counter() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"creditgate exited with {proc.returncode}:\n{self.children.tail('creditgate')}"
+                )
+            status = _status(self.port, path)
+            if status == 404 and path == "/readyz":
+                path = "/healthz"  # a build without a readiness endpoint
+                continue
+            if status == 200:
+                return time.perf_counter() - started
+            time.sleep(0.005)
+        raise RuntimeError(f"creditgate not ready in 60 s:\n{self.children.tail('creditgate')}")
+
+    def stop(self) -> None:
+        self.children.stop("creditgate")
+
+    def admin(self, method: str, path: str, body: Any = None, **headers: str) -> Any:
+        return _http(
+            self.port,
+            method,
+            f"/admin{path}",
+            body,
+            {"Authorization": f"Bearer {self.admin_token}", **headers},
+        )
+
+    def funded_key(self) -> str:
+        account = self.admin("POST", "/accounts", {})["id"]
+        self.admin(
+            "POST",
+            f"/accounts/{account}/grants",
+            {"credits": "1000000", "note": "overhead benchmark"},
+            **{"Idempotency-Key": uuid.uuid4().hex},
+        )
+        key: str = self.admin("POST", f"/accounts/{account}/keys")["key"]
+        return key
+
+    def wait_flushed(self, timeout: float = 30) -> int:
+        """Wait for the outbox to drain into Postgres; returns the backlog left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            backlog: int = self.admin("GET", "/ledger")["outbox_backlog"]
+            if backlog == 0 or time.monotonic() > deadline:
+                return backlog
+            time.sleep(0.2)
+
+
+def cache_supported() -> bool:
+    return "cache_enabled" in Settings.__struct_fields__
+
+
+@contextmanager
+def fresh_state(redis_url: str, database_url: str) -> Iterator[tuple[str, str]]:
+    """A fresh Postgres schema and Redis key prefix: (database URL with search_path, key prefix)."""
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+
+    async def sql(statement: str) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(sql(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{database_url}{'&' if '?' in database_url else '?'}search_path={schema}", f"{schema}:"
+    finally:
+        asyncio.run(sql(f"DROP SCHEMA {schema} CASCADE"))
+        client = redis.Redis.from_url(redis_url)
+        try:
+            batch = list(client.scan_iter(match=f"{schema}:*", count=10_000))
+            for i in range(0, len(batch), 1000):
+                client.delete(*batch[i : i + 1000])
+        finally:
+            client.close()
+
+
+def ledger_usage_rows(database_url: str) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows: int = await conn.fetchval("SELECT count(*) FROM ledger WHERE kind = 'usage'")
+            return rows
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+# ---- load -------------------------------------------------------------------------------------------
+
+
+def body_for(scenario: Scenario, target: Target) -> str:
+    run = uuid.uuid4().hex[:12] if target.unique else "hit"
+    prompt = PROMPT.format(run=run)
+    if not target.unique:
+        prompt = prompt.replace("__N__", "0")
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "temperature": 0,
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": prompt}],
+    }
+    if scenario.stream:
+        body["stream"] = True
+    return json.dumps(body)
+
+
+def load(url: str, body: str, key: str, concurrency: int, seconds: float, warmup: float) -> dict[str, Any]:
+    argv = [
+        PY,
+        str(BENCH / "loadgen.py"),
+        "--json",
+        f"--url={url}/v1/chat/completions",
+        f"--body={body}",
+        f"--header=Authorization: Bearer {key}",
+        f"--concurrency={concurrency}",
+        f"--seconds={seconds}",
+        f"--warmup={warmup}",
+    ]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=seconds + warmup + 120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"loadgen failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}"
+        )
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+
+def _ms(value: float) -> str:
+    return "–" if value != value else f"{value:.2f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return "–" if not b or a != a or b != b else f"{a / b:.2f}×"
+
+
+def _delta(a: float, b: float) -> str:
+    return "–" if a != a or b != b else f"{a - b:+.2f}"
+
+
+def results_table(
+    results: dict[str, dict[str, Stats]], targets: list[Target], scenarios: list[Scenario]
+) -> str:
+    lines = [
+        "| scenario | target | RPS | p50 ms | p90 ms | p99 ms | TTFB p50 | TTFB p99 "
+        "| RPS ÷ direct | RPS ÷ bare | Δp50 vs direct | Δp50 vs bare "
+        "| ΔTTFB p50 vs direct | ΔTTFB p50 vs bare | non-2xx / errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for sc in scenarios:
+        direct, bare = results[sc.key]["direct"], results[sc.key]["bare"]
+        for t in targets:
+            s = results[sc.key].get(t.key)
+            if s is None:
+                continue
+            rps, p50, ttfb = s.median("rps"), s.median("latency_ms", "p50"), s.median("ttfb_ms", "p50")
+            stream = sc.stream
+            lines.append(
+                f"| {sc.title} | {t.title} | {rps:,.0f} | {_ms(p50)} | {_ms(s.median('latency_ms', 'p90'))} "
+                f"| {_ms(s.median('latency_ms', 'p99'))} "
+                f"| {_ms(ttfb) if stream else '–'} | {_ms(s.median('ttfb_ms', 'p99')) if stream else '–'} "
+                f"| {_ratio(rps, direct.median('rps'))} | {_ratio(rps, bare.median('rps'))} "
+                f"| {_delta(p50, direct.median('latency_ms', 'p50'))} "
+                f"| {_delta(p50, bare.median('latency_ms', 'p50'))} "
+                f"| {_delta(ttfb, direct.median('ttfb_ms', 'p50')) if stream else '–'} "
+                f"| {_delta(ttfb, bare.median('ttfb_ms', 'p50')) if stream else '–'} "
+                f"| {s.total('non_2xx')} / {s.total('errors')} |"
+            )
+    return "\n".join(lines)
+
+
+def goals_table(
+    results: dict[str, dict[str, Stats]], rss: float, peak: float, ready: float, restart: float
+) -> tuple[str, bool]:
+    rows: list[tuple[str, str, str, bool | None]] = []
+
+    def med(sc: str, target: str, metric: str, pct: str | None = None) -> float:
+        stats = results.get(sc, {}).get(target)
+        return stats.median(metric, pct) if stats else float("nan")
+
+    r = med("ns64", "creditgate", "rps") / med("ns64", "bare", "rps")
+    rows.append(
+        (
+            "non-streamed c=64: creditgate RPS ÷ bare proxy RPS",
+            f"{r:.2f}",
+            f"≥ {GOAL_RPS_VS_BARE}",
+            r >= GOAL_RPS_VS_BARE,
+        )
+    )
+    d = med("ns1", "creditgate", "latency_ms", "p50") - med("ns1", "direct", "latency_ms", "p50")
+    rows.append(
+        (
+            "non-streamed c=1: added p50 over direct",
+            f"{d:.2f} ms",
+            f"≤ {GOAL_ADDED_P50_MS} ms",
+            d <= GOAL_ADDED_P50_MS,
+        )
+    )
+    d = med("st64", "creditgate", "ttfb_ms", "p50") - med("st64", "direct", "ttfb_ms", "p50")
+    rows.append(
+        (
+            "streamed c=64: added TTFB p50 over direct",
+            f"{d:.2f} ms",
+            f"≤ {GOAL_ADDED_TTFB_MS} ms",
+            d <= GOAL_ADDED_TTFB_MS,
+        )
+    )
+    r = med("st64", "creditgate", "rps") / med("st64", "direct", "rps")
+    rows.append(
+        (
+            "streamed c=64: creditgate RPS ÷ direct RPS",
+            f"{r:.2f}",
+            f"≥ {GOAL_STREAM_RPS_VS_DIRECT}",
+            r >= GOAL_STREAM_RPS_VS_DIRECT,
+        )
+    )
+    if "hits" in results["ns64"]:
+        r = med("ns64", "hits", "rps") / med("ns64", "creditgate", "rps")
+        rows.append(
+            (
+                "non-streamed c=64: cache-hit RPS ÷ miss RPS",
+                f"{r:.2f}",
+                f"≥ {GOAL_HITS_VS_MISS}",
+                r >= GOAL_HITS_VS_MISS,
+            )
+        )
+    else:
+        rows.append(
+            (
+                "non-streamed c=64: cache-hit RPS ÷ miss RPS",
+                "skipped (no cache)",
+                f"≥ {GOAL_HITS_VS_MISS}",
+                None,
+            )
+        )
+    rows.append(
+        (
+            "creditgate RSS after the load (peak)",
+            f"{rss:.1f} MB ({peak:.1f})",
+            f"≤ {GOAL_RSS_MB:.0f} MB",
+            rss <= GOAL_RSS_MB,
+        )
+    )
+    rows.append(
+        (
+            "start → ready, fresh schema (migrations run)",
+            f"{ready:.2f} s",
+            f"≤ {GOAL_READY_S} s",
+            ready <= GOAL_READY_S,
+        )
+    )
+    rows.append(
+        ("start → ready, restart", f"{restart:.2f} s", f"≤ {GOAL_READY_S} s", restart <= GOAL_READY_S)
+    )
+    lines = ["| goal | measured | target | verdict |", "|---|--:|--:|---|"]
+    for name, measured, goal, ok in rows:
+        lines.append(
+            f"| {name} | {measured} | {goal} | {'–' if ok is None else 'met' if ok else 'NOT met'} |"
+        )
+    return "\n".join(lines), all(ok is not False for *_, ok in rows)
+
+
+# ---- main -------------------------------------------------------------------------------------------
+
+
+def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 short rounds (under a minute)")
+    parser.add_argument("--rounds", type=int, help="rounds per target (default 3; --quick 2)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per round (default 5; --quick 1)")
+    parser.add_argument("--no-cache", action="store_true", help="do not enable the response cache")
+    parser.add_argument("--profile", metavar="FILE", help="profile creditgate under c=64 load with py-spy")
+    parser.add_argument("--profile-seconds", type=float, default=20)
+    args = parser.parse_args()
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    database_url = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    use_cache = cache_supported() and not args.no_cache
+    py_spy = None
+    if args.profile:
+        py_spy = shutil.which("py-spy", path=f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        if py_spy is None:
+            print("--profile needs py-spy: pip install py-spy", file=sys.stderr)
+            return 2
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    children = Children(Path(tempfile.mkdtemp(prefix="creditgate-bench-")))
+    try:
+        with fresh_state(redis_url, database_url) as (schema_url, prefix):
+            try:
+                return run(args, children, redis_url, schema_url, prefix, use_cache, py_spy)
+            finally:
+                children.stop_all()  # before the schema is dropped
+    except KeyboardInterrupt:
+        print("interrupted; stopped everything", file=sys.stderr)
+        return 130
+
+
+def run(
+    args: argparse.Namespace,
+    children: Children,
+    redis_url: str,
+    schema_url: str,
+    prefix: str,
+    use_cache: bool,
+    py_spy: str | None,
+) -> int:
+    rounds = args.rounds or (2 if args.quick else 3)
+    seconds = args.seconds or (1.0 if args.quick else 5.0)
+    warmup = 0.3 if args.quick else 0.5
+    began = time.perf_counter()
+    mock = children.spawn_listening(
+        "mock", [PY, str(BENCH / "mock_upstream.py"), "--tokens=16", "--ttft-ms=0", "--token-delay-ms=5"]
+    )
+    bare = children.spawn_listening("bare", [PY, str(BENCH / "bare_proxy.py"), f"--upstream={mock}"])
+    port = _free_port()
+    admin_token = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITGATE_")}
+    env.update(
+        {
+            "CREDITGATE_HOST": "127.0.0.1",
+            "CREDITGATE_PORT": str(port),
+            "CREDITGATE_REDIS_URL": redis_url,
+            "CREDITGATE_DATABASE_URL": schema_url,
+            "CREDITGATE_KEY_PREFIX": prefix,
+            "CREDITGATE_UPSTREAM_URL": f"{mock}/v1",
+            "CREDITGATE_UPSTREAM_API_KEY": "sk-bench-provider-key",
+            "CREDITGATE_ADMIN_TOKEN": admin_token,
+            "CREDITGATE_FLUSHER_ENABLED": "true",
+            "CREDITGATE_LOG_LEVEL": "WARNING",
+            "CREDITGATE_MODELS": json.dumps(
+                {MODEL: {"prompt": "0.00015", "completion": "0.0006", "max_output_tokens": 4096}}
+            ),
+        }
+    )
+    if use_cache:
+        env["CREDITGATE_CACHE_ENABLED"] = "true"
+    cg = Creditgate(children, env, port, admin_token)
+    ready = cg.start()
+    key = cg.funded_key()
+    cg_url = f"http://127.0.0.1:{port}"
+    if py_spy is not None:
+        return profile(cg, py_spy, args.profile, cg_url, key, args.profile_seconds)
+    targets = [
+        Target("direct", "direct to the mock", mock, True),
+        Target("bare", "bare aiohttp proxy", bare, True),
+        Target("creditgate", "creditgate (cache miss)" if use_cache else "creditgate", cg_url, True),
+    ]
+    if use_cache:
+        targets.append(Target("hits", "creditgate (cache hits)", cg_url, False))
+    print(
+        f"creditgate ready in {ready:.2f} s; {len(SCENARIOS)} scenarios × {len(targets)} targets × "
+        f"{rounds} rounds × {seconds:g} s, interleaved",
+        flush=True,
+    )
+    results: dict[str, dict[str, Stats]] = {sc.key: {t.key: Stats() for t in targets} for sc in SCENARIOS}
+    for sc in SCENARIOS:
+        for rnd in range(rounds):
+            for t in targets:
+                r = load(t.url, body_for(sc, t), key, sc.concurrency, seconds, warmup)
+                results[sc.key][t.key].rounds.append(r)
+                lat = r["latency_ms"] or {"p50": float("nan")}
+                print(
+                    f"  {sc.key} round {rnd + 1} {t.key:10} {r['rps']:8,.0f} req/s  p50 {lat['p50']:7.2f} ms"
+                    f"  non-2xx {r['non_2xx']} errors {r['errors']}",
+                    flush=True,
+                )
+    rss, peak = _rss_mb(cg.pid)
+    backlog = cg.wait_flushed()
+    rows = ledger_usage_rows(schema_url)
+    cg.stop()
+    restart = cg.start()
+    cg.stop()
+    elapsed = time.perf_counter() - began
+    goals, all_met = goals_table(results, rss, peak, ready, restart)
+    print()
+    print(results_table(results, targets, SCENARIOS))
+    print()
+    print(goals)
+    print()
+    if "hits" in results["ns64"]:
+        hits = results["ns64"]["hits"]
+        print(
+            f"cache hits: {hits.total('cache_hits')} of {hits.total('requests')} measured hit-target "
+            "responses had X-Cache: HIT"
+        )
+    elif not use_cache:
+        why = "--no-cache" if args.no_cache else "this build has no cache_* settings"
+        print(f"note: cache-hit target skipped ({why}); creditgate ran without a response cache.")
+    print(f"ledger: {rows} usage rows flushed to Postgres; outbox backlog left: {backlog}")
+    print(
+        f"run: {elapsed:.0f} s on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; logs in {children.logs}"
+    )
+    return 0 if all_met else 1
+
+
+def profile(cg: Creditgate, py_spy: str, out: str, url: str, key: str, seconds: float) -> int:
+    fmt = "flamegraph" if out.endswith(".svg") else "speedscope" if out.endswith(".json") else "raw"
+    sc, target = SCENARIOS[1], Target("creditgate", "creditgate", url, True)
+    load(url, body_for(sc, target), key, sc.concurrency, 2, 0.5)  # warm up
+    spy = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(cg.pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "200",
+            "--format",
+            fmt,
+            "--output",
+            out,
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        r = load(url, body_for(sc, target), key, sc.concurrency, seconds, 0.2)
+    finally:
+        spy.wait(timeout=seconds + 60)
+    print(
+        f"profiled {r['requests']} requests ({r['rps']:,.0f} req/s, {r['non_2xx']} non-2xx) "
+        f"into {out} ({fmt})"
+    )
+    return spy.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
