@@ -7,8 +7,9 @@ C connections each send a request, wait for the whole response, and send the nex
 seconds (not recorded) and then ``--seconds`` seconds. Every occurrence of ``__N__`` in the body is
 replaced by a number unique to the request (to defeat caches). Responses completed inside the measured
 window count: RPS, latency p50/p90/p99 (request sent → last body byte), time to first body byte
-p50/p90/p99, non-2xx statuses, connection errors, and ``X-Cache: HIT`` responses. Errors are counted
-and reported, never dropped silently. ``--json`` prints one JSON object (for bench/overhead.py).
+p50/p90/p99, non-2xx statuses and ``X-Cache: HIT`` responses; connection errors are counted over the
+whole run, and ``completed`` counts every response, warm-up included. A run with errors is reported,
+never hidden. ``--json`` prints one JSON object (for bench/overhead.py).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Totals:
     statuses: Counter[int] = field(default_factory=Counter)
     errors: int = 0
     cache_hits: int = 0
+    completed: int = 0  # every response, warm-up and tail included (for CPU per request)
 
 
 def percentiles(values: list[float]) -> dict[str, float] | None:
@@ -196,6 +198,7 @@ async def run(
                 conn = None
                 await asyncio.sleep(0.01)
                 continue
+            totals.completed += 1
             if result.done < window_start or result.done > window_end:
                 continue
             totals.latencies.append(result.done - sent)
@@ -216,6 +219,7 @@ async def run(
         "errors": totals.errors,
         "statuses": {str(k): v for k, v in sorted(totals.statuses.items())},
         "cache_hits": totals.cache_hits,
+        "completed": totals.completed,
     }
 
 

@@ -78,6 +78,7 @@ class Target:
     title: str
     url: str
     unique: bool  # a body unique per request (a cache miss), else one repeated body (a cache hit)
+    pid: int  # the server process whose CPU time is charged to this target
 
 
 @dataclass
@@ -185,6 +186,12 @@ def _status(port: int, path: str) -> int | None:
         return None
     finally:
         conn.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
@@ -368,8 +375,8 @@ def results_table(
     lines = [
         "| scenario | target | RPS | p50 ms | p90 ms | p99 ms | TTFB p50 | TTFB p99 "
         "| RPS ÷ direct | RPS ÷ bare | Δp50 vs direct | Δp50 vs bare "
-        "| ΔTTFB p50 vs direct | ΔTTFB p50 vs bare | non-2xx / errors |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| ΔTTFB p50 vs direct | ΔTTFB p50 vs bare | server CPU µs/req | non-2xx / errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for sc in scenarios:
         direct, bare = results[sc.key]["direct"], results[sc.key]["bare"]
@@ -388,7 +395,7 @@ def results_table(
                 f"| {_delta(p50, bare.median('latency_ms', 'p50'))} "
                 f"| {_delta(ttfb, direct.median('ttfb_ms', 'p50')) if stream else '–'} "
                 f"| {_delta(ttfb, bare.median('ttfb_ms', 'p50')) if stream else '–'} "
-                f"| {s.total('non_2xx')} / {s.total('errors')} |"
+                f"| {s.median('cpu_us'):,.0f} | {s.total('non_2xx')} / {s.total('errors')} |"
             )
     return "\n".join(lines)
 
@@ -569,12 +576,12 @@ def run(
     if py_spy is not None:
         return profile(cg, py_spy, args.profile, cg_url, key, args.profile_seconds)
     targets = [
-        Target("direct", "direct to the mock", mock, True),
-        Target("bare", "bare aiohttp proxy", bare, True),
-        Target("creditgate", "creditgate (cache miss)" if use_cache else "creditgate", cg_url, True),
+        Target("direct", "direct to the mock", mock, True, children.procs["mock"].pid),
+        Target("bare", "bare aiohttp proxy", bare, True, children.procs["bare"].pid),
+        Target("creditgate", "creditgate (cache miss)" if use_cache else "creditgate", cg_url, True, cg.pid),
     ]
     if use_cache:
-        targets.append(Target("hits", "creditgate (cache hits)", cg_url, False))
+        targets.append(Target("hits", "creditgate (cache hits)", cg_url, False, cg.pid))
     print(
         f"creditgate ready in {ready:.2f} s; {len(SCENARIOS)} scenarios × {len(targets)} targets × "
         f"{rounds} rounds × {seconds:g} s, interleaved",
@@ -584,7 +591,9 @@ def run(
     for sc in SCENARIOS:
         for rnd in range(rounds):
             for t in targets:
+                cpu = _cpu_seconds(t.pid)
                 r = load(t.url, body_for(sc, t), key, sc.concurrency, seconds, warmup)
+                r["cpu_us"] = (_cpu_seconds(t.pid) - cpu) / max(1, r["completed"]) * 1e6
                 results[sc.key][t.key].rounds.append(r)
                 lat = r["latency_ms"] or {"p50": float("nan")}
                 print(
@@ -624,7 +633,7 @@ def run(
 
 def profile(cg: Creditgate, py_spy: str, out: str, url: str, key: str, seconds: float) -> int:
     fmt = "flamegraph" if out.endswith(".svg") else "speedscope" if out.endswith(".json") else "raw"
-    sc, target = SCENARIOS[1], Target("creditgate", "creditgate", url, True)
+    sc, target = SCENARIOS[1], Target("creditgate", "creditgate", url, True, cg.pid)
     load(url, body_for(sc, target), key, sc.concurrency, 2, 0.5)  # warm up
     spy = subprocess.Popen(
         [
