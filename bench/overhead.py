@@ -447,12 +447,17 @@ def goals_table(
     )
     if "hits" in results["ns64"]:
         r = med("ns64", "hits", "rps") / med("ns64", "creditgate", "rps")
+        hit_stats = [by_target["hits"] for by_target in results.values()]
+        hits, answered = (
+            sum(h.total("cache_hits") for h in hit_stats),
+            sum(h.total("requests") for h in hit_stats),
+        )
         rows.append(
             (
                 "non-streamed c=64: cache-hit RPS ÷ miss RPS",
-                f"{r:.2f}",
+                f"{r:.2f}" + ("" if hits == answered else f" (only {hits} of {answered} were hits)"),
                 f"≥ {GOAL_HITS_VS_MISS}",
-                r >= GOAL_HITS_VS_MISS,
+                r >= GOAL_HITS_VS_MISS and hits == answered,
             )
         )
     else:
@@ -567,8 +572,8 @@ def run(
             ),
         }
     )
-    if use_cache:
-        env["CREDITGATE_CACHE_ENABLED"] = "true"
+    if cache_supported():  # an older build refuses unknown settings; a newer one has the cache on by default
+        env["CREDITGATE_CACHE_ENABLED"] = "true" if use_cache else "false"
     cg = Creditgate(children, env, port, admin_token)
     ready = cg.start()
     key = cg.funded_key()
@@ -615,10 +620,10 @@ def run(
     print(goals)
     print()
     if "hits" in results["ns64"]:
-        hits = results["ns64"]["hits"]
+        hit_stats = [by_target["hits"] for by_target in results.values()]
         print(
-            f"cache hits: {hits.total('cache_hits')} of {hits.total('requests')} measured hit-target "
-            "responses had X-Cache: HIT"
+            f"cache hits: {sum(h.total('cache_hits') for h in hit_stats)} of "
+            f"{sum(h.total('requests') for h in hit_stats)} measured hit-target responses had X-Cache: HIT"
         )
     elif not use_cache:
         why = "--no-cache" if args.no_cache else "this build has no cache_* settings"
