@@ -527,12 +527,17 @@ def main() -> int:
     try:
         with fresh_state(redis_url, database_url) as (schema_url, prefix):
             try:
-                return run(args, children, redis_url, schema_url, prefix, use_cache, py_spy)
+                status = run(args, children, redis_url, schema_url, prefix, use_cache, py_spy)
             finally:
                 children.stop_all()  # before the schema is dropped
     except KeyboardInterrupt:
-        print("interrupted; stopped everything", file=sys.stderr)
+        print(f"interrupted; stopped everything (logs in {children.logs})", file=sys.stderr)
         return 130
+    except BaseException:
+        print(f"benchmark failed; the servers' logs are in {children.logs}", file=sys.stderr)
+        raise
+    shutil.rmtree(children.logs, ignore_errors=True)  # kept only when something went wrong
+    return status
 
 
 def run(
@@ -631,7 +636,7 @@ def run(
     print(f"ledger: {rows} usage rows flushed to Postgres; outbox backlog left: {backlog}")
     print(
         f"run: {elapsed:.0f} s on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; logs in {children.logs}"
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}"
     )
     return 0 if all_met else 1
 
