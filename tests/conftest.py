@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import msgspec
 import pytest
+import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
@@ -40,17 +41,56 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+# Key prefixes handed out to this test (see new_key_prefix); their keys are deleted after it.
+_PREFIXES: list[str] = []
+_SESSION_REDIS: list[str] = []  # the Redis URL the session resolved, once it has
+
+
+def new_key_prefix() -> str:
+    """A key prefix of the test's own; whatever is stored under it is deleted when the test ends."""
+    prefix = f"t{uuid.uuid4().hex[:12]}:"
+    _PREFIXES.append(prefix)
+    return prefix
+
+
+@pytest.fixture(autouse=True)
+def _delete_test_keys() -> Iterator[None]:
+    """Tests share the Redis server (and CI reuses the machine's), so none may leave keys behind: a
+    growing keyspace slows every later SCAN."""
+    first = len(_PREFIXES)
+    yield
+    prefixes = _PREFIXES[first:]
+    del _PREFIXES[first:]
+    if not prefixes or not _SESSION_REDIS:
+        return
+    client = redis.Redis.from_url(_SESSION_REDIS[0])
+    try:
+        for prefix in prefixes:
+            batch = []
+            for name in client.scan_iter(match=f"{prefix}*", count=1000):
+                batch.append(name)
+                if len(batch) == 1000:
+                    client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                client.unlink(*batch)
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("CREDITGATE_TEST_REDIS_URL", DEFAULT_REDIS)
     if redis_answers(url, timeout=2):
+        _SESSION_REDIS.append(url)
         yield url
         return
     if os.environ.get("CI") == "true" or "CREDITGATE_TEST_REDIS_URL" in os.environ:
         pytest.fail(f"Redis at {url} does not answer; with CI=true (or an explicit URL) the tests need it.")
     embedded = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False)
     try:
-        yield embedded.start()
+        _SESSION_REDIS.append(embedded.start())
+        yield _SESSION_REDIS[0]
     finally:
         embedded.stop()
 
@@ -121,7 +161,7 @@ def make_settings(
     raw: dict[str, Any] = {
         "redis_url": redis_url,
         "database_url": database_url,
-        "key_prefix": f"t{uuid.uuid4().hex[:12]}:",
+        "key_prefix": new_key_prefix(),
         "upstream_url": upstream_url,
         "upstream_api_key": PROVIDER_KEY,
         "admin_token": ADMIN_TOKEN,

@@ -11,7 +11,6 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +26,7 @@ from sidecar.config import load_settings
 from sidecar.errors import ConfigError
 from sidecar.keys import as_text
 
-from .conftest import ADMIN_TOKEN, Sidecar, SidecarFactory, clean_env
+from .conftest import ADMIN_TOKEN, Sidecar, SidecarFactory, clean_env, new_key_prefix
 
 # ---- the admin API ------------------------------------------------------------------------------------
 
@@ -294,14 +293,12 @@ async def creditgate(env: dict[str, str], *args: str, cwd: Path | None = None) -
 
 
 @pytest.fixture
-async def cli_env(redis_url: str, database_url: str, redis_client: Redis) -> AsyncIterator[dict[str, str]]:
-    prefix = f"t{uuid.uuid4().hex[:12]}:"
-    yield clean_env(
-        CREDITGATE_REDIS_URL=redis_url, CREDITGATE_DATABASE_URL=database_url, CREDITGATE_KEY_PREFIX=prefix
+def cli_env(redis_url: str, database_url: str) -> dict[str, str]:
+    return clean_env(
+        CREDITGATE_REDIS_URL=redis_url,
+        CREDITGATE_DATABASE_URL=database_url,
+        CREDITGATE_KEY_PREFIX=new_key_prefix(),
     )
-    names = [name async for name in redis_client.scan_iter(match=f"{prefix}*", count=10_000)]
-    if names:
-        await redis_client.delete(*names)
 
 
 async def test_cli_account_key_grant_balance_revoke(

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
-from .conftest import Upstream, clean_env, serve_process
+from .conftest import Upstream, clean_env, new_key_prefix, serve_process
 
 
 def fragments(secret: str, size: int = 8) -> set[str]:
@@ -31,7 +31,7 @@ async def test_no_secret_reaches_a_log_line_or_an_error_body(
     env = clean_env(
         CREDITGATE_REDIS_URL=redis_url,
         CREDITGATE_DATABASE_URL=database_url,
-        CREDITGATE_KEY_PREFIX=f"t{uuid.uuid4().hex[:12]}:",
+        CREDITGATE_KEY_PREFIX=new_key_prefix(),
         CREDITGATE_PORT="0",
         CREDITGATE_UPSTREAM_URL=upstream.url,
         CREDITGATE_UPSTREAM_API_KEY=provider_key,

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from sidecar.app import PROXY
 from sidecar.keys import KeySpace
 
-from .conftest import ADMIN_TOKEN, Served, SidecarFactory, clean_env, serve_process
+from .conftest import ADMIN_TOKEN, Served, SidecarFactory, clean_env, new_key_prefix, serve_process
 from .test_proxy import HELLO, MODELS, pooled, post
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -71,7 +71,7 @@ async def ledger_state(
 
 @pytest.fixture
 def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}:"
+    return new_key_prefix()
 
 
 async def start_stream(
