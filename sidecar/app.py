@@ -15,6 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from .accounts import AccountStore
 from .admin import ADMIN_OPS, AdminOps, admin_app
+from .autopipeline import AutoPipeline
 from .cache import ResponseCache
 from .config import Settings
 from .errors import error_middleware
@@ -83,6 +84,8 @@ class Services:
         except TimeoutError:
             log.warning("Postgres pool did not close in 5 s; terminating its connections")
             self.store.pool.terminate()
+        if self.ledger.pipeline is not None:
+            await self.ledger.pipeline.aclose()
         await self.redis.aclose()
 
 
@@ -97,7 +100,12 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
         await asyncpg.create_pool(settings.database_url, min_size=0, max_size=settings.flush_concurrency + 2)
     )
     keys = KeySpace(settings.key_prefix, settings.partitions)
-    ledger = RedisLedger(redis, keys, settled_marker_ms=settings.settled_marker_seconds * 1000)
+    ledger = RedisLedger(
+        redis,
+        keys,
+        settled_marker_ms=settings.settled_marker_seconds * 1000,
+        pipeline=AutoPipeline(settings.redis_url),
+    )
     accounts = AccountStore(redis, keys, cache_seconds=settings.auth_cache_seconds)
     svc = Services(settings, redis, store, keys, ledger, accounts)
     try:

@@ -17,6 +17,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from .autopipeline import AutoPipeline
 from .keys import KeySpace, as_text
 from .outbox import UsageEvent, encode_event
 
@@ -77,8 +78,12 @@ class IdempotencyConflict(ValueError):
 
 
 class RedisLedger:
-    def __init__(self, redis: Redis, keys: KeySpace, *, settled_marker_ms: int) -> None:
+    def __init__(
+        self, redis: Redis, keys: KeySpace, *, settled_marker_ms: int, pipeline: AutoPipeline | None = None
+    ) -> None:
+        """`pipeline`, when given, carries the script calls (the request path's); `redis` the rest."""
         self.redis = redis
+        self.pipeline = pipeline
         self.keys = keys
         self.settled_marker_ms = settled_marker_ms
         self._reserve = redis.register_script(load_lua("reserve"))
@@ -92,6 +97,10 @@ class RedisLedger:
     async def _call(self, name: str, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         started = time.perf_counter_ns()
         try:
+            if self.pipeline is not None:
+                text = script.script
+                text = text if isinstance(text, str | bytes) else bytes(text)
+                return await self.pipeline.evalsha(script.sha, text, keys, args)
             return await script(keys=keys, args=args)
         finally:
             self.on_script(name, time.perf_counter_ns() - started)

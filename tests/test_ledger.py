@@ -10,23 +10,29 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.accounts import AccountStore
+from sidecar.autopipeline import AutoPipeline
 from sidecar.keys import KeySpace
 from sidecar.ledger import IdempotencyConflict, RedisLedger, ReserveStatus, UnknownAccount
 from sidecar.pricing import MAX_MICRO
+
+from .conftest import new_key_prefix
 
 NOW = 1_800_000_000_000
 LEASE = NOW + 60_000
 
 
-@pytest.fixture
-async def ledger(redis_client: Redis) -> AsyncIterator[RedisLedger]:
-    keys = KeySpace(f"t{uuid.uuid4().hex[:12]}:", 4)
-    ledger = RedisLedger(redis_client, keys, settled_marker_ms=60_000)
+@pytest.fixture(params=["redis-py", "autopipeline"])
+async def ledger(
+    redis_client: Redis, redis_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[RedisLedger]:
+    """The scripts through either client: redis-py (admin paths, tests) or the request path's pipeline."""
+    keys = KeySpace(new_key_prefix(), 4)
+    pipeline = AutoPipeline(redis_url) if request.param == "autopipeline" else None
+    ledger = RedisLedger(redis_client, keys, settled_marker_ms=60_000, pipeline=pipeline)
     await ledger.load_scripts()
     yield ledger
-    names = [name async for name in redis_client.scan_iter(match=f"{keys.prefix}*")]
-    if names:
-        await redis_client.delete(*names)
+    if pipeline is not None:
+        await pipeline.aclose()
 
 
 async def funded(ledger: RedisLedger, amount: int) -> str:
