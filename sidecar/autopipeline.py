@@ -2,17 +2,20 @@
 
 redis-py's asyncio client spends far more CPU per command than Redis does: a pool checkout under a lock
 and a condition, and on Python 3.11 a Task per command for its socket timeout (the overhead benchmark
-measured about a third of the sidecar's CPU there). Here every request's commands share one connection:
-the commands issued in one event-loop turn go out in one write, and since Redis answers a connection's
-commands in order, each reply resolves the oldest waiting future. Under load that batches dozens of
-scripts per write and read; at low load it is one round trip, as before.
+measured about a third of the sidecar's CPU there). Here every request's commands share one connection.
+A command sent while no reply is outstanding is written at once (one round trip, as before); commands
+sent while replies are outstanding are collected and written together at the end of the event-loop turn.
+Redis answers a connection's commands in order, so each reply resolves the oldest waiting future. Under
+load that batches dozens of scripts per write and read.
 
 Only what the hot path needs: EVALSHA (falling back to EVAL when the server lost its script cache), and
 single commands. Errors are redis-py's exception types, so callers handle them as before: a reply error
 is a ``ResponseError`` (``NoScriptError`` for NOSCRIPT), a dead or unreachable server a
-``ConnectionError``, a call slower than ``timeout`` a ``TimeoutError``. A lost connection fails the
-commands waiting on it and is reopened by the next call. Like redis-py's own retries, a caller retrying a
-failed script may run it twice: every money script is idempotent by an id.
+``ConnectionError``. One watchdog per connection (not a timer per command) enforces ``timeout``: a
+server that leaves the oldest command unanswered that long is taken for gone, every waiting command fails
+with ``TimeoutError`` and the connection is closed. A lost connection is reopened by the next call. Like
+redis-py's own retries, a caller retrying a failed script may run it twice: every money script is
+idempotent by an id.
 """
 
 from __future__ import annotations
@@ -34,9 +37,13 @@ _INCOMPLETE = object()
 def pack(args: Sequence[Arg]) -> bytes:
     """One command in RESP: an array of bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
+    append = parts.append
     for arg in args:
-        data = arg.encode() if isinstance(arg, str) else b"%d" % arg if isinstance(arg, int) else arg
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        data = arg.encode() if type(arg) is str else b"%d" % arg if type(arg) is int else arg
+        assert isinstance(data, bytes)
+        append(b"$%d\r\n" % len(data))
+        append(data)  # not formatted in: a large value (a cache entry) is copied once, by the join
+        append(b"\r\n")
     return b"".join(parts)
 
 
@@ -46,27 +53,38 @@ def reply_error(error: hiredis.ReplyError) -> rx.ResponseError:
 
 
 class _Connection(asyncio.Protocol):
-    """The wire: queued commands written once per loop turn, replies matched to futures in order."""
+    """The wire: commands written at once or once per loop turn, replies matched to futures in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
         self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(notEnoughData=_INCOMPLETE)
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.deadlines: collections.deque[float] = collections.deque()  # one per waiting future
         self.outgoing: list[bytes] = []
+        self.watchdog: asyncio.TimerHandle | None = None
         self.closed: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport instances
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
-        if self.closed is not None:
+        if self.closed is not None or self.transport is None:
             raise rx.ConnectionError(f"Redis connection lost: {self.closed!r}")
         future: asyncio.Future[Any] = self.loop.create_future()
-        if not self.outgoing:
+        deadline = self.loop.time() + self.timeout
+        if self.outgoing:
+            self.outgoing.append(command)
+        elif self.waiting:  # replies outstanding: this turn's commands go out together
+            self.outgoing.append(command)
             self.loop.call_soon(self._flush)
-        self.outgoing.append(command)
+        else:
+            self.transport.write(command)
         self.waiting.append(future)
+        self.deadlines.append(deadline)
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_at(deadline, self._watch)
         return future
 
     def _flush(self) -> None:
@@ -74,19 +92,38 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"".join(self.outgoing))
         self.outgoing.clear()
 
+    def _watch(self) -> None:
+        self.watchdog = None
+        if not self.deadlines:
+            return
+        if self.loop.time() < self.deadlines[0]:
+            self.watchdog = self.loop.call_at(self.deadlines[0], self._watch)
+            return
+        self._fail(rx.TimeoutError(f"Redis left a command unanswered for {self.timeout}s"))
+        self.close()
+
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not _INCOMPLETE:
             future = self.waiting.popleft()
-            if not future.done():  # a caller that timed out or was cancelled: its reply is dropped
+            self.deadlines.popleft()
+            if not future.done():  # a caller that was cancelled: its reply is dropped
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = exc or rx.ConnectionError("closed by the server")
+        self._fail(rx.ConnectionError(f"Redis connection lost: {exc or 'closed by the server'!r}"))
+
+    def _fail(self, error: rx.RedisError) -> None:
+        if self.closed is None:
+            self.closed = error
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        self.deadlines.clear()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
-                future.set_exception(rx.ConnectionError(f"Redis connection lost: {self.closed!r}"))
+                future.set_exception(error)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -106,12 +143,8 @@ class AutoPipeline:
         connection = self._connection
         if connection is None or connection.closed is not None:
             connection = await self._open()
-        try:
-            async with asyncio.timeout(self.timeout):
-                reply = await connection.send(pack(args))
-        except TimeoutError:
-            raise rx.TimeoutError(f"Redis did not answer within {self.timeout}s") from None
-        if isinstance(reply, hiredis.ReplyError):
+        reply = await connection.send(pack(args))
+        if type(reply) is hiredis.ReplyError:
             raise reply_error(reply)
         return reply
 
@@ -140,11 +173,11 @@ class AutoPipeline:
         loop = asyncio.get_running_loop()
         p = self.params
         if "path" in p:
-            _, connection = await loop.create_unix_connection(_Connection, p["path"])
+            _, connection = await loop.create_unix_connection(lambda: _Connection(self.timeout), p["path"])
         else:
             tls = ssl.create_default_context() if p.get("connection_class") is SSLConnection else None
             _, connection = await loop.create_connection(
-                _Connection, p.get("host", "localhost"), p.get("port", 6379), ssl=tls
+                lambda: _Connection(self.timeout), p.get("host", "localhost"), p.get("port", 6379), ssl=tls
             )
         setup: list[list[Arg]] = []
         if p.get("password"):

@@ -109,7 +109,7 @@ class ResponseCache:
         if not directives.lookup:
             self.stats.misses += 1  # no-cache: straight upstream (the lookup path counts its own misses)
         scope = SHARED_SCOPE if self.shared else account_scope(account)
-        digest = cache_key(route_kind, model, msgspec.json.decode(body), scope)
+        digest = cache_key(route_kind, model, body, scope)
         key = self.keys.shared_cache(digest) if self.shared else self.keys.account(account).cache(digest)
         return CachePlan(
             forward="miss" if directives.lookup else "request",

@@ -37,25 +37,25 @@ def account_scope(account: str) -> str:
 SHARED_SCOPE = "shared"  # distinct from every account scope, whatever the account is called
 
 
-def _canonical(value: Any) -> Any:
-    """One spelling per value: integral floats become ints (0.0 and 0 are the same temperature)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _canonical(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_canonical(item) for item in value]
-    return value
+def _number(literal: str) -> int | float:
+    """One spelling per number: integral floats become ints (0.0 and 0 are the same temperature)."""
+    value = float(literal)
+    return int(value) if value.is_integer() else value
 
 
-def cache_key(route_kind: str, model: str, body: dict[str, Any], scope: str) -> str:
-    """The entry's digest: hex SHA-256 of the canonical request, scoped."""
+# Decoding canonicalises numbers as it goes (no second walk over the body).
+_decode_canonical = msgspec.json.Decoder(float_hook=_number).decode
+
+
+def cache_key(route_kind: str, model: str, body: bytes, scope: str) -> str:
+    """The entry's digest: hex SHA-256 of the canonical request (`body` is its JSON), scoped."""
+    fields: dict[str, Any] = _decode_canonical(body)
     material = {
         "route": route_kind,
         "model": model,
-        "stream": bool(body.get("stream")),
+        "stream": bool(fields.get("stream")),
         "scope": scope,
-        "body": _canonical({k: v for k, v in body.items() if k not in IGNORED_FIELDS}),
+        "body": {k: v for k, v in fields.items() if k not in IGNORED_FIELDS},
     }
     return hashlib.sha256(_encode(material)).hexdigest()
 

@@ -70,18 +70,32 @@ async def test_a_script_the_server_forgot_is_sent_whole(pipe: AutoPipeline, redi
     assert await pipe.evalsha(sha, script, ["k2"], ["x"]) == [b"k2", b"x", tag]
 
 
-async def test_a_timed_out_command_does_not_shift_the_replies(redis_url: str) -> None:
-    pipe = AutoPipeline(redis_url, timeout=0.1)
+async def test_a_server_that_stops_answering_fails_the_waiting_commands(redis_url: str) -> None:
+    pipe = AutoPipeline(redis_url, timeout=0.2)
     try:
-        blocker = asyncio.create_task(pipe.execute("BLPOP", f"t{uuid.uuid4().hex}", "0.5"))
-        with pytest.raises(rx.TimeoutError):
-            await blocker
-        pipe.timeout = 5.0
-        # Redis still answers BLPOP (nil, after 0.5 s) before this ECHO: that reply must be dropped, not
-        # handed to the ECHO.
+        # BLPOP keeps the connection busy for 1 s: to the watchdog, a server that stopped answering.
+        blocked = [
+            asyncio.create_task(pipe.execute("BLPOP", f"t{uuid.uuid4().hex}", "1")),
+            asyncio.create_task(pipe.execute("ECHO", "queued behind it")),
+        ]
+        for task in blocked:
+            with pytest.raises(rx.TimeoutError):
+                await task
+        # That connection is closed (so no late reply can be handed to a later command); the next call
+        # opens another.
         assert await pipe.execute("ECHO", "mine") == b"mine"
     finally:
         await pipe.aclose()
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies(pipe: AutoPipeline) -> None:
+    assert await pipe.execute("PING") == b"PONG"  # connected: the next command is written when sent
+    slow = asyncio.create_task(pipe.execute("BLPOP", f"t{uuid.uuid4().hex}", "0.3"))
+    await asyncio.sleep(0)  # one loop turn: the task has written BLPOP and waits for its reply
+    slow.cancel()
+    # Redis still answers BLPOP (nil, after 0.3 s) before this ECHO: that reply is dropped, not handed on.
+    assert await pipe.execute("ECHO", "mine") == b"mine"
+    assert slow.cancelled()
 
 
 async def test_a_killed_connection_fails_its_commands_and_the_next_call_reconnects(

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
+from sidecar import cachekey
 from sidecar.cachekey import (
     SHARED_SCOPE,
     account_scope,
-    cache_key,
     cacheable,
     client_directives,
     hit_headers,
     miss_headers,
 )
+
+
+def cache_key(route: str, model: str, body: dict[str, Any], scope: str) -> str:
+    """The key of `body` as a client would send it (JSON)."""
+    return cachekey.cache_key(route, model, msgspec.json.encode(body), scope)
+
 
 CHAT: dict[str, Any] = {
     "model": "gpt-4o-mini",
@@ -130,3 +137,30 @@ def test_hit_headers_follow_rfc_9211() -> None:
 )
 def test_miss_headers(forward: str, stored: bool, status: str) -> None:
     assert miss_headers(forward, stored=stored) == {"X-Cache": "MISS", "Cache-Status": status}
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (b'{"temperature": 0}', b'{"temperature": 0.0}'),
+        (b'{"temperature": 0}', b'{"temperature":-0.0}'),
+        (b'{"top_p": 1}', b'{"top_p": 1e0}'),
+        (b'{"x": [1, {"y": 2}]}', b'{"x": [1.0, {"y": 2.00}]}'),
+        (b'{"a": 1, "b": 2}', b'{ "b" : 2 ,\n "a" : 1 }'),
+    ],
+)
+def test_spellings_of_one_request_share_a_key(a: bytes, b: bytes) -> None:
+    assert cachekey.cache_key("chat", "m", a, "s") == cachekey.cache_key("chat", "m", b, "s")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (b'{"temperature": 0}', b'{"temperature": 0.5}'),
+        (b'{"x": 1}', b'{"x": "1"}'),
+        (b'{"x": 1}', b'{"x": true}'),
+        (b'{"x": [1, 2]}', b'{"x": [2, 1]}'),
+    ],
+)
+def test_different_requests_have_different_keys(a: bytes, b: bytes) -> None:
+    assert cachekey.cache_key("chat", "m", a, "s") != cachekey.cache_key("chat", "m", b, "s")
