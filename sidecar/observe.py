@@ -50,7 +50,7 @@ class RequestRecord:
     upstream_first_byte: float | None = None
     upstream_ended: float | None = None
     waited: float = 0.0  # time spent waiting on the upstream (and, while streaming, on the client)
-    exchange: asyncio.Task[web.StreamResponse] | None = None
+    exchange: asyncio.Task[None] | None = None
 
     @property
     def status_class(self) -> str:
@@ -120,7 +120,10 @@ def request_observer(report: Report) -> Middleware:
         rec.ended = time.perf_counter()
         rec.status = response.status
         rec.error_code = request.get(ERROR_CODE)
-        emit(rec)
+        if rec.exchange is not None and not rec.exchange.done():
+            rec.exchange.add_done_callback(lambda _: emit(rec))  # a stream still settling: reported after
+        else:
+            emit(rec)
         return response
 
     return observe

@@ -80,6 +80,7 @@ class Exchange:
     # phase waiting now, rescheduled to now by Proxy.cut_all().
     cut: bool = False
     cutter: asyncio.Timeout | None = None
+    answered: asyncio.Future[web.StreamResponse] | None = None  # the answer, for the handler to return
 
     def estimated_usage(self) -> Usage:
         """What a request that did not run to its end is charged without usage: the prompt at
@@ -112,7 +113,7 @@ class Proxy:
         self.accounts = accounts
         self.upstreams = upstreams
         self.session = session
-        self.in_flight: set[asyncio.Task[web.StreamResponse]] = set()
+        self.in_flight: set[asyncio.Task[None]] = set()
         self.exchanges: dict[str, Exchange] = {}  # the live ones, by request id
         self.cutting = False  # shutting down past the grace period: every exchange is cut
         self._drop_headers = [
@@ -162,13 +163,16 @@ class Proxy:
             return await self._serve_hit(request, ex, cached)
         rec.hold = ex.hold
         ex.cut = self.cutting
+        ex.answered = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._run(request, ex), name=f"exchange-{request_id}")
         rec.exchange = task
         self.in_flight.add(task)
         self.exchanges[request_id] = ex
         task.add_done_callback(self.in_flight.discard)
         task.add_done_callback(lambda _: self.exchanges.pop(request_id, None))
-        return await asyncio.shield(task)
+        # The answer, once complete: a stream's settlement goes on in the task, so the connection can
+        # take its next request at once (aiohttp serves a connection's requests one after another).
+        return await asyncio.shield(ex.answered)
 
     async def _cached_or_held(self, ex: Exchange) -> CachedResponse | None:
         """The cached answer to serve, or None once the worst case is held for an upstream call.
@@ -324,40 +328,52 @@ class Proxy:
             cache_result="off" if plan is None else ("bypass" if plan is BYPASS else "miss"),
         )
 
-    async def _run(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
-        """Forward, relay and settle; the settlement happens whatever goes wrong."""
-        headers = request_headers(request.headers, self._drop_headers, ex.credential)
-        rec = ex.record
+    async def _run(self, request: web.Request, ex: Exchange) -> None:
+        """The exchange's task: forward and relay, hand the answer (or the error) to the handler, then
+        settle, whatever happened."""
+        assert ex.answered is not None
         try:
-            if ex.cut:  # started after shutdown cut everything: the upstream is not called, nothing charged
-                ex.outcome = "shutting_down"
-                raise ServiceUnavailable(
-                    "creditgate is shutting down; retry this request.", code="shutting_down"
-                )
-            rec.upstream_started = time.perf_counter()
-            try:
-                async with ex.cut_timeout() as ex.cutter:
-                    upstream = await self.session.post(
-                        f"{ex.upstream.base_url}/{ex.route.path}", data=ex.body, headers=headers
-                    )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                rec.upstream_ended = time.perf_counter()
-                self._shutdown_cut(ex)
-                ex.outcome = "upstream_unreachable"
-                raise UpstreamUnavailable(
-                    f"The upstream {ex.upstream.name!r} could not be reached ({type(exc).__name__})."
-                ) from None
-            finally:
-                ex.cutter = None
-                rec.waited += time.perf_counter() - rec.upstream_started
-            async with upstream:
-                if upstream.status == 200 and upstream.content_type == "text/event-stream":
-                    return await self._relay_stream(request, ex, upstream)
-                rec.upstream_first_byte = time.perf_counter()  # the status line and headers are in
-                return await self._relay_body(ex, upstream)
+            response = await self._forward_and_relay(request, ex)
+        except Exception as exc:  # rendered by the handler's error middleware
+            if not ex.answered.done():
+                ex.answered.set_exception(exc)
+        except BaseException:
+            ex.answered.cancel()
+            raise
+        else:
+            ex.answered.set_result(response)
         finally:
             await self._settle(ex)
             self._land(ex, ex.stored[0] if ex.stored else None)
+
+    async def _forward_and_relay(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        """Send the request upstream and relay its answer to the client."""
+        headers = request_headers(request.headers, self._drop_headers, ex.credential)
+        rec = ex.record
+        if ex.cut:  # started after shutdown cut everything: the upstream is not called, nothing charged
+            ex.outcome = "shutting_down"
+            raise ServiceUnavailable("creditgate is shutting down; retry this request.", code="shutting_down")
+        rec.upstream_started = time.perf_counter()
+        try:
+            async with ex.cut_timeout() as ex.cutter:
+                upstream = await self.session.post(
+                    f"{ex.upstream.base_url}/{ex.route.path}", data=ex.body, headers=headers
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            rec.upstream_ended = time.perf_counter()
+            self._shutdown_cut(ex)
+            ex.outcome = "upstream_unreachable"
+            raise UpstreamUnavailable(
+                f"The upstream {ex.upstream.name!r} could not be reached ({type(exc).__name__})."
+            ) from None
+        finally:
+            ex.cutter = None
+            rec.waited += time.perf_counter() - rec.upstream_started
+        async with upstream:
+            if upstream.status == 200 and upstream.content_type == "text/event-stream":
+                return await self._relay_stream(request, ex, upstream)
+            rec.upstream_first_byte = time.perf_counter()  # the status line and headers are in
+            return await self._relay_body(ex, upstream)
 
     def _shutdown_cut(self, ex: Exchange) -> None:
         """When the exchange was cut by shutdown: settle it by the disconnect policy and answer 503."""
