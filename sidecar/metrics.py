@@ -14,6 +14,7 @@ import logging
 import platform
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -163,6 +164,9 @@ class Metrics:
             registry=r,
         )
         r.register(_StatsCollector(self.sources))
+        # Bound children, so a request pays no labels() lookups: both bounded, like the labels.
+        self._series: dict[tuple[str, str], _Series] = {}
+        self._answered: dict[tuple[str, str, str, str], Counter] = {}
 
     # ---- hooks the modules call ----------------------------------------------------------------------
 
@@ -175,35 +179,98 @@ class Metrics:
 
     def observe_request(self, rec: RequestRecord) -> None:
         route, model = rec.route, rec.model
-        self.requests.labels(route, model, rec.status_class, rec.cache).inc()
-        self.duration.labels(route).observe(rec.duration)
-        self.overhead.labels(route).observe(rec.overhead)
+        series = self._series.get((route, model))
+        if series is None:
+            series = self._series[route, model] = _Series(self, route, model)
+        outcome = (route, model, rec.status_class, rec.cache)
+        answered = self._answered.get(outcome)
+        if answered is None:
+            answered = self._answered[outcome] = self.requests.labels(*outcome)
+        answered.inc()
+        series.duration.observe(rec.duration)
+        series.overhead.observe(rec.overhead)
         if rec.upstream_seconds is not None:
-            self.upstream_duration.labels(route, model).observe(rec.upstream_seconds)
+            series.upstream_duration.observe(rec.upstream_seconds)
         if rec.first_byte_seconds is not None:
-            self.first_byte.labels(route, model).observe(rec.first_byte_seconds)
-        if rec.status == 402:
+            series.first_byte.observe(rec.first_byte_seconds)
+        if rec.status == 402:  # rare: no cached child
             self.payment_required.labels(route, rec.error_code or "unknown").inc()
         if rec.hold:
-            self.held.labels(route, model).inc(rec.hold)
+            series.held.inc(rec.hold)
             if rec.settled:
-                self.charged.labels(route, model).inc(rec.charge)
+                series.charged.inc(rec.charge)
                 if rec.hold > rec.charge:
-                    self.released.labels(route, model).inc(rec.hold - rec.charge)
+                    series.released.inc(rec.hold - rec.charge)
                 elif rec.charge > rec.hold:
-                    self.overdrafts.labels(route, model).inc()
+                    series.overdrafts.inc()
         elif rec.charge:  # charged without a hold of its own (e.g. a collapsed cache follower)
-            self.charged.labels(route, model).inc(rec.charge)
+            series.charged.inc(rec.charge)
         if rec.saved:
-            self.saved.labels(route, model).inc(rec.saved)
+            series.saved.inc(rec.saved)
         if rec.usage is not None and rec.cache not in ("hit", "collapsed"):  # what the upstream processed
             cached = min(rec.usage.cached_tokens, rec.usage.prompt_tokens)
-            self.tokens.labels(route, model, "prompt").inc(rec.usage.prompt_tokens - cached)
-            self.tokens.labels(route, model, "cached_prompt").inc(cached)
-            self.tokens.labels(route, model, "completion").inc(rec.usage.completion_tokens)
+            series.prompt_tokens.inc(rec.usage.prompt_tokens - cached)
+            series.cached_prompt_tokens.inc(cached)
+            series.completion_tokens.inc(rec.usage.completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Series:
+    """The children of the per-route and per-(route, model) metrics for one (route, model), each bound on
+    first use: a series appears in /metrics once something was recorded in it, as with ``labels()``."""
+
+    def __init__(self, metrics: Metrics, route: str, model: str) -> None:
+        self._metrics, self._route, self._model = metrics, route, model
+
+    @cached_property
+    def duration(self) -> Histogram:
+        return self._metrics.duration.labels(self._route)
+
+    @cached_property
+    def overhead(self) -> Histogram:
+        return self._metrics.overhead.labels(self._route)
+
+    @cached_property
+    def upstream_duration(self) -> Histogram:
+        return self._metrics.upstream_duration.labels(self._route, self._model)
+
+    @cached_property
+    def first_byte(self) -> Histogram:
+        return self._metrics.first_byte.labels(self._route, self._model)
+
+    @cached_property
+    def held(self) -> Counter:
+        return self._metrics.held.labels(self._route, self._model)
+
+    @cached_property
+    def charged(self) -> Counter:
+        return self._metrics.charged.labels(self._route, self._model)
+
+    @cached_property
+    def released(self) -> Counter:
+        return self._metrics.released.labels(self._route, self._model)
+
+    @cached_property
+    def overdrafts(self) -> Counter:
+        return self._metrics.overdrafts.labels(self._route, self._model)
+
+    @cached_property
+    def saved(self) -> Counter:
+        return self._metrics.saved.labels(self._route, self._model)
+
+    @cached_property
+    def prompt_tokens(self) -> Counter:
+        return self._metrics.tokens.labels(self._route, self._model, "prompt")
+
+    @cached_property
+    def cached_prompt_tokens(self) -> Counter:
+        return self._metrics.tokens.labels(self._route, self._model, "cached_prompt")
+
+    @cached_property
+    def completion_tokens(self) -> Counter:
+        return self._metrics.tokens.labels(self._route, self._model, "completion")
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -207,3 +207,64 @@ def test_exposed_metrics_are_exactly_the_dashboard_contract() -> None:
         names = {k for s in family.samples for k in s.labels} - {"le"}
         exposed[name] = (family.type, frozenset(names))
     assert exposed == contract
+
+
+def _samples(metrics: Metrics) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def test_repeated_label_sets_count_into_their_own_series_and_unused_series_stay_absent() -> None:
+    """observe_request binds each series once and reuses it: several models on one route, and routes
+    sharing a model, still count apart, and a series appears only once something was recorded in it."""
+    metrics = Metrics()
+    for _ in range(2):  # each record twice: the second time through the reused children
+        a = RequestRecord("chat", 0.0, model="a", status=200, cache="miss", hold=10)
+        a.usage, a.settled, a.charge, a.ended = Usage(5, 3, 2), True, 4, 1.0
+        a.upstream_started, a.upstream_first_byte, a.upstream_ended = 0.25, 0.5, 0.75
+        metrics.observe_request(a)
+        b = RequestRecord("chat", 0.0, model="b", status=200, cache="hit", saved=7)
+        b.ended = 0.5
+        metrics.observe_request(b)
+        e = RequestRecord("embeddings", 0.0, model="a", status=402, error_code="insufficient_credits")
+        e.ended = 0.25
+        metrics.observe_request(e)
+    m = _samples(metrics)
+    chat_a, chat_b = {"route": "chat", "model": "a"}, {"route": "chat", "model": "b"}
+    req = "creditgate_requests_total"
+    assert value(m, req, **chat_a, status_class="2xx", cache="miss") == 2
+    assert value(m, req, **chat_b, status_class="2xx", cache="hit") == 2
+    assert value(m, req, route="embeddings", model="a", status_class="4xx", cache="off") == 2
+    assert value(m, "creditgate_held_microcredits_total", **chat_a) == 20
+    assert value(m, "creditgate_charged_microcredits_total", **chat_a) == 8
+    assert value(m, "creditgate_released_microcredits_total", **chat_a) == 12
+    assert value(m, "creditgate_cache_saved_microcredits_total", **chat_b) == 14
+    assert value(m, "creditgate_tokens_total", **chat_a, type="prompt") == 6
+    assert value(m, "creditgate_tokens_total", **chat_a, type="cached_prompt") == 4
+    assert value(m, "creditgate_tokens_total", **chat_a, type="completion") == 6
+    assert (
+        value(m, "creditgate_payment_required_total", route="embeddings", reason="insufficient_credits") == 2
+    )
+    assert value(m, "creditgate_request_duration_seconds_count", route="chat") == 4
+    assert value(m, "creditgate_request_duration_seconds_sum", route="chat") == 3.0
+    assert value(m, "creditgate_upstream_duration_seconds_sum", **chat_a) == 1.0
+    assert value(m, "creditgate_upstream_first_byte_seconds_sum", **chat_a) == 0.5
+    assert value(m, "creditgate_request_duration_seconds_count", route="embeddings") == 2
+    # Only what was recorded: no money, token or upstream series for b or for embeddings, no overdrafts.
+    present = {(name, dict(labels).get("route"), dict(labels).get("model")) for name, labels in m}
+    for name in (
+        "creditgate_held_microcredits_total",
+        "creditgate_charged_microcredits_total",
+        "creditgate_released_microcredits_total",
+        "creditgate_tokens_total",
+        "creditgate_upstream_duration_seconds_count",
+        "creditgate_upstream_first_byte_seconds_count",
+    ):
+        assert {(route, model) for n, route, model in present if n == name} == {("chat", "a")}, name
+    assert {(route, model) for n, route, model in present if n.startswith("creditgate_cache_saved")} == {
+        ("chat", "b")
+    }
+    assert not any(n == "creditgate_overdrafts_total" for n, _, _ in present)
