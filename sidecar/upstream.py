@@ -50,13 +50,27 @@ def upstreams_from(settings: Settings, demo_url: str | None = None) -> dict[str,
     return table
 
 
+# What never goes back to a client: hop-by-hop and framing, and the encoding of a body aiohttp decoded.
+_NOT_RELAYED = (*HOP_BY_HOP, "content-encoding")
+
+
+def _without(headers: Mapping[str, str], names: Iterable[str]) -> CIMultiDict[str]:
+    """A copy of ``headers`` (order, spelling and repeats kept) minus every header called one of ``names``,
+    in any case. Copying in C and deleting the few names present is several times cheaper than filtering
+    header by header in Python."""
+    kept = CIMultiDict(headers)
+    for name in names:
+        if name in kept:
+            del kept[name]
+    return kept
+
+
 def request_headers(
     incoming: Mapping[str, str], drop: Iterable[str], credential: str | None
 ) -> CIMultiDict[str]:
     """Headers to send upstream: the client's, minus hop-by-hop, the client credential and the
     sidecar's own control headers, with the provider credential in their place."""
-    dropped = HOP_BY_HOP | {"authorization", "accept-encoding", *(d.lower() for d in drop)}
-    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in dropped)
+    headers = _without(incoming, (*HOP_BY_HOP, "authorization", "accept-encoding", *drop))
     headers["Accept-Encoding"] = "identity"  # usage is read from the body: keep it uncompressed
     if credential:
         headers["Authorization"] = f"Bearer {credential}"
@@ -66,9 +80,7 @@ def request_headers(
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers to relay to the client: the provider's, minus hop-by-hop and framing; the provider's own
     request id is kept as ``x-upstream-request-id`` since ``x-request-id`` is the sidecar's."""
-    headers = CIMultiDict(
-        (k, v) for k, v in upstream.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"
-    )
+    headers = _without(upstream, _NOT_RELAYED)
     upstream_id = headers.popall("x-request-id", None)
     if upstream_id:
         headers["x-upstream-request-id"] = upstream_id[0]
