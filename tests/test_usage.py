@@ -99,3 +99,94 @@ def test_multiline_data_is_joined() -> None:
     event = b'data: {"choices":[],\ndata: "usage":{"prompt_tokens":4,"completion_tokens":0}}\n\n'
     assert reader.feed(event) == [event]
     assert reader.usage == Usage(4, 0)
+
+
+def feed_in(reader: SSEReader, stream: bytes, size: int) -> list[bytes]:
+    events: list[bytes] = []
+    for start in range(0, len(stream), size):
+        events += reader.feed(stream[start : start + size])
+    return events
+
+
+USAGE_JSON = b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}'
+TOKEN_JSON = b'{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}'
+
+
+@pytest.mark.parametrize(
+    ("events", "relayed", "data_events", "usage"),
+    [
+        # Each framing alone, the usage chunk withheld in each.
+        (
+            [b"data: " + TOKEN_JSON + b"\n\n", b"data: " + USAGE_JSON + b"\n\n", b"data: [DONE]\n\n"],
+            [0, 2],
+            1,
+            Usage(5, 2),
+        ),
+        (
+            [
+                b"data: " + TOKEN_JSON + b"\r\n\r\n",
+                b"data: " + USAGE_JSON + b"\r\n\r\n",
+                b"data: [DONE]\r\n\r\n",
+            ],
+            [0, 2],
+            1,
+            Usage(5, 2),
+        ),
+        (
+            [b"data: " + TOKEN_JSON + b"\r\r", b"data: " + USAGE_JSON + b"\r\r", b"data: [DONE]\r\r"],
+            [0, 2],
+            1,
+            Usage(5, 2),
+        ),
+        # Framings mixed in one stream; CRLF lines ended by a bare "\n\n".
+        (
+            [
+                b": comment\r\r",
+                b"data: " + TOKEN_JSON + b"\r\n\r\n",
+                b"event: x\r\ndata: " + TOKEN_JSON + b"\r\n\n",
+                b"data: " + USAGE_JSON + b"\n\n",
+                b"data: [DONE]\r\n\r\n",
+            ],
+            [0, 1, 2, 4],
+            2,
+            Usage(5, 2),
+        ),
+        # The earliest-ending terminator wins: "\r\r" before the "\n\n" right after it.
+        ([b"data: " + TOKEN_JSON + b"\r\r", b"\n\n", b"data: [DONE]\n\n"], [0, 1, 2], 1, None),
+        # Multi-line data (LF and CRLF), "data:" without its space, event and comment lines around it.
+        (
+            [
+                b'event: delta\ndata: {"choices":[{"index":0,\ndata: "delta":{}}]}\n\n',
+                b": keep-alive\n\n",
+                b'data: {"choices":[],\r\ndata: "usage":{"prompt_tokens":4,"completion_tokens":1}}\r\n\r\n',
+                b"data:" + USAGE_JSON + b"\n\n",
+            ],
+            [0, 1],
+            1,
+            Usage(5, 2),
+        ),
+        # Not data: "data:" inside another field, an empty data line, [DONE] without its space.
+        ([b"event: data: x\n\n", b"data:\n\n", b"data:[DONE]\n\n", b"id: 1\n\n"], [0, 1, 2, 3], 0, None),
+        # Two leading spaces keep one; a usage chunk that is not JSON is relayed and counted.
+        ([b'data:  {"usage":1}\n\n', b'data: {"usage": oops\n\n'], [0, 1], 2, None),
+    ],
+)
+@pytest.mark.parametrize("size", [1, 3, 64, 100_000])
+def test_reader_framing_table(
+    events: list[bytes], relayed: list[int], data_events: int, usage: Usage | None, size: int
+) -> None:
+    """Whatever the framing and chunking: the events come out whole and byte-identical, the usage chunk
+    (and only it) withheld, usage and the token count read as from the whole stream."""
+    reader = SSEReader(strip_usage_chunk=True)
+    assert feed_in(reader, b"".join(events), size) == [events[i] for i in relayed]
+    assert reader.flush() == b""
+    assert (reader.data_events, reader.usage) == (data_events, usage)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 100])
+def test_a_terminator_split_across_chunks_waits_for_its_end(size: int) -> None:
+    reader = SSEReader()
+    stream = b"data: 1\r\n\r\ndata: 2\r\r" + b"data: 3\n\ndata: tail\r\n\r"
+    assert feed_in(reader, stream, size) == [b"data: 1\r\n\r\n", b"data: 2\r\r", b"data: 3\n\n"]
+    assert reader.flush() == b"data: tail\r\n\r"
+    assert reader.data_events == 3
