@@ -146,10 +146,19 @@ class SSEReader:
 
 
 def _event_end(buffer: bytes, start: int) -> int:
-    """Index just past the blank line that ends the event starting at ``start``, or -1."""
-    best = -1
-    for terminator in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-        index = buffer.find(terminator, start)
-        if index >= 0 and (best < 0 or index + len(terminator) < best):
-            best = index + len(terminator)
-    return best
+    r"""Index just past the blank line that ends the event starting at ``start``, or -1: the earliest end
+    of a "\n\n", "\r\n\r\n" or "\r\r"."""
+    end = buffer.find(b"\n\n", start)
+    # The common case: no "\r" before that "\n\n" (or at all, without one), so no other terminator can
+    # end first.
+    first_cr = buffer.find(b"\r", start, end if end >= 0 else len(buffer))
+    if first_cr < 0:
+        return end + 2 if end >= 0 else -1
+    # Otherwise the other two, searched from that "\r" and only as far as the best end found so far.
+    best = end + 2 if end >= 0 else len(buffer)
+    found = end >= 0
+    for terminator in (b"\r\n\r\n", b"\r\r"):
+        index = buffer.find(terminator, first_cr, best)
+        if index >= 0:
+            best, found = index + len(terminator), True
+    return best if found else -1
