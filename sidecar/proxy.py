@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
-import uuid
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -20,7 +19,7 @@ from multidict import CIMultiDict
 from redis.exceptions import RedisError
 
 from .accounts import AccountStore
-from .cache import BYPASS, CachedResponse, CachePlan, ResponseCache
+from .cache import BYPASS, CachedResponse, ResponseCache
 from .cachekey import hit_headers, miss_headers
 from .config import Settings
 from .errors import (
@@ -32,67 +31,19 @@ from .errors import (
     Unauthorized,
     UpstreamUnavailable,
 )
+from .exchange import Exchange
 from .ledger import RedisLedger, Reservation, ReserveStatus
 from .observe import RECORD, RequestRecord
-from .outbox import UsageEvent
-from .pricing import Multiplier, Price, PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
+from .pricing import PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
+from .relay import StreamPolicy, relay_stream
 from .upstream import Upstream, request_headers, response_headers
 from .usage import SSEReader, usage_from_body
-from .wire import ROUTES, MeteredRequest, Route, decode_request, with_usage_requested
+from .wire import ROUTES, decode_request, with_usage_requested
 
 log = logging.getLogger("creditgate.proxy")
 
-# A client that leaves mid-stream without usage is charged the prompt at this many bytes per token
-# (the usual English average) plus one completion token per streamed chunk it was sent.
-DISCONNECT_ESTIMATE_BYTES_PER_TOKEN = 4
 # Pauses before retrying a failed settle (seconds): ~6 s of Redis trouble is ridden out.
 SETTLE_RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0, 2.0, 2.0)
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One metered request, from its hold to its settlement."""
-
-    request_id: str
-    account: str
-    route: Route
-    request: MeteredRequest
-    price: Price
-    multiplier: Multiplier
-    body: bytes  # what is forwarded
-    body_size: int  # the client's body size, for estimates
-    hold: int
-    upstream: Upstream
-    credential: str | None
-    byok: bool
-    strip_usage_chunk: bool
-    started_ms: int
-    cache: CachePlan | None  # None: the cache is off
-    record: RequestRecord
-    usage: Usage | None = None
-    charge: int = 0
-    outcome: str = "pending"
-    relayed_events: int = 0
-    cache_result: str = "off"  # hit, collapsed, miss, bypass or off
-    flight: asyncio.Future[CachedResponse | None] | None = None  # the single flight this request leads
-    stored: tuple[CachedResponse, bytes] | None = None  # the answer to store in the cache, encoded
-    # Shutdown: `cut` asks the exchange to stop waiting on the upstream; `cutter` is the timeout of the
-    # phase waiting now, rescheduled to now by Proxy.cut_all().
-    cut: bool = False
-    cutter: asyncio.Timeout | None = None
-    answered: asyncio.Future[web.StreamResponse] | None = None  # the answer, for the handler to return
-
-    def estimated_usage(self) -> Usage:
-        """What a request that did not run to its end is charged without usage: the prompt at
-        DISCONNECT_ESTIMATE_BYTES_PER_TOKEN bytes per token plus one token per chunk relayed."""
-        return Usage(
-            prompt_tokens=-(-self.body_size // DISCONNECT_ESTIMATE_BYTES_PER_TOKEN),
-            completion_tokens=self.relayed_events,
-        )
-
-    def cut_timeout(self) -> asyncio.Timeout:
-        """A timeout for one phase of waiting that Proxy.cut_all() can end at once."""
-        return asyncio.timeout(0 if self.cut else None)
 
 
 class Proxy:
@@ -116,6 +67,11 @@ class Proxy:
         self.in_flight: set[asyncio.Task[None]] = set()
         self.exchanges: dict[str, Exchange] = {}  # the live ones, by request id
         self.cutting = False  # shutting down past the grace period: every exchange is cut
+        self.stream_policy = StreamPolicy(
+            lease_seconds=settings.hold_lease_seconds,
+            drain_seconds=settings.disconnect_drain_seconds,
+            capture_bytes=settings.cache_max_entry_bytes,
+        )
         self._drop_headers = [
             settings.byok_header,
             *([settings.account_header] if settings.account_header else []),
@@ -143,7 +99,7 @@ class Proxy:
     # ---- metered routes ---------------------------------------------------------------------------
 
     async def handle_metered(self, request: web.Request) -> web.StreamResponse:
-        request_id = "req_" + uuid.uuid4().hex
+        request_id = "req_" + secrets.token_hex(16)
         request[REQUEST_ID] = request_id
         rec = request.get(RECORD) or RequestRecord(ROUTES[request.path].kind, time.perf_counter())
         rec.request_id = request_id
@@ -242,7 +198,7 @@ class Proxy:
         collapsed = ex.cache_result == "collapsed"
         ex.usage = entry.usage
         saved = cost(ex.price, entry.usage, ex.multiplier)
-        event = self._event(ex, "cache_collapsed" if collapsed else "cache_hit", hold=0, saved=saved)
+        event = ex.event("cache_collapsed" if collapsed else "cache_hit", hold=0, saved=saved)
         settlement = await self.ledger.settle(ex.account, ex.request_id, 0, event, record=True)
         ex.outcome = "settled"
         rec = ex.record
@@ -441,93 +397,16 @@ class Proxy:
         headers["x-creditgate-held"] = str(ex.hold)
         if ex.cache is not None:
             headers.update(miss_headers(ex.cache.forward, stored=False))
-        response = web.StreamResponse(status=200, headers=headers)
-        reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk)
-        # What the upstream sent, kept for the cache while it fits (None once it does not).
-        captured: list[bytes] | None = [] if ex.cache is not None and ex.cache.store else None
-        captured_size = 0
-        client_gone = False
-        try:
-            await response.prepare(request)
-        except ConnectionError:
-            client_gone = True
-        ex.outcome = "no_usage"
-        drain_until: float | None = None
-        lease = self.settings.hold_lease_seconds
-        renew_at = time.monotonic() + lease / 3
-        rec = ex.record
-        perf = time.perf_counter
-        shutdown_cut = False
-        try:
-            async with ex.cut_timeout() as ex.cutter:
-                while True:
-                    if time.monotonic() >= renew_at:  # a stream outliving its lease keeps its hold
-                        renew_at = time.monotonic() + lease / 3
-                        await self.ledger.renew(
-                            ex.account, ex.request_id, int(time.time() * 1000) + lease * 1000
-                        )
-                    waiting = perf()
-                    if drain_until is None:
-                        chunk = await upstream.content.readany()
-                    else:
-                        async with asyncio.timeout_at(drain_until):
-                            chunk = await upstream.content.readany()
-                    now = perf()
-                    rec.waited += now - waiting
-                    if rec.upstream_first_byte is None:
-                        rec.upstream_first_byte = now
-                    if not chunk:
-                        break
-                    if captured is not None:
-                        captured_size += len(chunk)
-                        if captured_size > self.settings.cache_max_entry_bytes:
-                            captured = None  # too large to cache: stop keeping it
-                        else:
-                            captured.append(chunk)
-                    events = reader.feed(chunk)
-                    if events and not client_gone:
-                        try:
-                            await response.write(b"".join(events))
-                            ex.relayed_events = reader.data_events
-                        except ConnectionError:
-                            client_gone = True
-                        rec.waited += perf() - now  # a slow client's time is not ours either
-                    if client_gone:
-                        if reader.usage is not None:
-                            break
-                        if drain_until is None:
-                            drain_until = (
-                                asyncio.get_running_loop().time() + self.settings.disconnect_drain_seconds
-                            )
-                rec.upstream_ended = perf()
-                if not client_gone:
-                    rest = reader.flush()
-                    if rest:
-                        await response.write(rest)
-                    await response.write_eof()
-                    if captured is not None and reader.usage is not None:
-                        self._keep_for_cache(
-                            ex, b"".join(captured), upstream, stream=True, usage=reader.usage
-                        )
-        except (aiohttp.ClientError, TimeoutError, ConnectionError):
-            ex.outcome = "stream_cut"
-            ex.stored = None
-            shutdown_cut = ex.cut
-            if not client_gone and request.transport is not None:
-                # Cut the client's stream too (no terminating chunk), so it cannot mistake a partial
-                # answer for a whole one.
-                request.transport.close()
-        finally:
-            ex.cutter = None
-            if rec.upstream_ended is None:
-                rec.upstream_ended = perf()
-        ex.usage = reader.usage
-        if ex.usage is not None:
-            ex.outcome = "shutdown_cut" if shutdown_cut else "client_gone" if client_gone else "ok"
-        elif client_gone or shutdown_cut:
-            # A client that left, or a stream cut by shutdown: charged the estimate (see estimated_usage).
-            ex.outcome = "shutdown_cut_estimated" if shutdown_cut else "client_gone_estimated"
-            ex.usage = ex.estimated_usage()
+
+        async def renew(lease_end_ms: int) -> None:
+            await self.ledger.renew(ex.account, ex.request_id, lease_end_ms)
+
+        capture = ex.cache is not None and ex.cache.store
+        response, complete = await relay_stream(
+            request, ex, upstream, headers, self.stream_policy, renew, capture=capture
+        )
+        if complete is not None:
+            self._keep_for_cache(ex, complete, upstream, stream=True)
         return response
 
     def _keep_for_cache(
@@ -537,7 +416,6 @@ class Proxy:
         upstream: aiohttp.ClientResponse,
         *,
         stream: bool,
-        usage: Usage | None = None,
     ) -> None:
         """Keep a complete 200 answer with usage for the cache, when this request may store one."""
         if ex.cache is None or self.cache is None or not ex.cache.store:
@@ -548,27 +426,8 @@ class Proxy:
             body,
             stream=stream,
             headers=upstream.headers,
-            usage=usage or ex.usage or Usage(),
+            usage=ex.usage or Usage(),
             now_ms=int(time.time() * 1000),
-        )
-
-    def _event(self, ex: Exchange, outcome: str, *, hold: int, saved: int | None = None) -> UsageEvent:
-        """The outbox entry (the future ledger row) of this request."""
-        usage = ex.usage or Usage()
-        return UsageEvent(
-            route=ex.route.kind,
-            model=ex.price.model,
-            provider=ex.upstream.name,
-            key_source="byok" if ex.byok else "pooled",
-            multiplier=f"{ex.multiplier.numerator}/{ex.multiplier.denominator}",
-            prompt_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_tokens,
-            completion_tokens=usage.completion_tokens,
-            hold=hold,
-            saved=saved,
-            outcome=outcome,
-            started_ms=ex.started_ms,
-            settled_ms=int(time.time() * 1000),
         )
 
     async def _settle(self, ex: Exchange) -> int | None:
@@ -577,7 +436,7 @@ class Proxy:
             return None
         ex.charge = cost(ex.price, ex.usage, ex.multiplier) if ex.usage is not None else 0
         outcome, ex.outcome = ex.outcome, "settled"
-        event = self._event(ex, outcome, hold=ex.hold)
+        event = ex.event(outcome, hold=ex.hold)
         store = None
         if ex.stored is not None and ex.cache is not None and ex.cache.colocated:
             store = (ex.cache.key, ex.stored[1], self.settings.cache_ttl_seconds * 1000)
@@ -649,7 +508,7 @@ class Proxy:
     # ---- pass-through ----------------------------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
-        request[REQUEST_ID] = "req_" + uuid.uuid4().hex
+        request[REQUEST_ID] = "req_" + secrets.token_hex(16)
         rec = request.get(RECORD) or RequestRecord("models", time.perf_counter())
         rec.request_id = request[REQUEST_ID]
         rec.account = await self.authenticate(request)
