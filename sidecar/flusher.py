@@ -108,25 +108,28 @@ class Flusher:
         for stream, reply in zip(self.streams, replies, strict=True):
             batch.add(stream, [e for e in reply[1] if e[1]])  # deleted entries come back empty
 
-    async def _read(self, batch: Batch) -> int:
-        """Add new entries (without blocking); returns how many were added."""
+    async def _read(self, batch: Batch) -> bool:
+        """Add new entries (without blocking); returns whether more are waiting: some stream gave as many
+        as this read asked of it."""
         want = self.batch_size - batch.size
         if want <= 0:
-            return 0
+            return False
         # COUNT applies per stream: share the batch out so that one read never exceeds it.
         per_stream = -(-want // len(self.streams))
         reply: Any = await self.redis.xreadgroup(
             GROUP, self.consumer, dict.fromkeys(self.streams, ">"), count=per_stream
         )
-        before = batch.size
+        more = False
         for stream, entries in reply or []:
             batch.add(as_text(stream), entries)
-        return batch.size - before
+            more = more or len(entries) >= per_stream
+        return more
 
     async def collect(self) -> Batch:
         """Up to batch_size entries, or what arrived within the interval (sooner when stopping).
         Reads never block in Redis: an idle flusher polls every POLL seconds, so stopping it never
-        has to interrupt a command."""
+        has to interrupt a command. A read that took everything waiting is followed by a pause too,
+        so a steady trickle is collected in a few reads per batch, not one read per entry."""
         await self.ensure_groups()
         batch = Batch()
         now = time.monotonic()
@@ -135,7 +138,7 @@ class Flusher:
             await self._claim(batch, self.claim_idle_ms)
         deadline = now + self.interval
         while batch.size < self.batch_size and not self._stopping.is_set():
-            if await self._read(batch):
+            if await self._read(batch):  # more is waiting: read on at once
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -163,6 +163,7 @@ class Metrics:
             buckets=SCRIPT_BUCKETS,
             registry=r,
         )
+        self._scripts: dict[str, Histogram] = {}  # bound children, by script name
         r.register(_StatsCollector(self.sources))
         # Bound children, so a request pays no labels() lookups: both bounded, like the labels.
         self._series: dict[tuple[str, str], _Series] = {}
@@ -171,7 +172,10 @@ class Metrics:
     # ---- hooks the modules call ----------------------------------------------------------------------
 
     def observe_script(self, script: str, nanoseconds: int) -> None:
-        self.script.labels(script).observe(nanoseconds / 1e9)
+        child = self._scripts.get(script)
+        if child is None:
+            child = self._scripts[script] = self.script.labels(script)
+        child.observe(nanoseconds / 1e9)
 
     def observe_flush(self, rows: int, seconds: float) -> None:
         self.flush_rows.observe(rows)

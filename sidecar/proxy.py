@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from redis.exceptions import RedisError
+from yarl import URL
 
 from .accounts import AccountStore
 from .cache import BYPASS, CachedResponse, ResponseCache
@@ -38,7 +39,7 @@ from .pricing import PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
 from .relay import StreamPolicy, relay_stream
 from .upstream import Upstream, request_headers, response_headers
 from .usage import SSEReader, usage_from_body
-from .wire import ROUTES, decode_request, with_usage_requested
+from .wire import ROUTES, Route, decode_request, with_usage_requested
 
 log = logging.getLogger("creditgate.proxy")
 
@@ -67,6 +68,7 @@ class Proxy:
         self.in_flight: set[asyncio.Task[None]] = set()
         self.exchanges: dict[str, Exchange] = {}  # the live ones, by request id
         self.cutting = False  # shutting down past the grace period: every exchange is cut
+        self._urls: dict[tuple[str, str], URL] = {}
         self.stream_policy = StreamPolicy(
             lease_seconds=settings.hold_lease_seconds,
             drain_seconds=settings.disconnect_drain_seconds,
@@ -76,6 +78,13 @@ class Proxy:
             settings.byok_header,
             *([settings.account_header] if settings.account_header else []),
         ]
+
+    def _url(self, upstream: Upstream, route: Route) -> URL:
+        """The upstream URL of a route, parsed once (aiohttp would parse a string on every call)."""
+        url = self._urls.get((upstream.name, route.path))
+        if url is None:
+            url = self._urls[(upstream.name, route.path)] = URL(f"{upstream.base_url}/{route.path}")
+        return url
 
     # ---- authentication -------------------------------------------------------------------------
 
@@ -313,7 +322,7 @@ class Proxy:
         try:
             async with ex.cut_timeout() as ex.cutter:
                 upstream = await self.session.post(
-                    f"{ex.upstream.base_url}/{ex.route.path}", data=ex.body, headers=headers
+                    self._url(ex.upstream, ex.route), data=ex.body, headers=headers
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             rec.upstream_ended = time.perf_counter()
