@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from sidecar.app import FLUSHER, PROXY
+from sidecar.cache import ResponseCache
 from sidecar.demo import GATE, create_demo_upstream
 
 from .conftest import Sidecar, SidecarFactory, Upstream
@@ -297,14 +299,31 @@ async def gated() -> AsyncIterator[tuple[Upstream, asyncio.Event]]:
     await server.close()
 
 
-async def test_50_concurrent_identical_misses_make_one_upstream_call(
-    make_sidecar: SidecarFactory, gated: tuple[Upstream, asyncio.Event]
-) -> None:
+@dataclass
+class Gated:
+    """A sidecar in front of the gated upstream, with a funded account."""
+
+    sc: Sidecar
+    upstream: Upstream
+    gate: asyncio.Event
+    cache: ResponseCache
+    account: str
+    key: str
+
+
+@pytest.fixture
+async def gated_sidecar(make_sidecar: SidecarFactory, gated: tuple[Upstream, asyncio.Event]) -> Gated:
     upstream, gate = gated
     sc = await make_sidecar(models=MODELS, upstream_url=upstream.url)
     cache = sc.client.app[PROXY].cache
     assert cache is not None
     account, key = await sc.account(START)
+    return Gated(sc, upstream, gate, cache, account, key)
+
+
+async def test_50_concurrent_identical_misses_make_one_upstream_call(gated_sidecar: Gated) -> None:
+    g = gated_sidecar
+    sc, upstream, gate, cache, account, key = g.sc, g.upstream, g.gate, g.cache, g.account, g.key
 
     async def one() -> tuple[int, bytes, dict[str, str]]:
         resp = await post(sc, CHAT, BODY, key)
@@ -329,14 +348,9 @@ async def test_50_concurrent_identical_misses_make_one_upstream_call(
     assert (cache.stats.misses, cache.stats.collapsed, cache.stats.waiting) == (1, 49, 0)
 
 
-async def test_waiters_go_upstream_themselves_when_the_first_call_fails(
-    make_sidecar: SidecarFactory, gated: tuple[Upstream, asyncio.Event]
-) -> None:
-    upstream, gate = gated
-    sc = await make_sidecar(models=MODELS, upstream_url=upstream.url)
-    cache = sc.client.app[PROXY].cache
-    assert cache is not None
-    account, key = await sc.account(START)
+async def test_waiters_go_upstream_themselves_when_the_first_call_fails(gated_sidecar: Gated) -> None:
+    g = gated_sidecar
+    sc, upstream, gate, cache, account, key = g.sc, g.upstream, g.gate, g.cache, g.account, g.key
     leader = asyncio.create_task(post(sc, CHAT, BODY, key, **{"x-demo-status": "500"}))
     await until(lambda: upstream.calls("chat") == 1)
     waiters = [asyncio.create_task(post(sc, CHAT, BODY, key)) for _ in range(4)]
