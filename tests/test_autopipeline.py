@@ -13,6 +13,9 @@ from redis.asyncio import Redis
 
 from sidecar.autopipeline import AutoPipeline, pack
 
+from .conftest import SidecarFactory
+from .test_proxy import HELLO, MODELS, post
+
 
 @pytest.mark.parametrize(
     ("args", "wire"),
@@ -130,3 +133,22 @@ async def test_an_unreachable_server_is_a_connection_error() -> None:
     pipe = AutoPipeline("redis://127.0.0.1:9/0", connect_timeout=2)
     with pytest.raises(rx.ConnectionError):
         await pipe.execute("PING")
+
+
+async def test_a_request_whose_redis_is_unreachable_gets_503_and_moves_no_money(
+    make_sidecar: SidecarFactory,
+) -> None:
+    sc = await make_sidecar(models=MODELS)
+    account, key = await sc.account(1_000_000)
+    live = sc.ledger.pipeline
+    sc.ledger.pipeline = AutoPipeline("redis://127.0.0.1:9/0", connect_timeout=1)  # nothing listens
+    try:
+        resp = await post(sc, "/v1/chat/completions", {"model": "tm", "messages": HELLO}, key)
+        body = await resp.json()
+    finally:
+        sc.ledger.pipeline = live
+    assert resp.status == 503
+    assert body["error"]["code"] == "service_unavailable"
+    state = await sc.balance(account)
+    assert (state["balance"], state["held"], state["holds"]) == (1_000_000, 0, [])
+    assert (await post(sc, "/v1/chat/completions", {"model": "tm", "messages": HELLO}, key)).status == 200
