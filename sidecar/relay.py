@@ -16,6 +16,7 @@ on the exchange; settling is the caller's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,9 +24,12 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from redis.exceptions import RedisError
 
 from .exchange import Exchange
 from .usage import SSEReader
+
+log = logging.getLogger("creditgate.relay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +73,12 @@ async def relay_stream(
             while True:
                 if time.monotonic() >= renew_at:  # a stream outliving its lease keeps its hold
                     renew_at = time.monotonic() + lease / 3
-                    await renew(int(time.time() * 1000) + lease * 1000)
+                    try:
+                        await renew(int(time.time() * 1000) + lease * 1000)
+                    except (
+                        RedisError
+                    ) as exc:  # the stream goes on; if the hold is reaped, settle still debits
+                        log.warning("renewing the hold of %s failed: %r", ex.request_id, exc)
                 waiting = perf()
                 if drain_until is None:
                     chunk = await upstream.content.readany()

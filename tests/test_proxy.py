@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sidecar.app import PROXY
 
@@ -496,3 +497,26 @@ async def test_in_flight_requests_finish_when_balance_reaches_zero(
     state = await priced.balance(account)
     assert state["balance"] == 2 * hold - 2 * pooled(5 * 1000 + 10 * 2000)
     assert state["balance"] >= 0
+
+
+async def test_a_failed_lease_renewal_neither_ends_the_stream_nor_its_charge(
+    make_sidecar: SidecarFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sc = await make_sidecar(models=MODELS, hold_lease_seconds=1)  # renewed every third of a second
+    account, key = await sc.account(10_000_000)
+    attempts: list[tuple[Any, ...]] = []
+
+    async def failing_renew(*args: Any) -> None:
+        attempts.append(args)
+        raise RedisConnectionError("a Redis blip")
+
+    monkeypatch.setattr(sc.ledger, "renew", failing_renew)
+    body = {"model": "test-model", "messages": HELLO, "stream": True, "max_tokens": 8}
+    resp, raw = await _stream(sc, "/v1/chat/completions", body, key, **{"x-demo-token-delay-ms": "100"})
+    assert resp.status == 200
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert len(_events(raw)) == 9  # 8 tokens and [DONE]: nothing cut, nothing written over the stream
+    assert attempts  # the stream outlived a third of its lease, and every renewal failed
+    await settled(sc)
+    state = await sc.balance(account)
+    assert (state["balance"], state["held"]) == (10_000_000 - pooled(5 * 1000 + 8 * 2000), 0)
