@@ -33,7 +33,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .exchange import Exchange
-from .ledger import RedisLedger, Reservation, ReserveStatus
+from .ledger import RedisLedger, Reservation, ReserveStatus, UnknownAccount
 from .observe import RECORD, RequestRecord
 from .pricing import PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
 from .relay import StreamPolicy, relay_stream
@@ -176,13 +176,7 @@ class Proxy:
 
     async def _hold(self, ex: Exchange, cache_key: str | None) -> Reservation:
         """Reserve the worst case (looking up `cache_key` in the same step); raises when it cannot."""
-        reservation = await self.ledger.reserve(
-            ex.account,
-            ex.request_id,
-            ex.hold,
-            int(time.time() * 1000) + self.settings.hold_lease_seconds * 1000,
-            cache_key=cache_key,
-        )
+        reservation = await self._reserve(ex, cache_key)
         if reservation.status is ReserveStatus.INSUFFICIENT:
             raise InsufficientCredits(
                 reservation.balance - reservation.held, ex.hold, self.settings.top_up_url
@@ -192,6 +186,26 @@ class Proxy:
         if reservation.status is ReserveStatus.ALREADY_SETTLED:
             raise Conflict("This request id was already settled.")
         return reservation
+
+    async def _reserve(self, ex: Exchange, cache_key: str | None) -> Reservation:
+        """The reserve script, sent once more when its answer was lost (it is idempotent by request id: a
+        hold it took the first time is found, not taken twice). If it fails again, any hold it may have
+        taken is released at once (a settle of nothing), not left to its lease, and the error goes on."""
+        lease_end_ms = int(time.time() * 1000) + self.settings.hold_lease_seconds * 1000
+        try:
+            return await self.ledger.reserve(
+                ex.account, ex.request_id, ex.hold, lease_end_ms, cache_key=cache_key
+            )
+        except RedisError as exc:
+            log.warning("reserve of %s failed (%r); trying once more", ex.request_id, exc)
+        try:
+            return await self.ledger.reserve(
+                ex.account, ex.request_id, ex.hold, lease_end_ms, cache_key=cache_key
+            )
+        except RedisError:
+            with contextlib.suppress(RedisError, UnknownAccount):
+                await self.ledger.settle(ex.account, ex.request_id, 0)
+            raise
 
     def _land(self, ex: Exchange, answer: CachedResponse | None) -> None:
         """End the single flight this request leads, handing its waiters `answer` (None: go upstream)."""
@@ -208,7 +222,10 @@ class Proxy:
         ex.usage = entry.usage
         saved = cost(ex.price, entry.usage, ex.multiplier)
         event = ex.event("cache_collapsed" if collapsed else "cache_hit", hold=0, saved=saved)
-        settlement = await self.ledger.settle(ex.account, ex.request_id, 0, event, record=True)
+        try:
+            settlement = await self.ledger.settle(ex.account, ex.request_id, 0, event, record=True)
+        except UnknownAccount:
+            raise Unauthorized("The account behind this key no longer exists.") from None
         ex.outcome = "settled"
         rec = ex.record
         rec.settled, rec.usage, rec.saved, rec.outcome = True, entry.usage, saved, event.outcome
@@ -308,8 +325,10 @@ class Proxy:
         else:
             ex.answered.set_result(response)
         finally:
-            await self._settle(ex)
-            self._land(ex, ex.stored[0] if ex.stored else None)
+            try:
+                await self._settle(ex)
+            finally:  # whatever the settle did, the identical requests waiting on this one go on
+                self._land(ex, ex.stored[0] if ex.stored else None)
 
     async def _forward_and_relay(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         """Send the request upstream and relay its answer to the client."""
@@ -460,6 +479,9 @@ class Proxy:
                 break
             except RedisError as exc:  # idempotent by request id: retrying cannot charge twice
                 log.warning("settle of %s failed (attempt %d): %r", ex.request_id, attempt + 1, exc)
+            except UnknownAccount:  # deleted while its request ran: there is nothing left to debit
+                log.error("settle of %s: account %s no longer exists", ex.request_id, ex.account)
+                break
         rec = ex.record
         rec.outcome = outcome
         if settlement is not None:

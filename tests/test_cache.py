@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from sidecar.app import FLUSHER, PROXY
 from sidecar.cache import ResponseCache
 from sidecar.demo import GATE, create_demo_upstream
+from sidecar.ledger import UnknownAccount
 
 from .conftest import Sidecar, SidecarFactory, Upstream
 from .test_openai_sdk import sdk
@@ -379,3 +380,26 @@ async def test_openai_sdk_sees_the_hit_in_raw_headers(priced: Sidecar, upstream:
     assert second.headers["x-creditgate-charged"] == "0"
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
     assert upstream.calls("chat") == 1
+
+
+async def test_a_leader_whose_settle_finds_no_account_still_lets_its_waiters_go(
+    gated_sidecar: Gated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = gated_sidecar
+    leader = asyncio.create_task(post(g.sc, CHAT, BODY, g.key))
+    await until(lambda: g.upstream.calls("chat") == 1)
+    waiter = asyncio.create_task(post(g.sc, CHAT, BODY, g.key))
+    await until(lambda: g.cache.stats.waiting == 1)
+
+    async def account_gone(account: str, *args: Any, **kwargs: Any) -> Any:
+        raise UnknownAccount(account)  # deleted while the leader's request ran
+
+    monkeypatch.setattr(g.sc.ledger, "settle", account_gone)
+    g.gate.set()
+    async with asyncio.timeout(g.sc.settings.cache_wait_seconds / 2):  # not left waiting on the flight
+        await leader
+        answer = await waiter
+    assert answer.status == 200  # it went upstream on its own
+    assert g.upstream.calls("chat") == 2
+    assert g.cache.stats.collapsed == 0
+    assert g.cache.stats.waiting == 0

@@ -10,6 +10,7 @@ import aiohttp
 import msgspec
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.app import PROXY
 
@@ -520,3 +521,45 @@ async def test_a_failed_lease_renewal_neither_ends_the_stream_nor_its_charge(
     await settled(sc)
     state = await sc.balance(account)
     assert (state["balance"], state["held"]) == (10_000_000 - pooled(5 * 1000 + 8 * 2000), 0)
+
+
+def losing_replies(ledger: Any, monkeypatch: pytest.MonkeyPatch, times: int) -> list[str]:
+    """Make the ledger's reserve run in Redis but lose its reply `times` times (as a timeout would)."""
+    real = ledger.reserve
+    lost: list[str] = []
+
+    async def reserve(*args: Any, **kwargs: Any) -> Any:
+        reservation = await real(*args, **kwargs)
+        if len(lost) < times:
+            lost.append(args[1])
+            raise RedisTimeoutError("the reply was lost")
+        return reservation
+
+    monkeypatch.setattr(ledger, "reserve", reserve)
+    return lost
+
+
+async def test_a_reserve_whose_reply_was_lost_is_sent_again_and_holds_once(
+    priced: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account, key = await priced.account(10_000_000)
+    lost = losing_replies(priced.ledger, monkeypatch, times=1)
+    resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
+    assert resp.status == 200
+    assert lost == [resp.headers["x-request-id"]]
+    charge = pooled(5 * 1000 + 16 * 2000)
+    state = await priced.balance(account)
+    assert (state["balance"], state["held"], state["holds"]) == (10_000_000 - charge, 0, [])
+
+
+async def test_a_reserve_that_keeps_failing_releases_what_it_may_have_held(
+    priced: Sidecar, monkeypatch: pytest.MonkeyPatch, upstream: Upstream
+) -> None:
+    account, key = await priced.account(10_000_000)
+    losing_replies(priced.ledger, monkeypatch, times=2)
+    resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "service_unavailable"
+    state = await priced.balance(account)  # held by the script, then released at once: not left to its lease
+    assert (state["balance"], state["held"], state["holds"]) == (10_000_000, 0, [])
+    assert upstream.calls("chat") == 0
