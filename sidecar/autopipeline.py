@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -47,6 +48,32 @@ def pack(args: Sequence[Arg]) -> bytes:
     return b"".join(parts)
 
 
+def tls_context(params: Mapping[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context a ``rediss://`` URL asks for (redis-py's query parameters: ``ssl_ca_certs``,
+    ``ssl_cert_reqs`` none/optional/required, ``ssl_check_hostname``, ``ssl_certfile``/``ssl_keyfile``)."""
+    if params.get("connection_class") is not SSLConnection:
+        return None
+    context = ssl.create_default_context(cafile=params.get("ssl_ca_certs"))
+    required = str(params.get("ssl_cert_reqs", "required")).lower()
+    if params.get("ssl_check_hostname") is False or required in ("none", "optional"):
+        context.check_hostname = False
+    if required == "none":
+        context.verify_mode = ssl.CERT_NONE
+    elif required == "optional":
+        context.verify_mode = ssl.CERT_OPTIONAL
+    if params.get("ssl_certfile"):
+        context.load_cert_chain(params["ssl_certfile"], params.get("ssl_keyfile"))
+    return context
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    """Find a silently dropped link (a NAT or firewall forgetting an idle connection) within a minute."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def reply_error(error: hiredis.ReplyError) -> rx.ResponseError:
     message = str(error)
     return rx.NoScriptError(message) if message.startswith("NOSCRIPT") else rx.ResponseError(message)
@@ -68,6 +95,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport instances
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            _keep_alive(sock)
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         if self.closed is not None or self.transport is None:
@@ -175,20 +205,25 @@ class AutoPipeline:
         if "path" in p:
             _, connection = await loop.create_unix_connection(lambda: _Connection(self.timeout), p["path"])
         else:
-            tls = ssl.create_default_context() if p.get("connection_class") is SSLConnection else None
             _, connection = await loop.create_connection(
-                lambda: _Connection(self.timeout), p.get("host", "localhost"), p.get("port", 6379), ssl=tls
+                lambda: _Connection(self.timeout),
+                p.get("host", "localhost"),
+                p.get("port", 6379),
+                ssl=tls_context(p),
             )
         setup: list[list[Arg]] = []
         if p.get("password"):
             setup.append(["AUTH", *([p["username"]] if p.get("username") else []), p["password"]])
         if p.get("db"):
             setup.append(["SELECT", p["db"]])
-        for command in setup:
-            reply = await connection.send(pack(command))
-            if isinstance(reply, hiredis.ReplyError):
-                connection.close()
-                raise rx.ConnectionError(f"Redis refused {command[0]!r}: {reply}")
+        try:
+            for command in setup:
+                reply = await connection.send(pack(command))
+                if isinstance(reply, hiredis.ReplyError):
+                    raise rx.ConnectionError(f"Redis refused {command[0]!r}: {reply}")
+        except BaseException:  # refused, timed out or cancelled: the socket is not left open
+            connection.close()
+            raise
         return connection
 
     async def aclose(self) -> None:

@@ -37,6 +37,8 @@ class Readiness:
             return False, "shutting down"
         try:
             async with asyncio.timeout(CHECK_TIMEOUT):
+                if self.ledger.pipeline is not None:  # the request path's own connection answers too
+                    await self.ledger.pipeline.execute("PING")
                 if not await self.ledger.scripts_loaded():
                     log.warning("Redis lost the money scripts; loading them again")
                     await self.ledger.load_scripts()

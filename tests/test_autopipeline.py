@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 from redis import exceptions as rx
 from redis.asyncio import Redis
+from redis.asyncio.connection import parse_url
 
-from sidecar.autopipeline import AutoPipeline, pack
+from sidecar.autopipeline import AutoPipeline, pack, tls_context
+from sidecar.health import READINESS
 
 from .conftest import SidecarFactory
 from .test_proxy import HELLO, MODELS, post
@@ -152,3 +155,43 @@ async def test_a_request_whose_redis_is_unreachable_gets_503_and_moves_no_money(
     state = await sc.balance(account)
     assert (state["balance"], state["held"], state["holds"]) == (1_000_000, 0, [])
     assert (await post(sc, "/v1/chat/completions", {"model": "tm", "messages": HELLO}, key)).status == 200
+
+
+@pytest.mark.parametrize(
+    ("url", "verify", "check_hostname"),
+    [
+        ("rediss://redis.example:6380/0", ssl.CERT_REQUIRED, True),
+        ("rediss://redis.example:6380/0?ssl_cert_reqs=required", ssl.CERT_REQUIRED, True),
+        ("rediss://redis.example:6380/0?ssl_check_hostname=false", ssl.CERT_REQUIRED, False),
+        ("rediss://redis.example:6380/0?ssl_cert_reqs=optional", ssl.CERT_OPTIONAL, False),
+        ("rediss://redis.example:6380/0?ssl_cert_reqs=none", ssl.CERT_NONE, False),
+    ],
+)
+def test_tls_follows_the_url(url: str, verify: ssl.VerifyMode, check_hostname: bool) -> None:
+    context = tls_context(parse_url(url))
+    assert context is not None
+    assert (context.verify_mode, context.check_hostname) == (verify, check_hostname)
+
+
+def test_plain_urls_use_no_tls() -> None:
+    assert tls_context(parse_url("redis://127.0.0.1:6379/0")) is None
+    assert tls_context(parse_url("unix:///tmp/redis.sock")) is None
+
+
+def test_a_missing_ca_file_is_an_error_not_a_silent_default() -> None:
+    with pytest.raises(FileNotFoundError):
+        tls_context(parse_url("rediss://h:6380/0?ssl_ca_certs=/nonexistent/ca.pem"))
+
+
+async def test_readiness_checks_the_request_paths_own_connection(make_sidecar: SidecarFactory) -> None:
+    sc = await make_sidecar(models=MODELS, readiness_grace_seconds=0)
+    assert (await sc.client.get("/readyz")).status == 200
+    live = sc.ledger.pipeline
+    sc.ledger.pipeline = AutoPipeline("redis://127.0.0.1:9/0", connect_timeout=1)
+    try:
+        readiness = sc.client.app[READINESS]
+        ready, reason = await readiness.check()
+    finally:
+        sc.ledger.pipeline = live
+    assert not ready  # redis-py's connections still answer; the request path's does not
+    assert "ConnectionError" in reason
