@@ -33,6 +33,7 @@ from .upstream import create_session, upstreams_from
 from .wire import ROUTES
 
 log = logging.getLogger("creditgate.app")
+SETTLE_RETRY_SECONDS = 5.0  # how often settlements Redis did not take are sent again
 
 
 def connect_redis(url: str, max_connections: int = 64) -> Redis:
@@ -187,12 +188,20 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
                 await complete_money_in(svc.store, svc.ledger, older_than_seconds=60)
                 app[DRIFT].update(await reconcile(svc.redis, svc.keys, svc.store))
 
+            async def retry_settlements() -> None:
+                if proxy.pending.pending:
+                    await proxy.pending.retry()
+
             stop = asyncio.Event()
             tasks = [
                 asyncio.create_task(
                     _every(settings.reaper_interval_seconds, "hold reaper", stop, reap),
                     name="creditgate-hold-reaper",
-                )
+                ),
+                asyncio.create_task(
+                    _every(SETTLE_RETRY_SECONDS, "settlement retry", stop, retry_settlements),
+                    name="creditgate-settlement-retry",
+                ),
             ]
             if settings.flusher_enabled:
                 tasks.append(asyncio.create_task(flusher.run(), name="creditgate-flusher"))
@@ -208,6 +217,11 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
             finally:
                 await proxy.finish(0)  # normally done already, by on_shutdown
                 await _stop_tasks(tasks, stop, flusher)
+                if proxy.pending.pending:  # a last try, before the outbox's final flush
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(settings.shutdown_flush_seconds):
+                            await proxy.pending.retry()
+                    proxy.pending.log_lost()
                 await session.close()
                 if settings.flusher_enabled:
                     await _final_flush(flusher, settings.shutdown_flush_seconds)
@@ -237,6 +251,7 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
 
     async def ledger_status(request: web.Request) -> web.Response:
         flusher, drift = request.config_dict[FLUSHER], request.config_dict[DRIFT]
+        pending = request.config_dict[PROXY].pending
         backlog, oldest = await flusher.backlog()
         return web.json_response(
             {
@@ -247,6 +262,9 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
                 "drifting_accounts": drift.accounts,
                 "drift_micro_credits": drift.total,
                 "drift_checked_at": drift.checked_at or None,
+                "settlements_waiting_for_redis": len(pending.pending),
+                "settlements_retried": pending.settled,
+                "settlements_dropped": pending.dropped,
             }
         )
 

@@ -37,6 +37,7 @@ from .ledger import RedisLedger, Reservation, ReserveStatus, UnknownAccount
 from .observe import RECORD, RequestRecord
 from .pricing import PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
 from .relay import StreamPolicy, relay_stream
+from .settlements import PendingSettlement, PendingSettlements
 from .upstream import Upstream, request_headers, response_headers
 from .usage import SSEReader, usage_from_body
 from .wire import ROUTES, Route, decode_request, with_usage_requested
@@ -69,6 +70,7 @@ class Proxy:
         self.exchanges: dict[str, Exchange] = {}  # the live ones, by request id
         self.cutting = False  # shutting down past the grace period: every exchange is cut
         self._urls: dict[tuple[str, str], URL] = {}
+        self.pending = PendingSettlements(ledger)  # settlements Redis has not taken yet
         self.stream_policy = StreamPolicy(
             lease_seconds=settings.hold_lease_seconds,
             drain_seconds=settings.disconnect_drain_seconds,
@@ -469,6 +471,7 @@ class Proxy:
         if ex.stored is not None and ex.cache is not None and ex.cache.colocated:
             store = (ex.cache.key, ex.stored[1], self.settings.cache_ttl_seconds * 1000)
         settlement = None
+        account_gone = False
         for attempt, pause in enumerate((0.0, *SETTLE_RETRY_PAUSES)):
             if pause:
                 await asyncio.sleep(pause)
@@ -481,17 +484,20 @@ class Proxy:
                 log.warning("settle of %s failed (attempt %d): %r", ex.request_id, attempt + 1, exc)
             except UnknownAccount:  # deleted while its request ran: there is nothing left to debit
                 log.error("settle of %s: account %s no longer exists", ex.request_id, ex.account)
+                account_gone = True
                 break
         rec = ex.record
         rec.outcome = outcome
         if settlement is not None:
             rec.settled, rec.charge, rec.usage = True, ex.charge, ex.usage
         else:
-            log.error(
-                "settle of %s (%d micro-credits) failed for good; its hold is released when its lease ends",
-                ex.request_id,
-                ex.charge,
-            )
+            if not account_gone:  # kept, and sent again in the background until Redis takes it
+                log.error(
+                    "settle of %s (%d micro-credits) failed; kept and retried in the background",
+                    ex.request_id,
+                    ex.charge,
+                )
+                self.pending.add(PendingSettlement(ex.account, ex.request_id, ex.charge, event))
             ex.stored = None
             return None
         if ex.stored is not None and ex.cache is not None and self.cache is not None:
