@@ -104,6 +104,7 @@ async def test_no_secret_reaches_a_log_line_or_an_error_body(
     assert any(h.get("Authorization") == f"Bearer {provider_key}" for h in upstream.seen_headers)
     assert byok_key in byok_bodies[0]
     assert '"level":"DEBUG"' in log
+    assert "settings in effect" in log  # every setting, the provider key and admin token among them
     assert log.count('"msg":"request"') >= 10
     assert "upstream_auth_failed" in "".join(bodies)
 
