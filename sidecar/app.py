@@ -36,15 +36,15 @@ log = logging.getLogger("creditgate.app")
 SETTLE_RETRY_SECONDS = 5.0  # how often settlements Redis did not take are sent again
 
 
-def connect_redis(url: str, max_connections: int = 64) -> Redis:
+def connect_redis(url: str, max_connections: int = 64, timeout: float = 5.0) -> Redis:
     """A client whose pool makes callers wait for a free connection rather than fail under a burst.
     redis-py retries timed-out and dropped commands by itself; every money script is idempotent by id."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=5,
-        socket_timeout=5,
-        socket_connect_timeout=5,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
         health_check_interval=30,
     )
     return Redis.from_pool(pool)
@@ -96,7 +96,7 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
     migrate_on_start) and rebuild an empty Redis from the ledger."""
     if settings.redis_url is None or settings.database_url is None:
         raise ValueError("redis_url and database_url must be resolved first (see cli.resolve_services)")
-    redis = connect_redis(settings.redis_url, settings.redis_max_connections)
+    redis = connect_redis(settings.redis_url, settings.redis_max_connections, settings.redis_timeout_seconds)
     store = Store(
         await asyncpg.create_pool(settings.database_url, min_size=0, max_size=settings.flush_concurrency + 2)
     )
@@ -105,7 +105,11 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
         redis,
         keys,
         settled_marker_ms=settings.settled_marker_seconds * 1000,
-        pipeline=AutoPipeline(settings.redis_url),
+        pipeline=AutoPipeline(
+            settings.redis_url,
+            timeout=settings.redis_timeout_seconds,
+            connect_timeout=settings.redis_timeout_seconds,
+        ),
     )
     accounts = AccountStore(redis, keys, cache_seconds=settings.auth_cache_seconds)
     svc = Services(settings, redis, store, keys, ledger, accounts)

@@ -80,6 +80,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key_prefix: str = "cg:"
     partitions: PositiveInt = 16
     redis_max_connections: PositiveInt = 64
+    redis_timeout_seconds: PositiveSeconds = 5.0
     # Postgres, the durable ledger: unset starts an embedded server (the pgserver package) under data_dir.
     database_url: str | None = None
     migrate_on_start: bool = True
