@@ -84,8 +84,8 @@ async def _until_signalled() -> None:
 
 
 async def _serve(settings: Settings, on_ready: Callable[[str], Awaitable[None]] | None = None) -> None:
-    # Every setting in effect, for whoever debugs a deployment (the log redacts the secrets among them).
-    log.debug("settings in effect: %s", msgspec.json.encode(settings).decode())
+    if log.isEnabledFor(logging.DEBUG):  # every setting in effect (the log redacts the secrets among them)
+        log.debug("settings in effect: %s", msgspec.json.encode(settings).decode())
     async with contextlib.AsyncExitStack() as stack:
         demo_url = None
         if settings.demo_upstream:
