@@ -66,13 +66,11 @@ BYPASS = CachePlan(forward="bypass")
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    collapsed: int = 0
-    misses: int = 0
-    bypassed: int = 0
-    stored: int = 0
-    too_large: int = 0
-    saved: int = 0  # micro-credits the hits would have cost
+    """What only the cache sees (hits, saved credits and bypasses are in the request metrics)."""
+
+    misses: int = 0  # cacheable requests that went upstream
+    collapsed: int = 0  # served a concurrent identical request's answer
+    too_large: int = 0  # answers not stored for their size
     waiting: int = 0  # requests waiting now for an identical request's answer
 
 
@@ -100,11 +98,9 @@ class ResponseCache:
         cache_control: str | None,
     ) -> CachePlan:
         if route_kind not in self.routes or not cacheable(route_kind, request.temperature, request.n):
-            self.stats.bypassed += 1
             return BYPASS
         directives = client_directives(cache_control)
         if not directives.store:
-            self.stats.bypassed += 1
             return BYPASS
         if not directives.lookup:
             self.stats.misses += 1  # no-cache: straight upstream (the lookup path counts its own misses)

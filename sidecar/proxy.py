@@ -231,12 +231,8 @@ class Proxy:
         ex.outcome = "settled"
         rec = ex.record
         rec.settled, rec.usage, rec.saved, rec.outcome = True, entry.usage, saved, event.outcome
-        stats = self.cache.stats
-        stats.saved += saved
         if collapsed:
-            stats.collapsed += 1
-        else:
-            stats.hits += 1
+            self.cache.stats.collapsed += 1
         now = int(time.time() * 1000)
         headers = CIMultiDict(entry.headers)
         headers.update(hit_headers(entry.stored_ms, entry.expires_ms, now, collapsed=collapsed))
@@ -500,15 +496,12 @@ class Proxy:
                 self.pending.add(PendingSettlement(ex.account, ex.request_id, ex.charge, event))
             ex.stored = None
             return None
-        if ex.stored is not None and ex.cache is not None and self.cache is not None:
-            if not ex.cache.colocated:
-                try:
-                    await self.cache.put(ex.cache.key, ex.stored[1])
-                except RedisError as exc:  # the answer is served all the same; only the entry is lost
-                    log.warning("storing the cache entry of %s failed: %r", ex.request_id, exc)
-                    ex.stored = None
-            if ex.stored is not None:
-                self.cache.stats.stored += 1
+        if ex.stored is not None and ex.cache is not None and not ex.cache.colocated and self.cache:
+            try:  # a shared-scope entry, outside the settle script's slot
+                await self.cache.put(ex.cache.key, ex.stored[1])
+            except RedisError as exc:  # the answer is served all the same; only the entry is lost
+                log.warning("storing the cache entry of %s failed: %r", ex.request_id, exc)
+                ex.stored = None
         if settlement.first and ex.charge > ex.hold:  # the overdraft is recorded in the ledger row too
             log.warning(
                 "request %s on %s cost %d, above its hold of %d",
