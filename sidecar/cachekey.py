@@ -18,9 +18,12 @@ from typing import Any
 
 import msgspec
 
+from .errors import BadRequest
+
 IGNORED_FIELDS = frozenset({"user", "metadata", "stream_options", "store", "service_tier", "model", "stream"})
 _encode = msgspec.json.Encoder(order="sorted").encode
 CACHE_NAME = "creditgate"  # the cache's name in Cache-Status (RFC 9211)
+NESTED_TOO_DEEP = "The request body nests JSON arrays or objects too deeply."
 
 
 def cacheable(route_kind: str, temperature: float | None, n: int | None) -> bool:
@@ -49,7 +52,12 @@ _decode_canonical = msgspec.json.Decoder(float_hook=_number).decode
 
 def cache_key(route_kind: str, model: str, body: bytes, scope: str) -> str:
     """The entry's digest: hex SHA-256 of the canonical request (`body` is its JSON), scoped."""
-    fields: dict[str, Any] = _decode_canonical(body)
+    try:
+        fields: dict[str, Any] = _decode_canonical(body)
+    except msgspec.DecodeError as exc:  # the billing fields decoded; the rest of the body did not
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(NESTED_TOO_DEEP) from None
     material = {
         "route": route_kind,
         "model": model,

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
@@ -27,6 +27,7 @@ _PATTERNS = re.compile(
     r"|\bsk-[A-Za-z0-9_\-*.]{6,}"
     r"|(?i:bearer)\s+[^\s\"',;]+"
     r"|(?<=://)[^/\s:@]*:[^/\s@]+(?=@)"
+    r"|(?i:(?<=[?&]password=)|(?<=[?&]sslpassword=))[^&#\s\"']+"
 )
 # The attributes every LogRecord has; anything else on a record was passed as `extra`.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -52,7 +53,12 @@ def secrets_of(settings: Settings) -> list[str]:
     found += [conf.key() or "" for conf in settings.upstream_table().values()]
     for url in (settings.redis_url, settings.database_url, settings.upstream_url):
         if url:
-            found.append(urlsplit(url).password or "")
+            parts = urlsplit(url)
+            found.append(parts.password or "")
+            # libpq and redis-py also take the password as a query parameter (?password=…).
+            for name, values in parse_qs(parts.query).items():
+                if name.lower() in ("password", "sslpassword"):
+                    found += values
     return [s for s in found if s]
 
 

@@ -53,6 +53,8 @@ def decode_request(body: bytes) -> MeteredRequest:
         raise BadRequest(f"Invalid request: {message}", param=match.group(1) if match else None) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:  # msgspec's own depth limit, even inside fields it skips
+        raise BadRequest("The request body nests JSON arrays or objects too deeply.") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,27 @@ def test_secrets_of_settings() -> None:
     }
 
 
+def test_query_parameter_passwords_are_secrets_and_redacted() -> None:
+    """libpq and redis-py take the password as a query parameter too; the DEBUG settings line used to
+    print it in clear."""
+    settings = make_settings(
+        "redis://127.0.0.1:6379/0?password=redis-query-pass",
+        "postgresql://app@127.0.0.1/db?sslmode=disable&password=pg-query-pass&application_name=cg",
+    )
+    assert {"redis-query-pass", "pg-query-pass"} <= set(secrets_of(settings))
+    line = formatter(settings).format(
+        record("settings in effect: %s", msgspec.json.encode(settings).decode())
+    )
+    assert "redis-query-pass" not in line
+    assert "pg-query-pass" not in line
+    assert "application_name=cg" in line
+    # By pattern as well, for URLs the settings do not hold.
+    out = Redactor()("dsn postgresql://h/db?PASSWORD=other-pass&x=1 and redis://h/0?sslpassword=tls-pass")
+    assert "other-pass" not in out
+    assert "tls-pass" not in out
+    assert "&x=1" in out
+
+
 def test_json_lines_carry_extras_and_redacted_exceptions() -> None:
     fmt = JsonFormatter(Redactor(["the-admin-token"]))
     line = json.loads(fmt.format(record("token %s here", "the-admin-token", account="acme", tokens=3)))
