@@ -20,6 +20,7 @@ from redis.commands.core import AsyncScript
 from .autopipeline import AutoPipeline
 from .keys import KeySpace, as_text
 from .outbox import UsageEvent, encode_event
+from .pricing import MAX_CHARGE
 
 
 def load_lua(name: str) -> str:
@@ -153,8 +154,8 @@ class RedisLedger:
         """Release the request's hold and debit `charge` (0 to just release), exactly once. A debit (or,
         with `record`, a zero charge) is appended with its `event` to the outbox in the same step.
         `cache_entry` (key in the account's slot, value, TTL in ms) is stored in that step too."""
-        if charge < 0:
-            raise ValueError("charge must be >= 0")
+        if not 0 <= charge <= MAX_CHARGE:
+            raise ValueError(f"charge must be between 0 and {MAX_CHARGE} micro-credits, got {charge}")
         k = self.keys.account(account)
         entry = msgspec.structs.replace(
             event or UsageEvent(), request_id=request_id, account=account, charge=charge
@@ -174,6 +175,8 @@ class RedisLedger:
         status, balance, released, charged = await self._call("settle", self._settle, keys, args)
         if status == -1:
             raise UnknownAccount(account)
+        if status == -3:  # checked by the script before any write: nothing moved
+            raise ValueError(f"settle of {request_id}: an argument is not a valid integer string")
         return Settlement(status == 1, int(balance), int(released), int(charged))
 
     async def credit(self, account: str, idempotency_key: str, amount: int) -> tuple[bool, int]:

@@ -35,7 +35,7 @@ from .errors import (
 from .exchange import Exchange
 from .ledger import RedisLedger, Reservation, ReserveStatus, UnknownAccount
 from .observe import RECORD, RequestRecord
-from .pricing import PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
+from .pricing import MAX_CHARGE, PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
 from .relay import StreamPolicy, relay_stream
 from .settlements import PendingSettlement, PendingSettlements
 from .upstream import Upstream, request_headers, response_headers
@@ -461,6 +461,14 @@ class Proxy:
         if ex.outcome == "settled":
             return None
         ex.charge = cost(ex.price, ex.usage, ex.multiplier) if ex.usage is not None else 0
+        if ex.charge > MAX_CHARGE:  # usage no real request has: billed at the ceiling, never lost
+            log.error(
+                "request %s reported usage costing %d micro-credits; charged the ceiling of %d",
+                ex.request_id,
+                ex.charge,
+                MAX_CHARGE,
+            )
+            ex.charge = MAX_CHARGE
         outcome, ex.outcome = ex.outcome, "settled"
         event = ex.event(outcome, hold=ex.hold)
         store = None

@@ -13,7 +13,7 @@ from sidecar.accounts import AccountStore
 from sidecar.autopipeline import AutoPipeline
 from sidecar.keys import KeySpace
 from sidecar.ledger import IdempotencyConflict, RedisLedger, ReserveStatus, UnknownAccount
-from sidecar.pricing import MAX_MICRO
+from sidecar.pricing import MAX_CHARGE, MAX_MICRO
 
 from .conftest import new_key_prefix
 
@@ -136,10 +136,39 @@ async def test_amounts_near_the_bound_stay_exact(ledger: RedisLedger) -> None:
     big = MAX_MICRO - 7
     account = await funded(ledger, big)
     await ledger.reserve(account, "r1", big - 1, LEASE)
-    settled = await ledger.settle(account, "r1", big - 3)
-    assert settled.balance == 3
+    settled = await ledger.settle(account, "r1", MAX_CHARGE)
+    assert settled.balance == big - MAX_CHARGE
     view = await ledger.balance(account)
-    assert (view.balance, view.held) == (3, 0)
+    assert (view.balance, view.held) == (big - MAX_CHARGE, 0)
+
+
+async def test_multiples_of_ten_to_the_eight_move_exactly(ledger: RedisLedger) -> None:
+    """Released holds and debits go to HINCRBY as strings, never as Lua numbers (which Redis
+    7.2.0-7.2.4 would format as 1e+08 and refuse mid-script)."""
+    account = await funded(ledger, 10**9)
+    await ledger.reserve(account, "r1", 3 * 10**8, LEASE)
+    await ledger.reserve(account, "r2", 10**8, NOW - 1)
+    assert await ledger.expire_holds(NOW) == 10**8
+    settled = await ledger.settle(account, "r1", 2 * 10**8)
+    assert (settled.balance, settled.released) == (8 * 10**8, 3 * 10**8)
+    assert (await ledger.balance(account)).held == 0
+
+
+@pytest.mark.parametrize("charge", ["1e+17", "100000000000000000", "-5", "12.5", ""])
+async def test_a_settle_the_script_refuses_writes_nothing(ledger: RedisLedger, charge: str) -> None:
+    """Every argument is checked before the first write: the hold stays, nothing is debited, no marker."""
+    account = await funded(ledger, 1000)
+    await ledger.reserve(account, "r1", 600, LEASE)
+    k = ledger.keys.account(account)
+    keys = [k.balance, k.holds, k.hold_expiry, k.settled("r1"), k.outbox]
+    reply = await ledger._settle(keys=keys, args=["r1", charge, 60_000, k.expiry_member("r1"), "0", "{}"])
+    assert reply[0] == -3
+    view = await ledger.balance(account)
+    assert (view.balance, view.held, [h.amount for h in view.holds]) == (1000, 600, [600])
+    assert await ledger.redis.exists(k.settled("r1"), k.outbox) == 0
+    with pytest.raises(ValueError, match="charge must be between"):
+        await ledger.settle(account, "r1", MAX_CHARGE + 1)
+    assert (await ledger.balance(account)).held == 600
 
 
 async def test_keys_of_one_account_share_a_hash_slot(ledger: RedisLedger) -> None:
