@@ -1,9 +1,14 @@
 -- Credit: add credits to an account exactly once per idempotency key (also used, with a negative
 -- amount, for the reconciler's repairs, keyed by a repair id).
--- KEYS[1] account hash   KEYS[2] the idempotency marker
+-- KEYS[1] account hash   KEYS[2] the idempotency marker   KEYS[3] the partition's ready marker
 -- ARGV[1] amount (micro-credits, integer string; > 0 for money in)   ARGV[2] fingerprint ("<account> <amount>")
 -- Returns {status, balance}: 1 credited now, 0 credited before with the same fingerprint,
--- -1 no such account, -2 the key was used before for a different account or amount.
+-- -1 no such account, -2 the key was used before for a different account or amount,
+-- -4 this partition was not rebuilt from the ledger yet (Redis was lost): nothing is credited, so the
+-- rebuild, which sets balances to the ledger's figures, can never count a credit twice.
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return {-4, 0}
+end
 local balance = redis.call('HGET', KEYS[1], 'balance')
 if not balance then
   return {-1, 0}

@@ -16,8 +16,9 @@ from aiohttp import web
 
 from .accounts import AccountStore, check_account_id, hash_key, new_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, format_credits
-from .ledger import IdempotencyConflict, RedisLedger, UnknownAccount
+from .ledger import IdempotencyConflict, NotInitialized, RedisLedger, UnknownAccount
 from .pricing import MICRO
+from .reconcile import rebuild_if_empty
 from .store import Conflicting, NoAccount, Store
 
 MAX_GRANT = 10**15  # one billion credits: keeps every balance far below 2**53
@@ -114,11 +115,21 @@ class AdminOps:
             ) from None
         if not row.applied:
             await self.accounts.add_account(account)  # no-op unless a create stopped half-way
-            try:
-                await self.ledger.credit(account, ledger_id, amount)
-            except IdempotencyConflict:  # pragma: no cover - the ledger row already rules this out
-                raise Conflict("This Idempotency-Key was used for a different amount.") from None
-            await self.store.mark_applied([ledger_id])
+            for attempt in range(2):
+                try:
+                    await self.ledger.credit(account, ledger_id, amount)
+                except IdempotencyConflict:  # pragma: no cover - the ledger row already rules this out
+                    raise Conflict("This Idempotency-Key was used for a different amount.") from None
+                except NotInitialized:
+                    # Redis was lost and not rebuilt yet: rebuild it now (the rebuild sets balances to
+                    # the ledger's, this row included), then credit; if another process is rebuilding,
+                    # the row stays "not applied" and the reconciler completes it.
+                    if attempt == 0:
+                        await rebuild_if_empty(self.ledger.redis, self.ledger.keys, self.store)
+                        continue
+                    break
+                await self.store.mark_applied([ledger_id])
+                break
         view = await self.ledger.balance(account)
         return {
             "account": account,

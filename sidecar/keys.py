@@ -23,6 +23,7 @@ class AccountKeys:
     hold_expiry: str  # zset (partition-wide): "<account> <request id>" scored by lease end (ms)
     api_keys: str  # set of the account's API key ids
     outbox: str  # stream (partition-wide): settled debits on their way to Postgres
+    ready: str  # string (partition-wide): set once the partition's balances came from the ledger
     tag: str
 
     def settled(self, request_id: str) -> str:
@@ -59,6 +60,11 @@ class KeySpace:
         """Stream of settled debits; the flusher moves them to Postgres and deletes them once committed."""
         return f"{self.partition_tag(partition)}:outbox"
 
+    def ready(self, partition: int) -> str:
+        """Set by the rebuild (or at first start) in the partition's own slot: money in is credited only
+        once it exists, so a credit can never land before a rebuild that sets balances from the ledger."""
+        return f"{self.partition_tag(partition)}:ready"
+
     @property
     def initialized(self) -> str:
         """Set once Redis holds the balances rebuilt from (or created with) the Postgres ledger."""
@@ -81,6 +87,7 @@ class KeySpace:
                 hold_expiry=self.hold_expiry(partition),
                 api_keys=f"{tag}:api-keys:{account}",
                 outbox=self.outbox(partition),
+                ready=self.ready(partition),
                 tag=tag,
             )
             if len(self._cache) < 100_000:

@@ -78,6 +78,10 @@ class IdempotencyConflict(ValueError):
     pass
 
 
+class NotInitialized(LookupError):
+    """The account's partition was not rebuilt from the ledger yet (Redis was lost): nothing credited."""
+
+
 class RedisLedger:
     def __init__(
         self, redis: Redis, keys: KeySpace, *, settled_marker_ms: int, pipeline: AutoPipeline | None = None
@@ -91,6 +95,7 @@ class RedisLedger:
         self._settle = redis.register_script(load_lua("settle"))
         self._credit = redis.register_script(load_lua("credit"))
         self._expire = redis.register_script(load_lua("expire_hold"))
+        self._fix_held = redis.register_script(load_lua("fix_held"))
         # Called with (script name, nanoseconds) after every script call; the app points it at its
         # metrics. (Integer nanoseconds: this money module holds no float.)
         self.on_script: Callable[[str, int], None] = _ignore
@@ -108,13 +113,17 @@ class RedisLedger:
 
     async def scripts_loaded(self) -> bool:
         """Whether the server still has every script cached (it forgets them when restarted or flushed)."""
-        shas = [s.sha for s in (self._reserve, self._settle, self._credit, self._expire)]
+        shas = [s.sha for s in self._scripts]
         return all(shas) and all(await self.redis.script_exists(*shas))
 
     async def load_scripts(self) -> None:
         """Load every script into the server's cache (also proves Redis is reachable)."""
-        for script in (self._reserve, self._settle, self._credit, self._expire):
+        for script in self._scripts:
             script.sha = await self.redis.script_load(script.script)
+
+    @property
+    def _scripts(self) -> tuple[AsyncScript, ...]:
+        return (self._reserve, self._settle, self._credit, self._expire, self._fix_held)
 
     async def reserve(
         self, account: str, request_id: str, amount: int, lease_end_ms: int, *, cache_key: str | None = None
@@ -185,12 +194,17 @@ class RedisLedger:
             raise ValueError("amount must be > 0")
         k = self.keys.account(account)
         status, balance = await self._call(
-            "credit", self._credit, [k.balance, k.credited(idempotency_key)], [amount, f"{account} {amount}"]
+            "credit",
+            self._credit,
+            [k.balance, k.credited(idempotency_key), k.ready],
+            [amount, f"{account} {amount}"],
         )
         if status == -1:
             raise UnknownAccount(account)
         if status == -2:
             raise IdempotencyConflict(idempotency_key)
+        if status == -4:
+            raise NotInitialized(account)
         return status == 1, int(balance)
 
     async def adjust(self, account: str, adjustment_id: str, delta: int) -> int:
@@ -198,11 +212,31 @@ class RedisLedger:
         Used by repair only: the ledger is the truth and this brings the hot copy back to it."""
         k = self.keys.account(account)
         status, balance = await self._call(
-            "credit", self._credit, [k.balance, k.credited(adjustment_id)], [delta, f"{account} {delta}"]
+            "credit",
+            self._credit,
+            [k.balance, k.credited(adjustment_id), k.ready],
+            [delta, f"{account} {delta}"],
         )
         if status == -1:
             raise UnknownAccount(account)
+        if status == -4:
+            raise NotInitialized(account)
         return int(balance)
+
+    async def mark_ready(self) -> None:
+        """Mark every partition as holding the ledger's balances (first start, after a rebuild)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition in range(self.keys.partitions):
+                pipe.set(self.keys.ready(partition), "1")
+            await pipe.execute()
+
+    async def fix_held(self, account: str) -> tuple[int, int]:
+        """Set the account's held total to the sum of its holds; returns (before, after)."""
+        k = self.keys.account(account)
+        before, after = await self._call("fix_held", self._fix_held, [k.balance, k.holds], [])
+        if before == -1:
+            raise UnknownAccount(account)
+        return int(before), int(after)
 
     async def balance(self, account: str) -> AccountBalance:
         k = self.keys.account(account)

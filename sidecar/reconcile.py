@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from .keys import KeySpace
-from .ledger import RedisLedger, UnknownAccount
+from .ledger import NotInitialized, RedisLedger, UnknownAccount
 from .outbox import decode_entry
 from .store import LedgerConnection, Store
 
@@ -34,10 +34,23 @@ class Drift:
     account: str
     redis_balance: int | None  # None: the account is missing from Redis
     expected: int
+    redis_held: int = 0  # the account's `held` field
+    holds_total: int = 0  # the sum of its holds hash, which `held` must equal
 
     @property
     def amount(self) -> int:
         return (self.redis_balance or 0) - self.expected
+
+    @property
+    def held_amount(self) -> int:
+        return self.redis_held - self.holds_total
+
+
+@dataclass(frozen=True, slots=True)
+class _RedisView:
+    balance: int | None
+    held: int
+    holds_total: int
 
 
 async def complete_money_in(store: Store, ledger: RedisLedger, older_than_seconds: float = 0) -> int:
@@ -47,6 +60,9 @@ async def complete_money_in(store: Store, ledger: RedisLedger, older_than_second
     for idempotency_id, account, amount in await store.unapplied(older_than_seconds):
         try:
             await ledger.credit(account, idempotency_id, amount)
+        except NotInitialized:
+            log.warning("money in %s waits: Redis was not rebuilt from the ledger yet", idempotency_id)
+            continue
         except UnknownAccount:
             log.error(
                 "money in %s waits: account %s is missing from Redis (run reconcile --repair)",
@@ -60,24 +76,48 @@ async def complete_money_in(store: Store, ledger: RedisLedger, older_than_second
 
 
 async def _snapshot(
-    redis: Redis, keys: KeySpace, store: Store, conn: LedgerConnection, accounts: list[str]
-) -> tuple[dict[str, int | None], dict[str, int]]:
-    """Redis balances (read atomically per partition with its outbox) and, per account, the debits
-    still in the outbox that the ledger does not hold yet. Call it inside ``store.barrier()``."""
+    redis: Redis,
+    keys: KeySpace,
+    store: Store,
+    conn: LedgerConnection,
+    accounts: list[str],
+    unapplied: list[tuple[str, str, int]],
+) -> tuple[dict[str, _RedisView], dict[str, int], set[str]]:
+    """Per account its Redis balance, held total and holds (read atomically per partition with the
+    partition's outbox and with the markers of money in not yet marked applied); the debits still in the
+    outbox that the ledger does not hold yet; and which of the `unapplied` money-in ids Redis has already
+    credited. Call it inside ``store.barrier()``, after reading `unapplied` there."""
     by_partition: dict[int, list[str]] = defaultdict(list)
     for account in accounts:
         by_partition[keys.partition_of(account)].append(account)
-    balances: dict[str, int | None] = {}
+    pending_by_partition: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for idempotency_id, account, _ in unapplied:
+        pending_by_partition[keys.partition_of(account)].append((idempotency_id, account))
+    views: dict[str, _RedisView] = {}
+    credited: set[str] = set()
     debits: list[tuple[str, str, int]] = []
     for partition in range(keys.partitions):
         members = by_partition.get(partition, [])
-        async with redis.pipeline(transaction=True) as pipe:
+        pending = pending_by_partition.get(partition, [])
+        async with redis.pipeline(transaction=True) as pipe:  # every key here is in the partition's slot
             pipe.xrange(keys.outbox(partition))
             for account in members:
-                pipe.hget(keys.account(account).balance, "balance")
-            outbox, *values = await pipe.execute()
-        for account, value in zip(members, values, strict=True):
-            balances[account] = int(value) if value is not None else None
+                k = keys.account(account)
+                pipe.hmget(k.balance, ["balance", "held"])
+                pipe.hvals(k.holds)
+            for idempotency_id, account in pending:
+                pipe.exists(keys.account(account).credited(idempotency_id))
+            outbox, *replies = await pipe.execute()
+        for i, account in enumerate(members):
+            (balance, held), holds = replies[2 * i], replies[2 * i + 1]
+            views[account] = _RedisView(
+                int(balance) if balance is not None else None,
+                int(held or 0),
+                sum(int(amount) for amount in holds),
+            )
+        for (idempotency_id, _), exists in zip(pending, replies[2 * len(members) :], strict=True):
+            if exists:
+                credited.add(idempotency_id)
         for _, fields in outbox:
             entry = decode_entry(fields)
             debits.append((entry.account, entry.request_id, entry.charge))
@@ -86,29 +126,39 @@ async def _snapshot(
     for account, rid, charge in debits:
         if rid not in flushed:
             unflushed[account] += charge
-    return balances, unflushed
+    return views, unflushed, credited
 
 
 async def reconcile(redis: Redis, keys: KeySpace, store: Store) -> list[Drift]:
-    """Accounts whose Redis balance disagrees with the ledger."""
+    """Accounts whose Redis balance disagrees with the ledger, or whose held total disagrees with the
+    sum of their holds. Money in that Redis already credited but Postgres has not marked applied yet (a
+    grant between its two steps) counts as applied: its credit marker is read with the balance."""
     async with store.barrier() as conn:
-        accounts = [r["id"] for r in await conn.fetch("SELECT id FROM accounts")]
-        balances, unflushed = await _snapshot(redis, keys, store, conn, accounts)
-        ledger_view, _ = await store.ledger_view(conn)
+        ledger_view, unapplied = await store.ledger_view(conn)
+        views, unflushed, credited = await _snapshot(redis, keys, store, conn, list(ledger_view), unapplied)
+    waiting: dict[str, int] = defaultdict(int)  # money in not yet in Redis, per account
+    for idempotency_id, account, amount in unapplied:
+        if idempotency_id not in credited:
+            waiting[account] += amount
     found = []
-    for account, (ledger_balance, unapplied) in sorted(ledger_view.items()):
-        if account not in balances:
-            continue  # created after the snapshot's account list: next pass
-        drift = Drift(account, balances[account], ledger_balance - unapplied - unflushed.get(account, 0))
-        if drift.redis_balance is None or drift.amount:
+    for account, (ledger_balance, _) in sorted(ledger_view.items()):
+        view = views[account]
+        drift = Drift(
+            account,
+            view.balance,
+            ledger_balance - waiting.get(account, 0) - unflushed.get(account, 0),
+            view.held,
+            view.holds_total,
+        )
+        if drift.redis_balance is None or drift.amount or drift.held_amount:
             found.append(drift)
     return found
 
 
 async def repair(redis: Redis, keys: KeySpace, store: Store, ledger: RedisLedger) -> list[Drift]:
     """Add accounts missing from Redis, complete half-done money in, then move each drifting Redis
-    balance onto the ledger's figure (by an idempotent adjustment, safe under redis-py's retries).
-    Returns the drifts found before repairing."""
+    balance onto the ledger's figure (by an idempotent adjustment, safe under redis-py's retries) and
+    set each drifting held total to the sum of its holds. Returns the drifts found before repairing."""
     drifts = await reconcile(redis, keys, store)
     for drift in drifts:
         if drift.redis_balance is None:
@@ -118,15 +168,32 @@ async def repair(redis: Redis, keys: KeySpace, store: Store, ledger: RedisLedger
             await redis.sadd(keys.accounts, drift.account)
     await complete_money_in(store, ledger)
     for drift in await reconcile(redis, keys, store):
-        await ledger.adjust(drift.account, f"repair:{uuid.uuid4().hex}", -drift.amount)
-        log.warning("repaired %s: Redis balance %s -> %d", drift.account, drift.redis_balance, drift.expected)
+        if drift.amount:
+            await ledger.adjust(drift.account, f"repair:{uuid.uuid4().hex}", -drift.amount)
+            log.warning(
+                "repaired %s: Redis balance %s -> %d", drift.account, drift.redis_balance, drift.expected
+            )
+        if drift.held_amount:
+            before, after = await ledger.fix_held(drift.account)
+            log.warning("repaired %s: held %d -> %d (the sum of its holds)", drift.account, before, after)
     return drifts
 
 
 async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: Store) -> bool:
     """When Redis holds nothing of ours (first start, or Redis was lost), load accounts, balances and
-    active keys from the ledger. One process does it (a lock); returns True when this one did."""
+    active keys from the ledger. One process does it (a lock); returns True when this one did.
+
+    Balances are *set* to the ledger's figures (never added to), partition by partition in one
+    transaction each, together with the partition's ready marker. Until that marker exists the credit
+    script refuses money in, so no credit can land in Redis and then be counted again by the rebuild;
+    a grant refused meanwhile stays "not applied" and is completed afterwards. Running the writes twice
+    (a retry) leaves the same state."""
     if await redis.exists(keys.initialized):
+        # Deployments started before the ready markers existed: give them theirs (never overwritten).
+        async with redis.pipeline(transaction=False) as pipe:
+            for partition in range(keys.partitions):
+                pipe.set(keys.ready(partition), "1", nx=True)
+            await pipe.execute()
         return False
     if not await redis.set(keys.rebuild_lock, "1", nx=True, px=120_000):
         return False
@@ -135,22 +202,35 @@ async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: Store) -> bool:
             return False
         async with store.barrier() as conn:
             ledger_view, unapplied = await store.ledger_view(conn)
-            _, unflushed = await _snapshot(redis, keys, store, conn, list(ledger_view))
+            _, unflushed, _ = await _snapshot(redis, keys, store, conn, list(ledger_view), [])
             keys_rows = await conn.fetch(
                 "SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL"
             )
             now = int(time.time())
+            by_partition: dict[int, list[str]] = defaultdict(list)
+            for account in ledger_view:
+                by_partition[keys.partition_of(account)].append(account)
+            unapplied_by_partition: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+            for pending in unapplied:
+                unapplied_by_partition[keys.partition_of(pending[1])].append(pending)
+            for partition in range(keys.partitions):
+                async with redis.pipeline(transaction=True) as pipe:  # one slot: the partition's
+                    for account in by_partition.get(partition, []):
+                        k = keys.account(account)
+                        # The ledger's balance less the debits still in this Redis' outbox (they are
+                        # already out of a surviving balance, and will reach the ledger).
+                        balance = ledger_view[account][0] - unflushed.get(account, 0)
+                        pipe.hset(k.balance, "balance", str(balance))
+                        pipe.hsetnx(k.balance, "held", 0)
+                        pipe.hsetnx(k.balance, "created_at", now)
+                    # The balances include the money in still on its way: its grant must not credit again.
+                    for idempotency_id, account, amount in unapplied_by_partition.get(partition, []):
+                        pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")
+                    pipe.set(keys.ready(partition), "1")
+                    await pipe.execute()
             async with redis.pipeline(transaction=False) as pipe:
-                for account, (ledger_balance, _) in ledger_view.items():
-                    k = keys.account(account)
-                    # Added, not set: a grant that raced in (after the snapshot) has already credited.
-                    pipe.hincrby(k.balance, "balance", ledger_balance - unflushed.get(account, 0))
-                    pipe.hsetnx(k.balance, "held", 0)
-                    pipe.hsetnx(k.balance, "created_at", now)
-                    pipe.sadd(keys.accounts, account)
-                # The balances include the money in still on its way: its grant must not credit again.
-                for idempotency_id, account, amount in unapplied:
-                    pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")
+                if ledger_view:
+                    pipe.sadd(keys.accounts, *ledger_view)
                 for row in keys_rows:
                     pipe.hset(
                         keys.api_key(row["key_hash"]), mapping={"account": row["account_id"], "id": row["id"]}
@@ -159,7 +239,7 @@ async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: Store) -> bool:
                     pipe.sadd(keys.account(row["account_id"]).api_keys, row["id"])
                 pipe.set(keys.initialized, now)
                 await pipe.execute()
-        await store.mark_applied([row[0] for row in unapplied])
+        await store.mark_applied([pending[0] for pending in unapplied])
         log.warning("rebuilt Redis from the ledger: %d accounts", len(ledger_view))
         return True
     finally:

@@ -168,6 +168,9 @@ class Store:
     ) -> MoneyIn:
         """Write a credit row once per idempotency id (not yet applied to Redis); a retry returns the row."""
         async with self.pool.acquire() as conn, conn.transaction():
+            # Shared barrier: a reconcile reads the rows not yet applied and then Redis; no new one may
+            # appear between the two reads.
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", LEDGER_BARRIER)
             if not await conn.fetchval("SELECT true FROM accounts WHERE id = $1", account):
                 raise NoAccount(account)
             row = await conn.fetchrow(

@@ -30,6 +30,7 @@ async def ledger(
     pipeline = AutoPipeline(redis_url) if request.param == "autopipeline" else None
     ledger = RedisLedger(redis_client, keys, settled_marker_ms=60_000, pipeline=pipeline)
     await ledger.load_scripts()
+    await ledger.mark_ready()
     yield ledger
     if pipeline is not None:
         await pipeline.aclose()
