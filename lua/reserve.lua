@@ -4,6 +4,9 @@
 -- ARGV[1] request id   ARGV[2] amount (micro-credits, integer string)
 -- ARGV[3] lease end (ms since epoch)   ARGV[4] expiry member ("<account> <request id>")
 -- Optional KEYS[5] a response-cache entry (same hash tag): looked up first, in the same round trip.
+-- A hold of 0 (free work) is always taken, even on an overdrawn account; a positive hold only when
+-- the account's available credits (balance - held) cover it, so an account at or below zero gets
+-- nothing but free work.
 -- Returns {status, balance, held}: 1 held (also when this request id already holds),
 -- 0 insufficient, -1 no such account, -2 this request id was already settled;
 -- or {2, entry, ttl ms} when the cache entry exists: nothing is held (a hit is free).
@@ -26,7 +29,8 @@ end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
   return {1, balance, held}
 end
-if balance - held < tonumber(ARGV[2]) then
+local amount = tonumber(ARGV[2])
+if amount > 0 and balance - held < amount then
   return {0, balance, held}
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])

@@ -21,6 +21,7 @@ from .errors import ConfigError
 ENV_PREFIX = "CREDITGATE_"
 T = TypeVar("T")
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 RouteKind = Literal["chat", "completions", "embeddings", "responses"]
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -36,6 +37,13 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_output_tokens: PositiveInt = 4096
     aliases: list[str] = msgspec.field(default_factory=list)
     upstream: str = "default"
+    # The most input tokens one part whose tokens are not in the body's bytes can cost (unset: such a
+    # part is refused with a 400): an image, an audio clip, a file; and for stored state (Responses'
+    # previous_response_id, conversation, stored prompt, item references) the most it can add in all.
+    image_input_tokens: NonNegativeInt | None = None
+    audio_input_tokens: NonNegativeInt | None = None
+    file_input_tokens: NonNegativeInt | None = None
+    stored_input_tokens: NonNegativeInt | None = None
 
 
 class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

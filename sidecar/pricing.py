@@ -15,7 +15,7 @@ base, the fee included: pooled key ``pooled_multiplier`` (1.25 by default), the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -52,6 +52,9 @@ class Price:
     completion: int  # per token
     cached_prompt: int | None  # per token; None: cached tokens cost the prompt price
     request_fee: int  # per request
+    # Input tokens per part the body's bytes do not bound, by kind (see wire.unseen_inputs); a kind
+    # missing here is refused.
+    unseen_input_tokens: dict[str, int] = field(default_factory=dict)
 
     def base(self, usage: Usage) -> int:
         """Cost before the multiplier, in 1/scale micro-credits."""
@@ -87,6 +90,37 @@ def worst_case(price: Price, prompt_tokens: int, output_tokens: int, multiplier:
 def estimate_prompt_tokens(body_size: int, bytes_per_token: int) -> int:
     """An upper estimate of prompt tokens from the request body's size (a BPE token is at least a byte)."""
     return ceil_div(body_size, bytes_per_token)
+
+
+_SETTING = {
+    "image": "image_input_tokens",
+    "audio": "audio_input_tokens",
+    "file": "file_input_tokens",
+    "stored": "stored_input_tokens",
+}
+_WHAT = {"image": "an image", "audio": "audio", "file": "a file", "stored": "stored state"}
+
+
+def unseen_prompt_tokens(price: Price, inputs: list[tuple[str, str]]) -> int:
+    """The input tokens of parts the body's bytes do not bound: each image, audio and file part at its
+    model's per-part ceiling, stored state once at its ceiling. A kind the model has no ceiling for is a
+    400 naming the part (the worst case could not be bounded)."""
+    total = 0
+    stored = False
+    for kind, param in inputs:
+        tokens = price.unseen_input_tokens.get(kind)
+        if tokens is None:
+            raise BadRequest(
+                f"{param} sends {_WHAT[kind]}, whose tokens this gateway cannot bound for {price.model} "
+                f"(models.{price.model}.{_SETTING[kind]} is not set).",
+                param=param,
+            )
+        if kind == "stored":
+            if stored:
+                continue
+            stored = True
+        total += tokens
+    return total
 
 
 def parse_decimal(value: str, setting: str, *, allow_zero: bool = True) -> Fraction:
@@ -140,6 +174,11 @@ class PriceTable:
                 completion=scaled(per_token["completion"]),
                 cached_prompt=scaled(per_token["cached_prompt"]) if "cached_prompt" in per_token else None,
                 request_fee=scaled(fee),
+                unseen_input_tokens={
+                    kind: tokens
+                    for kind, setting in _SETTING.items()
+                    if (tokens := getattr(model, setting)) is not None
+                },
             )
             for alias in model.aliases:
                 if alias in settings.models or aliases.get(alias, name) != name:

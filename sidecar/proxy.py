@@ -35,12 +35,20 @@ from .errors import (
 from .exchange import Exchange
 from .ledger import RedisLedger, Reservation, ReserveStatus, UnknownAccount
 from .observe import RECORD, RequestRecord
-from .pricing import MAX_CHARGE, PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
+from .pricing import (
+    MAX_CHARGE,
+    PriceTable,
+    Usage,
+    cost,
+    estimate_prompt_tokens,
+    unseen_prompt_tokens,
+    worst_case,
+)
 from .relay import StreamPolicy, relay_stream
 from .settlements import PendingSettlement, PendingSettlements
 from .upstream import Upstream, request_headers, response_headers
 from .usage import SSEReader, usage_from_body
-from .wire import ROUTES, Route, decode_request, with_usage_requested
+from .wire import ROUTES, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
 
 log = logging.getLogger("creditgate.proxy")
 
@@ -271,13 +279,18 @@ class Proxy:
                 f"{price.model}.",
                 param=field_name,
             )
-        n = (parsed.n or 1) if route.has_n else 1
-        output_tokens = n * (limit or price.max_output_tokens) if route.has_output else 0
+        # Every completion generated is billed: max(n, best_of) per prompt, and /v1/completions takes
+        # a list of prompts.
+        choices = parsed.choices if route.has_n else 1
+        prompts = prompt_count(parsed) if route.kind == "completions" else 1
+        output_tokens = prompts * choices * (limit or price.max_output_tokens) if route.has_output else 0
         byok_key = request.headers.get(self.settings.byok_header)
         multiplier = self.prices.byok if byok_key else self.prices.pooled
         rec.key_source = "byok" if byok_key else "pooled"
         upstream = self.upstreams[price.upstream]
-        prompt_tokens = estimate_prompt_tokens(len(body), self.settings.prompt_bytes_per_token)
+        prompt_tokens = estimate_prompt_tokens(
+            len(body), self.settings.prompt_bytes_per_token
+        ) + unseen_prompt_tokens(price, unseen_inputs(parsed, route.kind))
         strip = bool(
             parsed.stream
             and route.kind in ("chat", "completions")

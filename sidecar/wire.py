@@ -26,6 +26,13 @@ class MeteredRequest(msgspec.Struct, kw_only=True):
     stream: bool | None = None
     stream_options: StreamOptions | msgspec.UnsetType | None = msgspec.UNSET  # UNSET: not in the body
     n: Count | None = None
+    best_of: Count | None = None  # completions: that many generated (and billed) per prompt
+    # Read for the worst case only, and only as raw JSON (an empty Raw: not in the body): see unseen_inputs.
+    prompt: msgspec.Raw = msgspec.Raw()  # completions: the prompts; Responses: a stored prompt template
+    messages: msgspec.Raw = msgspec.Raw()
+    input: msgspec.Raw = msgspec.Raw()
+    previous_response_id: msgspec.Raw = msgspec.Raw()
+    conversation: msgspec.Raw = msgspec.Raw()
     max_tokens: TokenLimit | None = None
     max_completion_tokens: TokenLimit | None = None
     max_output_tokens: TokenLimit | None = None
@@ -34,6 +41,11 @@ class MeteredRequest(msgspec.Struct, kw_only=True):
     @property
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens or self.max_output_tokens
+
+    @property
+    def choices(self) -> int:
+        """Completions generated per prompt: ``max(n, best_of)``."""
+        return max(self.n or 1, self.best_of or 1)
 
 
 _decoder = msgspec.json.Decoder(MeteredRequest)
@@ -44,7 +56,7 @@ def decode_request(body: bytes) -> MeteredRequest:
     if not body:
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
-        return _decoder.decode(body)
+        request = _decoder.decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _FIELD.search(message)
@@ -55,6 +67,114 @@ def decode_request(body: bytes) -> MeteredRequest:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:  # msgspec's own depth limit, even inside fields it skips
         raise BadRequest("The request body nests JSON arrays or objects too deeply.") from None
+    if request.best_of is not None and request.n is not None and request.best_of < request.n:
+        raise BadRequest(
+            f"best_of is {request.best_of}, below n ({request.n}): best_of must be at least n.",
+            param="best_of",
+        )
+    return request
+
+
+def _present(raw: msgspec.Raw) -> bool:
+    return len(raw) > 0 and bytes(raw) != b"null"
+
+
+def _first(raw: msgspec.Raw) -> bytes:
+    return bytes(memoryview(raw)[:1])
+
+
+_any_list = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _items(raw: msgspec.Raw) -> list[msgspec.Raw]:
+    """The elements of a JSON array, undecoded; [] for anything else."""
+    if _first(raw) != b"[":
+        return []
+    return _any_list.decode(raw)
+
+
+def prompt_count(request: MeteredRequest) -> int:
+    """How many prompts a completions request sends: a string, a list of token ids (one prompt each), a
+    list of strings or a list of token-id lists (one prompt per element)."""
+    items = _items(request.prompt)
+    if any(_first(item) in (b'"', b"[") for item in items):
+        return len(items)  # strings or token lists: one prompt each (a bare token-id list is one prompt)
+    return 1
+
+
+class _Part(msgspec.Struct):
+    """A content part or input item, loosely: only what says its tokens are not in the body's bytes."""
+
+    type: Any = None
+    image_url: msgspec.Raw = msgspec.Raw()
+    input_audio: msgspec.Raw = msgspec.Raw()
+    audio: msgspec.Raw = msgspec.Raw()  # an assistant message's earlier audio, by id
+    file: msgspec.Raw = msgspec.Raw()
+    file_id: msgspec.Raw = msgspec.Raw()
+    file_data: msgspec.Raw = msgspec.Raw()
+    file_url: msgspec.Raw = msgspec.Raw()
+    content: msgspec.Raw = msgspec.Raw()
+
+
+_part = msgspec.json.Decoder(_Part)
+# Bytes any of the fields above must contain; a body region with none of them is not decoded at all
+# (a `\u` escape in a name could spell any of them).
+_MARKERS = (b"image", b"audio", b"file", b"item_reference", b"\\u")
+IMAGE, AUDIO, FILE, STORED = "image", "audio", "file", "stored"
+_TYPES = {
+    "image_url": IMAGE,
+    "input_image": IMAGE,
+    "input_audio": AUDIO,
+    "file": FILE,
+    "input_file": FILE,
+    "item_reference": STORED,
+}
+
+
+def _kind(part: _Part) -> tuple[str, str] | None:
+    """What a part brings that its bytes do not bound, and the field that says so."""
+    kind = _TYPES.get(part.type) if isinstance(part.type, str) else None
+    for field, implied in (
+        ("image_url", IMAGE),
+        ("input_audio", AUDIO),
+        ("audio", AUDIO),
+        ("file", FILE),
+        ("file_id", FILE),
+        ("file_data", FILE),
+        ("file_url", FILE),
+    ):
+        if _present(getattr(part, field)):
+            return (kind or implied), field
+    return (kind, "type") if kind else None
+
+
+def _scan(raw: msgspec.Raw, where: str, found: list[tuple[str, str]], depth: int = 0) -> None:
+    """Collect (kind, param) for every part of a list of messages, items or content parts."""
+    for i, item in enumerate(_items(raw)):
+        if _first(item) != b"{" or not any(marker in bytes(item) for marker in _MARKERS):
+            continue
+        part = _part.decode(item)
+        kind = _kind(part)
+        if kind is not None:
+            found.append((kind[0], f"{where}[{i}].{kind[1]}"))
+        if depth == 0 and _present(part.content):
+            _scan(part.content, f"{where}[{i}].content", found, depth + 1)
+
+
+def unseen_inputs(request: MeteredRequest, route_kind: str) -> list[tuple[str, str]]:
+    """The inputs whose tokens the body's bytes do not bound: images, audio, files and stored state,
+    each as (kind, the param naming it), e.g. ("image", "messages[0].content[1].image_url")."""
+    found: list[tuple[str, str]] = []
+    if route_kind == "chat":
+        if _present(request.messages) and any(m in bytes(request.messages) for m in _MARKERS):
+            _scan(request.messages, "messages", found)
+    elif route_kind == "responses":
+        if _present(request.input) and any(m in bytes(request.input) for m in _MARKERS):
+            _scan(request.input, "input", found)
+        for field in ("previous_response_id", "conversation", "prompt"):
+            if _present(getattr(request, field)):
+                found.append((STORED, field))
+    return found
 
 
 @dataclass(frozen=True, slots=True)
