@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from sidecar.errors import BadRequest
-from sidecar.wire import decode_request, with_usage_requested
+from sidecar.wire import decode_request, prompt_count, unseen_inputs, with_usage_requested
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -63,3 +63,88 @@ def test_invalid_fields_are_named(body: bytes, param: str) -> None:
     with pytest.raises(BadRequest) as raised:
         decode_request(body)
     assert raised.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("body", "prompts", "choices"),
+    [
+        (b'{"model":"m"}', 1, 1),
+        (b'{"model":"m","prompt":"a b c"}', 1, 1),
+        (b'{"model":"m","prompt":[]}', 1, 1),
+        (b'{"model":"m","prompt":[1, 2, 3]}', 1, 1),  # a list of token ids is one prompt
+        (b'{"model":"m","prompt":["a","b"]}', 2, 1),
+        (b'{"model":"m","prompt": [ [1,2] , [3] , [4] ] }', 3, 1),
+        (b'{"model":"m","prompt":"x","n":3}', 1, 3),
+        (b'{"model":"m","prompt":"x","best_of":4}', 1, 4),
+        (b'{"model":"m","prompt":["a","b"],"n":2,"best_of":5}', 2, 5),
+    ],
+)
+def test_prompts_and_choices(body: bytes, prompts: int, choices: int) -> None:
+    request = decode_request(body)
+    assert (prompt_count(request), request.choices) == (prompts, choices)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"model":"m","n":3,"best_of":2}', "best_of"),
+        (b'{"model":"m","best_of":0}', "best_of"),
+        (b'{"model":"m","best_of":"2"}', "best_of"),
+        (b'{"model":"m","best_of":2.5}', "best_of"),
+    ],
+)
+def test_invalid_best_of_is_named(body: bytes, param: str) -> None:
+    with pytest.raises(BadRequest) as raised:
+        decode_request(body)
+    assert raised.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "found"),
+    [
+        ("chat", b'{"model":"m","messages":[{"role":"user","content":"an image, a file, audio"}]}', []),
+        ("chat", b'{"model":"m","messages":"not a list"}', []),
+        (
+            "chat",
+            b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"x"},'
+            b'{"type":"image_url","image_url":{"url":"u"}},{"type":"input_audio","input_audio":{}},'
+            b'{"type":"file","file":{"file_id":"f"}}]},{"role":"assistant","audio":{"id":"a1"}}]}',
+            [
+                ("image", "messages[0].content[1].image_url"),
+                ("audio", "messages[0].content[2].input_audio"),
+                ("file", "messages[0].content[3].file"),
+                ("audio", "messages[1].audio"),
+            ],
+        ),
+        # Escaped names and unusual part shapes still pass (and count).
+        (
+            "chat",
+            b'{"model":"m","messages":[{"content":[7, null, "s",'
+            b' {"type": {"odd": 1}, "image\\u005furl": "u"}]}]}',
+            [("image", "messages[0].content[3].image_url")],
+        ),
+        ("chat", b'{"model":"m","messages":[{"content":[{"type":"text","image_url":null}]}]}', []),
+        ("responses", b'{"model":"m","input":"describe the image file"}', []),
+        (
+            "responses",
+            b'{"model":"m","input":[{"role":"user","content":[{"type":"input_image","file_id":"f"},'
+            b'{"type":"input_file","file_url":"u"},{"type":"input_audio","input_audio":{}}]},'
+            b'{"type":"item_reference","id":"i"}],"previous_response_id":"r","conversation":{"id":"c"},'
+            b'"prompt":{"id":"p"}}',
+            [
+                ("image", "input[0].content[0].file_id"),
+                ("file", "input[0].content[1].file_url"),
+                ("audio", "input[0].content[2].input_audio"),
+                ("stored", "input[1].type"),
+                ("stored", "previous_response_id"),
+                ("stored", "conversation"),
+                ("stored", "prompt"),
+            ],
+        ),
+        ("responses", b'{"model":"m","input":"x","previous_response_id":null}', []),
+        # Completions and embeddings prompts are text or token ids only.
+        ("completions", b'{"model":"m","prompt":"image file audio"}', []),
+    ],
+)
+def test_unseen_inputs(route: str, body: bytes, found: list[tuple[str, str]]) -> None:
+    assert unseen_inputs(decode_request(body), route) == found
