@@ -95,7 +95,9 @@ async def test_overdraft_debits_the_full_charge(ledger: RedisLedger) -> None:
     await ledger.reserve(account, "r1", 100, LEASE)
     settled = await ledger.settle(account, "r1", 130)
     assert (settled.balance, settled.released, settled.charged) == (-30, 100, 130)
-    assert (await ledger.reserve(account, "r2", 0, LEASE)).status is ReserveStatus.INSUFFICIENT
+    # Overdrawn: any paid work is refused; free work (a hold of 0) still goes through.
+    assert (await ledger.reserve(account, "r2", 1, LEASE)).status is ReserveStatus.INSUFFICIENT
+    assert (await ledger.reserve(account, "r3", 0, LEASE)).status is ReserveStatus.HELD
 
 
 async def test_expired_holds_are_reaped_and_a_late_settle_debits_once(ledger: RedisLedger) -> None:
