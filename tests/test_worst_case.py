@@ -15,7 +15,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.pricing import PriceTable, estimate_prompt_tokens, worst_case
+from sidecar.config import load_settings
+from sidecar.errors import BadRequest, ConfigError
+from sidecar.pricing import PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
 
 from .conftest import SidecarFactory
 
@@ -303,3 +305,45 @@ async def test_an_overdrawn_account_gets_only_free_work(make_sidecar: SidecarFac
     after = await sidecar.balance(account)
     assert after["balance"] == balance
     assert after["held"] == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "setting"),
+    [
+        ({"prompt": "1", "image_input_tokens": -1}, "models.m.image_input_tokens"),
+        ({"prompt": "1", "stored_input_tokens": "lots"}, "models.m.stored_input_tokens"),
+    ],
+)
+def test_bad_ceilings_are_named(model: dict[str, Any], setting: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"CREDITGATE_MODELS": msgspec.json.encode({"m": model}).decode()})
+    assert caught.value.param == setting
+
+
+@pytest.mark.parametrize(
+    ("inputs", "tokens"),
+    [
+        ([], 0),
+        ([("image", "p"), ("image", "q"), ("audio", "r"), ("file", "s")], 2 * 10 + 20 + 30),
+        ([("stored", "previous_response_id"), ("stored", "input[3].type")], 40),  # once, however many
+        ([("image", "p"), ("stored", "conversation")], 10 + 40),
+    ],
+)
+def test_unseen_prompt_tokens(inputs: list[tuple[str, str]], tokens: int) -> None:
+    settings = load_settings(
+        environ={
+            "CREDITGATE_MODELS": '{"m": {"prompt": "1", "image_input_tokens": 10, "audio_input_tokens": 20,'
+            ' "file_input_tokens": 30, "stored_input_tokens": 40}}'
+        }
+    )
+    assert unseen_prompt_tokens(PriceTable.from_settings(settings).resolve("m"), inputs) == tokens
+
+
+def test_a_missing_ceiling_names_the_part_and_the_setting() -> None:
+    settings = load_settings(environ={"CREDITGATE_MODELS": '{"m": {"prompt": "1", "image_input_tokens": 0}}'})
+    price = PriceTable.from_settings(settings).resolve("m")
+    assert unseen_prompt_tokens(price, [("image", "input[0].content[0].image_url")]) == 0
+    with pytest.raises(BadRequest) as caught:
+        unseen_prompt_tokens(price, [("image", "x"), ("file", "messages[2].content[0].file")])
+    assert caught.value.param == "messages[2].content[0].file"
+    assert "models.m.file_input_tokens" in caught.value.message
