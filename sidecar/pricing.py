@@ -83,8 +83,10 @@ def cost(price: Price, usage: Usage, multiplier: Multiplier) -> int:
 
 
 def worst_case(price: Price, prompt_tokens: int, output_tokens: int, multiplier: Multiplier) -> int:
-    """The hold: every prompt token at the uncached price plus the whole output budget."""
-    return cost(price, Usage(prompt_tokens=prompt_tokens, completion_tokens=output_tokens), multiplier)
+    """The hold: every prompt token at the uncached price plus the whole output budget, at most
+    MAX_CHARGE (no charge is ever more, so that hold still bounds it, and it stays below 2**53)."""
+    charge = cost(price, Usage(prompt_tokens=prompt_tokens, completion_tokens=output_tokens), multiplier)
+    return min(charge, MAX_CHARGE)
 
 
 def estimate_prompt_tokens(body_size: int, bytes_per_token: int) -> int:

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.config import load_settings
 from sidecar.errors import BadRequest, ConfigError
-from sidecar.pricing import PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
+from sidecar.pricing import MAX_CHARGE, PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
 
 from .conftest import SidecarFactory
 
@@ -347,3 +347,20 @@ def test_a_missing_ceiling_names_the_part_and_the_setting() -> None:
         unseen_prompt_tokens(price, [("image", "x"), ("file", "messages[2].content[0].file")])
     assert caught.value.param == "messages[2].content[0].file"
     assert "models.m.file_input_tokens" in caught.value.message
+
+
+async def test_a_huge_worst_case_is_held_at_the_charge_ceiling(make_sidecar: SidecarFactory) -> None:
+    """A worst case above any charge (and above 2**53) is held at MAX_CHARGE, which bounds every charge:
+    a 402, never a Redis error."""
+    models = {"gpt-4o-mini": {"prompt": "1000000000", "completion": "1000000000"}}
+    sidecar = await make_sidecar(models=models)
+    account, key = await sidecar.account(1_000_000)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a " * 10_000}]}
+    resp = await sidecar.client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    )
+    error = (await resp.json())["error"]
+    assert resp.status == 402, error
+    assert error["required"] == MAX_CHARGE
+    after = await sidecar.balance(account)
+    assert (after["balance"], after["held"]) == (1_000_000, 0)
