@@ -191,7 +191,10 @@ def response_headers(
 
 # Key-like strings a provider's error may quote: secret keys (sk-…, sk-proj-…, sk-ant-…, masked or
 # not), organization ids (org-…) and project ids (proj_…).
-_SECRET = re.compile(r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_*.\-]{2,}|org-[A-Za-z0-9]{4,}|proj_[A-Za-z0-9]{4,})")
+_SECRET = re.compile(
+    r"(?<![A-Za-z0-9])"
+    r"(?:sk-(?:[A-Za-z0-9_*-]|\.(?=[A-Za-z0-9_*.]))+|org-[A-Za-z0-9]{4,}|proj_[A-Za-z0-9]{4,})"
+)
 REDACTED = "[redacted]"
 
 
