@@ -9,6 +9,7 @@ acts in, and a provider key, cookie or organization id never reaches a client.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -98,7 +99,8 @@ FORWARDED = HeaderNames.of(
 # Of those, the ones that cannot change the answer (the cache key covers the rest in shared scope).
 NEUTRAL = HeaderNames.of(["content-type", "accept", "user-agent", "idempotency-key", "x-stainless-*"])
 # A BYOK caller's org and project: about the caller's own key, so they pass on BYOK calls only.
-BYOK_FORWARDED = HeaderNames.of(["openai-organization", "openai-project"])
+BYOK_PAIR = ("openai-organization", "openai-project")
+BYOK_FORWARDED = HeaderNames.of(BYOK_PAIR)
 # Provider headers relayed to the client: the answer's type, timing, version and rate-limit advice.
 RELAYED = HeaderNames.of(
     [
@@ -118,25 +120,45 @@ BYOK_RELAYED = HeaderNames.of(["openai-organization", "openai-project"])
 NEVER = HeaderNames.of(["x-creditgate-*", "authorization", "proxy-authorization", *sorted(HOP_BY_HOP)])
 
 
-def _connection_listed(headers: Mapping[str, str]) -> set[str]:
+def _connection_listed(headers: Mapping[str, str]) -> list[str]:
     """The names a ``Connection`` header lists: hop-by-hop for this connection only (RFC 9110 §7.6.1)."""
-    values = [value for name, value in headers.items() if name.lower() == "connection"]
-    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        values = headers.getall("connection", ())
+    else:
+        values = [value for name, value in headers.items() if name.lower() == "connection"]
+    return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
+
+
+@functools.lru_cache(maxsize=256)
+def _union(
+    rules: tuple[HeaderNames, ...], drop: tuple[str, ...]
+) -> tuple[frozenset[str], tuple[str, ...], frozenset[str]]:
+    """The names and prefixes of `rules` together, and the names refused whatever the prefixes say:
+    `drop` and what is never passed on (computed once per combination: a proxy has a handful)."""
+    refused = frozenset(name.lower() for name in drop) | NEVER.names
+    names = frozenset().union(*(rule.names for rule in rules)) - refused
+    prefixes = tuple(p for rule in rules for p in rule.prefixes)
+    return names, prefixes, refused
 
 
 def _kept(
-    headers: Mapping[str, str], allowed: Iterable[HeaderNames], drop: Iterable[str] = ()
+    headers: Mapping[str, str], allowed: tuple[HeaderNames, ...], drop: tuple[str, ...] = ()
 ) -> CIMultiDict[str]:
     """The headers named in one of `allowed` (order, spelling and repeats kept), minus `drop`, those the
     Connection header lists and those never passed on."""
-    rules = tuple(allowed)
-    refused = {name.lower() for name in drop} | _connection_listed(headers)
+    names, prefixes, refused = _union(allowed, drop)
+    listed = _connection_listed(headers)
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lowered = name.lower()
-        if lowered in refused or lowered in NEVER:
+        if listed and lowered in listed:
             continue
-        if any(lowered in rule for rule in rules):
+        if lowered in names or (
+            prefixes
+            and lowered.startswith(prefixes)
+            and lowered not in refused
+            and not lowered.startswith(NEVER.prefixes)
+        ):
             kept.add(name, value)
     return kept
 
@@ -156,7 +178,8 @@ def request_headers(
     A BYOK caller's OpenAI-Organization / OpenAI-Project pass (they are about its own key); on pooled
     calls they are the upstream's configured ones, or none."""
     allowed = (FORWARDED, extra, BYOK_FORWARDED) if byok else (FORWARDED, extra)
-    headers = _kept(incoming, allowed, ("accept-encoding", *([] if byok else BYOK_FORWARDED.names), *drop))
+    refused = ("accept-encoding", *(() if byok else BYOK_PAIR), *drop)  # a tuple: cached by _union
+    headers = _kept(incoming, allowed, refused)
     headers["Accept-Encoding"] = "identity"  # usage is read from the body: keep it uncompressed
     if not byok:
         if organization:

@@ -16,6 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.config import load_settings
+from sidecar.errors import ConfigError
+
 from .conftest import PROVIDER_KEY, Sidecar, SidecarFactory
 
 CHAT = "/v1/chat/completions"
@@ -327,3 +330,28 @@ async def test_shared_cache_keys_on_headers_that_change_the_answer(
     )
     assert (status, headers["X-Cache"]) == (200, "HIT")
     assert msgspec.json.decode(body)["choices"][0]["message"]["content"] == "steered"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("CREDITGATE_FORWARD_REQUEST_HEADERS", "x-tag, Authorization"),
+        ("CREDITGATE_FORWARD_REQUEST_HEADERS", "x-creditgate-*"),
+        ("CREDITGATE_RELAY_RESPONSE_HEADERS", "transfer-encoding"),
+        ("CREDITGATE_RELAY_RESPONSE_HEADERS", "*"),
+    ],
+)
+def test_no_setting_passes_credentials_framing_or_our_headers(setting: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={setting: value})
+    assert raised.value.param == setting[len("CREDITGATE_") :].lower()
+
+
+def test_extra_header_settings_read_from_the_environment() -> None:
+    settings = load_settings(
+        environ={
+            "CREDITGATE_FORWARD_REQUEST_HEADERS": "x-a, x-b-*",
+            "CREDITGATE_RELAY_RESPONSE_HEADERS": "x-c",
+        }
+    )
+    assert (settings.forward_request_headers, settings.relay_response_headers) == (["x-a", "x-b-*"], ["x-c"])

@@ -289,3 +289,9 @@ def test_scrub_secrets(body: bytes, literals: tuple[str, ...], expected: bytes) 
     assert scrubbed == expected
     if body.startswith(b"{"):
         msgspec.json.decode(scrubbed)
+
+
+def test_dropped_control_headers_win_over_an_extra_prefix() -> None:
+    incoming = [("X-Account", "acct-1"), ("X-Tag", "a"), ("X-CreditGate-Provider-Key", "sk-own")]
+    sent = request_headers(proxy(incoming), ["x-account"], None, extra=HeaderNames.of(["x-*"]))
+    assert list(sent.items()) == [("X-Tag", "a"), AE]
