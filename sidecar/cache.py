@@ -14,6 +14,7 @@ the leader gets no storable answer, the waiters go upstream themselves, and are 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -24,6 +25,7 @@ from .cachekey import SHARED_SCOPE, account_scope, cache_key, cacheable, client_
 from .config import Settings
 from .keys import KeySpace
 from .pricing import Usage
+from .upstream import answer_headers, forwarded_extra
 from .wire import MeteredRequest
 
 # Provider headers worth replaying; everything else is per call (ids, dates, rate limits, cookies).
@@ -82,6 +84,7 @@ class ResponseCache:
         self.max_entry_bytes = settings.cache_max_entry_bytes
         self.routes = frozenset(settings.cache_routes)
         self.shared = settings.cache_scope == "shared"
+        self.forwarded = forwarded_extra(settings)
         self.wait_seconds = settings.cache_wait_seconds
         self.stats = CacheStats()
         self._flights: dict[str, asyncio.Future[CachedResponse | None]] = {}
@@ -96,7 +99,13 @@ class ResponseCache:
         body: bytes,
         account: str,
         cache_control: str | None,
+        *,
+        byok: bool = False,
+        headers: Mapping[str, str] | None = None,
     ) -> CachePlan:
+        """The shared scope holds only pooled answers, keyed on every forwarded header that can change
+        them: an answer got with a caller's own key (BYOK) is kept in, and looked up from, the
+        account's own scope, so no account can serve another one an answer it shaped."""
         if route_kind not in self.routes or not cacheable(route_kind, request.temperature, request.n):
             return BYPASS
         directives = client_directives(cache_control)
@@ -104,16 +113,20 @@ class ResponseCache:
             return BYPASS
         if not directives.lookup:
             self.stats.misses += 1  # no-cache: straight upstream (the lookup path counts its own misses)
-        scope = SHARED_SCOPE if self.shared else account_scope(account)
+        shared = self.shared and not byok
+        scope = account_scope(account)
+        if shared:
+            varying = answer_headers(headers or {}, self.forwarded)
+            scope = SHARED_SCOPE + ("\n" + msgspec.json.encode(varying).decode() if varying else "")
         digest = cache_key(route_kind, model, body, scope)
-        key = self.keys.shared_cache(digest) if self.shared else self.keys.account(account).cache(digest)
+        key = self.keys.shared_cache(digest) if shared else self.keys.account(account).cache(digest)
         return CachePlan(
             forward="miss" if directives.lookup else "request",
             lookup=directives.lookup,
             store=True,
             digest=digest,
             key=key,
-            colocated=not self.shared,
+            colocated=not shared,
         )
 
     # ---- entries -----------------------------------------------------------------------------------

@@ -47,11 +47,15 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Where a model's requests go: an OpenAI-compatible base URL (ending in /v1) and the pooled key."""
+    """Where a model's requests go: an OpenAI-compatible base URL (ending in /v1) and the pooled key,
+    with the organization and project it acts in (sent as OpenAI-Organization / OpenAI-Project on pooled
+    calls; a client never chooses them)."""
 
     base_url: str
     api_key: str | None = None
     api_key_env: str | None = None
+    organization: str | None = None
+    project: str | None = None
 
     def key(self) -> str | None:
         if self.api_key_env:
@@ -110,6 +114,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pooled_multiplier: str = "1.25"
     byok_multiplier: str = "1"
     byok_header: str = "x-creditgate-provider-key"
+    # Headers beyond the built-in allow-lists: client headers sent upstream, provider headers relayed
+    # (names, or prefixes ending in *).
+    forward_request_headers: list[str] = msgspec.field(default_factory=list)
+    relay_response_headers: list[str] = msgspec.field(default_factory=list)
     prompt_bytes_per_token: PositiveInt = 1
     # Callers.
     account_header: str | None = None
@@ -152,7 +160,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _STRUCTURED = {"models", "upstreams"}
-_LISTS = {"cache_routes"}  # from the environment: comma-separated, or JSON
+# From the environment: comma-separated, or JSON.
+_LISTS = {"cache_routes", "forward_request_headers", "relay_response_headers"}
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -189,6 +198,17 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"upstreams.{name}.base_url must be an http(s) URL.", param=f"upstreams.{name}")
     if settings.byok_header.lower() in {"authorization", "host", "content-length"}:
         raise ConfigError("byok_header must be a header of its own.", param="byok_header")
+    from .upstream import NEVER  # the names no setting may pass on
+
+    for setting in ("forward_request_headers", "relay_response_headers"):
+        for pattern in getattr(settings, setting):
+            bare = pattern.strip().lower()
+            if bare.rstrip("*") in ("", "*") or bare in NEVER or bare.rstrip("*") in NEVER:
+                raise ConfigError(
+                    f"{setting} cannot name {pattern!r}: credentials, hop-by-hop headers and the "
+                    "x-creditgate-* headers are never passed on.",
+                    param=setting,
+                )
 
 
 def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -1,7 +1,8 @@
 """A fake OpenAI upstream: deterministic tokens, correct usage, streamed or not.
 
 Used by ``creditgate demo`` (and ``serve`` when no provider is configured), by the tests and by the
-benchmarks. Requests may steer it with headers, which the sidecar forwards like any other:
+benchmarks. Requests may steer it with headers, which the sidecar forwards to the built-in demo upstream
+(and to any upstream with ``forward_request_headers: ["x-demo-*"]``, as the tests set):
 
 | header | effect |
 |---|---|

@@ -46,7 +46,14 @@ from .pricing import (
 )
 from .relay import StreamPolicy, relay_stream
 from .settlements import PendingSettlement, PendingSettlements
-from .upstream import Upstream, request_headers, response_headers
+from .upstream import (
+    HeaderNames,
+    Upstream,
+    forwarded_extra,
+    request_headers,
+    response_headers,
+    scrub_secrets,
+)
 from .usage import SSEReader, usage_from_body
 from .wire import ROUTES, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
 
@@ -88,6 +95,8 @@ class Proxy:
             settings.byok_header,
             *([settings.account_header] if settings.account_header else []),
         ]
+        self._forwarded = forwarded_extra(settings)
+        self._relayed = HeaderNames.of(settings.relay_response_headers)
 
     def _url(self, upstream: Upstream, route: Route) -> URL:
         """The upstream URL of a route, parsed once (aiohttp would parse a string on every call)."""
@@ -299,7 +308,14 @@ class Proxy:
         plan = None
         if self.cache is not None:
             plan = self.cache.plan(
-                route.kind, parsed, price.model, body, account, request.headers.get("Cache-Control")
+                route.kind,
+                parsed,
+                price.model,
+                body,
+                account,
+                request.headers.get("Cache-Control"),
+                byok=bool(byok_key),
+                headers=request.headers,
             )
         return Exchange(
             request_id=request_id,
@@ -343,7 +359,16 @@ class Proxy:
 
     async def _forward_and_relay(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         """Send the request upstream and relay its answer to the client."""
-        headers = request_headers(request.headers, self._drop_headers, ex.credential)
+        up = ex.upstream
+        headers = request_headers(
+            request.headers,
+            self._drop_headers,
+            ex.credential,
+            byok=ex.byok,
+            organization=up.organization,
+            project=up.project,
+            extra=self._forwarded,
+        )
         rec = ex.record
         if ex.cut:  # started after shutdown cut everything: the upstream is not called, nothing charged
             ex.outcome = "shutting_down"
@@ -352,7 +377,7 @@ class Proxy:
         try:
             async with ex.cut_timeout() as ex.cutter:
                 upstream = await self.session.post(
-                    self._url(ex.upstream, ex.route), data=ex.body, headers=headers
+                    self._url(ex.upstream, ex.route), data=ex.body, headers=headers, allow_redirects=False
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             rec.upstream_ended = time.perf_counter()
@@ -365,6 +390,15 @@ class Proxy:
             ex.cutter = None
             rec.waited += time.perf_counter() - rec.upstream_started
         async with upstream:
+            if 300 <= upstream.status < 400:  # never followed: it would carry the body and key elsewhere
+                rec.upstream_ended = time.perf_counter()
+                ex.outcome = f"upstream_{upstream.status}"
+                log.warning("upstream %r answered a redirect (HTTP %d)", up.name, upstream.status)
+                raise UpstreamUnavailable(
+                    f"The upstream {ex.upstream.name!r} answered with a redirect (HTTP {upstream.status}), "
+                    "which is not followed.",
+                    code="upstream_redirect",
+                )
             if upstream.status == 200 and upstream.content_type == "text/event-stream":
                 return await self._relay_stream(request, ex, upstream)
             rec.upstream_first_byte = time.perf_counter()  # the status line and headers are in
@@ -411,8 +445,10 @@ class Proxy:
                 f"HTTP {upstream.status}).",
                 code="upstream_auth_failed",
             )
-        headers = response_headers(upstream.headers)
+        headers = response_headers(upstream.headers, byok=ex.byok, extra=self._relayed)
         headers["x-request-id"] = ex.request_id
+        if upstream.status != 200 and not ex.byok:  # may quote the pooled key, its org or project
+            body = scrub_secrets(body, ex.upstream.secrets)
         if upstream.status == 200:
             ex.usage = usage_from_body(body)
             ex.outcome = "ok" if ex.usage else "no_usage"
@@ -431,7 +467,7 @@ class Proxy:
     async def _relay_stream(
         self, request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
-        headers = response_headers(upstream.headers)
+        headers = response_headers(upstream.headers, byok=ex.byok, extra=self._relayed)
         headers["x-request-id"] = ex.request_id
         headers["x-creditgate-held"] = str(ex.hold)
         if ex.cache is not None:

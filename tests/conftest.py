@@ -167,6 +167,7 @@ def make_settings(
         "admin_token": ADMIN_TOKEN,
         "auth_cache_seconds": 0,
         "disconnect_drain_seconds": 10,
+        "forward_request_headers": ["x-demo-*"],  # the demo upstream is steered by them
     }
     raw.update(overrides)
     return msgspec.convert(raw, Settings)
