@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from .keys import KeySpace
 from .ledger import RedisLedger, UnknownAccount
@@ -140,7 +141,12 @@ async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: Store) -> bool:
                 "SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL"
             )
             now = int(time.time())
-            async with redis.pipeline(transaction=False) as pipe:
+            # Balances are added (HINCRBY), so this must never run twice: one MULTI/EXEC (all or
+            # nothing, `initialized` included) under WATCH, which redis-py does not resend when its
+            # reply is lost (it raises WatchError); `initialized` then tells whether it ran.
+            async with redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(keys.initialized)
+                pipe.multi()  # type: ignore[no-untyped-call]
                 for account, (ledger_balance, _) in ledger_view.items():
                     k = keys.account(account)
                     # Added, not set: a grant that raced in (after the snapshot) has already credited.
@@ -158,7 +164,11 @@ async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: Store) -> bool:
                     pipe.set(keys.api_key_id(row["id"]), row["key_hash"])
                     pipe.sadd(keys.account(row["account_id"]).api_keys, row["id"])
                 pipe.set(keys.initialized, now)
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except WatchError:
+                    if not await redis.exists(keys.initialized):
+                        raise
         await store.mark_applied([row[0] for row in unapplied])
         log.warning("rebuilt Redis from the ledger: %d accounts", len(ledger_view))
         return True
