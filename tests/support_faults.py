@@ -37,8 +37,8 @@ def reply_end(buf: bytes | bytearray, pos: int = 0) -> int | None:
     if kind in (b"$", b"!", b"="):  # bulk strings: a length, then the bytes
         if size < 0:
             return eol + 2
-        end = eol + 2 + size + 2
-        return end if end <= len(buf) else None
+        stop = eol + 2 + size + 2
+        return stop if stop <= len(buf) else None
     if kind in (b"*", b"~", b">", b"%", b"|"):  # aggregates: that many replies (maps: pairs)
         if size < 0:
             return eol + 2
