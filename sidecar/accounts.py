@@ -55,9 +55,13 @@ class AccountStore:
     async def add_account(self, account: str) -> None:
         """Give the account a zero balance in Redis unless it has one."""
         k = self.keys.account(account)
-        if await self.redis.hsetnx(k.balance, "balance", 0):
-            await self.redis.hset(k.balance, mapping={"held": 0, "created_at": int(time.time())})
-        await self.redis.sadd(self.keys.accounts, account)
+        # Each field set only if absent: sent again after a lost reply, it changes nothing.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(k.balance, "balance", 0)
+            pipe.hsetnx(k.balance, "held", 0)
+            pipe.hsetnx(k.balance, "created_at", int(time.time()))
+            pipe.sadd(self.keys.accounts, account)
+            await pipe.execute()
 
     async def exists(self, account: str) -> bool:
         return bool(await self.redis.hexists(self.keys.account(account).balance, "balance"))

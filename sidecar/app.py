@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import asyncpg
 from aiohttp import web
+from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from .accounts import AccountStore
 from .admin import ADMIN_OPS, AdminOps, admin_app
@@ -34,11 +37,16 @@ from .wire import ROUTES
 
 log = logging.getLogger("creditgate.app")
 SETTLE_RETRY_SECONDS = 5.0  # how often settlements Redis did not take are sent again
+REDIS_RETRIES = 3  # the default of redis_retries
 
 
-def connect_redis(url: str, max_connections: int = 64, timeout: float = 5.0) -> Redis:
+def connect_redis(
+    url: str, max_connections: int = 64, timeout: float = 5.0, retries: int = REDIS_RETRIES
+) -> Redis:
     """A client whose pool makes callers wait for a free connection rather than fail under a burst.
-    redis-py retries timed-out and dropped commands by itself; every money script is idempotent by id."""
+    A command that times out or whose connection drops is sent again up to `retries` times, with
+    exponential backoff: only idempotent commands go through this client (scripts idempotent by an id,
+    reads, ZADD XX GT, XACK/XDEL, XREADGROUP/XAUTOCLAIM whose entries stay pending until acknowledged)."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -46,6 +54,8 @@ def connect_redis(url: str, max_connections: int = 64, timeout: float = 5.0) -> 
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+        retry_on_error=[rx.ConnectionError, rx.TimeoutError],
     )
     return Redis.from_pool(pool)
 
@@ -96,7 +106,12 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
     migrate_on_start) and rebuild an empty Redis from the ledger."""
     if settings.redis_url is None or settings.database_url is None:
         raise ValueError("redis_url and database_url must be resolved first (see cli.resolve_services)")
-    redis = connect_redis(settings.redis_url, settings.redis_max_connections, settings.redis_timeout_seconds)
+    redis = connect_redis(
+        settings.redis_url,
+        settings.redis_max_connections,
+        settings.redis_timeout_seconds,
+        settings.redis_retries,
+    )
     store = Store(
         await asyncpg.create_pool(settings.database_url, min_size=0, max_size=settings.flush_concurrency + 2)
     )
@@ -196,8 +211,18 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
                 if proxy.pending.pending:
                     await proxy.pending.retry()
 
+            async def renew_leases() -> None:
+                await svc.ledger.renew(
+                    [(ex.account, ex.request_id) for ex in list(proxy.exchanges.values())],
+                    int(time.time() * 1000) + settings.hold_lease_seconds * 1000,
+                )
+
             stop = asyncio.Event()
             tasks = [
+                asyncio.create_task(
+                    _every(settings.hold_lease_seconds / 3, "lease renewal", stop, renew_leases),
+                    name="creditgate-lease-renewal",
+                ),
                 asyncio.create_task(
                     _every(settings.reaper_interval_seconds, "hold reaper", stop, reap),
                     name="creditgate-hold-reaper",

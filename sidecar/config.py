@@ -93,6 +93,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     partitions: PositiveInt = 16
     redis_max_connections: PositiveInt = 64
     redis_timeout_seconds: PositiveSeconds = 5.0
+    redis_retries: Annotated[int, msgspec.Meta(ge=0, le=20)] = 3
     # Postgres, the durable ledger: unset starts an embedded server (the pgserver package) under data_dir.
     database_url: str | None = None
     migrate_on_start: bool = True
@@ -126,6 +127,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     top_up_url: str | None = None
     # Holds and settlement.
     hold_lease_seconds: PositiveInt = 900
+    reserve_retry_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3.0
     reaper_interval_seconds: PositiveSeconds = 5.0
     settled_marker_seconds: PositiveInt = 7 * 24 * 3600
     disconnect_drain_seconds: PositiveSeconds = 60.0

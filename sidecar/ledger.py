@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -100,10 +100,15 @@ class RedisLedger:
         # metrics. (Integer nanoseconds: this money module holds no float.)
         self.on_script: Callable[[str, int], None] = _ignore
 
-    async def _call(self, name: str, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+    async def _call(
+        self, name: str, script: AsyncScript, keys: list[Any], args: list[Any], *, retried: bool = False
+    ) -> Any:
+        """Run a script: on the request path's pipeline when there is one, or with `retried` on redis-py,
+        whose retry policy sends it again when its reply is lost (for the admin's money in, which has no
+        retry of its own)."""
         started = time.perf_counter_ns()
         try:
-            if self.pipeline is not None:
+            if self.pipeline is not None and not retried:
                 text = script.script
                 text = text if isinstance(text, str | bytes) else bytes(text)
                 return await self.pipeline.evalsha(script.sha, text, keys, args)
@@ -145,10 +150,16 @@ class RedisLedger:
         status, balance, held = reply
         return Reservation(ReserveStatus(status), int(balance), int(held))
 
-    async def renew(self, account: str, request_id: str, lease_end_ms: int) -> None:
-        """Extend a live hold's lease (only if it is still held, and only forward)."""
-        k = self.keys.account(account)
-        await self.redis.zadd(k.hold_expiry, {k.expiry_member(request_id): lease_end_ms}, xx=True, gt=True)
+    async def renew(self, holds: Sequence[tuple[str, str]], lease_end_ms: int) -> None:
+        """Extend the leases of live holds, given as (account, request id), in one pipelined round trip
+        (each only if it is still held, and only forward: ZADD XX GT, so running it twice is harmless)."""
+        if not holds:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for account, request_id in holds:
+                k = self.keys.account(account)
+                pipe.zadd(k.hold_expiry, {k.expiry_member(request_id): lease_end_ms}, xx=True, gt=True)
+            await pipe.execute()
 
     async def settle(
         self,
@@ -198,6 +209,7 @@ class RedisLedger:
             self._credit,
             [k.balance, k.credited(idempotency_key), k.ready],
             [amount, f"{account} {amount}"],
+            retried=True,
         )
         if status == -1:
             raise UnknownAccount(account)
@@ -216,6 +228,7 @@ class RedisLedger:
             self._credit,
             [k.balance, k.credited(adjustment_id), k.ready],
             [delta, f"{account} {delta}"],
+            retried=True,
         )
         if status == -1:
             raise UnknownAccount(account)

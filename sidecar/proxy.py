@@ -61,6 +61,9 @@ log = logging.getLogger("creditgate.proxy")
 
 # Pauses before retrying a failed settle (seconds): ~6 s of Redis trouble is ridden out.
 SETTLE_RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0, 2.0, 2.0)
+# Backoff between tries of a reserve whose answer was lost (seconds), until reserve_retry_seconds.
+RESERVE_FIRST_PAUSE = 0.05
+RESERVE_MAX_PAUSE = 0.5
 
 
 class Proxy:
@@ -87,7 +90,6 @@ class Proxy:
         self._urls: dict[tuple[str, str], URL] = {}
         self.pending = PendingSettlements(ledger)  # settlements Redis has not taken yet
         self.stream_policy = StreamPolicy(
-            lease_seconds=settings.hold_lease_seconds,
             drain_seconds=settings.disconnect_drain_seconds,
             capture_bytes=settings.cache_max_entry_bytes,
         )
@@ -207,24 +209,31 @@ class Proxy:
         return reservation
 
     async def _reserve(self, ex: Exchange, cache_key: str | None) -> Reservation:
-        """The reserve script, sent once more when its answer was lost (it is idempotent by request id: a
-        hold it took the first time is found, not taken twice). If it fails again, any hold it may have
-        taken is released at once (a settle of nothing), not left to its lease, and the error goes on."""
+        """The reserve script, sent again with backoff while its answer is lost, for up to
+        `reserve_retry_seconds` (it is idempotent by request id: a hold an earlier try took is found, not
+        taken twice). If it still fails, any hold it may have taken is released at once (a settle of
+        nothing), not left to its lease, and the error goes on (a 503)."""
         lease_end_ms = int(time.time() * 1000) + self.settings.hold_lease_seconds * 1000
-        try:
-            return await self.ledger.reserve(
-                ex.account, ex.request_id, ex.hold, lease_end_ms, cache_key=cache_key
-            )
-        except RedisError as exc:
-            log.warning("reserve of %s failed (%r); trying once more", ex.request_id, exc)
-        try:
-            return await self.ledger.reserve(
-                ex.account, ex.request_id, ex.hold, lease_end_ms, cache_key=cache_key
-            )
-        except RedisError:
-            with contextlib.suppress(RedisError, UnknownAccount):
-                await self.ledger.settle(ex.account, ex.request_id, 0)
-            raise
+        deadline = time.monotonic() + self.settings.reserve_retry_seconds
+        pause = RESERVE_FIRST_PAUSE
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self.ledger.reserve(
+                    ex.account, ex.request_id, ex.hold, lease_end_ms, cache_key=cache_key
+                )
+            except RedisError as exc:
+                if time.monotonic() + pause >= deadline:
+                    log.warning(
+                        "reserve of %s failed (attempt %d, %r); giving up", ex.request_id, attempt, exc
+                    )
+                    with contextlib.suppress(RedisError, UnknownAccount):
+                        await self.ledger.settle(ex.account, ex.request_id, 0)
+                    raise
+                log.warning("reserve of %s failed (attempt %d, %r); retrying", ex.request_id, attempt, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RESERVE_MAX_PAUSE)
 
     def _land(self, ex: Exchange, answer: CachedResponse | None) -> None:
         """End the single flight this request leads, handing its waiters `answer` (None: go upstream)."""
@@ -405,11 +414,12 @@ class Proxy:
             return await self._relay_body(ex, upstream)
 
     def _shutdown_cut(self, ex: Exchange) -> None:
-        """When the exchange was cut by shutdown: settle it by the disconnect policy and answer 503."""
+        """When the exchange was cut by shutdown before any of its answer reached the client: nothing is
+        charged (the client got nothing) and the answer is 503."""
         if not ex.cut:
             return
-        ex.outcome = "shutdown_cut_estimated"
-        ex.usage = ex.estimated_usage()
+        ex.outcome = "shutdown_cut_unanswered"
+        ex.usage = None
         raise ServiceUnavailable(
             "creditgate is shutting down and could not finish this request in time; retry it.",
             code="shutting_down",
@@ -473,12 +483,9 @@ class Proxy:
         if ex.cache is not None:
             headers.update(miss_headers(ex.cache.forward, stored=False))
 
-        async def renew(lease_end_ms: int) -> None:
-            await self.ledger.renew(ex.account, ex.request_id, lease_end_ms)
-
         capture = ex.cache is not None and ex.cache.store
         response, complete = await relay_stream(
-            request, ex, upstream, headers, self.stream_policy, renew, capture=capture
+            request, ex, upstream, headers, self.stream_policy, capture=capture
         )
         if complete is not None:
             self._keep_for_cache(ex, complete, upstream, stream=True)
@@ -572,8 +579,9 @@ class Proxy:
     # ---- shutdown ---------------------------------------------------------------------------------
 
     def cut_all(self) -> None:
-        """Stop every live exchange from waiting on its upstream (and any started from now on); each is
-        settled by the disconnect policy: the usage the upstream reported, else the estimate."""
+        """Stop every live exchange from waiting on its upstream (and any started from now on). A stream
+        already relaying is settled by the disconnect policy (the usage the upstream reported, else the
+        estimate); a request whose client got nothing yet is charged nothing."""
         self.cutting = True
         now = asyncio.get_running_loop().time()
         for ex in self.exchanges.values():

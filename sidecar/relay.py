@@ -9,8 +9,8 @@ asked for on its behalf. What happens when either side fails decides the charge:
   cannot pass for a whole one) and nothing is charged;
 - shutdown cuts it (``Exchange.cut``): settled like a client that left, without waiting.
 
-A stream outliving a third of its hold's lease renews the lease. The relay records its outcome and usage
-on the exchange; settling is the caller's.
+The hold's lease is renewed for every request in flight by the app's lease-renewal task, not here. The
+relay records its outcome and usage on the exchange; settling is the caller's.
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from redis.exceptions import RedisError
 
 from .exchange import Exchange
 from .usage import SSEReader
@@ -34,7 +32,6 @@ log = logging.getLogger("creditgate.relay")
 
 @dataclass(frozen=True, slots=True)
 class StreamPolicy:
-    lease_seconds: int  # the hold's lease, renewed every third of it
     drain_seconds: float  # how long to read on for usage after the client left
     capture_bytes: int  # the most of a stream kept for the cache
 
@@ -45,7 +42,6 @@ async def relay_stream(
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     policy: StreamPolicy,
-    renew: Callable[[int], Awaitable[None]],
     *,
     capture: bool,
 ) -> tuple[web.StreamResponse, bytes | None]:
@@ -63,22 +59,12 @@ async def relay_stream(
         client_gone = True
     ex.outcome = "no_usage"
     drain_until: float | None = None
-    lease = policy.lease_seconds
-    renew_at = time.monotonic() + lease / 3
     rec = ex.record
     perf = time.perf_counter
     shutdown_cut = False
     try:
         async with ex.cut_timeout() as ex.cutter:
             while True:
-                if time.monotonic() >= renew_at:  # a stream outliving its lease keeps its hold
-                    renew_at = time.monotonic() + lease / 3
-                    try:
-                        await renew(int(time.time() * 1000) + lease * 1000)
-                    except (
-                        RedisError
-                    ) as exc:  # the stream goes on; if the hold is reaped, settle still debits
-                        log.warning("renewing the hold of %s failed: %r", ex.request_id, exc)
                 waiting = perf()
                 if drain_until is None:
                     chunk = await upstream.content.readany()

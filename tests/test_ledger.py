@@ -185,13 +185,13 @@ async def test_keys_of_one_account_share_a_hash_slot(ledger: RedisLedger) -> Non
 async def test_a_renewed_lease_outlives_its_first_end(ledger: RedisLedger) -> None:
     account = await funded(ledger, 1000)
     await ledger.reserve(account, "long-stream", 400, NOW - 1)
-    await ledger.renew(account, "long-stream", NOW + 60_000)
+    await ledger.renew([(account, "long-stream")], NOW + 60_000)
     assert await ledger.expire_holds(NOW) == 0
-    await ledger.renew(account, "long-stream", NOW - 5)  # never moved backwards
+    await ledger.renew([(account, "long-stream")], NOW - 5)  # never moved backwards
     assert await ledger.expire_holds(NOW) == 0
     assert (await ledger.balance(account)).held == 400
     await ledger.settle(account, "long-stream", 100)
-    await ledger.renew(account, "long-stream", NOW + 120_000)  # a settled hold is not brought back
+    await ledger.renew([(account, "long-stream")], NOW + 120_000)  # a settled hold is not brought back
     assert (await ledger.balance(account)).holds == []
     assert (
         await ledger.redis.zscore(ledger.keys.account(account).hold_expiry, f"{account} long-stream") is None

@@ -553,10 +553,11 @@ async def test_a_reserve_whose_reply_was_lost_is_sent_again_and_holds_once(
 
 
 async def test_a_reserve_that_keeps_failing_releases_what_it_may_have_held(
-    priced: Sidecar, monkeypatch: pytest.MonkeyPatch, upstream: Upstream
+    make_sidecar: SidecarFactory, monkeypatch: pytest.MonkeyPatch, upstream: Upstream
 ) -> None:
+    priced = await make_sidecar(models=MODELS, reserve_retry_seconds=0.2)  # retried until then
     account, key = await priced.account(10_000_000)
-    losing_replies(priced.ledger, monkeypatch, times=2)
+    losing_replies(priced.ledger, monkeypatch, times=1_000_000)
     resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 503
     assert (await resp.json())["error"]["code"] == "service_unavailable"
