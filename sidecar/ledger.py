@@ -20,6 +20,7 @@ from redis.commands.core import AsyncScript
 from .autopipeline import AutoPipeline
 from .keys import KeySpace, as_text
 from .outbox import UsageEvent, encode_event
+from .pricing import MAX_MICRO
 
 
 def load_lua(name: str) -> str:
@@ -152,9 +153,14 @@ class RedisLedger:
     ) -> Settlement:
         """Release the request's hold and debit `charge` (0 to just release), exactly once. A debit (or,
         with `record`, a zero charge) is appended with its `event` to the outbox in the same step.
-        `cache_entry` (key in the account's slot, value, TTL in ms) is stored in that step too."""
-        if charge < 0:
-            raise ValueError("charge must be >= 0")
+        `cache_entry` (key in the account's slot, value, TTL in ms) is stored in that step too.
+
+        A charge outside 0..MAX_MICRO raises ValueError before Redis is called: it is refused, not capped,
+        so an absurd charge is never silently turned into another amount (the request path's charges
+        are priced by ``pricing``, whose amounts stay within MAX_MICRO). The script checks it again and
+        refuses it before its first write, leaving hold, balance and marker as they were."""
+        if not 0 <= charge <= MAX_MICRO:
+            raise ValueError(f"charge must be an integer in 0..{MAX_MICRO} micro-credits, got {charge}")
         k = self.keys.account(account)
         entry = msgspec.structs.replace(
             event or UsageEvent(), request_id=request_id, account=account, charge=charge
@@ -162,8 +168,8 @@ class RedisLedger:
         keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox]
         args: list[str | int | bytes] = [
             request_id,
-            charge,
-            self.settled_marker_ms,
+            str(charge),
+            str(self.settled_marker_ms),
             k.expiry_member(request_id),
             "1" if record else "0",
             encode_event(entry),

@@ -1,0 +1,124 @@
+"""Money out under faults: an invalid settle changes nothing, one bad settlement or outbox entry never
+blocks the others, and a drain waits for the batches its own process has in flight."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from sidecar.accounts import AccountStore
+from sidecar.keys import KeySpace
+from sidecar.ledger import RedisLedger
+from sidecar.pricing import MAX_MICRO
+
+from .conftest import new_key_prefix
+
+NOW = 1_800_000_000_000
+LEASE = NOW + 60_000
+LUA = Path(__file__).resolve().parent.parent / "lua"
+
+
+@pytest.fixture
+async def ledger(redis_client: Redis) -> AsyncIterator[RedisLedger]:
+    ledger = RedisLedger(redis_client, KeySpace(new_key_prefix(), 4), settled_marker_ms=60_000)
+    await ledger.load_scripts()
+    yield ledger
+
+
+async def held(ledger: RedisLedger, balance: int, hold: int) -> tuple[str, str]:
+    account = f"acct_{uuid.uuid4().hex[:8]}"
+    await AccountStore(ledger.redis, ledger.keys, cache_seconds=0).add_account(account)
+    await ledger.credit(account, f"fund-{account}", balance)
+    request_id = f"req_{uuid.uuid4().hex[:8]}"
+    await ledger.reserve(account, request_id, hold, LEASE)
+    return account, request_id
+
+
+async def snapshot(ledger: RedisLedger, account: str, request_id: str) -> tuple[object, ...]:
+    k = ledger.keys.account(account)
+    r = ledger.redis
+    return (
+        await r.hgetall(k.balance),
+        await r.hgetall(k.holds),
+        await r.zrange(k.hold_expiry, 0, -1, withscores=True),
+        await r.get(k.settled(request_id)),
+        await r.xlen(k.outbox),
+    )
+
+
+# ---- settle.lua: every argument checked before the first write --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("charge", "marker_ms"),
+    [
+        ("1e+17", "60000"),  # what Lua formats a number above 2^53 as
+        ("100000000000000000", "60000"),  # above 2^53
+        ("9007199254740992", "60000"),  # 2^53
+        ("-5", "60000"),
+        ("1.5", "60000"),
+        ("", "60000"),
+        ("abc", "60000"),
+        ("5", "0"),
+        ("5", "-1"),
+        ("5", "1e5"),
+        ("5", ""),
+    ],
+)
+async def test_settle_script_refuses_an_invalid_argument_before_any_write(
+    ledger: RedisLedger, charge: str, marker_ms: str
+) -> None:
+    account, request_id = await held(ledger, 1_000_000, 400_000)
+    before = await snapshot(ledger, account, request_id)
+    k = ledger.keys.account(account)
+    with pytest.raises(ResponseError, match="settle:"):
+        await ledger._settle(
+            keys=[k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox],
+            args=[request_id, charge, marker_ms, k.expiry_member(request_id), "0", b"{}"],
+        )
+    assert await snapshot(ledger, account, request_id) == before
+    assert before[1] == {request_id.encode(): b"400000"}  # the hold is still there
+
+
+@pytest.mark.parametrize("charge", [MAX_MICRO + 1, 2**63, -1])
+async def test_settle_refuses_a_charge_out_of_bounds_before_calling_redis(
+    ledger: RedisLedger, charge: int
+) -> None:
+    account, request_id = await held(ledger, 1_000_000, 400_000)
+    before = await snapshot(ledger, account, request_id)
+    with pytest.raises(ValueError, match="charge"):
+        await ledger.settle(account, request_id, charge)
+    assert await snapshot(ledger, account, request_id) == before
+
+
+async def test_settle_of_the_largest_charge_and_a_multiple_of_1e8_hold(ledger: RedisLedger) -> None:
+    account, request_id = await held(ledger, MAX_MICRO, 100_000_000)
+    settled = await ledger.settle(account, request_id, MAX_MICRO)
+    assert (settled.first, settled.balance, settled.released, settled.charged) == (
+        True,
+        0,
+        100_000_000,
+        MAX_MICRO,
+    )
+    assert (await ledger.balance(account)).held == 0
+
+
+async def test_expire_hold_of_a_multiple_of_1e8(ledger: RedisLedger) -> None:
+    account, request_id = await held(ledger, 1_000_000_000, 300_000_000)
+    assert await ledger.expire_holds(LEASE + 1) == 300_000_000
+    view = await ledger.balance(account)
+    assert (view.balance, view.held, view.holds) == (1_000_000_000, 0, [])
+
+
+@pytest.mark.parametrize("script", ["settle.lua", "expire_hold.lua"])
+def test_scripts_pass_no_lua_arithmetic_to_redis_call(script: str) -> None:
+    text = (LUA / script).read_text()
+    calls = [line for line in text.splitlines() if "redis.call" in line]
+    assert calls
+    assert not [c for c in calls if re.search(r"tonumber\(|\d\s*-\s*\w", c)]
