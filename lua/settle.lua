@@ -29,6 +29,9 @@ local balance = redis.call('HGET', KEYS[1], 'balance')
 if not balance then
   return {-1, 0, 0, 0}
 end
+if not balance:match('^-?%d+$') then
+  return redis.error_reply('ERR settle: the stored balance is not an integer')
+end
 local previous = redis.call('GET', KEYS[4])
 if previous then
   return {0, tonumber(balance), 0, tonumber(previous)}

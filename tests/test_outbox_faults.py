@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from sidecar.accounts import AccountStore
 from sidecar.keys import KeySpace
 from sidecar.ledger import RedisLedger
+from sidecar.outbox import UsageEvent
 from sidecar.pricing import MAX_MICRO
+from sidecar.settlements import PendingSettlement, PendingSettlements
 
 from .conftest import new_key_prefix
 
@@ -122,3 +125,46 @@ def test_scripts_pass_no_lua_arithmetic_to_redis_call(script: str) -> None:
     calls = [line for line in text.splitlines() if "redis.call" in line]
     assert calls
     assert not [c for c in calls if re.search(r"tonumber\(|\d\s*-\s*\w", c)]
+
+
+# ---- pending settlements: one bad item never blocks the others ---------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["charge-out-of-bounds", "redis-refuses"])
+async def test_one_refused_pending_settlement_does_not_stop_the_others(
+    ledger: RedisLedger, fault: str
+) -> None:
+    pending = PendingSettlements(ledger)
+    bad_account, bad_request = await held(ledger, 1_000_000, 400_000)
+    charge = 1_000
+    if fault == "charge-out-of-bounds":
+        charge = MAX_MICRO + 1
+    else:  # the account's balance field is no integer: HINCRBY fails inside the script
+        await ledger.redis.hset(ledger.keys.account(bad_account).balance, "balance", "not-a-number")
+    pending.add(PendingSettlement(bad_account, bad_request, charge, UsageEvent()))
+    good = [await held(ledger, 1_000_000, 400_000) for _ in range(3)]
+    for account, request_id in good:
+        pending.add(PendingSettlement(account, request_id, 250_000, UsageEvent()))
+
+    assert await pending.retry() == 3
+    assert list(pending.pending) == [bad_request]  # the refused one still waits, the others are taken
+    for account, _ in good:
+        view = await ledger.balance(account)
+        assert (view.balance, view.held) == (750_000, 0)
+
+
+async def test_a_connection_failure_still_stops_the_pass(ledger: RedisLedger) -> None:
+    pending = PendingSettlements(ledger)
+    items = [await held(ledger, 1_000_000, 400_000) for _ in range(2)]
+    for account, request_id in items:
+        pending.add(PendingSettlement(account, request_id, 1_000, UsageEvent()))
+    tries: list[str] = []
+
+    async def away(account: str, request_id: str, *args: object, **kwargs: object) -> None:
+        tries.append(request_id)
+        raise RedisConnectionError("Redis is away")
+
+    ledger.settle = away  # type: ignore[method-assign,assignment]
+    assert await pending.retry() == 0
+    assert tries == [items[0][1]]  # Redis is away: the rest waits for the next pass
+    assert len(pending.pending) == 2
