@@ -59,6 +59,11 @@ class KeySpace:
         """Stream of settled debits; the flusher moves them to Postgres and deletes them once committed."""
         return f"{self.partition_tag(partition)}:outbox"
 
+    def dead_letters(self, partition: int) -> str:
+        """Stream of outbox entries the ledger can never take (unreadable, or refused by Postgres), each
+        with the reason and its outbox id; parked by the flusher for an operator, never written."""
+        return f"{self.partition_tag(partition)}:outbox-dead-letters"
+
     @property
     def initialized(self) -> str:
         """Set once Redis holds the balances rebuilt from (or created with) the Postgres ledger."""
