@@ -328,6 +328,17 @@ class Flusher:
             await self.write(batch)
             written += batch.size
 
+    async def dead_letters(self, limit: int = 100) -> tuple[int, list[dict[str, str]]]:
+        """(dead letters parked in all, up to `limit` of them oldest first per partition: their
+        dead-letter stream id, outbox entry id, reason and the entry as it was)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.dead_letter_streams.values():
+                pipe.xlen(stream)
+                pipe.xrange(stream, count=limit)
+            replies = await pipe.execute()
+        letters = [_dead_letter(i, f) for reply in replies[1::2] for i, f in reply]
+        return sum(replies[0::2]), letters[:limit]
+
     async def backlog(self) -> tuple[int, float]:
         """(entries waiting, age in seconds of the oldest), across partitions."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -339,6 +350,16 @@ class Flusher:
         oldest = [int(as_text(r[0][0]).split("-")[0]) for r in replies[1::2] if r]
         age = max(0.0, time.time() - min(oldest) / 1000) if oldest else 0.0
         return length, age
+
+
+def _dead_letter(stream_id: Any, fields: dict[Any, Any]) -> dict[str, str]:
+    text = {as_text(k): as_text(v) for k, v in fields.items()}
+    return {
+        "id": as_text(stream_id),
+        "entry": text.get("entry", ""),
+        "reason": text.get("reason", ""),
+        "d": text.get("d", ""),
+    }
 
 
 def reraise_if_cancelled(exc: Exception) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,10 @@ LUA = Path(__file__).resolve().parent.parent / "lua"
 
 
 @pytest.fixture
-async def ledger(redis_client: Redis) -> AsyncIterator[RedisLedger]:
+async def ledger(redis_client: Redis) -> RedisLedger:
     ledger = RedisLedger(redis_client, KeySpace(new_key_prefix(), 4), settled_marker_ms=60_000)
     await ledger.load_scripts()
-    yield ledger
+    return ledger
 
 
 async def held(ledger: RedisLedger, balance: int, hold: int) -> tuple[str, str]:
@@ -113,7 +112,7 @@ async def test_settle_of_the_largest_charge_and_a_multiple_of_1e8_hold(ledger: R
 
 
 async def test_expire_hold_of_a_multiple_of_1e8(ledger: RedisLedger) -> None:
-    account, request_id = await held(ledger, 1_000_000_000, 300_000_000)
+    account, _ = await held(ledger, 1_000_000_000, 300_000_000)
     assert await ledger.expire_holds(LEASE + 1) == 300_000_000
     view = await ledger.balance(account)
     assert (view.balance, view.held, view.holds) == (1_000_000_000, 0, [])
