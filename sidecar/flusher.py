@@ -24,6 +24,7 @@ import signal
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,10 @@ class _Item:
     reason: str = ""
 
 
+# Every flusher of this process, so that a drain can wait for the batches any of them has in flight.
+_FLUSHERS: weakref.WeakSet[Flusher] = weakref.WeakSet()
+
+
 def is_data_error(exc: BaseException) -> bool:
     """Whether Postgres (or the driver encoding the batch) refused the rows themselves, as opposed to
     being unreachable: such a batch is split to find the refused rows, any other failure is retried."""
@@ -115,6 +120,7 @@ class Flusher:
         self._next_claim = 0.0
         self._stopping = asyncio.Event()
         self._in_flight: set[Batch] = set()  # batches the background loops read and have not finished
+        _FLUSHERS.add(self)
 
     async def ensure_groups(self) -> None:
         if self._groups_ready:
@@ -292,9 +298,13 @@ class Flusher:
                     self._progress.notify_all()
 
     async def wait_in_flight(self) -> None:
-        """Return once every batch this process's loops had in hand when called is written (or given up
-        because the loops stop): entries read but not yet acknowledged are invisible to a drain."""
-        waiting = set(self._in_flight)
+        """Return once every batch the loops of this process's flushers of the same outbox had in hand
+        when called is written (or given up because the loops stop): entries read but not yet
+        acknowledged are invisible to a drain, and not idle long enough to be claimed."""
+        for flusher in [f for f in _FLUSHERS if f.streams == self.streams and f._in_flight]:
+            await flusher._wait_for_batches(set(flusher._in_flight))
+
+    async def _wait_for_batches(self, waiting: set[Batch]) -> None:
         async with self._progress:
             await self._progress.wait_for(lambda: not waiting & self._in_flight)
 
