@@ -6,20 +6,23 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from sidecar.accounts import AccountStore
-from sidecar.keys import KeySpace
+from sidecar.flusher import GROUP, is_data_error
+from sidecar.keys import KeySpace, as_text
 from sidecar.ledger import RedisLedger
-from sidecar.outbox import UsageEvent
+from sidecar.outbox import BadEntry, UsageEvent, encode_event, ledger_row
 from sidecar.pricing import MAX_MICRO
 from sidecar.settlements import PendingSettlement, PendingSettlements
 
-from .conftest import new_key_prefix
+from .conftest import Sidecar, new_key_prefix
 
 NOW = 1_800_000_000_000
 LEASE = NOW + 60_000
@@ -167,3 +170,116 @@ async def test_a_connection_failure_still_stops_the_pass(ledger: RedisLedger) ->
     assert await pending.retry() == 0
     assert tries == [items[0][1]]  # Redis is away: the rest waits for the next pass
     assert len(pending.pending) == 2
+
+
+# ---- outbox validation: an entry that can never be a ledger row ---------------------------------------
+
+GOOD = b'{"request_id":"req_1","account":"acct_1","charge":5,"hold":10}'
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({}, "no d field"),
+        ({b"x": GOOD}, "no d field"),
+        ({b"d": b""}, "undecodable"),
+        ({b"d": b"{not json"}, "undecodable"),
+        ({b"d": b"[]"}, "undecodable"),
+        ({b"d": b'{"request_id":"r","account":"a","charge":"5"}'}, "undecodable"),
+        ({b"d": b'{"request_id":"r","account":"a","charge":1.5}'}, "undecodable"),
+        ({b"d": b"{}"}, "no request_id"),
+        ({b"d": b'{"account":"a","charge":5}'}, "no request_id"),
+        ({b"d": b'{"request_id":"","account":"a","charge":5}'}, "no request_id"),
+        ({b"d": b'{"request_id":"r","charge":5}'}, "no account"),
+        ({b"d": b'{"request_id":"r","account":"a","charge":-1}'}, "charge -1 outside"),
+        ({b"d": b'{"request_id":"r","account":"a","charge":9007199254740992}'}, "charge 9007199254740992"),
+        ({b"d": b'{"request_id":"r","account":"a","charge":5,"hold":-3}'}, "hold -3 outside"),
+    ],
+)
+def test_an_outbox_entry_that_cannot_be_a_ledger_row_is_refused(
+    fields: dict[bytes, bytes], reason: str
+) -> None:
+    with pytest.raises(BadEntry) as caught:
+        ledger_row(fields)
+    assert caught.value.reason.startswith(reason)
+
+
+@pytest.mark.parametrize("fields", [{b"d": GOOD}, {"d": GOOD.decode()}])
+def test_a_valid_outbox_entry_is_a_ledger_row(fields: dict[Any, Any]) -> None:
+    row = ledger_row(fields)
+    assert row[:4] == ("req_1", "acct_1", "usage", -5)
+    assert row[12:14] == (10, 0)  # hold, overdraft
+
+
+@pytest.mark.parametrize(
+    ("exc", "data"),
+    [
+        (asyncpg.exceptions.NumericValueOutOfRangeError("out of range"), True),
+        (asyncpg.exceptions.NotNullViolationError("null"), True),
+        (asyncpg.exceptions._base.DataError("invalid input for query argument"), True),
+        (OverflowError("int too big"), True),
+        (asyncpg.exceptions.CannotConnectNowError("starting up"), False),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("closed"), False),
+        (ConnectionRefusedError("refused"), False),
+        (TimeoutError(), False),
+        (asyncpg.exceptions.InterfaceError("pool is closing"), False),
+    ],
+)
+def test_which_failures_split_a_batch(exc: BaseException, data: bool) -> None:
+    assert is_data_error(exc) is data
+
+
+# ---- the flusher parks dead letters and writes the rest -----------------------------------------------
+
+
+async def test_bad_outbox_entries_are_dead_lettered_and_the_good_ones_written(sidecar: Sidecar) -> None:
+    account, _ = await sidecar.account(10_000_000)
+    svc = sidecar.services
+    stream = svc.keys.account(account).outbox
+    good: list[str] = []
+    bad = {
+        b'{"request_id":"req_huge","account":"%s","charge":7,"prompt_tokens":9223372036854775808}'
+        % account.encode(): "refused by Postgres",
+        b"{not json": "undecodable",
+        b'{"account":"%s","charge":3}' % account.encode(): "no request_id",
+        b'{"request_id":"req_noacct","charge":3}': "no account",
+        b'{"request_id":"req_neg","account":"%s","charge":-4}' % account.encode(): "charge -4",
+    }
+    parked: dict[str, str] = {}
+    for i in range(12):
+        request_id = f"req_good_{i:02d}"
+        good.append(request_id)
+        event = UsageEvent(request_id=request_id, account=account, charge=100 + i, prompt_tokens=i)
+        await svc.redis.xadd(stream, {"d": encode_event(event)})
+        if i % 2 == 0 and bad:  # the bad ones among the good ones
+            data, reason = bad.popitem()
+            parked[as_text(await svc.redis.xadd(stream, {"d": data}))] = reason
+    assert not bad
+
+    await svc.flusher().drain()  # waits for the app's own loops too
+
+    rows = await svc.store.pool.fetch(
+        "SELECT idempotency_id, account_id, amount FROM ledger WHERE kind = 'usage' ORDER BY idempotency_id"
+    )
+    assert [(r["idempotency_id"], r["account_id"], r["amount"]) for r in rows] == [
+        (request_id, account, -(100 + i)) for i, request_id in enumerate(good)
+    ]
+    view = await sidecar.admin("GET", "/ledger/dead-letters")
+    assert view["total"] == len(parked)
+    letters = {letter["entry"]: letter for letter in view["dead_letters"]}
+    assert sorted(letters) == sorted(parked)
+    for entry, reason in parked.items():
+        assert letters[entry]["reason"].startswith(reason)
+        assert letters[entry]["id"]
+    assert letters[next(iter(parked))]["d"]
+    status = await sidecar.admin("GET", "/ledger")
+    assert status["outbox_backlog"] == 0
+    assert status["outbox_dead_letters"] == len(parked)
+    assert await svc.redis.xpending(stream, GROUP) == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+    metrics = await (await sidecar.client.get("/metrics")).text()
+    assert f"creditgate_outbox_dead_letters_total {float(len(parked))}" in metrics
