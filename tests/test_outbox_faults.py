@@ -3,8 +3,10 @@ blocks the others, and a drain waits for the batches its own process has in flig
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from sidecar.accounts import AccountStore
+from sidecar.app import FLUSHER
 from sidecar.flusher import GROUP, is_data_error
 from sidecar.keys import KeySpace, as_text
 from sidecar.ledger import RedisLedger
@@ -283,3 +286,49 @@ async def test_bad_outbox_entries_are_dead_lettered_and_the_good_ones_written(si
     }
     metrics = await (await sidecar.client.get("/metrics")).text()
     assert f"creditgate_outbox_dead_letters_total {float(len(parked))}" in metrics
+
+
+# ---- drain waits for the batches its process has in flight --------------------------------------------
+
+
+async def test_drain_waits_for_the_batch_the_background_loop_is_writing(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interleaving that made a drain return early: the app's own loop has read an entry (so no read
+    of the drain sees it, and it is not idle long enough to be claimed) and is still writing it."""
+    account, _ = await sidecar.account(1_000_000)
+    svc = sidecar.services
+    store = sidecar.client.app[FLUSHER].store
+    real_insert = store.insert_usage
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def gated(rows: Iterable[tuple[Any, ...]]) -> None:
+        rows = list(rows)
+        if not entered.is_set():  # the background loop's batch: held until the drain waits for it
+            entered.set()
+            await gate.wait()
+        await real_insert(rows)
+
+    monkeypatch.setattr(store, "insert_usage", gated)
+    await svc.ledger.reserve(account, "req_in_flight", 1_000, LEASE)
+    await svc.ledger.settle(account, "req_in_flight", 600, UsageEvent())
+    await entered.wait()  # the loop holds the entry: read, not acknowledged
+
+    drainer = svc.flusher()
+    real_wait = getattr(drainer, "wait_in_flight", None)
+
+    async def waiting() -> None:
+        gate.set()  # the loop may finish now; the drain must wait for it
+        assert real_wait is not None
+        await real_wait()
+
+    monkeypatch.setattr(drainer, "wait_in_flight", waiting, raising=False)
+    try:
+        await drainer.drain()
+        amount = await svc.store.pool.fetchval(
+            "SELECT amount FROM ledger WHERE idempotency_id = 'req_in_flight'"
+        )
+    finally:
+        gate.set()
+    assert amount == -600
+    assert (await drainer.backlog())[0] == 0
