@@ -156,9 +156,9 @@ class RedisLedger:
         `cache_entry` (key in the account's slot, value, TTL in ms) is stored in that step too.
 
         A charge outside 0..MAX_MICRO raises ValueError before Redis is called: it is refused, not capped,
-        so an absurd charge is never silently turned into another amount (the request path's charges
-        are priced by ``pricing``, whose amounts stay within MAX_MICRO). The script checks it again and
-        refuses it before its first write, leaving hold, balance and marker as they were."""
+        so an absurd charge is never silently turned into another amount; bounding what it prices is the
+        caller's job. The script checks it again and refuses it before its first write, leaving hold,
+        balance and marker as they were."""
         if not 0 <= charge <= MAX_MICRO:
             raise ValueError(f"charge must be an integer in 0..{MAX_MICRO} micro-credits, got {charge}")
         k = self.keys.account(account)
