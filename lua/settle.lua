@@ -8,22 +8,29 @@
 -- charge and what the ledger row records)
 -- Optional KEYS[6] a response-cache entry to store (same hash tag)   ARGV[7] its value   ARGV[8] its TTL (ms)
 -- Returns {status, balance, released, charged}: 1 settled now, 0 settled before (the first charge is
--- returned and nothing moves), -1 no such account, -3 an argument is not a valid integer string
--- (nothing was written).
+-- returned and nothing moves), -1 no such account.
 -- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
--- Every argument is checked before the first write, and redis.call only ever gets strings read from
--- Redis or passed in (never a Lua arithmetic result: Redis 7.2.0-7.2.4 format 1e8 multiples as floats).
-local function integer(s, digits)
-  return type(s) == 'string' and string.match(s, '^[0-9]+$') ~= nil and #s <= digits
+-- Every argument is checked before the first write, so a refused call changes nothing; amounts reach
+-- redis.call as the integer strings they arrived as (negated by prefixing '-'), never as Lua numbers.
+local function whole(s, digits)
+  return type(s) == 'string' and s:match('^%d+$') ~= nil and #s <= digits
 end
--- Charges below 10^15 (16 digits would allow 2^53 and above); TTLs as Redis takes them.
-if not integer(ARGV[2], 15) or not integer(ARGV[3], 15) or ARGV[3] == '0'
-    or (KEYS[6] and (not integer(ARGV[8], 15) or ARGV[8] == '0')) then
-  return {-3, 0, 0, 0}
+-- a charge below 2^53 (16 digits at most, then compared exactly as a number below 2^53)
+if not whole(ARGV[2], 16) or tonumber(ARGV[2]) > 9007199254740991 then
+  return redis.error_reply('ERR settle: charge must be a non-negative integer below 2^53')
+end
+if not whole(ARGV[3], 15) or ARGV[3]:match('^0+$') then
+  return redis.error_reply('ERR settle: settled-marker lifetime must be a positive integer (ms)')
+end
+if KEYS[6] and (not whole(ARGV[8], 15) or ARGV[8]:match('^0+$')) then
+  return redis.error_reply('ERR settle: cache entry TTL must be a positive integer (ms)')
 end
 local balance = redis.call('HGET', KEYS[1], 'balance')
 if not balance then
   return {-1, 0, 0, 0}
+end
+if not balance:match('^-?%d+$') then
+  return redis.error_reply('ERR settle: the stored balance is not an integer')
 end
 local previous = redis.call('GET', KEYS[4])
 if previous then
@@ -31,6 +38,9 @@ if previous then
 end
 local released = 0
 local hold = redis.call('HGET', KEYS[2], ARGV[1])
+if hold and not hold:match('^%d+$') then
+  return redis.error_reply('ERR settle: the stored hold is not a non-negative integer')
+end
 if hold then
   redis.call('HDEL', KEYS[2], ARGV[1])
   if hold ~= '0' then

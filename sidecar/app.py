@@ -195,6 +195,7 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
             metrics.sources.holds_active = lambda: len(proxy.in_flight)
             metrics.sources.rows_written = lambda: flusher.stats.rows
             metrics.sources.flush_failures = lambda: flusher.stats.failures
+            metrics.sources.dead_letters = lambda: flusher.stats.dead_letters
             metrics.sources.drift = lambda: (drift.accounts, drift.total)
             metrics.sources.backlog = flusher.backlog
 
@@ -288,6 +289,7 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
                 "outbox_oldest_seconds": round(oldest, 3),
                 "flushed_rows": flusher.stats.rows,
                 "flush_failures": flusher.stats.failures,
+                "outbox_dead_letters": flusher.stats.dead_letters,
                 "drifting_accounts": drift.accounts,
                 "drift_micro_credits": drift.total,
                 "drift_checked_at": drift.checked_at or None,
@@ -297,8 +299,14 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
             }
         )
 
+    async def ledger_dead_letters(request: web.Request) -> web.Response:
+        """Outbox entries parked as dead letters (never written to the ledger), for an operator."""
+        total, letters = await request.config_dict[FLUSHER].dead_letters()
+        return web.json_response({"total": total, "dead_letters": letters})
+
     admin = admin_app(settings.admin_token)
     admin.router.add_get("/ledger", ledger_status)
+    admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
     app.add_subapp("/admin/", admin)
     return app
 

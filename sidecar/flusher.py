@@ -6,6 +6,12 @@ ids already present; only after the commit are its entries acknowledged and dele
 dies between the two leaves them pending: another claims them after ``flush_claim_idle_seconds`` and
 the replayed insert changes nothing. While Postgres is down the batch is retried with backoff and the
 backlog waits in Redis; nothing unacknowledged is ever deleted.
+
+An entry that can never become a ledger row never blocks the others: one that does not decode or lacks
+its request id, account or a valid charge is set aside before the insert, and when Postgres refuses a
+batch for its data (not for being away), the batch is split in halves until the refused entries are
+found. Each is parked with its reason in the partition's dead-letter stream, then acknowledged and
+deleted; the rest is written.
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ import signal
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from .keys import KeySpace, as_text
-from .outbox import ledger_row
+from .outbox import BadEntry, ledger_row
 from .store import Store
 
 log = logging.getLogger("creditgate.flusher")
@@ -43,9 +51,10 @@ class FlushStats:
     failures: int = 0
     last_batch_rows: int = 0
     last_batch_seconds: float = 0.0
+    dead_letters: int = 0  # entries parked in the dead-letter streams by this process
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: the loops track theirs in a set
 class Batch:
     entries: dict[str, list[tuple[str, dict[Any, Any]]]] = field(default_factory=dict)  # stream -> entries
     size: int = 0
@@ -54,6 +63,29 @@ class Batch:
         if entries:
             self.entries.setdefault(stream, []).extend((as_text(i), f) for i, f in entries)
             self.size += len(entries)
+
+
+@dataclass
+class _Item:
+    stream: str
+    entry_id: str
+    fields: dict[Any, Any]
+    row: tuple[Any, ...] | None = None
+    reason: str = ""
+
+
+# Every flusher of this process, so that a drain can wait for the batches any of them has in flight.
+_FLUSHERS: weakref.WeakSet[Flusher] = weakref.WeakSet()
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether Postgres (or the driver encoding the batch) refused the rows themselves, as opposed to
+    being unreachable: such a batch is split to find the refused rows, any other failure is retried."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "")[:2] in ("22", "23")  # data / integrity
+    if isinstance(exc, asyncpg.InterfaceError | OSError):
+        return isinstance(exc, ValueError)  # asyncpg's client-side DataError is both
+    return isinstance(exc, ValueError | TypeError | OverflowError)
 
 
 class Flusher:
@@ -72,6 +104,9 @@ class Flusher:
         self.redis = redis
         self.store = store
         self.streams = [keys.outbox(p) for p in range(keys.partitions)]
+        self.dead_letter_streams = dict(
+            zip(self.streams, (keys.dead_letters(p) for p in range(keys.partitions)), strict=True)
+        )
         self.batch_size = batch_size
         self.interval = interval
         self.claim_idle_ms = claim_idle_ms
@@ -84,6 +119,8 @@ class Flusher:
         self._progress = asyncio.Condition()
         self._next_claim = 0.0
         self._stopping = asyncio.Event()
+        self._in_flight: set[Batch] = set()  # batches the background loops read and have not finished
+        _FLUSHERS.add(self)
 
     async def ensure_groups(self) -> None:
         if self._groups_ready:
@@ -125,13 +162,13 @@ class Flusher:
             more = more or len(entries) >= per_stream
         return more
 
-    async def collect(self) -> Batch:
+    async def collect(self, batch: Batch | None = None) -> Batch:
         """Up to batch_size entries, or what arrived within the interval (sooner when stopping).
         Reads never block in Redis: an idle flusher polls every POLL seconds, so stopping it never
         has to interrupt a command. A read that took everything waiting is followed by a pause too,
         so a steady trickle is collected in a few reads per batch, not one read per entry."""
         await self.ensure_groups()
-        batch = Batch()
+        batch = Batch() if batch is None else batch
         now = time.monotonic()
         if now >= self._next_claim:  # dead consumers' entries: looked for a few times per idle period
             self._next_claim = now + max(self.claim_idle_ms / 4000, 0.05)
@@ -158,27 +195,61 @@ class Flusher:
     # ---- writing -----------------------------------------------------------------------------------
 
     async def write(self, batch: Batch) -> None:
-        """Commit the batch to Postgres, then acknowledge and delete its entries."""
+        """Commit the batch to Postgres, then acknowledge and delete its entries. Entries that can never
+        be written are parked in the dead-letter streams first (see the module docstring)."""
         if not batch.size:
             return
         started = time.perf_counter()
-        rows = [ledger_row(fields) for entries in batch.entries.values() for _, fields in entries]
-        await self.store.insert_usage(rows)
+        items = [_Item(stream, i, f) for stream, entries in batch.entries.items() for i, f in entries]
+        for item in items:
+            try:
+                item.row = ledger_row(item.fields)
+            except BadEntry as exc:
+                item.reason = exc.reason
+        dead = [item for item in items if item.row is None]
+        dead += await self._insert([item for item in items if item.row is not None])
         if _FAULT == "crash-after-commit":
             os.kill(os.getpid(), signal.SIGKILL)
         async with self.redis.pipeline(transaction=False) as pipe:
+            for item in dead:  # parked before acknowledged: a crash between parks it twice, never loses it
+                data = item.fields.get(b"d", item.fields.get("d", b""))
+                pipe.xadd(
+                    self.dead_letter_streams[item.stream],
+                    {"entry": item.entry_id, "reason": item.reason[:500], "d": data},
+                )
             for stream, entries in batch.entries.items():
                 ids = [entry_id for entry_id, _ in entries]
                 pipe.xack(stream, GROUP, *ids)
                 pipe.xdel(stream, *ids)
             await pipe.execute()
-        self.stats.rows += batch.size
+        for item in dead:
+            log.error("outbox entry %s parked as a dead letter: %s", item.entry_id, item.reason)
+        self.stats.dead_letters += len(dead)
+        self.stats.rows += batch.size - len(dead)
         self.stats.batches += 1
         self.stats.last_batch_rows = batch.size
         self.stats.last_batch_seconds = time.perf_counter() - started
         self.on_batch(batch.size, self.stats.last_batch_seconds)
         async with self._progress:
             self._progress.notify_all()
+
+    async def _insert(self, items: list[_Item]) -> list[_Item]:
+        """Insert the rows; when Postgres refuses them for their data, bisect to find the refused ones
+        (each half is its own idempotent statement). Returns the refused items, their reason set.
+        Any other failure (Postgres away) is raised: the whole batch is retried."""
+        if not items:
+            return []
+        try:
+            await self.store.insert_usage([item.row for item in items if item.row is not None])
+            return []
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            if len(items) == 1:
+                items[0].reason = f"refused by Postgres: {type(exc).__name__}: {exc}"
+                return items
+        half = len(items) // 2
+        return await self._insert(items[:half]) + await self._insert(items[half:])
 
     async def wait_for_rows(self, rows: int) -> None:
         """Return once this flusher has written at least `rows` rows in all."""
@@ -210,20 +281,41 @@ class Flusher:
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():
+            batch = Batch()
+            self._in_flight.add(batch)  # from its first read until written (or given up at stop)
             try:
-                batch = await self.collect()
-            except Exception as exc:
-                reraise_if_cancelled(exc)
-                log.warning("reading the outbox failed (%r); retrying", exc)
-                await self._pause(1.0)
-                continue
-            await self.write_until_done(batch)
+                try:
+                    await self.collect(batch)
+                except Exception as exc:
+                    reraise_if_cancelled(exc)
+                    log.warning("reading the outbox failed (%r); retrying", exc)
+                    await self._pause(1.0)
+                    continue
+                await self.write_until_done(batch)
+            finally:
+                self._in_flight.discard(batch)
+                async with self._progress:
+                    self._progress.notify_all()
+
+    async def wait_in_flight(self) -> None:
+        """Return once every batch the loops of this process's flushers of the same outbox had in hand
+        when called is written (or given up because the loops stop): entries read but not yet
+        acknowledged are invisible to a drain, and not idle long enough to be claimed."""
+        for flusher in [f for f in _FLUSHERS if f.streams == self.streams and f._in_flight]:
+            await flusher._wait_for_batches(set(flusher._in_flight))
+
+    async def _wait_for_batches(self, waiting: set[Batch]) -> None:
+        async with self._progress:
+            await self._progress.wait_for(lambda: not waiting & self._in_flight)
 
     async def drain(self, claim_idle_ms: int | None = None) -> int:
         """Write everything in the outbox now; returns the rows written. New entries are written by
         ``concurrency`` loops at once; then, with those loops done (so none of our own batches can be
         taken for a dead consumer's), entries pending longer than the claim idle time are claimed and
-        written. Used at shutdown and by ``creditgate flush --drain``."""
+        written. First it waits for the batches this process's own background loops are writing: their
+        entries are read but unacknowledged, so no read of the drain would see them.
+        Used at shutdown and by ``creditgate flush --drain``."""
+        await self.wait_in_flight()
         await self.ensure_groups()
         written = sum(await asyncio.gather(*(self._drain_new() for _ in range(self.concurrency))))
         idle = self.claim_idle_ms if claim_idle_ms is None else claim_idle_ms
@@ -246,6 +338,17 @@ class Flusher:
             await self.write(batch)
             written += batch.size
 
+    async def dead_letters(self, limit: int = 100) -> tuple[int, list[dict[str, str]]]:
+        """(dead letters parked in all, up to `limit` of them oldest first per partition: their
+        dead-letter stream id, outbox entry id, reason and the entry as it was)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.dead_letter_streams.values():
+                pipe.xlen(stream)
+                pipe.xrange(stream, count=limit)
+            replies = await pipe.execute()
+        letters = [_dead_letter(i, f) for reply in replies[1::2] for i, f in reply]
+        return sum(replies[0::2]), letters[:limit]
+
     async def backlog(self) -> tuple[int, float]:
         """(entries waiting, age in seconds of the oldest), across partitions."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -257,6 +360,16 @@ class Flusher:
         oldest = [int(as_text(r[0][0]).split("-")[0]) for r in replies[1::2] if r]
         age = max(0.0, time.time() - min(oldest) / 1000) if oldest else 0.0
         return length, age
+
+
+def _dead_letter(stream_id: Any, fields: dict[Any, Any]) -> dict[str, str]:
+    text = {as_text(k): as_text(v) for k, v in fields.items()}
+    return {
+        "id": as_text(stream_id),
+        "entry": text.get("entry", ""),
+        "reason": text.get("reason", ""),
+        "d": text.get("d", ""),
+    }
 
 
 def reraise_if_cancelled(exc: Exception) -> None:

@@ -65,6 +65,11 @@ class KeySpace:
         once it exists, so a credit can never land before a rebuild that sets balances from the ledger."""
         return f"{self.partition_tag(partition)}:ready"
 
+    def dead_letters(self, partition: int) -> str:
+        """Stream of outbox entries the ledger can never take (unreadable, or refused by Postgres), each
+        with the reason and its outbox id; parked by the flusher for an operator, never written."""
+        return f"{self.partition_tag(partition)}:outbox-dead-letters"
+
     @property
     def initialized(self) -> str:
         """Set once Redis holds the balances rebuilt from (or created with) the Postgres ledger."""

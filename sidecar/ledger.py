@@ -173,7 +173,12 @@ class RedisLedger:
     ) -> Settlement:
         """Release the request's hold and debit `charge` (0 to just release), exactly once. A debit (or,
         with `record`, a zero charge) is appended with its `event` to the outbox in the same step.
-        `cache_entry` (key in the account's slot, value, TTL in ms) is stored in that step too."""
+        `cache_entry` (key in the account's slot, value, TTL in ms) is stored in that step too.
+
+        A charge outside 0..MAX_CHARGE raises ValueError before Redis is called: it is refused, not capped
+        here (the request path caps what it prices at MAX_CHARGE and logs it). The script checks its
+        arguments again and refuses them before its first write, leaving hold, balance and marker as they
+        were."""
         if not 0 <= charge <= MAX_CHARGE:
             raise ValueError(f"charge must be between 0 and {MAX_CHARGE} micro-credits, got {charge}")
         k = self.keys.account(account)
@@ -183,8 +188,8 @@ class RedisLedger:
         keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox]
         args: list[str | int | bytes] = [
             request_id,
-            charge,
-            self.settled_marker_ms,
+            str(charge),
+            str(self.settled_marker_ms),
             k.expiry_member(request_id),
             "1" if record else "0",
             encode_event(entry),
@@ -195,8 +200,6 @@ class RedisLedger:
         status, balance, released, charged = await self._call("settle", self._settle, keys, args)
         if status == -1:
             raise UnknownAccount(account)
-        if status == -3:  # checked by the script before any write: nothing moved
-            raise ValueError(f"settle of {request_id}: an argument is not a valid integer string")
         return Settlement(status == 1, int(balance), int(released), int(charged))
 
     async def credit(self, account: str, idempotency_key: str, amount: int) -> tuple[bool, int]:

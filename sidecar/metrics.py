@@ -45,6 +45,7 @@ class Sources:
     holds_active: Callable[[], int] = lambda: 0
     rows_written: Callable[[], int] = lambda: 0
     flush_failures: Callable[[], int] = lambda: 0
+    dead_letters: Callable[[], int] = lambda: 0
     drift: Callable[[], tuple[int, int]] = lambda: (0, 0)
     backlog: Callable[[], Awaitable[tuple[int, float]]] | None = None  # refreshed on each scrape
 
@@ -63,6 +64,11 @@ class _StatsCollector(Collector):
         )
         yield CounterMetricFamily(
             "creditgate_flush_failures", "Failed ledger batch writes (retried).", value=s.flush_failures()
+        )
+        yield CounterMetricFamily(
+            "creditgate_outbox_dead_letters",
+            "Outbox entries the ledger can never take, parked in the dead-letter streams.",
+            value=s.dead_letters(),
         )
         accounts, total = s.drift()
         yield GaugeMetricFamily(

@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from .pricing import MAX_MICRO
+
 
 class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     request_id: str = ""
@@ -43,9 +45,39 @@ def decode_entry(fields: dict[Any, Any]) -> UsageEvent:
         return UsageEvent(outcome="unreadable_event")
 
 
+class BadEntry(ValueError):
+    """An outbox entry that can never become a ledger row; the flusher parks it as a dead letter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def checked_event(fields: dict[Any, Any]) -> UsageEvent:
+    """The entry's event, or BadEntry naming what is wrong with it: no ``d`` field, JSON that does not
+    decode as a usage event, an empty request id or account, a charge or hold outside 0..MAX_MICRO."""
+    data = fields.get(b"d", fields.get("d"))
+    if data is None:
+        raise BadEntry("no d field")
+    try:
+        event = _decode_event(data)
+    except msgspec.MsgspecError as exc:
+        raise BadEntry(f"undecodable: {exc}") from None
+    if not event.request_id:
+        raise BadEntry("no request_id")
+    if not event.account:
+        raise BadEntry("no account")
+    if not 0 <= event.charge <= MAX_MICRO:
+        raise BadEntry(f"charge {event.charge} outside 0..{MAX_MICRO}")
+    if event.hold is not None and not 0 <= event.hold <= MAX_MICRO:
+        raise BadEntry(f"hold {event.hold} outside 0..{MAX_MICRO}")
+    return event
+
+
 def ledger_row(fields: dict[Any, Any]) -> tuple[Any, ...]:
-    """One outbox entry as a batch row for ``Store.insert_usage``; usage amounts are negative."""
-    event = decode_entry(fields)
+    """One outbox entry as a batch row for ``Store.insert_usage``; usage amounts are negative. Raises
+    BadEntry for an entry that must never be written (see ``checked_event``)."""
+    event = checked_event(fields)
     overdraft = max(0, event.charge - event.hold) if event.hold is not None else None
     return (
         event.request_id,

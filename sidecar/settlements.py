@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .ledger import RedisLedger, UnknownAccount
 from .outbox import UsageEvent
@@ -52,7 +54,9 @@ class PendingSettlements:
 
     async def retry(self) -> int:
         """Send every waiting settlement once, oldest first; returns how many Redis took. Stops at the
-        first connection failure: Redis is still away, the rest waits for the next try."""
+        first connection failure: Redis is still away, the rest waits for the next try. Any other error
+        (Redis refusing this one settlement, say) is logged and that one stays waiting, but the pass
+        goes on: one bad settlement never holds back the ones after it."""
         taken = 0
         for request_id, item in list(self.pending.items()):
             try:
@@ -62,9 +66,18 @@ class PendingSettlements:
                 del self.pending[request_id]
                 log.error("settlement of %s: account %s no longer exists", request_id, item.account)
                 continue
-            except RedisError as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("%d settlements still wait for Redis (%r)", len(self.pending), exc)
                 break
+            except (RedisError, ValueError) as exc:
+                log.error(
+                    "settlement of %s (%d micro-credits on %s) refused (%r); it stays waiting",
+                    request_id,
+                    item.charge,
+                    item.account,
+                    exc,
+                )
+                continue
             del self.pending[request_id]
             taken += 1
         self.settled += taken

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from sidecar.accounts import AccountStore
 from sidecar.autopipeline import AutoPipeline
@@ -164,8 +165,8 @@ async def test_a_settle_the_script_refuses_writes_nothing(ledger: RedisLedger, c
     await ledger.reserve(account, "r1", 600, LEASE)
     k = ledger.keys.account(account)
     keys = [k.balance, k.holds, k.hold_expiry, k.settled("r1"), k.outbox]
-    reply = await ledger._settle(keys=keys, args=["r1", charge, 60_000, k.expiry_member("r1"), "0", "{}"])
-    assert reply[0] == -3
+    with pytest.raises(ResponseError, match="charge must be"):
+        await ledger._settle(keys=keys, args=["r1", charge, 60_000, k.expiry_member("r1"), "0", "{}"])
     view = await ledger.balance(account)
     assert (view.balance, view.held, [h.amount for h in view.holds]) == (1000, 600, [600])
     assert await ledger.redis.exists(k.settled("r1"), k.outbox) == 0
