@@ -28,6 +28,7 @@ from .errors import (
     BadRequest,
     Conflict,
     InsufficientCredits,
+    NotFound,
     ServiceUnavailable,
     Unauthorized,
     UpstreamUnavailable,
@@ -538,31 +539,17 @@ class Proxy:
     # ---- pass-through ----------------------------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
+        """The priced models and their aliases, in OpenAI's list format; no upstream is called."""
         request[REQUEST_ID] = "req_" + secrets.token_hex(16)
         rec = request.get(RECORD) or RequestRecord("models", time.perf_counter())
         rec.request_id = request[REQUEST_ID]
         rec.account = await self.authenticate(request)
-        upstream = self.upstreams["default"]
-        headers = request_headers(request.headers, self._drop_headers, upstream.api_key)
-        suffix = request.match_info.get("tail", "")
-        rec.upstream_started = time.perf_counter()
-        try:
-            async with self.session.get(
-                f"{upstream.base_url}/models{suffix and '/' + suffix}", headers=headers
-            ) as resp:
-                rec.upstream_first_byte = time.perf_counter()
-                body = await resp.read()
-                relayed = response_headers(resp.headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"The upstream could not be reached ({type(exc).__name__}).") from None
-        finally:
-            rec.upstream_ended = time.perf_counter()
-            rec.waited += rec.upstream_ended - rec.upstream_started
-        if resp.status in (401, 403):  # about the pooled key, whose fragments its body may quote
-            log.error("the upstream 'default' rejected the pooled provider key (HTTP %d)", resp.status)
-            raise UpstreamUnavailable(
-                f"The provider rejected the gateway's credentials (upstream 'default', HTTP {resp.status}).",
-                code="upstream_auth_failed",
-            )
-        relayed["x-request-id"] = request[REQUEST_ID]
-        return web.Response(status=resp.status, body=body, headers=relayed)
+        listed = self.prices.listing()
+        headers = {"x-request-id": request[REQUEST_ID]}
+        model_id = request.match_info.get("id")
+        if model_id is None:
+            return web.json_response({"object": "list", "data": listed}, headers=headers)
+        for entry in listed:
+            if entry["id"] == model_id:
+                return web.json_response(entry, headers=headers)
+        raise NotFound(f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
