@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from .accounts import AccountStore
+from .afford import affordable_output_tokens
 from .cache import BYPASS, CachedResponse, ResponseCache
 from .cachekey import hit_headers, miss_headers
 from .config import Settings
@@ -181,14 +182,28 @@ class Proxy:
         """Reserve the worst case (looking up `cache_key` in the same step); raises when it cannot."""
         reservation = await self._reserve(ex, cache_key)
         if reservation.status is ReserveStatus.INSUFFICIENT:
-            raise InsufficientCredits(
-                reservation.balance - reservation.held, ex.hold, self.settings.top_up_url
-            )
+            raise self._insufficient(ex, reservation.balance - reservation.held)
         if reservation.status is ReserveStatus.NO_ACCOUNT:
             raise Unauthorized("The account behind this key no longer exists.")
         if reservation.status is ReserveStatus.ALREADY_SETTLED:
             raise Conflict("This request id was already settled.")
         return reservation
+
+    def _insufficient(self, ex: Exchange, available: int) -> InsufficientCredits:
+        """The 402: what was required and available, and how many output tokens the latter affords."""
+        if not ex.route.has_output:
+            return InsufficientCredits(available, ex.hold, self.settings.top_up_url)
+        limit = ex.request.output_limit or ex.price.max_output_tokens
+        n = (ex.request.n or 1) if ex.route.has_n else 1
+        prompt = estimate_prompt_tokens(ex.body_size, self.settings.prompt_bytes_per_token)
+        fits = affordable_output_tokens(available, ex.price, prompt, n, ex.multiplier, limit)
+        return InsufficientCredits(
+            available,
+            ex.hold,
+            self.settings.top_up_url,
+            output_limit=limit,
+            affordable_output_tokens=fits,
+        )
 
     async def _reserve(self, ex: Exchange, cache_key: str | None) -> Reservation:
         """The reserve script, sent once more when its answer was lost (it is idempotent by request id: a

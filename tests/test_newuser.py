@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from sidecar import __version__
+from sidecar.afford import affordable_output_tokens
+from sidecar.errors import format_credits
+from sidecar.pricing import Multiplier, Price, worst_case
 
 from .conftest import (
     Sidecar,
@@ -179,3 +183,69 @@ async def test_serve_listens_on_the_host_and_port_given(
         async with session.get(f"{url}/healthz") as resp:
             assert resp.status == 200
         assert await served.stop() == 0, served.log
+
+
+# ---- the 402 says what was required and what the balance affords --------------------------------
+
+
+def price(prompt: int, completion: int, fee: int = 0, scale: int = 1, cap: int = 1000) -> Price:
+    return Price("m", "default", cap, scale, prompt, completion, None, fee)
+
+
+@pytest.mark.parametrize(
+    ("available", "p", "prompt_tokens", "n", "mult", "expected"),
+    [
+        (10_000, price(10, 100), 10, 1, Multiplier(1, 1), 99),  # 100 + 99 × 100 = 10,000
+        (9_999, price(10, 100), 10, 1, Multiplier(1, 1), 98),
+        (100, price(10, 100), 10, 1, Multiplier(1, 1), 0),  # the prompt alone takes it all
+        (99, price(10, 100), 10, 1, Multiplier(1, 1), 0),  # not even the prompt
+        (0, price(10, 100), 10, 1, Multiplier(1, 1), 0),
+        (-5, price(10, 100), 10, 1, Multiplier(1, 1), 0),
+        (10_000, price(10, 100), 10, 3, Multiplier(1, 1), 33),  # n multiplies the output
+        (12_500, price(10, 100), 10, 1, Multiplier(5, 4), 99),  # ceil(10,000 × 1.25)
+        (12_499, price(10, 100), 10, 1, Multiplier(5, 4), 98),
+        (10_000, price(10, 100, fee=1_000), 10, 1, Multiplier(1, 1), 89),
+        (10**9, price(10, 100), 10, 1, Multiplier(1, 1), 1000),  # capped at the model's maximum
+        (500, price(10, 0), 10, 1, Multiplier(1, 1), 1000),  # free output: the cap
+        (1, price(1, 3, scale=7), 1, 1, Multiplier(1, 1), 2),  # 1/7 + 3k/7 ≤ 1
+        (2**53 - 1, price(7, 11), 3, 1, Multiplier(5, 4), 1000),
+    ],
+)
+def test_affordable_output_tokens(
+    available: int, p: Price, prompt_tokens: int, n: int, mult: Multiplier, expected: int
+) -> None:
+    k = affordable_output_tokens(available, p, prompt_tokens, n, mult, p.max_output_tokens)
+    assert k == expected
+    if k:  # the hold for k fits, and (below the cap) the hold for k + 1 does not
+        assert worst_case(p, prompt_tokens, n * k, mult) <= available
+    if k < p.max_output_tokens:
+        assert worst_case(p, prompt_tokens, n * (k + 1), mult) > available
+
+
+async def test_402_says_required_available_and_the_output_tokens_it_affords(
+    priced: Sidecar, upstream: Upstream
+) -> None:
+    body = msgspec.json.encode(
+        {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    )
+    size = len(body)  # a token per byte, at 1,000 micro-credits a token, × 1.25 (pooled)
+    balance = 1250 * (size + 100) + 7
+    account, key = await priced.account(balance)
+    resp = await priced.client.post(
+        "/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert resp.status == 402
+    assert resp.headers["x-should-retry"] == "false"
+    error = (await resp.json())["error"]
+    required = 1250 * (size + 1000)
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_credits")
+    assert error["balance"] == error["available"] == balance
+    assert error["balance_credits"] == format_credits(balance)
+    assert error["required"] == required
+    assert error["output_limit"] == 1000
+    assert error["affordable_output_tokens"] == 100
+    assert format_credits(required) in error["message"]
+    assert "100 output tokens" in error["message"]
+    assert "max_tokens" in error["message"]
+    assert upstream.calls() == 0
+    assert (await priced.balance(account))["held"] == 0

@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.app import PROXY
+from sidecar.errors import format_credits
 
 from .conftest import PROVIDER_KEY, Sidecar, SidecarFactory, Upstream
 
@@ -252,9 +253,10 @@ async def test_insufficient_credits_is_402_and_upstream_is_not_called(
     assert error["type"] == "insufficient_quota"
     assert error["code"] == "insufficient_credits"
     assert error["param"] is None
-    assert error["message"] == f"Insufficient credits. Current balance: 0.{need - 1:06d} credits.".replace(
-        "0.0", "0.0"
-    ).rstrip("0")
+    assert error["message"].startswith(
+        f"Insufficient credits. Current balance: {format_credits(need - 1)} credits; this request "
+        f"requires {format_credits(need)} credits"
+    )
     assert error["balance"] == need - 1
     assert error["required"] == need
     assert upstream.calls() == 0
@@ -280,7 +282,7 @@ async def test_402_message_shows_balance_in_credits(make_sidecar: SidecarFactory
     )
     assert resp.status == 402
     error = (await resp.json())["error"]
-    assert error["message"] == "Insufficient credits. Current balance: 12.5 credits."
+    assert error["message"].startswith("Insufficient credits. Current balance: 12.5 credits;")
     assert error["top_up_url"] == "https://billing.example/top-up"
 
 
