@@ -1,6 +1,11 @@
-"""How many output tokens a balance affords. Pure, integers only."""
+"""How many output tokens a balance affords, and a body whose output limit is lowered to it. Pure,
+integers only."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import msgspec
 
 from .pricing import Multiplier, Price
 
@@ -21,3 +26,17 @@ def affordable_output_tokens(
     if per_token == 0:
         return cap
     return min(cap, (budget - fixed) // per_token)
+
+
+LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_DEFAULT_FIELD = {"chat": "max_tokens", "completions": "max_tokens", "responses": "max_output_tokens"}
+
+
+def with_output_limit(body: bytes, route_kind: str, limit: int) -> bytes:
+    """The JSON object `body` with every output-limit field it has set to `limit`, or the route's own
+    field added when it has none."""
+    data: dict[str, Any] = msgspec.json.decode(body)
+    present = [name for name in LIMIT_FIELDS if data.get(name) is not None]
+    for name in present or [_DEFAULT_FIELD[route_kind]]:
+        data[name] = limit
+    return msgspec.json.encode(data)

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from .accounts import AccountStore
-from .afford import affordable_output_tokens
+from .afford import affordable_output_tokens, with_output_limit
 from .cache import BYPASS, CachedResponse, ResponseCache
 from .cachekey import hit_headers, miss_headers
 from .config import Settings
@@ -80,6 +80,7 @@ class Proxy:
         )
         self._drop_headers = [
             settings.byok_header,
+            settings.afford_output_header,
             *([settings.account_header] if settings.account_header else []),
         ]
 
@@ -120,6 +121,8 @@ class Proxy:
         rec.account = account
         body = await request.read()
         ex = self._plan(request, request_id, account, body, rec)
+        fit = request.headers.get(self.settings.afford_output_header, "").lower() in ("1", "true")
+        ex.fit_output = fit or self.settings.afford_output_limit
         try:
             cached = await self._cached_or_held(ex)
         except BaseException:
@@ -181,6 +184,8 @@ class Proxy:
     async def _hold(self, ex: Exchange, cache_key: str | None) -> Reservation:
         """Reserve the worst case (looking up `cache_key` in the same step); raises when it cannot."""
         reservation = await self._reserve(ex, cache_key)
+        if reservation.status is ReserveStatus.INSUFFICIENT and self._fit_output(ex, reservation):
+            reservation = await self._reserve(ex, None)
         if reservation.status is ReserveStatus.INSUFFICIENT:
             raise self._insufficient(ex, reservation.balance - reservation.held)
         if reservation.status is ReserveStatus.NO_ACCOUNT:
@@ -188,6 +193,27 @@ class Proxy:
         if reservation.status is ReserveStatus.ALREADY_SETTLED:
             raise Conflict("This request id was already settled.")
         return reservation
+
+    def _fit_output(self, ex: Exchange, reservation: Reservation) -> bool:
+        """When asked (the afford_output_limit setting or header): lower the forwarded output limit to what
+        the available credits afford, if at least afford_min_output_tokens fit; True when it did, and the
+        exchange's body and hold now ask for less. The lowered answer is never cached."""
+        s = self.settings
+        if not ex.fit_output or not ex.route.has_output:
+            return False
+        limit = ex.request.output_limit or ex.price.max_output_tokens
+        n = (ex.request.n or 1) if ex.route.has_n else 1
+        prompt = estimate_prompt_tokens(ex.body_size, s.prompt_bytes_per_token)
+        available = reservation.balance - reservation.held
+        fits = affordable_output_tokens(available, ex.price, prompt, n, ex.multiplier, limit)
+        if fits >= limit or fits < s.afford_min_output_tokens:
+            return False
+        self._land(ex, None)  # identical requests waiting on this one go on by themselves
+        ex.cache, ex.cache_result = None, "bypass"
+        ex.body = with_output_limit(ex.body, ex.route.kind, fits)
+        ex.hold = worst_case(ex.price, prompt, n * fits, ex.multiplier)
+        ex.record.hold = ex.hold
+        return True
 
     def _insufficient(self, ex: Exchange, available: int) -> InsufficientCredits:
         """The 402: what was required and available, and how many output tokens the latter affords."""

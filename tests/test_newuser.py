@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from sidecar import __version__
-from sidecar.afford import affordable_output_tokens
+from sidecar.afford import affordable_output_tokens, with_output_limit
 from sidecar.errors import format_credits
 from sidecar.pricing import Multiplier, Price, worst_case
 
@@ -249,3 +249,69 @@ async def test_402_says_required_available_and_the_output_tokens_it_affords(
     assert "max_tokens" in error["message"]
     assert upstream.calls() == 0
     assert (await priced.balance(account))["held"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "expected"),
+    [
+        (b'{"model":"m","max_tokens":900}', "chat", b'{"model":"m","max_tokens":7}'),
+        (b'{"model":"m","max_completion_tokens":900}', "chat", b'{"model":"m","max_completion_tokens":7}'),
+        (
+            b'{"model":"m","max_tokens":5,"max_completion_tokens":900}',
+            "chat",
+            b'{"model":"m","max_tokens":7,"max_completion_tokens":7}',
+        ),
+        (b'{"model":"m"}', "chat", b'{"model":"m","max_tokens":7}'),
+        (b'{"model":"m","max_tokens":null}', "chat", b'{"model":"m","max_tokens":7}'),
+        (b'{"model":"m"}', "completions", b'{"model":"m","max_tokens":7}'),
+        (b'{"model":"m"}', "responses", b'{"model":"m","max_output_tokens":7}'),
+        (b'{"model":"m","max_output_tokens":99}', "responses", b'{"model":"m","max_output_tokens":7}'),
+    ],
+)
+def test_with_output_limit(body: bytes, kind: str, expected: bytes) -> None:
+    assert with_output_limit(body, kind, 7) == expected
+
+
+def chat_body(**fields: Any) -> bytes:
+    return msgspec.json.encode(
+        {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], **fields}
+    )
+
+
+async def test_fit_output_header_lowers_the_limit_to_what_the_balance_affords(
+    priced: Sidecar, upstream: Upstream
+) -> None:
+    body = chat_body(max_tokens=1000)
+    balance = 1250 * (len(body) + 100) + 7  # affords 100 output tokens (see the 402 test)
+    account, key = await priced.account(balance)
+    headers = {"Authorization": f"Bearer {key}", "x-demo-tokens": "5000", "x-creditgate-fit-output": "1"}
+    resp = await priced.client.post("/v1/chat/completions", data=body, headers=headers)
+    assert resp.status == 200, await resp.text()
+    answer = await resp.json()
+    assert answer["usage"]["completion_tokens"] == 100
+    charged = int(resp.headers["x-creditgate-charged"])
+    assert 0 < charged <= balance
+    assert int(resp.headers["x-creditgate-balance"]) == balance - charged >= 0
+    assert "x-creditgate-fit-output" not in {name.lower() for name in upstream.seen_headers[-1]}
+    assert (await priced.balance(account))["held"] == 0
+
+
+async def test_afford_output_limit_setting_adds_a_limit_and_keeps_the_minimum(
+    make_sidecar: SidecarFactory, upstream: Upstream
+) -> None:
+    sc = await make_sidecar(models=MODELS, afford_output_limit=True, afford_min_output_tokens=50)
+    body = chat_body()  # no limit: held for the model's 4096
+    _, key = await sc.account(1250 * (len(body) + 60))
+    headers = {"Authorization": f"Bearer {key}", "x-demo-tokens": "5000"}
+    resp = await sc.client.post("/v1/chat/completions", data=body, headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["usage"]["completion_tokens"] == 60
+    # Fewer than the minimum fit: the 402, saying what does.
+    _, poor = await sc.account(1250 * (len(body) + 49))
+    resp = await sc.client.post(
+        "/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {poor}"}
+    )
+    assert resp.status == 402
+    error = (await resp.json())["error"]
+    assert (error["output_limit"], error["affordable_output_tokens"]) == (4096, 49)
+    assert upstream.calls() == 1
