@@ -274,7 +274,7 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
     for path in ROUTES:
         app.router.add_post(path, metered)
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/models/{tail:.+}", models)
+    app.router.add_get("/v1/models/{id}", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

@@ -1,10 +1,11 @@
-"""The ``creditgate`` command: serve, demo and the operator verbs (accounts, keys, grants, balances)."""
+"""The creditgate command: serve, demo and the operator verbs (accounts, keys, grants, balances)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -15,6 +16,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from . import __version__
 from .admin import MONEY_IN_KINDS, grant_amount
 from .app import Services, create_app, services
 from .config import Settings, load_settings
@@ -175,17 +177,27 @@ async def _reconcile(svc: Services, fix: bool) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="creditgate", description=__doc__)
-    parser.add_argument("--config", help="YAML settings file (also CREDITGATE_CONFIG)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the sidecar")
-    sub.add_parser("demo", help="run the sidecar with a fake upstream and a funded demo account")
-    account = sub.add_parser("account", help="accounts").add_subparsers(dest="verb", required=True)
+    # --config is taken before or after the subcommand (the later one wins).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", default=argparse.SUPPRESS, help="YAML settings file (also CREDITGATE_CONFIG)"
+    )
+    parser = argparse.ArgumentParser(prog="creditgate", description=__doc__, parents=[common])
+    parser.add_argument("--version", action="version", version=f"creditgate {__version__}")
+    sub = _Subparsers(parser.add_subparsers(dest="command", required=True), common)
+    for name, text in (
+        ("serve", "run the sidecar (needs upstream_url or upstreams)"),
+        ("demo", "run the sidecar with a fake upstream and a funded demo account"),
+    ):
+        listener = sub.add_parser(name, help=text)
+        listener.add_argument("--host", help="listen address (the host setting)")
+        listener.add_argument("--port", type=int, help="listen port (the port setting; 0: any free port)")
+    account = sub.nested(sub.add_parser("account", help="accounts"))
     create = account.add_parser("create", help="create an account")
     create.add_argument("id", nargs="?", help="account id (generated when left out)")
     show = account.add_parser("balance", help="show balance and active holds")
     show.add_argument("id")
-    key = sub.add_parser("key", help="client API keys").add_subparsers(dest="verb", required=True)
+    key = sub.nested(sub.add_parser("key", help="client API keys"))
     key_create = key.add_parser("create", help="create a key (printed once)")
     key_create.add_argument("account")
     key_revoke = key.add_parser("revoke", help="revoke a key by its id")
@@ -206,12 +218,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Subparsers:
+    """Subcommands that each take the common options (--config) too."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self.action = action
+        self.common = common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self.action.add_parser(name, parents=[self.common], **kwargs)
+        return parser
+
+    def nested(self, parser: argparse.ArgumentParser) -> _Subparsers:
+        return _Subparsers(parser.add_subparsers(dest="verb", required=True), self.common)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(getattr(args, "config", None))
     except CreditgateError as exc:
         print(f"creditgate: {exc.message}", file=sys.stderr)
+        return 2
+    listen = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
+    if "port" in listen and not 0 <= listen["port"] <= 65535:
+        print("creditgate: --port must be between 0 and 65535.", file=sys.stderr)
+        return 2
+    settings = msgspec.structs.replace(settings, **listen)
+    if args.command == "serve" and settings.demo_upstream:
+        print(
+            "creditgate: no upstream configured: set upstream_url (CREDITGATE_UPSTREAM_URL) and "
+            "upstream_api_key, or upstreams; `creditgate demo` runs with a fake upstream.",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(settings)
     try:
@@ -220,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     except CreditgateError as exc:
         print(json.dumps(exc.body(), indent=2), file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(
+            f"creditgate: cannot listen: {exc.strerror or exc} (set host / port, or --host / --port).",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

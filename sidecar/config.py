@@ -125,6 +125,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     admin_token: str | None = None
     auth_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     top_up_url: str | None = None
+    # Instead of a 402, lower the output limit to what the available credits afford (at least the minimum);
+    # a request may ask for it with the afford_output_header.
+    afford_output_limit: bool = False
+    afford_min_output_tokens: PositiveInt = 16
+    afford_output_header: str = "x-creditgate-fit-output"
     # Holds and settlement.
     hold_lease_seconds: PositiveInt = 900
     reserve_retry_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3.0

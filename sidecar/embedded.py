@@ -90,7 +90,8 @@ class EmbeddedRedis:
                 raise RuntimeError(f"embedded redis-server did not answer within {timeout}s")
             time.sleep(0.02)  # polling a child process for readiness; nothing else to wait on
         log.warning(
-            "CREDITGATE_REDIS_URL is not set: started an embedded Redis at %s (data in %s)",
+            "redis_url is not set (CREDITGATE_REDIS_URL): started an embedded Redis at %s (data in %s); "
+            "set redis_url for production",
             self.url,
             self.data_dir,
         )
@@ -120,7 +121,11 @@ class EmbeddedPostgres:
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self.server = postgres_server.get_server(self.pgdata, cleanup_mode="stop")
         uri = str(self.server.get_uri())
-        log.warning("CREDITGATE_DATABASE_URL is not set: using an embedded PostgreSQL in %s", self.pgdata)
+        log.warning(
+            "database_url is not set (CREDITGATE_DATABASE_URL): using an embedded PostgreSQL in %s; "
+            "set database_url for production",
+            self.pgdata,
+        )
         return uri
 
     def stop(self) -> None:

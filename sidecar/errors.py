@@ -62,11 +62,34 @@ class InsufficientCredits(CreditgateError):
     type = "insufficient_quota"
     default_code = "insufficient_credits"
 
-    def __init__(self, balance: int, required: int, top_up_url: str | None) -> None:
-        super().__init__(f"Insufficient credits. Current balance: {format_credits(balance)} credits.")
+    def __init__(
+        self,
+        balance: int,
+        required: int,
+        top_up_url: str | None,
+        *,
+        output_limit: int | None = None,
+        affordable_output_tokens: int | None = None,
+    ) -> None:
+        message = (
+            f"Insufficient credits. Current balance: {format_credits(balance)} credits; this request "
+            f"requires {format_credits(required)} credits"
+        )
+        if output_limit is not None:
+            message += (
+                f", held for its output limit of {output_limit} tokens (max_tokens, else the model's maximum)"
+            )
+            if affordable_output_tokens is not None:
+                message += (
+                    f"; the available credits afford {affordable_output_tokens} output tokens: "
+                    "lower max_tokens to fit"
+                )
+        super().__init__(message + ".")
         self.balance = balance
         self.required = required
         self.top_up_url = top_up_url
+        self.output_limit = output_limit
+        self.affordable_output_tokens = affordable_output_tokens
 
     def body(self) -> dict[str, Any]:
         body = super().body()
@@ -74,6 +97,9 @@ class InsufficientCredits(CreditgateError):
             balance=self.balance,
             balance_credits=format_credits(self.balance),
             required=self.required,
+            available=self.balance,
+            output_limit=self.output_limit,
+            affordable_output_tokens=self.affordable_output_tokens,
             top_up_url=self.top_up_url,
         )
         return body

@@ -53,6 +53,7 @@ class Exchange:
     cut: bool = False
     cutter: asyncio.Timeout | None = None
     answered: asyncio.Future[web.StreamResponse] | None = None  # the answer, for the handler to return
+    fit_output: bool = False  # lower the output limit to what the balance affords instead of a 402
 
     def estimated_usage(self) -> Usage:
         """What a request that did not run to its end is charged without usage: the prompt at

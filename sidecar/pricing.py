@@ -195,6 +195,14 @@ class PriceTable:
             _multiplier(settings.byok_multiplier, "byok_multiplier"),
         )
 
+    def listing(self) -> list[dict[str, object]]:
+        """The priced models, then their aliases, as OpenAI model objects."""
+        names = [*self.prices, *self.aliases]
+        return [
+            {"id": name, "object": "model", "created": 0, "owned_by": self.resolve(name).upstream}
+            for name in names
+        ]
+
     def resolve(self, model: str) -> Price:
         """The price of a model named directly or by alias; an unknown model is a 400, never free."""
         price = self.prices.get(model) or self.prices.get(self.aliases.get(model, ""))

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from .accounts import AccountStore
+from .afford import affordable_output_tokens, with_output_limit
 from .cache import BYPASS, CachedResponse, ResponseCache
 from .cachekey import hit_headers, miss_headers
 from .config import Settings
@@ -28,6 +29,7 @@ from .errors import (
     BadRequest,
     Conflict,
     InsufficientCredits,
+    NotFound,
     ServiceUnavailable,
     Unauthorized,
     UpstreamUnavailable,
@@ -95,6 +97,7 @@ class Proxy:
         )
         self._drop_headers = [
             settings.byok_header,
+            settings.afford_output_header,
             *([settings.account_header] if settings.account_header else []),
         ]
         self._forwarded = forwarded_extra(settings)
@@ -137,6 +140,8 @@ class Proxy:
         rec.account = account
         body = await request.read()
         ex = self._plan(request, request_id, account, body, rec)
+        fit = request.headers.get(self.settings.afford_output_header, "").lower() in ("1", "true")
+        ex.fit_output = fit or self.settings.afford_output_limit
         try:
             cached = await self._cached_or_held(ex)
         except BaseException:
@@ -198,15 +203,52 @@ class Proxy:
     async def _hold(self, ex: Exchange, cache_key: str | None) -> Reservation:
         """Reserve the worst case (looking up `cache_key` in the same step); raises when it cannot."""
         reservation = await self._reserve(ex, cache_key)
+        if reservation.status is ReserveStatus.INSUFFICIENT and self._fit_output(ex, reservation):
+            reservation = await self._reserve(ex, None)
         if reservation.status is ReserveStatus.INSUFFICIENT:
-            raise InsufficientCredits(
-                reservation.balance - reservation.held, ex.hold, self.settings.top_up_url
-            )
+            raise self._insufficient(ex, reservation.balance - reservation.held)
         if reservation.status is ReserveStatus.NO_ACCOUNT:
             raise Unauthorized("The account behind this key no longer exists.")
         if reservation.status is ReserveStatus.ALREADY_SETTLED:
             raise Conflict("This request id was already settled.")
         return reservation
+
+    def _fit_output(self, ex: Exchange, reservation: Reservation) -> bool:
+        """When asked (the afford_output_limit setting or header): lower the forwarded output limit to what
+        the available credits afford, if at least afford_min_output_tokens fit; True when it did, and the
+        exchange's body and hold now ask for less. The lowered answer is never cached."""
+        s = self.settings
+        if not ex.fit_output or not ex.route.has_output:
+            return False
+        limit = ex.request.output_limit or ex.price.max_output_tokens
+        n = (ex.request.n or 1) if ex.route.has_n else 1
+        prompt = estimate_prompt_tokens(ex.body_size, s.prompt_bytes_per_token)
+        available = reservation.balance - reservation.held
+        fits = affordable_output_tokens(available, ex.price, prompt, n, ex.multiplier, limit)
+        if fits >= limit or fits < s.afford_min_output_tokens:
+            return False
+        self._land(ex, None)  # identical requests waiting on this one go on by themselves
+        ex.cache, ex.cache_result = None, "bypass"
+        ex.body = with_output_limit(ex.body, ex.route.kind, fits)
+        ex.hold = worst_case(ex.price, prompt, n * fits, ex.multiplier)
+        ex.record.hold = ex.hold
+        return True
+
+    def _insufficient(self, ex: Exchange, available: int) -> InsufficientCredits:
+        """The 402: what was required and available, and how many output tokens the latter affords."""
+        if not ex.route.has_output:
+            return InsufficientCredits(available, ex.hold, self.settings.top_up_url)
+        limit = ex.request.output_limit or ex.price.max_output_tokens
+        n = (ex.request.n or 1) if ex.route.has_n else 1
+        prompt = estimate_prompt_tokens(ex.body_size, self.settings.prompt_bytes_per_token)
+        fits = affordable_output_tokens(available, ex.price, prompt, n, ex.multiplier, limit)
+        return InsufficientCredits(
+            available,
+            ex.hold,
+            self.settings.top_up_url,
+            output_limit=limit,
+            affordable_output_tokens=fits,
+        )
 
     async def _reserve(self, ex: Exchange, cache_key: str | None) -> Reservation:
         """The reserve script, sent again with backoff while its answer is lost, for up to
@@ -603,31 +645,17 @@ class Proxy:
     # ---- pass-through ----------------------------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
+        """The priced models and their aliases, in OpenAI's list format; no upstream is called."""
         request[REQUEST_ID] = "req_" + secrets.token_hex(16)
         rec = request.get(RECORD) or RequestRecord("models", time.perf_counter())
         rec.request_id = request[REQUEST_ID]
         rec.account = await self.authenticate(request)
-        upstream = self.upstreams["default"]
-        headers = request_headers(request.headers, self._drop_headers, upstream.api_key)
-        suffix = request.match_info.get("tail", "")
-        rec.upstream_started = time.perf_counter()
-        try:
-            async with self.session.get(
-                f"{upstream.base_url}/models{suffix and '/' + suffix}", headers=headers
-            ) as resp:
-                rec.upstream_first_byte = time.perf_counter()
-                body = await resp.read()
-                relayed = response_headers(resp.headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"The upstream could not be reached ({type(exc).__name__}).") from None
-        finally:
-            rec.upstream_ended = time.perf_counter()
-            rec.waited += rec.upstream_ended - rec.upstream_started
-        if resp.status in (401, 403):  # about the pooled key, whose fragments its body may quote
-            log.error("the upstream 'default' rejected the pooled provider key (HTTP %d)", resp.status)
-            raise UpstreamUnavailable(
-                f"The provider rejected the gateway's credentials (upstream 'default', HTTP {resp.status}).",
-                code="upstream_auth_failed",
-            )
-        relayed["x-request-id"] = request[REQUEST_ID]
-        return web.Response(status=resp.status, body=body, headers=relayed)
+        listed = self.prices.listing()
+        headers = {"x-request-id": request[REQUEST_ID]}
+        model_id = request.match_info.get("id")
+        if model_id is None:
+            return web.json_response({"object": "list", "data": listed}, headers=headers)
+        for entry in listed:
+            if entry["id"] == model_id:
+                return web.json_response(entry, headers=headers)
+        raise NotFound(f"The model {model_id!r} does not exist.", param="model", code="model_not_found")

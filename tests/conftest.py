@@ -333,7 +333,7 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve_process(env: dict[str, str], cwd: Path) -> AsyncIterator[tuple[Served, str]]:
+async def serve_process(env: dict[str, str], cwd: Path, *args: str) -> AsyncIterator[tuple[Served, str]]:
     """Run ``creditgate serve`` with `env` (use clean_env, CREDITGATE_PORT=0); yields it and its base URL
     once it listens. Killed on the way out if a test left it running."""
     proc = await asyncio.create_subprocess_exec(
@@ -341,6 +341,7 @@ async def serve_process(env: dict[str, str], cwd: Path) -> AsyncIterator[tuple[S
         "-m",
         "sidecar",
         "serve",
+        *args,
         env=env,
         cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,

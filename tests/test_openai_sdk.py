@@ -172,10 +172,12 @@ async def test_retries_are_visible_to_the_request_counter(counted: Counted, upst
     assert (state["balance"], state["held"]) == (START, 0)
 
 
-async def test_models_list_passes_through(counted: Counted) -> None:
+async def test_models_list_is_the_price_table(counted: Counted, upstream: Upstream) -> None:
     sc = counted.sidecar
     _, key = await sc.account(0)
     async with sdk(sc, key) as client:
         models = await client.models.list()
-    assert [m.id for m in models.data] == ["gpt-4o-mini"]
+    aliases = [a for m in sc.settings.models.values() for a in m.aliases]
+    assert [m.id for m in models.data] == [*sc.settings.models, *aliases]
     assert counted.seen.count("GET /v1/models") == 1
+    assert upstream.calls() == 0

@@ -88,7 +88,6 @@ async def test_no_secret_reaches_a_log_line_or_an_error_body(
         echo = {**auth, "x-demo-echo-auth": "1"}
         assert await call("POST", "/v1/chat/completions", data=chat, headers=echo) == 502
         assert await call("POST", "/v1/chat/completions", data=streamed, headers=echo) == 502
-        # (/v1/models forwards only the built-in allow-list, not the x-demo-* steering: not provoked there.)
         assert (
             await call("POST", "/v1/chat/completions", data=chat, headers={**auth, "x-demo-status": "401"})
             == 502

@@ -17,15 +17,27 @@ from redis.asyncio import Redis
 from sidecar.app import PROXY
 from sidecar.keys import KeySpace
 
-from .conftest import ADMIN_TOKEN, Served, SidecarFactory, clean_env, new_key_prefix, serve_process
+from .conftest import (
+    ADMIN_TOKEN,
+    Served,
+    SidecarFactory,
+    Upstream,
+    clean_env,
+    new_key_prefix,
+    serve_process,
+)
 from .test_proxy import HELLO, MODELS, post
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def serve_env(redis_url: str, database_url: str, prefix: str, grace: str) -> dict[str, str]:
-    # No upstream configured: `serve` starts its built-in demo upstream (the slow streams below).
+def serve_env(
+    redis_url: str, database_url: str, prefix: str, grace: str, upstream: Upstream
+) -> dict[str, str]:
+    # The demo upstream on a port of its own gives the slow streams below.
     return clean_env(
+        CREDITGATE_UPSTREAM_URL=upstream.url,
+        CREDITGATE_UPSTREAM_API_KEY="sk-test",
         CREDITGATE_REDIS_URL=redis_url,
         CREDITGATE_DATABASE_URL=database_url,
         CREDITGATE_KEY_PREFIX=prefix,
@@ -33,6 +45,7 @@ def serve_env(redis_url: str, database_url: str, prefix: str, grace: str) -> dic
         CREDITGATE_ADMIN_TOKEN=ADMIN_TOKEN,
         CREDITGATE_SHUTDOWN_GRACE_SECONDS=grace,
         CREDITGATE_RECONCILE_INTERVAL_SECONDS="0",
+        CREDITGATE_FORWARD_REQUEST_HEADERS="x-demo-*",  # the demo upstream's steering headers
     )
 
 
@@ -101,9 +114,14 @@ async def read_into(resp: aiohttp.ClientResponse, received: bytearray) -> None:
 
 
 async def test_sigterm_lets_a_stream_finish_within_the_grace_period(
-    redis_url: str, database_url: str, redis_client: Redis, prefix: str, tmp_path: Path
+    redis_url: str,
+    database_url: str,
+    redis_client: Redis,
+    prefix: str,
+    tmp_path: Path,
+    upstream: Upstream,
 ) -> None:
-    env = serve_env(redis_url, database_url, prefix, grace="60")
+    env = serve_env(redis_url, database_url, prefix, grace="60", upstream=upstream)
     async with serve_process(env, tmp_path) as (served, url), aiohttp.ClientSession() as session:
         account, key = await funded_key(session, url)
         resp, _, first = await start_stream(session, url, key, tokens=30, delay_ms=100)
@@ -127,9 +145,14 @@ async def test_sigterm_lets_a_stream_finish_within_the_grace_period(
 
 
 async def test_sigterm_cuts_a_stream_longer_than_the_grace_period_and_settles_it(
-    redis_url: str, database_url: str, redis_client: Redis, prefix: str, tmp_path: Path
+    redis_url: str,
+    database_url: str,
+    redis_client: Redis,
+    prefix: str,
+    tmp_path: Path,
+    upstream: Upstream,
 ) -> None:
-    env = serve_env(redis_url, database_url, prefix, grace="0.5")
+    env = serve_env(redis_url, database_url, prefix, grace="0.5", upstream=upstream)
     served: Served
     async with serve_process(env, tmp_path) as (served, url), aiohttp.ClientSession() as session:
         account, key = await funded_key(session, url)
