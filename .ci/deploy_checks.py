@@ -119,6 +119,8 @@ def check_pod(name: str, pod: dict[str, Any]) -> None:
     if len(found) != 1:
         fail(f"{name}: expected one creditgate container, found {len(found)}")
     container, is_sidecar = found[0]
+    if pod.get("enableServiceLinks") is not False:
+        fail(f"{name}: enableServiceLinks must be false (service links add CREDITGATE_* variables)")
     if is_sidecar and container.get("restartPolicy") != "Always":
         fail(f"{name}: the creditgate init container must have restartPolicy: Always (native sidecar)")
     if not is_sidecar and "restartPolicy" in container:
