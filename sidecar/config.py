@@ -94,6 +94,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Health and shutdown.
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     readiness_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    # standalone: a Deployment of its own behind a Service; sidecar: in each app pod, beside the app.
+    mode: Literal["standalone", "sidecar"] = "standalone"
+    # Whether /readyz checks Redis; unset: yes standalone, no in sidecar mode (a shared Redis blip must not
+    # take every app pod out of its Service; requests still get a 503 while Redis is gone).
+    readiness_checks_redis: bool | None = None
     # Upstreams and prices.
     upstream_url: str | None = None
     upstream_api_key: str | None = None
@@ -136,6 +141,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 base_url=self.upstream_url or "https://api.openai.com/v1", api_key=self.upstream_api_key
             )
         return table
+
+    @property
+    def readiness_redis(self) -> bool:
+        """Whether /readyz checks Redis: `readiness_checks_redis`, or by `mode` when it is unset."""
+        if self.readiness_checks_redis is not None:
+            return self.readiness_checks_redis
+        return self.mode == "standalone"
 
     @property
     def demo_upstream(self) -> bool:

@@ -1,16 +1,22 @@
-"""Running under Kubernetes: the service-link variables it injects into every pod are not settings."""
+"""Running under Kubernetes: service-link variables are not settings; readiness by mode."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
+from sidecar.app import SERVICES
 from sidecar.config import load_settings, service_links
 from sidecar.errors import ConfigError
+from sidecar.health import READINESS
+from sidecar.keys import KeySpace
+from sidecar.ledger import RedisLedger
 
-from .conftest import clean_env, new_key_prefix, serve_process
+from .conftest import SidecarFactory, clean_env, new_key_prefix, serve_process
 
 # Exactly what the kubelet injects for a Service named creditgate (port 8080, named "http") and one
 # named creditgate-ops (port 9090, named "ops").
@@ -78,3 +84,48 @@ async def test_serve_starts_with_the_service_links_of_its_namespace(
         assert "CREDITGATE_SERVICE_HOST" in served.log
         assert "Unknown setting" not in served.log
         assert await served.stop() == 0
+
+
+DEAD_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "checks_redis"),
+    [
+        ({}, True),  # standalone: today's Redis check
+        ({"mode": "standalone"}, True),
+        ({"mode": "sidecar"}, False),  # a shared Redis blip must not empty every app's Service
+        ({"mode": "sidecar", "readiness_checks_redis": True}, True),
+        ({"mode": "standalone", "readiness_checks_redis": False}, False),
+    ],
+)
+async def test_readiness_checks_redis_by_mode(
+    make_sidecar: SidecarFactory, overrides: dict[str, Any], checks_redis: bool
+) -> None:
+    sc = await make_sidecar(readiness_grace_seconds=0, models={"tm": {"prompt": "0.001"}}, **overrides)
+    _, key = await sc.account(1_000_000)
+    dead = Redis.from_url(DEAD_REDIS, socket_connect_timeout=1, retry_on_error=[])
+    try:
+        sc.client.app[READINESS].ledger = RedisLedger(dead, KeySpace("x:", 16), settled_marker_ms=1000)
+        accounts = sc.client.app[SERVICES].accounts
+        accounts.redis = dead
+        first = await sc.client.get("/readyz")  # the first failing check opens the (zero) grace window
+        assert first.status == 200
+        resp = await sc.client.get("/readyz")
+        assert resp.status == (503 if checks_redis else 200), await resp.text()
+        # either way a request that needs Redis gets a 503 while it is gone
+        chat = await sc.client.post(
+            "/v1/chat/completions",
+            json={"model": "tm", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert chat.status == 503
+    finally:
+        await dead.aclose()
+
+
+def test_mode_is_validated() -> None:
+    assert load_settings(environ={"CREDITGATE_MODE": "sidecar"}).readiness_redis is False
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"CREDITGATE_MODE": "daemonset"})
+    assert caught.value.param == "mode"
