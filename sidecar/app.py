@@ -189,7 +189,9 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
             flusher = svc.flusher()
             app[FLUSHER] = flusher
             drift = app[DRIFT] = DriftState()
-            app[READINESS] = Readiness(svc.ledger, settings.readiness_grace_seconds)
+            app[READINESS] = Readiness(
+                svc.ledger, settings.readiness_grace_seconds, checks_redis=settings.readiness_redis
+            )
             svc.ledger.on_script = metrics.observe_script
             flusher.on_batch = metrics.observe_flush
             metrics.sources.holds_active = lambda: len(proxy.in_flight)

@@ -19,7 +19,7 @@ from aiohttp import web
 from . import __version__
 from .admin import MONEY_IN_KINDS, grant_amount
 from .app import Services, create_app, services
-from .config import Settings, load_settings
+from .config import Settings, load_settings, service_links
 from .demo import create_demo_upstream
 from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import CreditgateError, format_credits
@@ -86,6 +86,9 @@ async def _until_signalled() -> None:
 
 
 async def _serve(settings: Settings, on_ready: Callable[[str], Awaitable[None]] | None = None) -> None:
+    links = service_links()
+    if links:  # Kubernetes service links (enableServiceLinks): not settings, so not read
+        log.info("ignoring %d Kubernetes service-link variables: %s", len(links), ", ".join(links))
     if log.isEnabledFor(logging.DEBUG):  # every setting in effect (the log redacts the secrets among them)
         log.debug("settings in effect: %s", msgspec.json.encode(settings).decode())
     async with contextlib.AsyncExitStack() as stack:

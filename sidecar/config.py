@@ -107,6 +107,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Health and shutdown.
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     readiness_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    # standalone: a Deployment of its own behind a Service; sidecar: in each app pod, beside the app.
+    mode: Literal["standalone", "sidecar"] = "standalone"
+    # Whether /readyz checks Redis; unset: yes standalone, no in sidecar mode (a shared Redis blip must not
+    # take every app pod out of its Service; requests still get a 503 while Redis is gone).
+    readiness_checks_redis: bool | None = None
     # Upstreams and prices.
     upstream_url: str | None = None
     upstream_api_key: str | None = None
@@ -161,6 +166,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return table
 
     @property
+    def readiness_redis(self) -> bool:
+        """Whether /readyz checks Redis: `readiness_checks_redis`, or by `mode` when it is unset."""
+        if self.readiness_checks_redis is not None:
+            return self.readiness_checks_redis
+        return self.mode == "standalone"
+
+    @property
     def demo_upstream(self) -> bool:
         """True when no provider is configured: `serve` then starts the built-in demo upstream."""
         return self.upstream_url is None and self.upstream_api_key is None and not self.upstreams
@@ -171,6 +183,32 @@ _STRUCTURED = {"models", "upstreams"}
 _LISTS = {"cache_routes", "forward_request_headers", "relay_response_headers"}
 
 
+# Kubernetes injects docker-style "service links" into every pod for each Service in the namespace: for a
+# Service named creditgate (or creditgate-x) they start with CREDITGATE_ and one, CREDITGATE_PORT, has the
+# name of a real setting. They are recognised by name or by their tcp://host:port value and ignored.
+_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://[^/\s]+:[0-9]+$")
+_LINK_NAME = re.compile(
+    r"^(?:[a-z0-9_]+_)?(?:service_host|service_port(?:_[a-z0-9_]+)?|port_[0-9]+_(?:tcp|udp|sctp)"
+    r"(?:_addr|_port|_proto)?)$"
+)
+
+
+def service_links(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The CREDITGATE_* variables that are Kubernetes service links, not settings (ignored by the loader)."""
+    environ = os.environ if environ is None else environ
+    return sorted(
+        name
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX) and _is_service_link(name[len(ENV_PREFIX) :].lower(), value)
+    )
+
+
+def _is_service_link(field: str, value: str) -> bool:
+    if _LINK_VALUE.match(value.strip()):
+        return True  # no setting takes a tcp:// value: CREDITGATE_PORT=tcp://10.96.0.12:8080 is a link
+    return field not in Settings.__struct_fields__ and bool(_LINK_NAME.match(field))
+
+
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     known = set(Settings.__struct_fields__)
     raw: dict[str, Any] = {}
@@ -178,6 +216,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         field = name[len(ENV_PREFIX) :].lower()
+        if _is_service_link(field, value):
+            continue
         if field not in known:
             raise ConfigError(f"Unknown setting {name}.", param=name)
         if field in _STRUCTURED or (field in _LISTS and value.lstrip().startswith("[")):

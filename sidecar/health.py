@@ -5,7 +5,8 @@ dependency's trouble never gets the pod restarted. ``/readyz`` checks that Redis
 the money scripts (reloading them if Redis forgot them, e.g. after a restart), within a short timeout.
 A blip does not take the pod out of its Service: it reports not-ready only once Redis has been failing
 for longer than ``readiness_grace_seconds`` (meanwhile requests that need Redis get a 503 each). From
-shutdown on it reports not-ready.
+shutdown on it reports not-ready. In sidecar mode (``readiness_checks_redis`` unset or false) it reports
+the process only, so that a blip of the shared Redis does not take every app pod out of its Service.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ CHECK_TIMEOUT = 1.0  # seconds one readiness check may take
 
 
 class Readiness:
-    def __init__(self, ledger: RedisLedger, grace_seconds: float) -> None:
+    def __init__(self, ledger: RedisLedger, grace_seconds: float, checks_redis: bool = True) -> None:
         self.ledger = ledger
+        self.checks_redis = checks_redis
         self.grace = grace_seconds
         self.failing_since: float | None = None
         self.stopping = False
@@ -35,6 +37,8 @@ class Readiness:
         """(ready, reason)."""
         if self.stopping:
             return False, "shutting down"
+        if not self.checks_redis:
+            return True, "ok (Redis not checked: readiness_checks_redis is off)"
         try:
             async with asyncio.timeout(CHECK_TIMEOUT):
                 if self.ledger.pipeline is not None:  # the request path's own connection answers too

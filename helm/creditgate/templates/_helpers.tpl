@@ -98,6 +98,8 @@ ports:
 env:
   - name: CREDITGATE_CONFIG
     value: /etc/creditgate/config.yaml
+  - name: CREDITGATE_MODE
+    value: {{ .Values.mode | quote }}
   - name: CREDITGATE_HOST
     value: "0.0.0.0"
   - name: CREDITGATE_PORT
