@@ -93,7 +93,7 @@ WITH barrier AS (SELECT pg_advisory_xact_lock_shared({LEDGER_BARRIER})), inserte
     RETURNING account_id, amount
 )
 UPDATE accounts AS a SET balance = a.balance + d.delta
-FROM (SELECT account_id, sum(amount) AS delta FROM inserted GROUP BY account_id) AS d
+FROM (SELECT account_id, sum(amount) AS delta FROM inserted GROUP BY account_id ORDER BY account_id) AS d
 WHERE a.id = d.account_id
 """
 
@@ -220,9 +220,23 @@ class Store:
         """Write a batch of usage rows in one transaction; request ids already present are skipped, so a
         replayed batch changes nothing. Accounts the ledger has not seen yet (Redis rebuilt from an older
         backup, say) are added first, so one unknown account cannot block the batch."""
-        columns = [list(column) for column in zip(*rows, strict=True)]
+        # Rows in (account, request id) order, so concurrent batches lock index entries and account rows
+        # in one order; a deadlock Postgres still detects (it aborts one of the two statements, which
+        # changed nothing) is retried: the insert is idempotent.
+        ordered = sorted(rows, key=lambda row: (row[1], row[0]))
+        columns = [list(column) for column in zip(*ordered, strict=True)]
         if not columns:
             return
+        for attempt in range(5):
+            try:
+                await self._insert_usage(columns)
+                return
+            except asyncpg.DeadlockDetectedError:
+                if attempt == 4:
+                    raise
+                log.warning("a usage batch deadlocked with another; retrying it")
+
+    async def _insert_usage(self, columns: list[list[Any]]) -> None:
         try:
             await self.pool.execute(_INSERT_USAGE, *columns)
         except asyncpg.ForeignKeyViolationError:
