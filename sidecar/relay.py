@@ -52,7 +52,7 @@ async def relay_stream(
     """Relay the stream; returns the response and, with `capture`, the whole stream as the upstream sent
     it when it ran to its end with usage and fits `capture_bytes` (else None)."""
     response = web.StreamResponse(status=200, headers=headers)
-    reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk)
+    reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk, kind=ex.route.kind)
     captured: list[bytes] | None = [] if capture else None  # None once it no longer fits
     captured_size = 0
     complete: bytes | None = None

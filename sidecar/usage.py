@@ -10,20 +10,28 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 from .pricing import Usage
 
+# Token counts as upstreams send them: some (LiteLLM, vLLM) send JSON floats such as ``11.0``. An
+# integral float is that integer; a non-integral one is rounded up (the safe billing choice: never charge
+# less than the upstream reported); a negative or absurd one (above MAX_TOKENS) voids the usage.
+_Count = int | float | None
+MAX_TOKENS = 10**12
+
 
 class _Details(msgspec.Struct):
-    cached_tokens: int | None = 0
+    cached_tokens: _Count = 0
 
 
 class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = 0
-    input_tokens: int | None = None
-    output_tokens: int | None = 0
+    prompt_tokens: _Count = None
+    completion_tokens: _Count = 0
+    input_tokens: _Count = None
+    output_tokens: _Count = 0
     prompt_tokens_details: _Details | None = None
     input_tokens_details: _Details | None = None
 
@@ -41,15 +49,28 @@ class _Usage(msgspec.Struct):
         return None
 
 
-def _checked(prompt: int, completion: int, cached: int | None) -> Usage | None:
-    if prompt < 0 or completion < 0 or (cached or 0) < 0:
+def _count(value: int | float) -> int | None:
+    """A token count as an integer (non-integral floats rounded up), or None when negative or absurd."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        value = math.ceil(value)
+    return value if 0 <= value <= MAX_TOKENS else None
+
+
+def _checked(prompt: int | float, completion: int | float, cached: int | float | None) -> Usage | None:
+    p, c, k = _count(prompt), _count(completion), _count(cached or 0)
+    if p is None or c is None or k is None:
         return None
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached or 0)
+    return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=k)
 
 
 class _Body(msgspec.Struct):
     usage: _Usage | None = None
-    choices: list[msgspec.Raw] | None = None
+    choices: msgspec.Raw = msgspec.Raw(b"null")  # not typed: billing only asks whether it is empty
+
+    def no_choices(self) -> bool:
+        return bytes(self.choices).replace(b" ", b"") in (b"[]", b"null")
 
 
 class _ResponseEvent(msgspec.Struct):
@@ -89,8 +110,9 @@ class SSEReader:
     recorded but not returned.
     """
 
-    def __init__(self, *, strip_usage_chunk: bool = False) -> None:
+    def __init__(self, *, strip_usage_chunk: bool = False, kind: str = "chat") -> None:
         self._buffer = b""
+        self.responses = kind == "responses"  # the decoder is chosen by route, never by the content
         self.strip_usage_chunk = strip_usage_chunk
         self.usage: Usage | None = None
         self.data_events = 0  # events carrying data other than [DONE]: about one token each
@@ -111,8 +133,11 @@ class SSEReader:
         return events
 
     def flush(self) -> bytes:
-        """Whatever is left unterminated when the stream ends (relayed as is)."""
+        """Whatever is left unterminated when the stream ends: read for usage like any event, and
+        relayed as is (unless it is a withheld usage chunk)."""
         rest, self._buffer = self._buffer, b""
+        if rest and not self._watch(rest):
+            return b""
         return rest
 
     def _watch(self, event: bytes) -> bool:
@@ -125,7 +150,7 @@ class SSEReader:
         self.data_events += 1
         if b'"usage"' not in data:
             return True
-        if b"response." in data:
+        if self.responses:
             try:
                 parsed = _event_decoder.decode(data)
             except msgspec.MsgspecError:
@@ -142,7 +167,7 @@ class SSEReader:
             return True
         self.usage = chunk.usage.to_usage() or self.usage
         self.data_events -= 1  # the usage chunk carries no tokens of its own
-        return not (self.strip_usage_chunk and not chunk.choices)
+        return not (self.strip_usage_chunk and chunk.no_choices())
 
 
 def _event_end(buffer: bytes, start: int) -> int:
