@@ -106,7 +106,10 @@ async def relay_stream(
                         client_gone = True
                     rec.waited += perf() - now  # a slow client's time is not ours either
                 if client_gone:
-                    if reader.usage is not None:
+                    # Drain to the end ([DONE], the final Responses event, EOF or the deadline), keeping
+                    # the last usage seen: some upstreams (vLLM's continuous_usage_stats) send a
+                    # cumulative usage on every chunk, so the first one seen is not the final one.
+                    if reader.done:
                         break
                     if drain_until is None:
                         drain_until = asyncio.get_running_loop().time() + policy.drain_seconds

@@ -70,7 +70,43 @@ class _Body(msgspec.Struct):
     choices: msgspec.Raw = msgspec.Raw(b"null")  # not typed: billing only asks whether it is empty
 
     def no_choices(self) -> bool:
-        return bytes(self.choices).replace(b" ", b"") in (b"[]", b"null")
+        """True when no choice carries content, tool calls, a finish reason or logprobs (LiteLLM's usage
+        chunk has ``choices: [{"index":0,"delta":{}}]``): a chunk the client would not miss."""
+        raw = bytes(self.choices)
+        if raw.replace(b" ", b"") in (b"[]", b"null"):
+            return True
+        try:
+            choices = _choices_decoder.decode(raw)
+        except msgspec.MsgspecError:
+            return False  # an unexpected shape: relay it rather than guess
+        return not any(choice.carries() for choice in choices)
+
+
+class _Delta(msgspec.Struct):
+    content: object = None
+    tool_calls: object = None
+    function_call: object = None
+    refusal: object = None
+    reasoning_content: object = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    message: _Delta | None = None
+    text: object = None
+    finish_reason: object = None
+    logprobs: object = None
+
+    def carries(self) -> bool:
+        parts = [self.text, self.finish_reason, self.logprobs]
+        for delta in (self.delta, self.message):
+            if delta is not None:
+                parts += [delta.content, delta.tool_calls, delta.function_call, delta.refusal]
+                parts.append(delta.reasoning_content)
+        return any(part not in (None, "", [], {}) for part in parts)
+
+
+_choices_decoder = msgspec.json.Decoder(list[_Choice])
 
 
 class _ResponseEvent(msgspec.Struct):
@@ -116,6 +152,7 @@ class SSEReader:
         self.strip_usage_chunk = strip_usage_chunk
         self.usage: Usage | None = None
         self.data_events = 0  # events carrying data other than [DONE]: about one token each
+        self.done = False  # [DONE] or the Responses final event seen: no later usage to wait for
 
     def feed(self, chunk: bytes) -> list[bytes]:
         buffer = self._buffer + chunk if self._buffer else chunk
@@ -145,7 +182,10 @@ class SSEReader:
         if b"data:" not in event:
             return True
         data = split_event(event)
-        if not data or data == b"[DONE]":
+        if not data:
+            return True
+        if data == b"[DONE]":
+            self.done = True
             return True
         self.data_events += 1
         if b'"usage"' not in data:
@@ -158,6 +198,7 @@ class SSEReader:
             if parsed.type in ("response.completed", "response.incomplete") and parsed.response is not None:
                 usage = parsed.response.usage
                 self.usage = usage.to_usage() if usage else self.usage
+                self.done = True
             return True
         try:
             chunk = _body_decoder.decode(data)

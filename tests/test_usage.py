@@ -64,7 +64,10 @@ def test_reader_strips_only_the_usage_chunk_it_was_asked_to() -> None:
 
 
 def test_a_usage_chunk_that_also_carries_choices_is_kept() -> None:
-    both = b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    both = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}],'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    )
     reader = SSEReader(strip_usage_chunk=True)
     assert reader.feed(both) == [both]
     assert reader.usage == Usage(1, 1)
@@ -250,3 +253,45 @@ def test_usage_read_from_real_upstream_streams(kind: str, stream: bytes, expecte
 )
 def test_usage_from_real_upstream_bodies(body: bytes, expected: Usage | None) -> None:
     assert usage_from_body(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("stream", "withheld"),
+    [
+        (LITELLM_USAGE, True),  # LiteLLM: a usage chunk with an empty delta is the sidecar's to withhold
+        (b'data: {"choices":[{"index":0,"delta":{"content":""}}],"usage":{"prompt_tokens":1}}\n\n', True),
+        (LAST_CHUNK, False),  # content and usage: relayed, usage still recorded
+        (
+            b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":1}}\n\n',
+            False,
+        ),
+        (
+            b'data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}],"usage":{"prompt_tokens":1}}\n\n',
+            False,
+        ),
+        (b'data: {"choices":[{"text":"hi"}],"usage":{"prompt_tokens":1}}\n\n', False),
+        (b'data: {"choices":"??","usage":{"prompt_tokens":1}}\n\n', False),
+    ],
+)
+def test_a_usage_chunk_carrying_nothing_is_withheld(stream: bytes, withheld: bool) -> None:
+    reader = SSEReader(strip_usage_chunk=True)
+    assert reader.feed(stream) == ([] if withheld else [stream])
+    assert reader.usage is not None
+
+
+def test_the_reader_knows_the_stream_is_done_only_at_done() -> None:
+    # vLLM with continuous_usage_stats: a cumulative usage on every chunk; the last one is the bill.
+    reader = SSEReader()
+    reader.feed(
+        b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":5,"completion_tokens":0}}\n\n'
+    )
+    assert reader.usage == Usage(5, 0)
+    assert not reader.done
+    reader.feed(
+        b'data: {"choices":[{"delta":{"content":"b"}}],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+    )
+    assert reader.usage == Usage(5, 2)
+    assert not reader.done
+    reader.feed(b"data: [DONE]\n\n")
+    assert reader.done
