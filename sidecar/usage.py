@@ -213,7 +213,7 @@ class SSEReader:
 
 def _event_end(buffer: bytes, start: int) -> int:
     r"""Index just past the blank line that ends the event starting at ``start``, or -1: the earliest end
-    of a "\n\n", "\r\n\r\n" or "\r\r"."""
+    of a "\n\n", "\r\n\r\n", "\n\r\n" or "\r\r"."""
     end = buffer.find(b"\n\n", start)
     # The common case: no "\r" before that "\n\n" (or at all, without one), so no other terminator can
     # end first.
@@ -223,8 +223,9 @@ def _event_end(buffer: bytes, start: int) -> int:
     # Otherwise the other two, searched from that "\r" and only as far as the best end found so far.
     best = end + 2 if end >= 0 else len(buffer)
     found = end >= 0
-    for terminator in (b"\r\n\r\n", b"\r\r"):
-        index = buffer.find(terminator, first_cr, best)
+    # "\n\r\n" is a line ended by LF (or CRLF: it covers "\r\n\r\n") and a blank line ended by CRLF.
+    for terminator in (b"\n\r\n", b"\r\r"):
+        index = buffer.find(terminator, max(first_cr - 1, start), best)
         if index >= 0:
             best, found = index + len(terminator), True
     return best if found else -1

@@ -295,3 +295,22 @@ def test_the_reader_knows_the_stream_is_done_only_at_done() -> None:
     assert not reader.done
     reader.feed(b"data: [DONE]\n\n")
     assert reader.done
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\r\n'
+        + b"data: [DONE]\n\r\n",
+        b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\r\n\r\n'
+        + b"data: [DONE]\n\n",
+        b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\r\r' + b"data: [DONE]\r\n\n",
+        b': ping\n\r\ndata:{"choices":[],\ndata:"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\r\n',
+    ],
+)
+def test_lf_lines_with_a_crlf_blank_line_end_the_event(stream: bytes) -> None:
+    for size in range(1, len(stream) + 1):
+        reader = SSEReader()
+        relayed = feed_in(reader, stream, size)
+        assert b"".join(relayed) == stream  # every event ended: nothing left for flush
+        assert reader.usage == Usage(2, 1)
