@@ -10,56 +10,66 @@
 
 from __future__ import annotations
 
-import math
+import decimal
 
 import msgspec
 
 from .pricing import Usage
 
-# Token counts as upstreams send them: some (LiteLLM, vLLM) send JSON floats such as ``11.0``. An
-# integral float is that integer; a non-integral one is rounded up (the safe billing choice: never charge
-# less than the upstream reported); a negative or absurd one (above MAX_TOKENS) voids the usage.
-_Count = int | float | None
+# Token counts as upstreams send them, kept raw and read exactly (as decimals, never as floats): some
+# (LiteLLM, vLLM) send JSON numbers such as ``11.0``. An integral number is that integer; a non-integral
+# one is rounded up (the safe billing choice: never charge less than the upstream reported); a negative,
+# absurd (above MAX_TOKENS) or non-numeric one voids the usage.
 MAX_TOKENS = 10**12
+_NULL = msgspec.Raw(b"null")
+_ZERO = msgspec.Raw(b"0")
 
 
 class _Details(msgspec.Struct):
-    cached_tokens: _Count = 0
+    cached_tokens: msgspec.Raw = _ZERO
 
 
 class _Usage(msgspec.Struct):
-    prompt_tokens: _Count = None
-    completion_tokens: _Count = 0
-    input_tokens: _Count = None
-    output_tokens: _Count = 0
+    prompt_tokens: msgspec.Raw = _NULL
+    completion_tokens: msgspec.Raw = _ZERO
+    input_tokens: msgspec.Raw = _NULL
+    output_tokens: msgspec.Raw = _ZERO
     prompt_tokens_details: _Details | None = None
     input_tokens_details: _Details | None = None
 
     def to_usage(self) -> Usage | None:
-        if self.prompt_tokens is not None:
+        if bytes(self.prompt_tokens) != b"null":
             details = self.prompt_tokens_details
             return _checked(
-                self.prompt_tokens, self.completion_tokens or 0, details.cached_tokens if details else 0
+                self.prompt_tokens, self.completion_tokens, details.cached_tokens if details else _ZERO
             )
-        if self.input_tokens is not None:
+        if bytes(self.input_tokens) != b"null":
             details = self.input_tokens_details
             return _checked(
-                self.input_tokens, self.output_tokens or 0, details.cached_tokens if details else 0
+                self.input_tokens, self.output_tokens, details.cached_tokens if details else _ZERO
             )
         return None
 
 
-def _count(value: int | float) -> int | None:
-    """A token count as an integer (non-integral floats rounded up), or None when negative or absurd."""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        value = math.ceil(value)
-    return value if 0 <= value <= MAX_TOKENS else None
+def _count(raw: msgspec.Raw) -> int | None:
+    """A token count as an integer (non-integral ones rounded up; null is 0), or None when it is
+    negative, absurd or not a number."""
+    text = bytes(raw)
+    if text == b"null":
+        return 0
+    if not text or text[0] not in b"-0123456789":  # strings, objects, booleans
+        return None
+    try:
+        value = decimal.Decimal(text.decode())
+    except (decimal.InvalidOperation, UnicodeDecodeError):
+        return None
+    if not value.is_finite() or value < 0 or value > MAX_TOKENS:
+        return None
+    return int(value.to_integral_value(rounding=decimal.ROUND_CEILING))
 
 
-def _checked(prompt: int | float, completion: int | float, cached: int | float | None) -> Usage | None:
-    p, c, k = _count(prompt), _count(completion), _count(cached or 0)
+def _checked(prompt: msgspec.Raw, completion: msgspec.Raw, cached: msgspec.Raw) -> Usage | None:
+    p, c, k = _count(prompt), _count(completion), _count(cached)
     if p is None or c is None or k is None:
         return None
     return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=k)
