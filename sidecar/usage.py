@@ -55,6 +55,9 @@ def _count(raw: msgspec.Raw) -> int | None:
     """A token count as an integer (non-integral ones rounded up; null is 0), or None when it is
     negative, absurd or not a number."""
     text = bytes(raw)
+    if text.isdigit():  # the common case: a plain JSON integer
+        count = int(text)
+        return count if count <= MAX_TOKENS else None
     if text == b"null":
         return 0
     if not text or text[0] not in b"-0123456789":  # strings, objects, booleans
