@@ -310,7 +310,7 @@ class Proxy:
         if not entry.stream:
             return web.Response(status=200, body=entry.body, headers=headers)
         # Replay the upstream's events in their framing, minus the usage chunk unless this client asked.
-        reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk)
+        reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk, kind=ex.route.kind)
         events = b"".join(reader.feed(entry.body)) + reader.flush()
         response = web.StreamResponse(status=200, headers=headers)
         with contextlib.suppress(ConnectionError):

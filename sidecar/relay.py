@@ -48,7 +48,7 @@ async def relay_stream(
     """Relay the stream; returns the response and, with `capture`, the whole stream as the upstream sent
     it when it ran to its end with usage and fits `capture_bytes` (else None)."""
     response = web.StreamResponse(status=200, headers=headers)
-    reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk)
+    reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk, kind=ex.route.kind)
     captured: list[bytes] | None = [] if capture else None  # None once it no longer fits
     captured_size = 0
     complete: bytes | None = None
@@ -92,7 +92,10 @@ async def relay_stream(
                         client_gone = True
                     rec.waited += perf() - now  # a slow client's time is not ours either
                 if client_gone:
-                    if reader.usage is not None:
+                    # Drain to the end ([DONE], the final Responses event, EOF or the deadline), keeping
+                    # the last usage seen: some upstreams (vLLM's continuous_usage_stats) send a
+                    # cumulative usage on every chunk, so the first one seen is not the final one.
+                    if reader.done:
                         break
                     if drain_until is None:
                         drain_until = asyncio.get_running_loop().time() + policy.drain_seconds

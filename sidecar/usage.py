@@ -10,46 +10,116 @@
 
 from __future__ import annotations
 
+import decimal
+
 import msgspec
 
 from .pricing import Usage
 
+# Token counts as upstreams send them, kept raw and read exactly (as decimals, never as floats): some
+# (LiteLLM, vLLM) send JSON numbers such as ``11.0``. An integral number is that integer; a non-integral
+# one is rounded up (the safe billing choice: never charge less than the upstream reported); a negative,
+# absurd (above MAX_TOKENS) or non-numeric one voids the usage.
+MAX_TOKENS = 10**12
+_NULL = msgspec.Raw(b"null")
+_ZERO = msgspec.Raw(b"0")
+
 
 class _Details(msgspec.Struct):
-    cached_tokens: int | None = 0
+    cached_tokens: msgspec.Raw = _ZERO
 
 
 class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = 0
-    input_tokens: int | None = None
-    output_tokens: int | None = 0
+    prompt_tokens: msgspec.Raw = _NULL
+    completion_tokens: msgspec.Raw = _ZERO
+    input_tokens: msgspec.Raw = _NULL
+    output_tokens: msgspec.Raw = _ZERO
     prompt_tokens_details: _Details | None = None
     input_tokens_details: _Details | None = None
 
     def to_usage(self) -> Usage | None:
-        if self.prompt_tokens is not None:
+        if bytes(self.prompt_tokens) != b"null":
             details = self.prompt_tokens_details
             return _checked(
-                self.prompt_tokens, self.completion_tokens or 0, details.cached_tokens if details else 0
+                self.prompt_tokens, self.completion_tokens, details.cached_tokens if details else _ZERO
             )
-        if self.input_tokens is not None:
+        if bytes(self.input_tokens) != b"null":
             details = self.input_tokens_details
             return _checked(
-                self.input_tokens, self.output_tokens or 0, details.cached_tokens if details else 0
+                self.input_tokens, self.output_tokens, details.cached_tokens if details else _ZERO
             )
         return None
 
 
-def _checked(prompt: int, completion: int, cached: int | None) -> Usage | None:
-    if prompt < 0 or completion < 0 or (cached or 0) < 0:
+def _count(raw: msgspec.Raw) -> int | None:
+    """A token count as an integer (non-integral ones rounded up; null is 0), or None when it is
+    negative, absurd or not a number."""
+    text = bytes(raw)
+    if text.isdigit():  # the common case: a plain JSON integer
+        count = int(text)
+        return count if count <= MAX_TOKENS else None
+    if text == b"null":
+        return 0
+    if not text or text[0] not in b"-0123456789":  # strings, objects, booleans
         return None
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached or 0)
+    try:
+        value = decimal.Decimal(text.decode())
+    except (decimal.InvalidOperation, UnicodeDecodeError):
+        return None
+    if not value.is_finite() or value < 0 or value > MAX_TOKENS:
+        return None
+    return int(value.to_integral_value(rounding=decimal.ROUND_CEILING))
+
+
+def _checked(prompt: msgspec.Raw, completion: msgspec.Raw, cached: msgspec.Raw) -> Usage | None:
+    p, c, k = _count(prompt), _count(completion), _count(cached)
+    if p is None or c is None or k is None:
+        return None
+    return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=k)
 
 
 class _Body(msgspec.Struct):
     usage: _Usage | None = None
-    choices: list[msgspec.Raw] | None = None
+    choices: msgspec.Raw = msgspec.Raw(b"null")  # not typed: billing only asks whether it is empty
+
+    def no_choices(self) -> bool:
+        """True when no choice carries content, tool calls, a finish reason or logprobs (LiteLLM's usage
+        chunk has ``choices: [{"index":0,"delta":{}}]``): a chunk the client would not miss."""
+        raw = bytes(self.choices)
+        if raw.replace(b" ", b"") in (b"[]", b"null"):
+            return True
+        try:
+            choices = _choices_decoder.decode(raw)
+        except msgspec.MsgspecError:
+            return False  # an unexpected shape: relay it rather than guess
+        return not any(choice.carries() for choice in choices)
+
+
+class _Delta(msgspec.Struct):
+    content: object = None
+    tool_calls: object = None
+    function_call: object = None
+    refusal: object = None
+    reasoning_content: object = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    message: _Delta | None = None
+    text: object = None
+    finish_reason: object = None
+    logprobs: object = None
+
+    def carries(self) -> bool:
+        parts = [self.text, self.finish_reason, self.logprobs]
+        for delta in (self.delta, self.message):
+            if delta is not None:
+                parts += [delta.content, delta.tool_calls, delta.function_call, delta.refusal]
+                parts.append(delta.reasoning_content)
+        return any(part not in (None, "", [], {}) for part in parts)
+
+
+_choices_decoder = msgspec.json.Decoder(list[_Choice])
 
 
 class _ResponseEvent(msgspec.Struct):
@@ -89,11 +159,13 @@ class SSEReader:
     recorded but not returned.
     """
 
-    def __init__(self, *, strip_usage_chunk: bool = False) -> None:
+    def __init__(self, *, strip_usage_chunk: bool = False, kind: str = "chat") -> None:
         self._buffer = b""
+        self.responses = kind == "responses"  # the decoder is chosen by route, never by the content
         self.strip_usage_chunk = strip_usage_chunk
         self.usage: Usage | None = None
         self.data_events = 0  # events carrying data other than [DONE]: about one token each
+        self.done = False  # [DONE] or the Responses final event seen: no later usage to wait for
 
     def feed(self, chunk: bytes) -> list[bytes]:
         buffer = self._buffer + chunk if self._buffer else chunk
@@ -111,8 +183,11 @@ class SSEReader:
         return events
 
     def flush(self) -> bytes:
-        """Whatever is left unterminated when the stream ends (relayed as is)."""
+        """Whatever is left unterminated when the stream ends: read for usage like any event, and
+        relayed as is (unless it is a withheld usage chunk)."""
         rest, self._buffer = self._buffer, b""
+        if rest and not self._watch(rest):
+            return b""
         return rest
 
     def _watch(self, event: bytes) -> bool:
@@ -120,12 +195,15 @@ class SSEReader:
         if b"data:" not in event:
             return True
         data = split_event(event)
-        if not data or data == b"[DONE]":
+        if not data:
+            return True
+        if data == b"[DONE]":
+            self.done = True
             return True
         self.data_events += 1
         if b'"usage"' not in data:
             return True
-        if b"response." in data:
+        if self.responses:
             try:
                 parsed = _event_decoder.decode(data)
             except msgspec.MsgspecError:
@@ -133,6 +211,7 @@ class SSEReader:
             if parsed.type in ("response.completed", "response.incomplete") and parsed.response is not None:
                 usage = parsed.response.usage
                 self.usage = usage.to_usage() if usage else self.usage
+                self.done = True
             return True
         try:
             chunk = _body_decoder.decode(data)
@@ -142,12 +221,12 @@ class SSEReader:
             return True
         self.usage = chunk.usage.to_usage() or self.usage
         self.data_events -= 1  # the usage chunk carries no tokens of its own
-        return not (self.strip_usage_chunk and not chunk.choices)
+        return not (self.strip_usage_chunk and chunk.no_choices())
 
 
 def _event_end(buffer: bytes, start: int) -> int:
     r"""Index just past the blank line that ends the event starting at ``start``, or -1: the earliest end
-    of a "\n\n", "\r\n\r\n" or "\r\r"."""
+    of a "\n\n", "\r\n\r\n", "\n\r\n" or "\r\r"."""
     end = buffer.find(b"\n\n", start)
     # The common case: no "\r" before that "\n\n" (or at all, without one), so no other terminator can
     # end first.
@@ -157,8 +236,9 @@ def _event_end(buffer: bytes, start: int) -> int:
     # Otherwise the other two, searched from that "\r" and only as far as the best end found so far.
     best = end + 2 if end >= 0 else len(buffer)
     found = end >= 0
-    for terminator in (b"\r\n\r\n", b"\r\r"):
-        index = buffer.find(terminator, first_cr, best)
+    # "\n\r\n" is a line ended by LF (or CRLF: it covers "\r\n\r\n") and a blank line ended by CRLF.
+    for terminator in (b"\n\r\n", b"\r\r"):
+        index = buffer.find(terminator, max(first_cr - 1, start), best)
         if index >= 0:
             best, found = index + len(terminator), True
     return best if found else -1

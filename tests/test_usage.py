@@ -64,7 +64,10 @@ def test_reader_strips_only_the_usage_chunk_it_was_asked_to() -> None:
 
 
 def test_a_usage_chunk_that_also_carries_choices_is_kept() -> None:
-    both = b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    both = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}],'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    )
     reader = SSEReader(strip_usage_chunk=True)
     assert reader.feed(both) == [both]
     assert reader.usage == Usage(1, 1)
@@ -89,7 +92,7 @@ def test_responses_stream_usage_comes_from_the_completed_event() -> None:
         b'data: {"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":2}}}\n\n'
     )
     delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n'
-    reader = SSEReader(strip_usage_chunk=True)
+    reader = SSEReader(strip_usage_chunk=True, kind="responses")
     assert reader.feed(delta + completed) == [delta, completed]
     assert reader.usage == Usage(3, 2)
 
@@ -189,4 +192,125 @@ def test_a_terminator_split_across_chunks_waits_for_its_end(size: int) -> None:
     stream = b"data: 1\r\n\r\ndata: 2\r\r" + b"data: 3\n\ndata: tail\r\n\r"
     assert feed_in(reader, stream, size) == [b"data: 1\r\n\r\n", b"data: 2\r\r", b"data: 3\n\n"]
     assert reader.flush() == b"data: tail\r\n\r"
-    assert reader.data_events == 3
+    assert reader.data_events == 4  # the unterminated tail is read too
+
+
+LAST_CHUNK = (
+    b'data: {"choices":[{"index":0,"delta":{"content":"see response.completed"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":5,"completion_tokens":3}}\n\n'
+)
+LITELLM_USAGE = (
+    b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":11.0,"completion_tokens":4.0}}\n\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "stream", "expected"),
+    [
+        # 1. a chat chunk whose text says "response." is still a chat chunk: the route picks the decoder
+        ("chat", LAST_CHUNK, Usage(5, 3)),
+        ("completions", LAST_CHUNK, Usage(5, 3)),
+        # 3. a last event without its blank line is read at flush
+        ("chat", LAST_CHUNK[:-2], Usage(5, 3)),
+        ("chat", LAST_CHUNK[:-1], Usage(5, 3)),
+        (
+            "responses",
+            b'data: {"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":2}}}',
+            Usage(3, 2),
+        ),
+        # 4. integral floats, and choices of an unexpected shape
+        ("chat", LITELLM_USAGE, Usage(11, 4)),
+        (
+            "chat",
+            b'data: {"choices":{"odd":1},"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n',
+            Usage(2, 1),
+        ),
+        (
+            "chat",
+            b'data: {"choices":[],"usage":{"prompt_tokens":2.5,"completion_tokens":0.1}}\n\n',
+            Usage(3, 1),
+        ),
+        ("chat", b'data: {"choices":[],"usage":{"prompt_tokens":-1.0,"completion_tokens":1}}\n\n', None),
+        ("chat", b'data: {"choices":[],"usage":{"prompt_tokens":1e300,"completion_tokens":1}}\n\n', None),
+    ],
+)
+def test_usage_read_from_real_upstream_streams(kind: str, stream: bytes, expected: Usage | None) -> None:
+    for size in range(1, len(stream) + 1):
+        reader = SSEReader(kind=kind)
+        relayed = feed_in(reader, stream, size)
+        assert b"".join(relayed) + reader.flush() == stream
+        assert reader.usage == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"choices":[],"usage":{"prompt_tokens":11.0,"completion_tokens":4.0}}', Usage(11, 4)),
+        (b'{"choices":"??","usage":{"prompt_tokens":11,"completion_tokens":4}}', Usage(11, 4)),
+        (b'{"usage":{"prompt_tokens":1.5,"completion_tokens":0}}', Usage(2, 0)),
+        (b'{"usage":{"prompt_tokens":10000000000000,"completion_tokens":0}}', None),
+    ],
+)
+def test_usage_from_real_upstream_bodies(body: bytes, expected: Usage | None) -> None:
+    assert usage_from_body(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("stream", "withheld"),
+    [
+        (LITELLM_USAGE, True),  # LiteLLM: a usage chunk with an empty delta is the sidecar's to withhold
+        (b'data: {"choices":[{"index":0,"delta":{"content":""}}],"usage":{"prompt_tokens":1}}\n\n', True),
+        (LAST_CHUNK, False),  # content and usage: relayed, usage still recorded
+        (
+            b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":1}}\n\n',
+            False,
+        ),
+        (
+            b'data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}],"usage":{"prompt_tokens":1}}\n\n',
+            False,
+        ),
+        (b'data: {"choices":[{"text":"hi"}],"usage":{"prompt_tokens":1}}\n\n', False),
+        (b'data: {"choices":"??","usage":{"prompt_tokens":1}}\n\n', False),
+    ],
+)
+def test_a_usage_chunk_carrying_nothing_is_withheld(stream: bytes, withheld: bool) -> None:
+    reader = SSEReader(strip_usage_chunk=True)
+    assert reader.feed(stream) == ([] if withheld else [stream])
+    assert reader.usage is not None
+
+
+def test_the_reader_knows_the_stream_is_done_only_at_done() -> None:
+    # vLLM with continuous_usage_stats: a cumulative usage on every chunk; the last one is the bill.
+    reader = SSEReader()
+    reader.feed(
+        b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":5,"completion_tokens":0}}\n\n'
+    )
+    assert reader.usage == Usage(5, 0)
+    assert not reader.done
+    reader.feed(
+        b'data: {"choices":[{"delta":{"content":"b"}}],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+    )
+    assert reader.usage == Usage(5, 2)
+    assert not reader.done
+    reader.feed(b"data: [DONE]\n\n")
+    assert reader.done
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\r\n'
+        + b"data: [DONE]\n\r\n",
+        b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\r\n\r\n'
+        + b"data: [DONE]\n\n",
+        b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\r\r' + b"data: [DONE]\r\n\n",
+        b': ping\n\r\ndata:{"choices":[],\ndata:"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\r\n',
+    ],
+)
+def test_lf_lines_with_a_crlf_blank_line_end_the_event(stream: bytes) -> None:
+    for size in range(1, len(stream) + 1):
+        reader = SSEReader()
+        relayed = feed_in(reader, stream, size)
+        assert b"".join(relayed) == stream  # every event ended: nothing left for flush
+        assert reader.usage == Usage(2, 1)
