@@ -130,6 +130,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     admin_token: str | None = None
     auth_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     top_up_url: str | None = None
+    # A 200 whose answer reports no usage: "estimate" charges the prompt at 4 bytes per token plus the
+    # answer (4 bytes per token of a body; one token per streamed event); "free" charges nothing.
+    no_usage_charge: Literal["estimate", "free"] = "estimate"
     # Instead of a 402, lower the output limit to what the available credits afford (at least the minimum);
     # a request may ask for it with the afford_output_header.
     afford_output_limit: bool = False

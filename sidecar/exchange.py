@@ -55,12 +55,16 @@ class Exchange:
     answered: asyncio.Future[web.StreamResponse] | None = None  # the answer, for the handler to return
     fit_output: bool = False  # lower the output limit to what the balance affords instead of a 402
 
-    def estimated_usage(self) -> Usage:
-        """What a request that did not run to its end is charged without usage: the prompt at
-        DISCONNECT_ESTIMATE_BYTES_PER_TOKEN bytes per token plus one token per chunk relayed."""
+    def estimated_usage(self, answer_bytes: int | None = None) -> Usage:
+        """What a request is charged without usage: the prompt at DISCONNECT_ESTIMATE_BYTES_PER_TOKEN
+        bytes per token plus one token per chunk relayed, or, for a whole answer body of `answer_bytes`,
+        that many bytes at the same rate."""
+        completion = self.relayed_events
+        if answer_bytes is not None:
+            completion = -(-answer_bytes // DISCONNECT_ESTIMATE_BYTES_PER_TOKEN)
         return Usage(
             prompt_tokens=-(-self.body_size // DISCONNECT_ESTIMATE_BYTES_PER_TOKEN),
-            completion_tokens=self.relayed_events,
+            completion_tokens=completion,
         )
 
     def cut_timeout(self) -> asyncio.Timeout:

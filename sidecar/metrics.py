@@ -149,6 +149,12 @@ class Metrics:
         self.overdrafts = Counter(
             "creditgate_overdrafts", "Requests that cost more than their hold.", money, registry=r
         )
+        self.usage_missing = Counter(
+            "creditgate_usage_missing",
+            "200 answers that reported no usage (charged by no_usage_charge).",
+            money,
+            registry=r,
+        )
         self.backlog = Gauge("creditgate_outbox_backlog_entries", "Debits waiting in the outbox.", registry=r)
         self.oldest = Gauge(
             "creditgate_outbox_oldest_age_seconds", "Age of the oldest debit in the outbox.", registry=r
@@ -217,7 +223,9 @@ class Metrics:
             series.charged.inc(rec.charge)
         if rec.saved:
             series.saved.inc(rec.saved)
-        if rec.usage is not None and rec.cache not in ("hit", "collapsed"):  # what the upstream processed
+        if rec.outcome in ("no_usage", "no_usage_estimated"):  # rare: no cached child
+            self.usage_missing.labels(route, model).inc()
+        elif rec.usage is not None and rec.cache not in ("hit", "collapsed"):  # what the upstream processed
             cached = min(rec.usage.cached_tokens, rec.usage.prompt_tokens)
             series.prompt_tokens.inc(rec.usage.prompt_tokens - cached)
             series.cached_prompt_tokens.inc(cached)

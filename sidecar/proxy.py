@@ -90,6 +90,7 @@ class Proxy:
         self.exchanges: dict[str, Exchange] = {}  # the live ones, by request id
         self.cutting = False  # shutting down past the grace period: every exchange is cut
         self._urls: dict[tuple[str, str], URL] = {}
+        self._usage_warned: dict[tuple[str, str], float] = {}  # (upstream, model) -> last warning
         self.pending = PendingSettlements(ledger)  # settlements Redis has not taken yet
         self.stream_policy = StreamPolicy(
             drain_seconds=settings.disconnect_drain_seconds,
@@ -506,6 +507,8 @@ class Proxy:
             ex.outcome = "ok" if ex.usage else "no_usage"
             if ex.usage is not None:
                 self._keep_for_cache(ex, body, upstream, stream=False)
+            else:
+                self._missing_usage(ex, len(body))
         else:
             ex.outcome = f"upstream_{upstream.status}"
         settlement = await self._settle(ex)
@@ -531,7 +534,27 @@ class Proxy:
         )
         if complete is not None:
             self._keep_for_cache(ex, complete, upstream, stream=True)
+        if ex.outcome == "no_usage":  # the stream ran to its end without reporting usage
+            self._missing_usage(ex, None)
         return response
+
+    def _missing_usage(self, ex: Exchange, answer_bytes: int | None) -> None:
+        """A 200 that reported no usage: warned about (once a minute per upstream and model), counted by
+        the request metrics (outcome ``no_usage*``), and charged by ``no_usage_charge``."""
+        now = time.monotonic()
+        key = (ex.upstream.name, ex.price.model)
+        if self._usage_warned.get(key, -60.0) + 60 <= now:
+            self._usage_warned[key] = now
+            log.warning(
+                "the upstream %r answered %s without usage (request %s); no_usage_charge is %s",
+                ex.upstream.name,
+                ex.price.model,
+                ex.request_id,
+                self.settings.no_usage_charge,
+            )
+        if self.settings.no_usage_charge == "estimate":
+            ex.usage = ex.estimated_usage(answer_bytes)
+            ex.outcome = "no_usage_estimated"
 
     def _keep_for_cache(
         self,

@@ -209,11 +209,13 @@ async def test_failed_answers_are_never_stored(
 ) -> None:
     account, key = await priced.account(START)
     failed = await post(priced, CHAT, BODY, key, **failure)
-    assert failed.headers["x-creditgate-charged"] == "0"
+    # An error costs nothing; an answer without usage is charged the estimate (no_usage_charge).
+    estimate = int(failed.headers["x-creditgate-charged"])
+    assert (estimate > 0) == ("x-demo-no-usage" in failure)
     after = await post(priced, CHAT, BODY, key)
     assert after.headers["Cache-Status"] == "creditgate; fwd=miss; stored"
     assert upstream.calls("chat") == 2
-    assert (await priced.balance(account))["balance"] == START - CHARGE
+    assert (await priced.balance(account))["balance"] == START - CHARGE - estimate
 
 
 async def test_a_cut_stream_is_never_stored(priced: Sidecar, upstream: Upstream) -> None:

@@ -199,6 +199,9 @@ def test_exposed_metrics_are_exactly_the_dashboard_contract() -> None:
         rec.usage, rec.settled, rec.charge, rec.saved, rec.ended = Usage(3, 2, 1), True, charge, 1, 1.0
         rec.upstream_started, rec.upstream_first_byte, rec.upstream_ended = 0.1, 0.2, 0.9
         metrics.observe_request(rec)
+    missing = RequestRecord("chat", 0.0, model="m", status=200, hold=5)
+    missing.outcome, missing.ended = "no_usage_estimated", 1.0
+    metrics.observe_request(missing)
     metrics.observe_script("reserve", 1000)
     metrics.observe_flush(10, 0.01)
     exposed: dict[str, tuple[str, frozenset[str]]] = {}

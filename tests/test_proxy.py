@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
 
@@ -318,10 +319,43 @@ async def test_upstream_connection_refused_costs_nothing(make_sidecar: SidecarFa
     assert (state["balance"], state["held"]) == (10_000_000, 0)
 
 
-async def test_no_usage_costs_nothing(priced: Sidecar) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_without_usage_is_charged_the_estimate_warned_and_counted(
+    priced: Sidecar, stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream that never reports usage used to bill nothing, silently, forever."""
     account, key = await priced.account(10_000_000)
+    body = {"model": "test-model", "messages": HELLO, "stream": stream}
+    with caplog.at_level(logging.WARNING, logger="creditgate.proxy"):
+        resp = await priced.client.post(
+            "/v1/chat/completions",
+            data=msgspec.json.encode(body),
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "application/json",
+                "x-demo-no-usage": "1",
+                "x-demo-tokens": "5",
+            },
+        )
+        answer = await resp.read()
+        assert resp.status == 200
+        await settled(priced)
+    sent = len(msgspec.json.encode(body))
+    prompt = -(-sent // 4)  # the prompt at 4 bytes per token
+    # One token per relayed event, or the answer body at 4 bytes per token.
+    completion = answer.count(b'"content":"tok') if stream else -(-len(answer) // 4)
+    charge = pooled(prompt * 1000 + completion * 2000)
+    assert (await priced.balance(account))["balance"] == 10_000_000 - charge
+    assert "without usage" in caplog.text
+    metrics = await (await priced.client.get("/metrics")).text()
+    assert 'creditgate_usage_missing_total{model="test-model",route="chat"} 1.0' in metrics
+
+
+async def test_no_usage_charge_free_charges_nothing(make_sidecar: SidecarFactory) -> None:
+    sc = await make_sidecar(models=MODELS, no_usage_charge="free")
+    account, key = await sc.account(10_000_000)
     resp = await post(
-        priced,
+        sc,
         "/v1/chat/completions",
         {"model": "test-model", "messages": HELLO},
         key,
@@ -329,7 +363,7 @@ async def test_no_usage_costs_nothing(priced: Sidecar) -> None:
     )
     assert resp.status == 200
     assert resp.headers["x-creditgate-charged"] == "0"
-    assert (await priced.balance(account))["balance"] == 10_000_000
+    assert (await sc.balance(account))["balance"] == 10_000_000
 
 
 async def test_stream_cut_by_upstream_costs_nothing(priced: Sidecar) -> None:
