@@ -225,20 +225,33 @@ class SSEReader:
 
 
 def _event_end(buffer: bytes, start: int) -> int:
-    r"""Index just past the blank line that ends the event starting at ``start``, or -1: the earliest end
-    of a "\n\n", "\r\n\r\n", "\n\r\n" or "\r\r"."""
+    r"""Index just past the blank line that ends the event starting at ``start``, or -1.
+
+    Lines end in LF, CRLF or CR (the SSE spec), so an event ends where a line end is followed by an
+    empty line: "\n\n", "\n\r" or "\r\r" (a CRLF line end is covered by its LF, and a CR blank line
+    takes the LF after it, when one is there, as its CRLF: an event whose CR blank line is the last byte
+    so far waits for the next). The earliest such end wins."""
+    lead = buffer[start : start + 1]
+    if lead == b"\n":  # an empty line right after the last event's end: an empty event of its own
+        return start + 1
+    if lead == b"\r":
+        if start + 1 == len(buffer):
+            return -1
+        return start + 2 if buffer[start + 1] == 0x0A else start + 1
     end = buffer.find(b"\n\n", start)
-    # The common case: no "\r" before that "\n\n" (or at all, without one), so no other terminator can
-    # end first.
+    # The common case: no "\r" before that "\n\n" (or at all, without one), so no other end comes first.
     first_cr = buffer.find(b"\r", start, end if end >= 0 else len(buffer))
     if first_cr < 0:
         return end + 2 if end >= 0 else -1
-    # Otherwise the other two, searched from that "\r" and only as far as the best end found so far.
-    best = end + 2 if end >= 0 else len(buffer)
-    found = end >= 0
-    # "\n\r\n" is a line ended by LF (or CRLF: it covers "\r\n\r\n") and a blank line ended by CRLF.
-    for terminator in (b"\n\r\n", b"\r\r"):
+    best = end if end >= 0 else len(buffer)  # where the earliest end found so far starts
+    stop = end + 2 if end >= 0 else -1
+    for terminator in (b"\n\r", b"\r\r"):
         index = buffer.find(terminator, max(first_cr - 1, start), best)
         if index >= 0:
-            best, found = index + len(terminator), True
-    return best if found else -1
+            best, stop = index, index + 2
+    if stop >= 0 and buffer[stop - 1] == 0x0D:  # a CR blank line: its CRLF if an LF follows
+        if stop == len(buffer):
+            return -1  # not known yet: wait for the next byte (the end of the stream flushes it)
+        if buffer[stop] == 0x0A:
+            stop += 1
+    return stop
