@@ -82,6 +82,7 @@ class ResponseCache:
         self.keys = keys
         self.ttl_ms = settings.cache_ttl_seconds * 1000
         self.max_entry_bytes = settings.cache_max_entry_bytes
+        self.max_request_bytes = settings.cache_max_request_bytes
         self.routes = frozenset(settings.cache_routes)
         self.shared = settings.cache_scope == "shared"
         self.forwarded = forwarded_extra(settings)
@@ -107,6 +108,8 @@ class ResponseCache:
         them: an answer got with a caller's own key (BYOK) is kept in, and looked up from, the
         account's own scope, so no account can serve another one an answer it shaped."""
         if route_kind not in self.routes or not cacheable(route_kind, request.temperature, request.n):
+            return BYPASS
+        if len(body) > self.max_request_bytes:  # never keyed: its key would decode the whole body
             return BYPASS
         directives = client_directives(cache_control)
         if not directives.store:

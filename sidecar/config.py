@@ -153,6 +153,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cache_enabled: bool = True
     cache_ttl_seconds: PositiveInt = 3600
     cache_max_entry_bytes: PositiveInt = 1024 * 1024
+    # Larger request bodies are never cached: their key is not computed (no decode of the whole body).
+    cache_max_request_bytes: PositiveInt = 1024 * 1024
     cache_routes: list[RouteKind] = msgspec.field(
         default_factory=lambda: ["chat", "completions", "embeddings", "responses"]
     )

@@ -243,6 +243,29 @@ async def test_an_answer_over_the_size_cap_is_not_stored(
     assert cache.stats.too_large == 2
 
 
+async def test_a_request_over_the_cacheable_size_is_never_keyed(
+    make_sidecar: SidecarFactory, upstream: Upstream
+) -> None:
+    """A big cacheable body is not decoded for a cache key before its balance is checked: on an empty
+    account it is a 402 at once (a key over this body, whose text is not UTF-8, would have been a 400),
+    and on a funded one it bypasses the cache."""
+    sc = await make_sidecar(models=MODELS, cache_max_request_bytes=1000)
+    _, empty = await sc.account(0)
+    big = b'{"model":"test-model","temperature":0,"messages":[{"role":"user","content":"' + b"\xff" * 2000
+    resp = await sc.client.post(
+        CHAT,
+        data=big + b'"}]}',
+        headers={"Authorization": f"Bearer {empty}", "Content-Type": "application/json"},
+    )
+    assert resp.status == 402
+    _, key = await sc.account(START)
+    body = {**BODY, "messages": [{"role": "user", "content": "x " * 600}]}
+    first = await post(sc, CHAT, body, key)
+    assert first.headers["Cache-Status"] == "creditgate; fwd=bypass"
+    assert (await post(sc, CHAT, body, key)).headers["X-Cache"] == "MISS"
+    assert upstream.calls("chat") == 2
+
+
 async def test_entries_expire_after_the_ttl(make_sidecar: SidecarFactory, redis_client: Any) -> None:
     sc = await make_sidecar(models=MODELS, cache_ttl_seconds=120)
     _, key = await sc.account(START)
