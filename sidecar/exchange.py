@@ -34,6 +34,10 @@ class Exchange:
     body: bytes  # what is forwarded
     body_size: int  # the client's body size, for estimates
     hold: int
+    # The worst case the hold was figured from: prompt tokens (body bytes and unseen inputs), and how many
+    # completions each unit of output limit generates (prompts × max(n, best_of); 0 without output).
+    prompt_tokens: int
+    outputs: int
     upstream: Upstream
     credential: str | None
     byok: bool

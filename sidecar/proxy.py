@@ -218,20 +218,15 @@ class Proxy:
         """When asked (the afford_output_limit setting or header): lower the forwarded output limit to what
         the available credits afford, if at least afford_min_output_tokens fit; True when it did, and the
         exchange's body and hold now ask for less. The lowered answer is never cached."""
-        s = self.settings
         if not ex.fit_output or not ex.route.has_output:
             return False
-        limit = ex.request.output_limit or ex.price.max_output_tokens
-        n = (ex.request.n or 1) if ex.route.has_n else 1
-        prompt = estimate_prompt_tokens(ex.body_size, s.prompt_bytes_per_token)
-        available = reservation.balance - reservation.held
-        fits = affordable_output_tokens(available, ex.price, prompt, n, ex.multiplier, limit)
-        if fits >= limit or fits < s.afford_min_output_tokens:
+        limit, fits = self._affordable(ex, reservation.balance - reservation.held)
+        if fits >= limit or fits < self.settings.afford_min_output_tokens:
             return False
         self._land(ex, None)  # identical requests waiting on this one go on by themselves
         ex.cache, ex.cache_result = None, "bypass"
         ex.body = with_output_limit(ex.body, ex.route.kind, fits)
-        ex.hold = worst_case(ex.price, prompt, n * fits, ex.multiplier)
+        ex.hold = worst_case(ex.price, ex.prompt_tokens, ex.outputs * fits, ex.multiplier)
         ex.record.hold = ex.hold
         return True
 
@@ -239,10 +234,7 @@ class Proxy:
         """The 402: what was required and available, and how many output tokens the latter affords."""
         if not ex.route.has_output:
             return InsufficientCredits(available, ex.hold, self.settings.top_up_url)
-        limit = ex.request.output_limit or ex.price.max_output_tokens
-        n = (ex.request.n or 1) if ex.route.has_n else 1
-        prompt = estimate_prompt_tokens(ex.body_size, self.settings.prompt_bytes_per_token)
-        fits = affordable_output_tokens(available, ex.price, prompt, n, ex.multiplier, limit)
+        limit, fits = self._affordable(ex, available)
         return InsufficientCredits(
             available,
             ex.hold,
@@ -250,6 +242,16 @@ class Proxy:
             output_limit=limit,
             affordable_output_tokens=fits,
         )
+
+    @staticmethod
+    def _affordable(ex: Exchange, available: int) -> tuple[int, int]:
+        """(the output limit the hold was figured for, the largest one `available` covers), by the same
+        worst case as the hold: the exchange's prompt tokens and completions per unit of limit."""
+        limit = ex.request.output_limit or ex.price.max_output_tokens
+        fits = affordable_output_tokens(
+            available, ex.price, ex.prompt_tokens, ex.outputs, ex.multiplier, limit
+        )
+        return limit, fits
 
     async def _reserve(self, ex: Exchange, cache_key: str | None) -> Reservation:
         """The reserve script, sent again with backoff while its answer is lost, for up to
@@ -344,7 +346,7 @@ class Proxy:
         # a list of prompts.
         choices = parsed.choices if route.has_n else 1
         prompts = prompt_count(parsed) if route.kind == "completions" else 1
-        output_tokens = prompts * choices * (limit or price.max_output_tokens) if route.has_output else 0
+        outputs = prompts * choices if route.has_output else 0
         byok_key = request.headers.get(self.settings.byok_header)
         multiplier = self.prices.byok if byok_key else self.prices.pooled
         rec.key_source = "byok" if byok_key else "pooled"
@@ -378,7 +380,9 @@ class Proxy:
             multiplier=multiplier,
             body=with_usage_requested(body, parsed) if strip else body,
             body_size=len(body),
-            hold=worst_case(price, prompt_tokens, output_tokens, multiplier),
+            hold=worst_case(price, prompt_tokens, outputs * (limit or price.max_output_tokens), multiplier),
+            prompt_tokens=prompt_tokens,
+            outputs=outputs,
             upstream=upstream,
             credential=byok_key or upstream.api_key,
             byok=bool(byok_key),

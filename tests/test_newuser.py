@@ -272,6 +272,25 @@ def test_with_output_limit(body: bytes, kind: str, expected: bytes) -> None:
     assert with_output_limit(body, kind, 7) == expected
 
 
+async def test_what_the_402_says_fits_counts_every_prompt_and_best_of(
+    priced: Sidecar, upstream: Upstream
+) -> None:
+    """The affordable output limit is figured like the hold: every prompt × max(n, best_of) completions,
+    so lowering to it can never hold less than the charge."""
+    body = msgspec.json.encode(
+        {"model": "test-model", "prompt": ["a", "b"], "best_of": 3, "n": 1, "max_tokens": 1000}
+    )
+    size = len(body)
+    balance = 1250 * (size + 6 * 100) + 7  # 2 prompts × 3 completions × 100 tokens fit
+    _, key = await priced.account(balance)
+    resp = await priced.client.post("/v1/completions", data=body, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 402
+    error = (await resp.json())["error"]
+    assert error["required"] == 1250 * (size + 6 * 1000)
+    assert (error["output_limit"], error["affordable_output_tokens"]) == (1000, 100)
+    assert upstream.calls() == 0
+
+
 def chat_body(**fields: Any) -> bytes:
     return msgspec.json.encode(
         {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], **fields}
