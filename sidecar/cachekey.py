@@ -19,11 +19,11 @@ from typing import Any
 import msgspec
 
 from .errors import BadRequest
+from .wire import NESTED_TOO_DEEP
 
 IGNORED_FIELDS = frozenset({"user", "metadata", "stream_options", "store", "service_tier", "model", "stream"})
 _encode = msgspec.json.Encoder(order="sorted").encode
 CACHE_NAME = "creditgate"  # the cache's name in Cache-Status (RFC 9211)
-NESTED_TOO_DEEP = "The request body nests JSON arrays or objects too deeply."
 
 
 def cacheable(route_kind: str, temperature: float | None, n: int | None) -> bool:

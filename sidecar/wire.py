@@ -49,6 +49,7 @@ class MeteredRequest(msgspec.Struct, kw_only=True):
 
 
 _decoder = msgspec.json.Decoder(MeteredRequest)
+NESTED_TOO_DEEP = "The request body nests JSON arrays or objects too deeply."
 _FIELD = re.compile(r"at `\$\.([A-Za-z_]+)")
 
 
@@ -66,7 +67,7 @@ def decode_request(body: bytes) -> MeteredRequest:
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:  # msgspec's own depth limit, even inside fields it skips
-        raise BadRequest("The request body nests JSON arrays or objects too deeply.") from None
+        raise BadRequest(NESTED_TOO_DEEP) from None
     if request.best_of is not None and request.n is not None and request.best_of < request.n:
         raise BadRequest(
             f"best_of is {request.best_of}, below n ({request.n}): best_of must be at least n.",
