@@ -21,7 +21,6 @@ from .admin import ADMIN_OPS, AdminOps, admin_app
 from .autopipeline import AutoPipeline
 from .cache import ResponseCache
 from .config import Settings
-from .errors import error_middleware
 from .flusher import Flusher
 from .health import READINESS, Readiness, healthz, readyz
 from .keys import KeySpace
@@ -31,6 +30,7 @@ from .observe import RequestRecord, log_request, request_observer
 from .pricing import PriceTable
 from .proxy import Proxy
 from .reconcile import Drift, complete_money_in, rebuild_if_empty, reconcile
+from .responses import error_middleware
 from .store import Store
 from .upstream import create_session, upstreams_from
 from .wire import ROUTES

@@ -22,8 +22,9 @@ from .app import Services, create_app, services
 from .config import Settings, load_settings, service_links
 from .demo import create_demo_upstream
 from .embedded import EmbeddedPostgres, EmbeddedRedis
-from .errors import CreditgateError, format_credits
+from .errors import CreditgateError
 from .logs import configure_logging
+from .money import format_credits
 from .reconcile import reconcile, repair
 
 log = logging.getLogger("creditgate")

@@ -1,29 +1,19 @@
-"""The error tree, and the one middleware that turns errors into OpenAI-shaped responses.
+"""The error tree: every error the sidecar raises on purpose is a `CreditgateError`. Dependency-free.
 
-Every error the sidecar raises on purpose is a `CreditgateError`; its class carries the HTTP status
-and the OpenAI `type`. Nothing else in the package builds an error response.
+A class carries the OpenAI error `type` and default `code`; its HTTP status is not here but in
+`responses.py`, the one module that turns errors into responses (a class -> status table). Domain errors
+of the money stores (an unknown account, an idempotency id reused, a partition not rebuilt yet) are in the
+tree too, so that a caller catches one class whoever raised it.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-import asyncpg
-import msgspec
-from aiohttp import web
-from redis.exceptions import RedisError
-
-log = logging.getLogger("creditgate.errors")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID = web.RequestKey("request_id", str)
-ERROR_CODE = web.RequestKey("error_code", str)  # the `code` of the error answered, for metrics and logs
+from .money import format_credits
 
 
 class CreditgateError(Exception):
-    status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
 
@@ -36,9 +26,6 @@ class CreditgateError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
-    def headers(self) -> dict[str, str]:
-        return {}
-
 
 class ConfigError(CreditgateError):
     """A bad setting; raised at startup, the message names the setting."""
@@ -47,18 +34,15 @@ class ConfigError(CreditgateError):
 
 
 class BadRequest(CreditgateError):
-    status = 400
     type = "invalid_request_error"
 
 
 class Unauthorized(CreditgateError):
-    status = 401
     type = "invalid_request_error"
     default_code = "invalid_api_key"
 
 
 class InsufficientCredits(CreditgateError):
-    status = 402
     type = "insufficient_quota"
     default_code = "insufficient_credits"
 
@@ -104,89 +88,56 @@ class InsufficientCredits(CreditgateError):
         )
         return body
 
-    def headers(self) -> dict[str, str]:
-        return {"x-should-retry": "false"}
-
 
 class Forbidden(CreditgateError):
-    status = 403
     type = "invalid_request_error"
     default_code = "forbidden"
 
 
 class NotFound(CreditgateError):
-    status = 404
     type = "invalid_request_error"
     default_code = "not_found"
 
 
 class Conflict(CreditgateError):
-    status = 409
     type = "invalid_request_error"
     default_code = "conflict"
 
 
 class UpstreamUnavailable(CreditgateError):
-    status = 502
     type = "upstream_error"
     default_code = "upstream_unavailable"
 
 
 class ServiceUnavailable(CreditgateError):
-    status = 503
     type = "server_error"
     default_code = "service_unavailable"
 
 
-def format_credits(micro: int) -> str:
-    """Micro-credits as an exact decimal string of credits: 12_500_000 -> '12.5'."""
-    sign = "-" if micro < 0 else ""
-    whole, frac = divmod(abs(micro), 1_000_000)
-    if not frac:
-        return f"{sign}{whole}"
-    return f"{sign}{whole}.{frac:06d}".rstrip("0")
+class UnknownAccount(NotFound):
+    """No such account (in Redis or in the ledger)."""
+
+    def __init__(self, account: str) -> None:
+        super().__init__(f"No account {account!r}.", param="account")
+        self.account = account
 
 
-_encoder = msgspec.json.Encoder()
+class IdempotencyConflict(Conflict):
+    """An idempotency id was used before for another account, kind or amount."""
+
+    def __init__(self, idempotency_id: str) -> None:
+        super().__init__(
+            "This Idempotency-Key was used for a different amount or kind.",
+            param="Idempotency-Key",
+        )
+        self.idempotency_id = idempotency_id
 
 
-def error_response(err: CreditgateError, request_id: str | None = None) -> web.Response:
-    headers = err.headers()
-    if request_id:
-        headers["x-request-id"] = request_id
-    return web.Response(
-        status=err.status, body=_encoder.encode(err.body()), content_type="application/json", headers=headers
-    )
+class NotInitialized(ServiceUnavailable):
+    """The account's partition was not rebuilt from the ledger yet (Redis was lost): nothing credited."""
 
-
-_HTTP_TYPES = {401: Unauthorized, 403: Forbidden, 404: NotFound}
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except CreditgateError as err:
-        if err.code:
-            request[ERROR_CODE] = err.code
-        return error_response(err, request.get(REQUEST_ID))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        cls = _HTTP_TYPES.get(exc.status, BadRequest if exc.status < 500 else CreditgateError)
-        message = exc.reason if exc.text is None else exc.text.removeprefix(f"{exc.status}: ")
-        resp = error_response(cls(message), request.get(REQUEST_ID))
-        resp.set_status(exc.status)
-        return resp
-    except RedisError as exc:
-        log.error("Redis failed on %s %s: %r", request.method, request.path, exc)
-        unavailable = ServiceUnavailable("The credit store is unavailable; retry shortly.")
-        return error_response(unavailable, request.get(REQUEST_ID))
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        # Only operator routes touch Postgres; the metered path never waits for it.
-        log.error("Postgres failed on %s %s: %r", request.method, request.path, exc)
-        unavailable = ServiceUnavailable("The ledger database is unavailable; retry shortly.")
-        return error_response(unavailable, request.get(REQUEST_ID))
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(CreditgateError("Internal error in creditgate."), request.get(REQUEST_ID))
+    def __init__(self, account: str) -> None:
+        super().__init__(
+            "The credit store is being rebuilt from the ledger; retry shortly.", code="not_initialized"
+        )
+        self.account = account

@@ -18,9 +18,10 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from .autopipeline import AutoPipeline
+from .errors import IdempotencyConflict, NotInitialized, UnknownAccount
 from .keys import KeySpace, as_text
+from .money import MAX_CHARGE
 from .outbox import UsageEvent, encode_event
-from .pricing import MAX_CHARGE
 
 
 def load_lua(name: str) -> str:
@@ -68,18 +69,6 @@ class AccountBalance:
     @property
     def available(self) -> int:
         return self.balance - self.held
-
-
-class UnknownAccount(LookupError):
-    pass
-
-
-class IdempotencyConflict(ValueError):
-    pass
-
-
-class NotInitialized(LookupError):
-    """The account's partition was not rebuilt from the ledger yet (Redis was lost): nothing credited."""
 
 
 class RedisLedger:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .errors import ERROR_CODE, Handler
 from .pricing import Usage
+from .responses import ERROR_CODE, Handler
 from .wire import ROUTES
 
 log = logging.getLogger("creditgate.observe")

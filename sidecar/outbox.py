@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from .pricing import MAX_MICRO
+from .money import MAX_MICRO
 
 
 class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

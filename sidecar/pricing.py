@@ -21,16 +21,10 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from .errors import BadRequest, ConfigError
+from .money import MAX_CHARGE, MICRO
 
 if TYPE_CHECKING:
     from .config import Settings
-
-MICRO = 1_000_000
-# Amounts stay below 2**53 so that Redis' Lua numbers (doubles) hold them exactly.
-MAX_MICRO = 2**53 - 1
-# The largest charge one settlement may debit (the settle script refuses more, before writing anything):
-# a billion credits, far above any real request and far below 2**53.
-MAX_CHARGE = 10**15 - 1
 
 
 @dataclass(frozen=True, slots=True)

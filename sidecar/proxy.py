@@ -25,20 +25,20 @@ from .cache import BYPASS, CachedResponse, ResponseCache
 from .cachekey import hit_headers, miss_headers
 from .config import Settings
 from .errors import (
-    REQUEST_ID,
     BadRequest,
     Conflict,
     InsufficientCredits,
     NotFound,
     ServiceUnavailable,
     Unauthorized,
+    UnknownAccount,
     UpstreamUnavailable,
 )
 from .exchange import Exchange
-from .ledger import RedisLedger, Reservation, ReserveStatus, UnknownAccount
+from .ledger import RedisLedger, Reservation, ReserveStatus
+from .money import MAX_CHARGE
 from .observe import RECORD, RequestRecord
 from .pricing import (
-    MAX_CHARGE,
     PriceTable,
     Usage,
     cost,
@@ -47,6 +47,7 @@ from .pricing import (
     worst_case,
 )
 from .relay import StreamPolicy, relay_stream
+from .responses import REQUEST_ID
 from .settlements import PendingSettlement, PendingSettlements
 from .upstream import (
     HeaderNames,

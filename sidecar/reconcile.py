@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from .errors import NotInitialized, UnknownAccount
 from .keys import KeySpace
-from .ledger import NotInitialized, RedisLedger, UnknownAccount
+from .ledger import RedisLedger
 from .outbox import decode_entry
 from .store import LedgerConnection, Store
 

@@ -17,7 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .ledger import RedisLedger, UnknownAccount
+from .errors import UnknownAccount
+from .ledger import RedisLedger
 from .outbox import UsageEvent
 
 log = logging.getLogger("creditgate.settlements")

@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from .errors import IdempotencyConflict, UnknownAccount
+
 log = logging.getLogger("creditgate.store")
 
 LedgerConnection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -107,14 +109,6 @@ class MoneyIn:
     created: bool  # False: the row existed (a retry)
 
 
-class Conflicting(ValueError):
-    """An idempotency id was used before for another account, kind or amount."""
-
-
-class NoAccount(LookupError):
-    pass
-
-
 class Store:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -172,7 +166,7 @@ class Store:
             # appear between the two reads.
             await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", LEDGER_BARRIER)
             if not await conn.fetchval("SELECT true FROM accounts WHERE id = $1", account):
-                raise NoAccount(account)
+                raise UnknownAccount(account)
             row = await conn.fetchrow(
                 "INSERT INTO ledger (idempotency_id, account_id, kind, amount, applied, note)"
                 " VALUES ($1, $2, $3, $4, false, $5)"
@@ -194,7 +188,7 @@ class Store:
             )
         assert existing is not None
         if (existing["account_id"], existing["kind"], existing["amount"]) != (account, kind, amount):
-            raise Conflicting(idempotency_id)
+            raise IdempotencyConflict(idempotency_id)
         return MoneyIn(idempotency_id, account, amount, applied=existing["applied"], created=False)
 
     async def mark_applied(self, idempotency_ids: Sequence[str]) -> None:

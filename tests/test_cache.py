@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from sidecar.app import FLUSHER, PROXY
 from sidecar.cache import ResponseCache
 from sidecar.demo import GATE, create_demo_upstream
-from sidecar.ledger import UnknownAccount
+from sidecar.errors import UnknownAccount
 
 from .conftest import Sidecar, SidecarFactory, Upstream
 from .test_openai_sdk import sdk

@@ -12,9 +12,10 @@ from redis.exceptions import ResponseError
 
 from sidecar.accounts import AccountStore
 from sidecar.autopipeline import AutoPipeline
+from sidecar.errors import IdempotencyConflict, UnknownAccount
 from sidecar.keys import KeySpace
-from sidecar.ledger import IdempotencyConflict, RedisLedger, ReserveStatus, UnknownAccount
-from sidecar.pricing import MAX_CHARGE, MAX_MICRO
+from sidecar.ledger import RedisLedger, ReserveStatus
+from sidecar.money import MAX_CHARGE, MAX_MICRO
 
 from .conftest import new_key_prefix
 

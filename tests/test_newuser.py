@@ -14,7 +14,7 @@ import pytest
 
 from sidecar import __version__
 from sidecar.afford import affordable_output_tokens, with_output_limit
-from sidecar.errors import format_credits
+from sidecar.money import format_credits
 from sidecar.pricing import Multiplier, Price, worst_case
 
 from .conftest import (

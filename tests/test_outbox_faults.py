@@ -21,8 +21,8 @@ from sidecar.app import FLUSHER
 from sidecar.flusher import GROUP, is_data_error
 from sidecar.keys import KeySpace, as_text
 from sidecar.ledger import RedisLedger
+from sidecar.money import MAX_CHARGE, MAX_MICRO
 from sidecar.outbox import BadEntry, UsageEvent, encode_event, ledger_row
-from sidecar.pricing import MAX_CHARGE, MAX_MICRO
 from sidecar.settlements import PendingSettlement, PendingSettlements
 
 from .conftest import Sidecar, new_key_prefix

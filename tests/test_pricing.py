@@ -9,7 +9,9 @@ import pytest
 
 from sidecar.config import Settings
 from sidecar.errors import BadRequest, ConfigError
-from sidecar.pricing import MAX_MICRO, PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
+from sidecar.money import MAX_MICRO
+from sidecar.pricing import PriceTable, Usage, cost, estimate_prompt_tokens, worst_case
+from sidecar.responses import status_of
 
 
 def table(**models: dict[str, Any]) -> PriceTable:
@@ -93,7 +95,7 @@ def test_aliases_resolve_and_unknown_models_are_400() -> None:
     with pytest.raises(BadRequest) as caught:
         prices.resolve("free-lunch")
     assert caught.value.param == "model"
-    assert caught.value.status == 400
+    assert status_of(caught.value) == 400
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.app import PROXY
-from sidecar.errors import format_credits
+from sidecar.money import format_credits
 
 from .conftest import PROVIDER_KEY, Sidecar, SidecarFactory, Upstream
 

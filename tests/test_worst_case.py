@@ -17,7 +17,8 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.config import load_settings
 from sidecar.errors import BadRequest, ConfigError
-from sidecar.pricing import MAX_CHARGE, PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
+from sidecar.money import MAX_CHARGE
+from sidecar.pricing import PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
 
 from .conftest import SidecarFactory
 
