@@ -17,7 +17,7 @@ from sidecar.autopipeline import AutoPipeline, pack, tls_context
 from sidecar.health import READINESS
 
 from .conftest import SidecarFactory
-from .test_proxy import HELLO, MODELS, post
+from .support import HELLO, MODELS, post
 
 
 @pytest.mark.parametrize(

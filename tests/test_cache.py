@@ -17,8 +17,9 @@ from sidecar.demo import GATE, create_demo_upstream
 from sidecar.errors import UnknownAccount
 
 from .conftest import Sidecar, SidecarFactory, Upstream
-from .test_openai_sdk import sdk
-from .test_proxy import HELLO, MODELS, _events, _stream, pooled, post, settled
+from .support import HELLO, MODELS, pooled, post, sdk, settled
+from .support import events as _events
+from .support import stream as _stream
 
 CHAT = "/v1/chat/completions"
 START = 10_000_000

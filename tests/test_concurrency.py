@@ -19,7 +19,7 @@ from sidecar.demo import GATE, create_demo_upstream
 from sidecar.ledger import ReserveStatus
 
 from .conftest import Sidecar, SidecarFactory, Upstream
-from .test_proxy import HELLO, MODELS, hold_for, pooled, settled
+from .support import HELLO, MODELS, hold_for, pooled, settled
 
 REQUESTS = 200
 FIT = 50

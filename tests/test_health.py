@@ -13,8 +13,7 @@ from sidecar.keys import KeySpace
 from sidecar.ledger import RedisLedger
 
 from .conftest import Sidecar, SidecarFactory
-from .test_metrics import scrape, value
-from .test_proxy import HELLO, MODELS, post
+from .support import HELLO, MODELS, post, scrape, value
 
 DEAD_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 

@@ -12,7 +12,7 @@ import pytest
 from sidecar.logs import REDACTED, JsonFormatter, Redactor, TextFormatter, formatter, secrets_of
 
 from .conftest import ADMIN_TOKEN, PROVIDER_KEY, Sidecar, SidecarFactory, make_settings
-from .test_proxy import HELLO, MODELS, post, settled
+from .support import HELLO, MODELS, post, settled
 
 
 def record(msg: str, *args: object, **extra: object) -> logging.LogRecord:

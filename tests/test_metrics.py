@@ -12,25 +12,8 @@ from sidecar.metrics import Metrics
 from sidecar.observe import RequestRecord
 from sidecar.pricing import Usage
 
-from .conftest import Sidecar, SidecarFactory
-from .test_proxy import HELLO, MODELS, hold_for, pooled, post, settled
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(sc: Sidecar) -> Samples:
-    resp = await sc.client.get("/metrics")
-    assert resp.status == 200
-    assert resp.headers["Content-Type"].startswith("text/plain")
-    samples: Samples = {}
-    for family in text_string_to_metric_families(await resp.text()):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+from .conftest import SidecarFactory
+from .support import HELLO, MODELS, Samples, hold_for, pooled, post, scrape, settled, value
 
 
 def chat(max_tokens: int, model: str = "test-model", **extra: object) -> dict[str, object]:

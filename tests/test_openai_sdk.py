@@ -3,8 +3,6 @@ headers, and a 402 that surfaces as an APIStatusError and is never retried."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +15,7 @@ from sidecar.app import create_app
 from sidecar.demo import token_text
 
 from .conftest import Sidecar, SidecarFactory, Upstream
-from .test_proxy import MODELS, pooled, settled
+from .support import MODELS, pooled, sdk, settled
 
 CHAT = "/v1/chat/completions"
 START = 10_000_000
@@ -54,14 +52,6 @@ async def counted(make_sidecar: SidecarFactory, aiohttp_client: Any) -> Counted:
     app = create_app(settings)
     app.middlewares.insert(0, count)  # outermost: counts whatever the sidecar then does with it
     return Counted(Sidecar(await aiohttp_client(app), settings), seen)
-
-
-@asynccontextmanager
-async def sdk(sc: Sidecar, api_key: str, **options: Any) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(
-        base_url=str(sc.client.make_url("/v1")), api_key=api_key, **options
-    ) as client:
-        yield client
 
 
 async def test_non_streamed_chat(counted: Counted, upstream: Upstream) -> None:

@@ -13,55 +13,17 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar.app import PROXY
 from sidecar.money import format_credits
 
 from .conftest import PROVIDER_KEY, Sidecar, SidecarFactory, Upstream
-
-# Round prices so every expected charge can be checked by hand (micro-credits per token):
-# prompt 1000, completion 2000, cached prompt 500; embeddings 100 per token.
-MODELS = {
-    "test-model": {
-        "prompt": "1",
-        "completion": "2",
-        "cached_prompt": "0.5",
-        "max_output_tokens": 100,
-        "aliases": ["tm"],
-    },
-    "test-embed": {"prompt": "0.1", "max_output_tokens": 1},
-    "test-fee": {"prompt": "1", "completion": "2", "request_fee": "0.01", "max_output_tokens": 100},
-}
-HELLO = [{"role": "user", "content": "hello world"}]  # the demo counts 3 + 2 = 5 prompt tokens
-
-
-def pooled(micro: int) -> int:
-    """x 1.25, rounded up once."""
-    return -(-micro * 5 // 4)
+from .support import HELLO, MODELS, hold_for, pooled, post, settled
+from .support import events as _events
+from .support import stream as _stream
 
 
 @pytest.fixture
 async def priced(make_sidecar: SidecarFactory) -> Sidecar:
     return await make_sidecar(models=MODELS)
-
-
-def hold_for(body: bytes, n: int = 1, limit: int = 100) -> int:
-    """The worst case the sidecar holds: every body byte a prompt token, plus n x the output limit."""
-    return pooled(len(body) * 1000 + n * limit * 2000)
-
-
-async def post(
-    sc: Sidecar, path: str, body: dict[str, Any], key: str, **headers: str
-) -> aiohttp.ClientResponse:
-    return await sc.client.post(
-        path, data=msgspec.json.encode(body), headers={"Authorization": f"Bearer {key}", **headers}
-    )
-
-
-async def settled(sc: Sidecar) -> None:
-    """Wait until every exchange the sidecar started has settled."""
-    in_flight = set(sc.client.app[PROXY].in_flight)
-    if in_flight:
-        await asyncio.wait(in_flight)
 
 
 async def test_chat_non_streamed_is_charged_from_usage(priced: Sidecar, upstream: Upstream) -> None:
@@ -138,23 +100,12 @@ async def test_client_key_never_reaches_upstream_and_provider_key_never_reaches_
     assert PROVIDER_KEY.encode() not in await resp.read()
 
 
-async def _stream(
-    sc: Sidecar, path: str, body: dict[str, Any], key: str, **headers: str
-) -> tuple[aiohttp.ClientResponse, bytes]:
-    resp = await post(sc, path, body, key, **headers)
-    return resp, await resp.read()
-
-
 async def _direct(upstream: Upstream, path: str, body: dict[str, Any]) -> bytes:
     async with (
         aiohttp.ClientSession() as session,
         session.post(upstream.url + path, data=msgspec.json.encode(body)) as resp,
     ):
         return await resp.read()
-
-
-def _events(raw: bytes) -> list[bytes]:
-    return [e + b"\n\n" for e in raw.split(b"\n\n") if e]
 
 
 async def test_chat_stream_relayed_byte_identical(priced: Sidecar, upstream: Upstream) -> None:

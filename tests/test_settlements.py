@@ -14,7 +14,7 @@ from sidecar.app import FLUSHER, PROXY
 from sidecar.keys import KeySpace
 
 from .conftest import Sidecar, SidecarFactory
-from .test_proxy import HELLO, MODELS, pooled, post
+from .support import HELLO, MODELS, pooled, post
 
 CHARGE = pooled(5 * 1000 + 16 * 2000)  # the demo's answer to HELLO: 5 prompt, 16 completion tokens
 

@@ -26,7 +26,7 @@ from .conftest import (
     new_key_prefix,
     serve_process,
 )
-from .test_proxy import HELLO, MODELS, post
+from .support import HELLO, MODELS, post
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

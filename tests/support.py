@@ -1,0 +1,95 @@
+"""Helpers the test modules share: the price table most tests use, request helpers, the /metrics
+scraper and the OpenAI SDK client. (Fixtures live in conftest.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import msgspec
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.app import PROXY
+
+from .conftest import Sidecar
+
+# Round prices so every expected charge can be checked by hand (micro-credits per token):
+# prompt 1000, completion 2000, cached prompt 500; embeddings 100 per token.
+MODELS = {
+    "test-model": {
+        "prompt": "1",
+        "completion": "2",
+        "cached_prompt": "0.5",
+        "max_output_tokens": 100,
+        "aliases": ["tm"],
+    },
+    "test-embed": {"prompt": "0.1", "max_output_tokens": 1},
+    "test-fee": {"prompt": "1", "completion": "2", "request_fee": "0.01", "max_output_tokens": 100},
+}
+HELLO = [{"role": "user", "content": "hello world"}]  # the demo counts 3 + 2 = 5 prompt tokens
+
+
+def pooled(micro: int) -> int:
+    """x 1.25, rounded up once."""
+    return -(-micro * 5 // 4)
+
+
+def hold_for(body: bytes, n: int = 1, limit: int = 100) -> int:
+    """The worst case the sidecar holds: every body byte a prompt token, plus n x the output limit."""
+    return pooled(len(body) * 1000 + n * limit * 2000)
+
+
+async def post(
+    sc: Sidecar, path: str, body: dict[str, Any], key: str, **headers: str
+) -> aiohttp.ClientResponse:
+    return await sc.client.post(
+        path, data=msgspec.json.encode(body), headers={"Authorization": f"Bearer {key}", **headers}
+    )
+
+
+async def settled(sc: Sidecar) -> None:
+    """Wait until every exchange the sidecar started has settled."""
+    in_flight = set(sc.client.app[PROXY].in_flight)
+    if in_flight:
+        await asyncio.wait(in_flight)
+
+
+async def stream(
+    sc: Sidecar, path: str, body: dict[str, Any], key: str, **headers: str
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    resp = await post(sc, path, body, key, **headers)
+    return resp, await resp.read()
+
+
+def events(raw: bytes) -> list[bytes]:
+    return [e + b"\n\n" for e in raw.split(b"\n\n") if e]
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(sc: Sidecar) -> Samples:
+    resp = await sc.client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@asynccontextmanager
+async def sdk(sc: Sidecar, api_key: str, **options: Any) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=str(sc.client.make_url("/v1")), api_key=api_key, **options
+    ) as client:
+        yield client
