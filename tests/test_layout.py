@@ -1,4 +1,5 @@
-"""The shape of the code that review rules rest on: pure modules import no I/O library, and test modules share helpers through tests/support.py, never through each other."""
+"""The shape of the code that review rules rest on: pure modules import no I/O library, and test
+modules share helpers through tests/support.py, never through each other."""
 
 from __future__ import annotations
 
