@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 import uuid
@@ -40,7 +39,6 @@ from .store import Store
 log = logging.getLogger("creditgate.flusher")
 
 GROUP = "ledger-flusher"
-_FAULT = os.environ.get("CG_TEST_FAULT", "")
 POLL = 0.05  # seconds between reads of an idle outbox  # crash tests: "crash-after-commit"
 
 
@@ -208,8 +206,6 @@ class Flusher:
                 item.reason = exc.reason
         dead = [item for item in items if item.row is None]
         dead += await self._insert([item for item in items if item.row is not None])
-        if _FAULT == "crash-after-commit":
-            os.kill(os.getpid(), signal.SIGKILL)
         async with self.redis.pipeline(transaction=False) as pipe:
             for item in dead:  # parked before acknowledged: a crash between parks it twice, never loses it
                 data = item.fields.get(b"d", item.fields.get("d", b""))

@@ -136,6 +136,22 @@ async def test_a_replayed_batch_changes_nothing(svc: Services) -> None:
     assert await svc.store.ledger_sum(account) == 1_000_000 - 500
 
 
+_CRASH_AFTER_COMMIT = """
+import os, signal, sys
+from sidecar import cli, flusher
+
+insert = flusher.Flusher._insert
+
+async def insert_then_die(self, items):
+    dead = await insert(self, items)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return dead
+
+flusher.Flusher._insert = insert_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def _cli(settings: Settings, *args: str, fault: str = "") -> subprocess.CompletedProcess[str]:
     env = clean_env(
         CREDITGATE_REDIS_URL=settings.redis_url or "",
@@ -145,10 +161,12 @@ def _cli(settings: Settings, *args: str, fault: str = "") -> subprocess.Complete
         CREDITGATE_FLUSH_BATCH_SIZE="40",
         CREDITGATE_FLUSH_CONCURRENCY="1",
         CREDITGATE_FLUSH_CLAIM_IDLE_SECONDS="0",
-        CG_TEST_FAULT=fault,
     )
+    command = [sys.executable, "-m", "sidecar", *args]
+    if fault == "crash-after-commit":  # the real CLI, with the flusher killed right after its commit
+        command = [sys.executable, "-c", _CRASH_AFTER_COMMIT, *args]
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args],
+        command,
         env=env,
         capture_output=True,
         text=True,
