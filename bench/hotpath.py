@@ -22,10 +22,10 @@ from collections.abc import Callable
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.headers import request_headers, response_headers
 from sidecar.metrics import Metrics
 from sidecar.observe import RequestRecord
 from sidecar.pricing import Usage
-from sidecar.upstream import request_headers, response_headers
 from sidecar.usage import SSEReader, usage_from_body
 
 _encode = msgspec.json.Encoder().encode

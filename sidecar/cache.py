@@ -23,9 +23,10 @@ from redis.asyncio import Redis
 
 from .cachekey import SHARED_SCOPE, account_scope, cache_key, cacheable, client_directives
 from .config import Settings
+from .headers import answer_headers
 from .keys import KeySpace
 from .pricing import Usage
-from .upstream import answer_headers, forwarded_extra
+from .upstream import forwarded_extra
 from .wire import MeteredRequest
 
 # Provider headers worth replaying; everything else is per call (ids, dates, rate limits, cookies).

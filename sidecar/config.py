@@ -17,6 +17,8 @@ import msgspec
 import yaml
 
 from .errors import ConfigError
+from .headers import NEVER
+from .pricing import PriceTable
 
 ENV_PREFIX = "CREDITGATE_"
 T = TypeVar("T")
@@ -250,8 +252,6 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"upstreams.{name}.base_url must be an http(s) URL.", param=f"upstreams.{name}")
     if settings.byok_header.lower() in {"authorization", "host", "content-length"}:
         raise ConfigError("byok_header must be a header of its own.", param="byok_header")
-    from .upstream import NEVER  # the names no setting may pass on
-
     for setting in ("forward_request_headers", "relay_response_headers"):
         for pattern in getattr(settings, setting):
             bare = pattern.strip().lower()
@@ -290,9 +290,7 @@ def load_settings(config_file: str | None = None, environ: Mapping[str, str] | N
             }
             settings = msgspec.structs.replace(settings, **{table: converted})
     _check(settings)
-    from .pricing import PriceTable  # prices are validated by the code that uses them
-
-    PriceTable.from_settings(settings)
+    PriceTable.from_settings(settings)  # prices are validated by the code that uses them
     return settings
 
 

@@ -15,16 +15,52 @@ base, the fee included: pooled key ``pooled_multiplier`` (1.25 by default), the 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import BadRequest, ConfigError
 from .money import MAX_CHARGE, MICRO
 
-if TYPE_CHECKING:
-    from .config import Settings
+
+class ModelPrices(Protocol):
+    """One model's configured prices (config.ModelConfig): decimal strings of credits."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def completion(self) -> str: ...
+    @property
+    def cached_prompt(self) -> str | None: ...
+    @property
+    def request_fee(self) -> str: ...
+    @property
+    def max_output_tokens(self) -> int: ...
+    @property
+    def aliases(self) -> list[str]: ...
+    @property
+    def upstream(self) -> str: ...
+    @property
+    def image_input_tokens(self) -> int | None: ...
+    @property
+    def audio_input_tokens(self) -> int | None: ...
+    @property
+    def file_input_tokens(self) -> int | None: ...
+    @property
+    def stored_input_tokens(self) -> int | None: ...
+
+
+class PriceSettings(Protocol):
+    """What the price table is built from (config.Settings has it): no import of the config module."""
+
+    @property
+    def models(self) -> Mapping[str, ModelPrices]: ...
+    @property
+    def pooled_multiplier(self) -> str: ...
+    @property
+    def byok_multiplier(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +179,7 @@ class PriceTable:
         self.byok = byok
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PriceTable:
+    def from_settings(cls, settings: PriceSettings) -> PriceTable:
         prices: dict[str, Price] = {}
         aliases: dict[str, str] = {}
         for name, model in settings.models.items():

@@ -35,6 +35,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .exchange import Exchange
+from .headers import HeaderNames, request_headers, response_headers, scrub_secrets
 from .ledger import RedisLedger, Reservation, ReserveStatus
 from .money import MAX_CHARGE
 from .observe import RECORD, RequestRecord
@@ -49,14 +50,7 @@ from .pricing import (
 from .relay import StreamPolicy, relay_stream
 from .responses import REQUEST_ID
 from .settlements import PendingSettlement, PendingSettlements
-from .upstream import (
-    HeaderNames,
-    Upstream,
-    forwarded_extra,
-    request_headers,
-    response_headers,
-    scrub_secrets,
-)
+from .upstream import Upstream, forwarded_extra
 from .usage import SSEReader, usage_from_body
 from .wire import ROUTES, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
 

@@ -22,8 +22,10 @@ PURE = [
     "sidecar.afford",
     "sidecar.keys",
     "sidecar.outbox",
+    "sidecar.headers",
+    "sidecar.config",
 ]
-IO_LIBRARIES = ("aiohttp", "redis", "asyncpg", "yarl", "multidict")
+IO_LIBRARIES = ("aiohttp", "redis", "asyncpg")
 
 
 @pytest.mark.parametrize("module", PURE)

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.upstream import HeaderNames, answer_headers, request_headers, response_headers, scrub_secrets
+from sidecar.headers import HeaderNames, answer_headers, request_headers, response_headers, scrub_secrets
 
 Pairs = list[tuple[str, str]]
 
