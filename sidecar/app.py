@@ -27,8 +27,8 @@ from .keys import KeySpace
 from .ledger import RedisLedger
 from .metrics import METRICS, Metrics, metrics_handler
 from .observe import RequestRecord, log_request, request_observer
+from .pipeline.handler import Gateway
 from .pricing import PriceTable
-from .proxy import Proxy
 from .reconcile import Drift, complete_money_in, rebuild_if_empty, reconcile
 from .responses import error_middleware
 from .store import Store
@@ -184,7 +184,7 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
             session = create_session(settings)
             upstreams = upstreams_from(settings, demo_upstream_url)
             cache = ResponseCache(settings, svc.redis, svc.keys) if settings.cache_enabled else None
-            proxy = Proxy(settings, prices, svc.ledger, svc.accounts, upstreams, session, cache)
+            proxy = Gateway(settings, prices, svc.ledger, svc.accounts, upstreams, session, cache)
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
             flusher = svc.flusher()
             app[FLUSHER] = flusher
@@ -355,7 +355,7 @@ class DriftState:
             )
 
 
-PROXY = web.AppKey("proxy", Proxy)
+PROXY = web.AppKey("proxy", Gateway)
 SERVICES = web.AppKey("services", Services)
 FLUSHER = web.AppKey("flusher", Flusher)
 DRIFT = web.AppKey("drift", DriftState)

@@ -21,7 +21,7 @@ import msgspec
 from multidict import CIMultiDictProxy
 from redis.asyncio import Redis
 
-from .cachekey import SHARED_SCOPE, account_scope, cache_key, cacheable, client_directives
+from .cachekey import BYPASS, SHARED_SCOPE, CachePlan, account_scope, cache_key, cacheable, client_directives
 from .config import Settings
 from .headers import answer_headers
 from .keys import KeySpace
@@ -50,21 +50,6 @@ class CachedResponse(msgspec.Struct, array_like=True):
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(CachedResponse).decode
-
-
-@dataclass(frozen=True, slots=True)
-class CachePlan:
-    """What one request does with the cache."""
-
-    forward: str  # RFC 9211 fwd reason when answered from upstream: miss, request (no-cache), bypass
-    lookup: bool = False
-    store: bool = False
-    digest: str = ""  # the single-flight key
-    key: str = ""  # the entry's Redis key
-    colocated: bool = True  # the entry is in the account's slot: handled inside the money scripts
-
-
-BYPASS = CachePlan(forward="bypass")
 
 
 @dataclass
@@ -101,7 +86,6 @@ class ResponseCache:
         body: bytes,
         account: str,
         cache_control: str | None,
-        *,
         byok: bool = False,
         headers: Mapping[str, str] | None = None,
     ) -> CachePlan:

@@ -101,3 +101,18 @@ def miss_headers(forward: str, *, stored: bool) -> dict[str, str]:
         "X-Cache": "MISS",
         "Cache-Status": f"{CACHE_NAME}; fwd={forward}" + ("; stored" if stored else ""),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """What one request does with the cache."""
+
+    forward: str  # RFC 9211 fwd reason when answered from upstream: miss, request (no-cache), bypass
+    lookup: bool = False
+    store: bool = False
+    digest: str = ""  # the single-flight key
+    key: str = ""  # the entry's Redis key
+    colocated: bool = True  # the entry is in the account's slot: handled inside the money scripts
+
+
+BYPASS = CachePlan(forward="bypass")

@@ -24,6 +24,9 @@ PURE = [
     "sidecar.outbox",
     "sidecar.headers",
     "sidecar.config",
+    "sidecar.pipeline.admit",
+    "sidecar.pipeline.outcome",
+    "sidecar.pipeline.retry",
 ]
 IO_LIBRARIES = ("aiohttp", "redis", "asyncpg")
 

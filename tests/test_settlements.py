@@ -9,9 +9,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from sidecar import proxy as proxy_module
 from sidecar.app import FLUSHER, PROXY
 from sidecar.keys import KeySpace
+from sidecar.pipeline.retry import Retry
 
 from .conftest import Sidecar, SidecarFactory
 from .support import HELLO, MODELS, pooled, post
@@ -20,9 +20,10 @@ CHARGE = pooled(5 * 1000 + 16 * 2000)  # the demo's answer to HELLO: 5 prompt, 1
 
 
 @pytest.fixture
-async def priced(make_sidecar: SidecarFactory, monkeypatch: pytest.MonkeyPatch) -> Sidecar:
-    monkeypatch.setattr(proxy_module, "SETTLE_RETRY_PAUSES", (0.0,) * 6)  # the same 7 tries, at once
-    return await make_sidecar(models=MODELS)
+async def priced(make_sidecar: SidecarFactory) -> Sidecar:
+    sc = await make_sidecar(models=MODELS)
+    sc.client.app[PROXY].settler.retry = Retry((0.0,) * 6)  # the same 7 tries, at once
+    return sc
 
 
 @pytest.mark.parametrize("reply_lost", [False, True], ids=["redis-away", "reply-lost"])

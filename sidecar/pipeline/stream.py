@@ -1,22 +1,18 @@
 """Relaying an upstream SSE stream to the client, event by event as it arrives.
 
-The client gets every event byte for byte as soon as it is whole, minus the usage chunk the sidecar
-asked for on its behalf. What happens when either side fails decides the charge:
+The client gets every event byte for byte as soon as it is whole, minus the usage chunk asked for on its
+behalf. What happens when either side fails is reported in the `Ending`; what it costs is outcome.py's:
 
-- the client goes away: the upstream is read on (up to ``drain_seconds``) for the usage it reports, and
-  without one the exchange is charged the disconnect estimate;
+- the client goes away: the upstream is read on (up to ``drain_seconds``, to its end) for the usage it
+  reports;
 - the upstream cuts the stream: the client's stream is cut too (no terminating chunk, so a partial answer
-  cannot pass for a whole one) and nothing is charged;
-- shutdown cuts it (``Exchange.cut``): settled like a client that left, without waiting.
-
-The hold's lease is renewed for every request in flight by the app's lease-renewal task, not here. The
-relay records its outcome and usage on the exchange; settling is the caller's.
+  cannot pass for a whole one);
+- shutdown cuts it (``Live.cut``): reported as cut, without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
@@ -24,10 +20,9 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .exchange import Exchange
-from .usage import SSEReader
-
-log = logging.getLogger("creditgate.relay")
+from ..usage import SSEReader
+from .live import Live, Timings
+from .outcome import Ending, Phase
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,32 +33,34 @@ class StreamPolicy:
 
 async def relay_stream(
     request: web.Request,
-    ex: Exchange,
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     policy: StreamPolicy,
+    live: Live,
+    timings: Timings,
     *,
+    kind: str,
+    strip_usage_chunk: bool,
     capture: bool,
-) -> tuple[web.StreamResponse, bytes | None]:
-    """Relay the stream; returns the response and, with `capture`, the whole stream as the upstream sent
-    it when it ran to its end with usage and fits `capture_bytes` (else None)."""
+) -> tuple[web.StreamResponse, Ending, bytes | None]:
+    """Relay the stream; returns the response, how it ended and, with `capture`, the whole stream as the
+    upstream sent it when it ran to its end with usage and fits `capture_bytes` (else None)."""
     response = web.StreamResponse(status=200, headers=headers)
-    reader = SSEReader(strip_usage_chunk=ex.strip_usage_chunk, kind=ex.route.kind)
+    reader = SSEReader(strip_usage_chunk=strip_usage_chunk, kind=kind)
     captured: list[bytes] | None = [] if capture else None  # None once it no longer fits
     captured_size = 0
     complete: bytes | None = None
     client_gone = False
+    relayed = 0
     try:
         await response.prepare(request)
     except ConnectionError:
         client_gone = True
-    ex.outcome = "no_usage"
     drain_until: float | None = None
-    rec = ex.record
     perf = time.perf_counter
-    shutdown_cut = False
+    cut = ran_to_end = False
     try:
-        async with ex.cut_timeout() as ex.cutter:
+        async with live.cut_timeout() as live.cutter:
             while True:
                 waiting = perf()
                 if drain_until is None:
@@ -72,9 +69,9 @@ async def relay_stream(
                     async with asyncio.timeout_at(drain_until):
                         chunk = await upstream.content.readany()
                 now = perf()
-                rec.waited += now - waiting
-                if rec.upstream_first_byte is None:
-                    rec.upstream_first_byte = now
+                timings.waited += now - waiting
+                if timings.upstream_first_byte is None:
+                    timings.upstream_first_byte = now
                 if not chunk:
                     break
                 if captured is not None:
@@ -87,10 +84,10 @@ async def relay_stream(
                 if events and not client_gone:
                     try:
                         await response.write(b"".join(events))
-                        ex.relayed_events = reader.data_events
+                        relayed = reader.data_events
                     except ConnectionError:
                         client_gone = True
-                    rec.waited += perf() - now  # a slow client's time is not ours either
+                    timings.waited += perf() - now  # a slow client's time is not ours either
                 if client_gone:
                     # Drain to the end ([DONE], the final Responses event, EOF or the deadline), keeping
                     # the last usage seen: some upstreams (vLLM's continuous_usage_stats) send a
@@ -99,7 +96,8 @@ async def relay_stream(
                         break
                     if drain_until is None:
                         drain_until = asyncio.get_running_loop().time() + policy.drain_seconds
-            rec.upstream_ended = perf()
+            timings.upstream_ended = perf()
+            ran_to_end = True
             if not client_gone:
                 rest = reader.flush()
                 if rest:
@@ -108,22 +106,24 @@ async def relay_stream(
                 if captured is not None and reader.usage is not None:
                     complete = b"".join(captured)
     except (aiohttp.ClientError, TimeoutError, ConnectionError):
-        ex.outcome = "stream_cut"
+        ran_to_end = False
         complete = None
-        shutdown_cut = ex.cut
+        cut = live.cut
         if not client_gone and request.transport is not None:
             # Cut the client's stream too (no terminating chunk), so it cannot mistake a partial
             # answer for a whole one.
             request.transport.close()
     finally:
-        ex.cutter = None
-        if rec.upstream_ended is None:
-            rec.upstream_ended = perf()
-    ex.usage = reader.usage
-    if ex.usage is not None:
-        ex.outcome = "shutdown_cut" if shutdown_cut else "client_gone" if client_gone else "ok"
-    elif client_gone or shutdown_cut:
-        # A client that left, or a stream cut by shutdown: charged the estimate (see estimated_usage).
-        ex.outcome = "shutdown_cut_estimated" if shutdown_cut else "client_gone_estimated"
-        ex.usage = ex.estimated_usage()
-    return response, complete
+        live.cutter = None
+        if timings.upstream_ended is None:
+            timings.upstream_ended = perf()
+    ending = Ending(
+        Phase.STREAMED,
+        status=200,
+        usage=reader.usage,
+        cut=cut,
+        client_gone=client_gone,
+        ran_to_end=ran_to_end,
+        relayed_events=relayed,
+    )
+    return response, ending, complete

@@ -1,0 +1,185 @@
+"""Stage 1, admission: who is calling (authentication) and what the request is (a pure `plan`).
+
+`plan` reads the body once and figures everything the later stages act on: the route and model, the
+price and multiplier, the worst case to hold, the body to forward and what the cache may do. It takes
+plain values and returns a frozen `Admission`; it does no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..afford import affordable_output_tokens, with_output_limit
+from ..cachekey import CachePlan
+from ..errors import BadRequest, Unauthorized
+from ..pricing import Multiplier, Price, PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
+from ..wire import MeteredRequest, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
+
+if TYPE_CHECKING:
+    from ..accounts import AccountStore
+
+# (route kind, request, model, body, account, Cache-Control, byok, headers) -> what the cache may do.
+CachePlanner = Callable[
+    [str, MeteredRequest, str, bytes, str, "str | None", bool, Mapping[str, str]], CachePlan
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitPolicy:
+    """The settings admission reads."""
+
+    account_header: str | None
+    byok_header: str
+    prompt_bytes_per_token: int
+    afford_output_header: str
+    afford_output_limit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """One admitted request: what it is, what it may cost at worst, and what goes upstream."""
+
+    request_id: str
+    account: str
+    route: Route
+    request: MeteredRequest
+    price: Price
+    multiplier: Multiplier
+    body: bytes  # what is forwarded
+    body_size: int  # the client's body size, for estimates
+    hold: int  # the worst case, micro-credits
+    # The worst case's parts: prompt tokens (body bytes and unseen inputs), and completions generated per
+    # unit of output limit (prompts × max(n, best_of); 0 without output).
+    prompt_tokens: int
+    outputs: int
+    byok_key: str | None  # the caller's own provider key, when it sent one
+    strip_usage_chunk: bool  # the usage chunk was asked for on the client's behalf: withheld from it
+    fit_output: bool  # lower the output limit to what the balance affords instead of a 402
+    cache: CachePlan | None  # None: the cache is off
+    started_ms: int
+
+    @property
+    def byok(self) -> bool:
+        return self.byok_key is not None
+
+    @property
+    def output_limit(self) -> int:
+        """The output limit the hold is figured for: the request's, else the model's maximum."""
+        return self.request.output_limit or self.price.max_output_tokens
+
+    def affordable(self, available: int) -> int:
+        """The largest output limit `available` micro-credits cover, by the hold's own worst case."""
+        return affordable_output_tokens(
+            available, self.price, self.prompt_tokens, self.outputs, self.multiplier, self.output_limit
+        )
+
+    def lowered_to(self, limit: int) -> Admission:
+        """The same request with its output limit lowered to `limit`: body, hold and no cache."""
+        return dataclasses.replace(
+            self,
+            body=with_output_limit(self.body, self.route.kind, limit),
+            hold=worst_case(self.price, self.prompt_tokens, self.outputs * limit, self.multiplier),
+            cache=None,
+        )
+
+
+async def authenticate(headers: Mapping[str, str], accounts: AccountStore, policy: AdmitPolicy) -> str:
+    """The account a request acts for: the trusted account header (sidecar mode), else its API key."""
+    header = policy.account_header
+    if header:
+        account = headers.get(header)
+        if account and await accounts.exists(account):
+            return account
+        if account:
+            raise Unauthorized(f"Unknown account in the {header} header.")
+    auth = headers.get("Authorization", "")
+    scheme, _, api_key = auth.partition(" ")
+    if scheme.lower() != "bearer" or not api_key.strip():
+        raise Unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
+    found = await accounts.account_for_key(api_key.strip(), time.monotonic())
+    if found is None:
+        raise Unauthorized("Incorrect or revoked API key.")
+    return found
+
+
+def identify(body: bytes, prices: PriceTable) -> tuple[MeteredRequest, Price]:
+    """The request decoded, and the price of its model (aliases resolved); raises BadRequest."""
+    parsed = decode_request(body)
+    return parsed, prices.resolve(parsed.model)
+
+
+def plan(
+    request_id: str,
+    account: str,
+    route: Route,
+    body: bytes,
+    identified: tuple[MeteredRequest, Price],
+    headers: Mapping[str, str],
+    prices: PriceTable,
+    policy: AdmitPolicy,
+    cache: CachePlanner | None,
+) -> Admission:
+    """Everything the later stages act on; raises BadRequest naming the offending field."""
+    parsed, price = identified
+    limit = parsed.output_limit
+    if limit is not None and limit > price.max_output_tokens:
+        field_name = next(
+            name
+            for name in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+            if getattr(parsed, name)
+        )
+        raise BadRequest(
+            f"{field_name} is {limit}, above the {price.max_output_tokens} output tokens allowed for "
+            f"{price.model}.",
+            param=field_name,
+        )
+    # Every completion generated is billed: max(n, best_of) per prompt, and /v1/completions takes a list
+    # of prompts.
+    choices = parsed.choices if route.has_n else 1
+    prompts = prompt_count(parsed) if route.kind == "completions" else 1
+    outputs = prompts * choices if route.has_output else 0
+    byok_key = headers.get(policy.byok_header) or None
+    multiplier = prices.byok if byok_key else prices.pooled
+    prompt_tokens = estimate_prompt_tokens(len(body), policy.prompt_bytes_per_token) + unseen_prompt_tokens(
+        price, unseen_inputs(parsed, route.kind)
+    )
+    strip = bool(
+        parsed.stream
+        and route.kind in ("chat", "completions")
+        and not (parsed.stream_options and parsed.stream_options.include_usage)
+    )
+    cache_plan = None
+    if cache is not None:
+        cache_plan = cache(
+            route.kind,
+            parsed,
+            price.model,
+            body,
+            account,
+            headers.get("Cache-Control"),
+            bool(byok_key),
+            headers,
+        )
+    fit = headers.get(policy.afford_output_header, "").lower() in ("1", "true")
+    return Admission(
+        request_id=request_id,
+        account=account,
+        route=route,
+        request=parsed,
+        price=price,
+        multiplier=multiplier,
+        body=with_usage_requested(body, parsed) if strip else body,
+        body_size=len(body),
+        hold=worst_case(price, prompt_tokens, outputs * (limit or price.max_output_tokens), multiplier),
+        prompt_tokens=prompt_tokens,
+        outputs=outputs,
+        byok_key=byok_key,
+        strip_usage_chunk=strip,
+        fit_output=fit or policy.afford_output_limit,
+        cache=cache_plan,
+        started_ms=int(time.time() * 1000),
+    )

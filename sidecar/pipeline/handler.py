@@ -1,0 +1,287 @@
+"""The metered request, stage by stage (README: "A request's walk"):
+
+    admit    authenticate; identify the model; plan the worst case, the body and the cache's part
+    hold     a cached answer (free), or the worst case held in Redis (402 when it does not fit)
+    forward  the upstream call, its stream relayed as it arrives or its body read whole
+    decide   the outcome and the charge (outcome.py: the charge table)
+    settle   debit once, release the hold, store the answer for the cache
+    answer   the body with the charge in its headers, or the error the ending calls for
+
+Each stage returns a value to this module; no stage calls another. Once the hold is taken the rest runs in
+a task of its own, shielded from the handler's cancellation, so a client that goes away can never leave a
+request unsettled; a stream's settlement goes on in that task after the client has its answer, so the
+connection can take its next request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+import aiohttp
+from aiohttp import web
+
+from ..accounts import AccountStore
+from ..cache import ResponseCache
+from ..config import Settings
+from ..errors import NotFound, Unauthorized, UnknownAccount
+from ..headers import HeaderNames
+from ..ledger import RedisLedger
+from ..observe import RECORD, RequestRecord
+from ..pricing import PriceTable, cost
+from ..responses import REQUEST_ID
+from ..settlements import PendingSettlements
+from ..upstream import Upstream, forwarded_extra
+from ..wire import ROUTES
+from . import admit, record, respond, retry
+from .forward import Forwarded, Forwarder, ForwardPolicy
+from .hold import Held, Hit, Holder, HoldNotes, HoldPolicy
+from .live import Live
+from .outcome import Outcome, Phase, Tariff, Verdict, decide
+from .settle import Settler, Stored
+from .stream import StreamPolicy
+
+log = logging.getLogger("creditgate.proxy")
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        prices: PriceTable,
+        ledger: RedisLedger,
+        accounts: AccountStore,
+        upstreams: dict[str, Upstream],
+        session: aiohttp.ClientSession,
+        cache: ResponseCache | None = None,
+    ) -> None:
+        s = settings
+        self.prices, self.accounts, self.cache = prices, accounts, cache
+        self.no_usage_charge = s.no_usage_charge
+        self.admit_policy = admit.AdmitPolicy(
+            s.account_header,
+            s.byok_header,
+            s.prompt_bytes_per_token,
+            s.afford_output_header,
+            s.afford_output_limit,
+        )
+        self.holder = Holder(
+            ledger,
+            cache,
+            HoldPolicy(
+                s.hold_lease_seconds,
+                s.top_up_url,
+                s.afford_min_output_tokens,
+                retry.reserve(s.reserve_retry_seconds),
+            ),
+        )
+        self.relayed = HeaderNames.of(s.relay_response_headers)
+        drop = (s.byok_header, s.afford_output_header, *([s.account_header] if s.account_header else []))
+        stream = StreamPolicy(drain_seconds=s.disconnect_drain_seconds, capture_bytes=s.cache_max_entry_bytes)
+        self.forwarder = Forwarder(
+            session, upstreams, ForwardPolicy(drop, forwarded_extra(s), self.relayed, stream)
+        )
+        self.settler = Settler(ledger, cache, cache_ttl_seconds=s.cache_ttl_seconds, retry=retry.SETTLE)
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.exchanges: dict[str, Live] = {}  # the requests in flight, by request id
+        self.cutting = False  # shutting down past the grace period: every request is cut
+        self._usage_warned: dict[tuple[str, str], float] = {}  # (upstream, model) -> last warning
+
+    @property
+    def pending(self) -> PendingSettlements:
+        return self.settler.pending
+
+    async def handle_metered(self, request: web.Request) -> web.StreamResponse:
+        request_id = request[REQUEST_ID] = "req_" + secrets.token_hex(16)
+        route = ROUTES[request.path]
+        rec = request.get(RECORD) or RequestRecord(route.kind, time.perf_counter())
+        rec.request_id = request_id
+        rec.account = account = await admit.authenticate(request.headers, self.accounts, self.admit_policy)
+        body = await request.read()
+        identified = admit.identify(body, self.prices)
+        record.identified(rec, identified[1], identified[0])
+        planner = self.cache.plan if self.cache is not None else None
+        adm = admit.plan(
+            request_id,
+            account,
+            route,
+            body,
+            identified,
+            request.headers,
+            self.prices,
+            self.admit_policy,
+            planner,
+        )
+        record.admitted(rec, adm)
+        notes = HoldNotes.of(adm)
+        try:
+            got = await self.holder.hold(adm, notes)
+        except BaseException:
+            record.held(rec, notes, None)
+            raise
+        record.held(rec, notes, got.admission if isinstance(got, Held) else None)
+        if isinstance(got, Hit):
+            return await self._answer_hit(request, adm, got, rec)
+        live = Live(account, request_id, cut=self.cutting)
+        answered: asyncio.Future[web.StreamResponse] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            self._exchange(request, got, live, rec, answered), name=f"exchange-{request_id}"
+        )
+        rec.exchange = task
+        self.in_flight.add(task)
+        self.exchanges[request_id] = live
+        task.add_done_callback(self.in_flight.discard)
+        task.add_done_callback(lambda _: self.exchanges.pop(request_id, None))
+        return await asyncio.shield(answered)
+
+    async def _answer_hit(
+        self, request: web.Request, adm: admit.Admission, hit: Hit, rec: RequestRecord
+    ) -> web.StreamResponse:
+        """Answer from cache: no hold, no charge; recorded with what it saved."""
+        assert self.cache is not None
+        outcome = Outcome.CACHE_COLLAPSED if hit.collapsed else Outcome.CACHE_HIT
+        saved = cost(adm.price, hit.entry.usage, adm.multiplier)
+        provider = self.forwarder.upstreams[adm.price.upstream].name
+        try:
+            settlement = await self.settler.record_hit(adm, provider, outcome.value, hit.entry.usage, saved)
+        except UnknownAccount:
+            raise Unauthorized("The account behind this key no longer exists.") from None
+        record.hit(rec, hit.entry.usage, saved, outcome.value)
+        if hit.collapsed:
+            self.cache.stats.collapsed += 1
+        return await respond.hit_answer(request, adm, hit.entry, settlement, collapsed=hit.collapsed)
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        held: Held,
+        live: Live,
+        rec: RequestRecord,
+        answered: asyncio.Future[web.StreamResponse],
+    ) -> None:
+        """The held request's task: forward, decide, settle, answer, whatever happens."""
+        adm, stored = held.admission, None
+        try:
+            fwd = await self.forwarder.forward(request, adm, live)
+            verdict = decide(
+                fwd.ending, Tariff(adm.price, adm.multiplier, adm.body_size, self.no_usage_charge)
+            )
+            if verdict.outcome in (Outcome.NO_USAGE, Outcome.NO_USAGE_ESTIMATED):
+                self._warn_no_usage(adm, fwd)
+            stored = self._for_cache(adm, fwd, verdict)
+            error = respond.failure(adm, fwd)
+            if error is not None or fwd.response is not None:  # the client's answer first, then settle
+                if error is not None:
+                    answered.set_exception(error)
+                else:
+                    assert fwd.response is not None
+                    answered.set_result(fwd.response)
+                settlement, stored = await self.settler.settle(adm, fwd.upstream.name, verdict, stored)
+            else:  # a body: settled first, its headers carry the charge
+                settlement, stored = await self.settler.settle(adm, fwd.upstream.name, verdict, stored)
+                try:
+                    charged = verdict.charge
+                    answer = respond.body_answer(
+                        adm, fwd, self.relayed, charged, settlement, stored=stored is not None
+                    )
+                except Exception as exc:
+                    answered.set_exception(exc)
+                else:
+                    answered.set_result(answer)
+            record.finished(rec, fwd, verdict, settlement)
+        except BaseException as exc:
+            if not answered.done():
+                if isinstance(exc, Exception):
+                    answered.set_exception(exc)
+                else:
+                    answered.cancel()
+            raise
+        finally:  # whatever happened, the identical requests waiting on this one go on
+            self.holder.land(adm, held.flight, stored.entry if stored else None)
+
+    def _for_cache(self, adm: admit.Admission, fwd: Forwarded, verdict: Verdict) -> Stored | None:
+        """A complete 200 answer with usage, kept for the cache when this request may store one."""
+        if (
+            adm.cache is None
+            or self.cache is None
+            or not adm.cache.store
+            or verdict.outcome is not Outcome.OK
+        ):
+            return None
+        ending = fwd.ending
+        if ending.phase is Phase.STREAMED:
+            body = fwd.captured
+            if body is None or (
+                adm.route.kind != "responses" and not body.rstrip().endswith(b"data: [DONE]")
+            ):
+                return None  # a stream that ended early is never stored
+        elif ending.phase is Phase.ANSWERED and ending.status == 200 and ending.usage is not None:
+            body = fwd.body
+        else:
+            return None
+        assert fwd.headers is not None
+        assert ending.usage is not None
+        kept = self.cache.entry(
+            body,
+            stream=ending.phase is Phase.STREAMED,
+            headers=fwd.headers,
+            usage=ending.usage,
+            now_ms=int(time.time() * 1000),
+        )
+        return Stored(*kept) if kept is not None else None
+
+    def _warn_no_usage(self, adm: admit.Admission, fwd: Forwarded) -> None:
+        """A 200 that reported no usage: warned about once a minute per upstream and model (the request
+        metrics count it by its outcome, no_usage*)."""
+        now = time.monotonic()
+        key = (fwd.upstream.name, adm.price.model)
+        if self._usage_warned.get(key, -60.0) + 60 <= now:
+            self._usage_warned[key] = now
+            log.warning(
+                "the upstream %r answered %s without usage (request %s); no_usage_charge is %s",
+                fwd.upstream.name,
+                adm.price.model,
+                adm.request_id,
+                self.no_usage_charge,
+            )
+
+    # ---- shutdown ---------------------------------------------------------------------------------
+
+    def cut_all(self) -> None:
+        """Stop every request in flight from waiting on its upstream (and any started from now on). A
+        stream already relaying is settled by the disconnect policy; a request whose client got nothing
+        yet is charged nothing."""
+        self.cutting = True
+        for live in self.exchanges.values():
+            live.cut_now()
+
+    async def finish(self, grace: float) -> None:
+        """At shutdown: let the requests in flight finish for up to `grace` seconds, then cut the rest
+        and wait for them to settle."""
+        if self.in_flight:
+            log.info("waiting up to %.1f s for %d requests in flight", grace, len(self.in_flight))
+            await asyncio.wait(set(self.in_flight), timeout=grace)
+        if self.in_flight:
+            log.warning("cutting %d requests still running after %.1f s", len(self.in_flight), grace)
+            self.cut_all()
+            await asyncio.wait(set(self.in_flight))
+
+    # ---- models -----------------------------------------------------------------------------------
+
+    async def handle_models(self, request: web.Request) -> web.StreamResponse:
+        """The priced models and their aliases, in OpenAI's list format; no upstream is called."""
+        request[REQUEST_ID] = "req_" + secrets.token_hex(16)
+        rec = request.get(RECORD) or RequestRecord("models", time.perf_counter())
+        rec.request_id = request[REQUEST_ID]
+        rec.account = await admit.authenticate(request.headers, self.accounts, self.admit_policy)
+        listed = self.prices.listing()
+        headers = {"x-request-id": request[REQUEST_ID]}
+        model_id = request.match_info.get("id")
+        if model_id is None:
+            return web.json_response({"object": "list", "data": listed}, headers=headers)
+        for entry in listed:
+            if entry["id"] == model_id:
+                return web.json_response(entry, headers=headers)
+        raise NotFound(f"The model {model_id!r} does not exist.", param="model", code="model_not_found")

@@ -1,0 +1,48 @@
+"""The request record (observe.RequestRecord: metrics and the request log line) filled from what the
+stages returned, in one place per step of the walk."""
+
+from __future__ import annotations
+
+from ..ledger import Settlement
+from ..observe import RequestRecord
+from ..pricing import Price, Usage
+from ..wire import MeteredRequest
+from .admit import Admission
+from .forward import Forwarded
+from .hold import HoldNotes
+from .outcome import Verdict
+
+
+def identified(rec: RequestRecord, price: Price, request: MeteredRequest) -> None:
+    rec.model = price.model
+    rec.stream = bool(request.stream)
+
+
+def admitted(rec: RequestRecord, adm: Admission) -> None:
+    rec.key_source = "byok" if adm.byok else "pooled"
+
+
+def held(rec: RequestRecord, notes: HoldNotes, adm: Admission | None) -> None:
+    """After the hold stage, whether it held, answered from cache or raised."""
+    rec.cache = notes.cache_result
+    rec.waited += notes.waited
+    if adm is not None:
+        rec.hold = adm.hold
+
+
+def hit(rec: RequestRecord, usage: Usage, saved: int, outcome: str) -> None:
+    rec.settled, rec.usage, rec.saved, rec.outcome = True, usage, saved, outcome
+
+
+def finished(rec: RequestRecord, fwd: Forwarded, verdict: Verdict, settlement: Settlement | None) -> None:
+    """After settlement: the upstream's timings, the outcome, and the charge once Redis took it."""
+    t = fwd.timings
+    rec.upstream_started, rec.upstream_first_byte, rec.upstream_ended = (
+        t.upstream_started,
+        t.upstream_first_byte,
+        t.upstream_ended,
+    )
+    rec.waited += t.waited
+    rec.outcome = verdict.label
+    if settlement is not None:
+        rec.settled, rec.charge, rec.usage = True, verdict.charge, verdict.usage

@@ -1,0 +1,140 @@
+"""Stage 4, settlement: the hold released and the charge debited, once, with the ledger entry in the
+same Lua step; a cached answer stored with it.
+
+A settle Redis refuses is sent again by the retry policy (it is idempotent by request id: a retry cannot
+charge twice); one that still fails is kept and sent again in the background (settlements.py), never
+dropped. The handler calls `settle` exactly once per held request; a cache hit is `record_hit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from ..cache import CachedResponse, ResponseCache
+from ..errors import UnknownAccount
+from ..ledger import RedisLedger, Settlement
+from ..outbox import UsageEvent
+from ..pricing import Usage
+from ..settlements import PendingSettlement, PendingSettlements
+from .admit import Admission
+from .outcome import Verdict
+from .retry import Retry
+
+log = logging.getLogger("creditgate.settle")
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """An answer to keep in the cache, and its encoding."""
+
+    entry: CachedResponse
+    encoded: bytes
+
+
+def ledger_entry(
+    adm: Admission, provider: str, outcome: str, usage: Usage | None, *, hold: int, saved: int | None = None
+) -> UsageEvent:
+    """The outbox entry (the future ledger row) of a request."""
+    usage = usage or Usage()
+    return UsageEvent(
+        route=adm.route.kind,
+        model=adm.price.model,
+        provider=provider,
+        key_source="byok" if adm.byok else "pooled",
+        multiplier=f"{adm.multiplier.numerator}/{adm.multiplier.denominator}",
+        prompt_tokens=usage.prompt_tokens,
+        cached_tokens=usage.cached_tokens,
+        completion_tokens=usage.completion_tokens,
+        hold=hold,
+        saved=saved,
+        outcome=outcome,
+        started_ms=adm.started_ms,
+        settled_ms=int(time.time() * 1000),
+    )
+
+
+class Settler:
+    def __init__(
+        self, ledger: RedisLedger, cache: ResponseCache | None, *, cache_ttl_seconds: int, retry: Retry
+    ) -> None:
+        self.ledger = ledger
+        self.cache = cache
+        self.cache_ttl_ms = cache_ttl_seconds * 1000
+        self.retry = retry
+        self.pending = PendingSettlements(ledger)  # settlements Redis has not taken yet
+
+    async def settle(
+        self, adm: Admission, provider: str, verdict: Verdict, stored: Stored | None
+    ) -> tuple[Settlement | None, Stored | None]:
+        """Debit `verdict.charge` and release the hold; returns the settlement (None when Redis did not
+        take it: it is then queued) and the cache entry that was stored (None if none was)."""
+        if verdict.uncapped > verdict.charge:  # usage no real request has: billed at the ceiling
+            log.error(
+                "request %s reported usage costing %d micro-credits; charged the ceiling of %d",
+                adm.request_id,
+                verdict.uncapped,
+                verdict.charge,
+            )
+        event = ledger_entry(adm, provider, verdict.label, verdict.usage, hold=adm.hold)
+        colocated = stored is not None and adm.cache is not None and adm.cache.colocated
+        store = (
+            (adm.cache.key, stored.encoded, self.cache_ttl_ms) if colocated and adm.cache and stored else None
+        )
+        settlement = None
+        account_gone = False
+        started = time.monotonic()
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                settlement = await self.ledger.settle(
+                    adm.account, adm.request_id, verdict.charge, event, cache_entry=store
+                )
+                break
+            except RedisError as exc:  # idempotent by request id: retrying cannot charge twice
+                log.warning("settle of %s failed (attempt %d): %r", adm.request_id, tries, exc)
+            except UnknownAccount:  # deleted while its request ran: there is nothing left to debit
+                log.error("settle of %s: account %s no longer exists", adm.request_id, adm.account)
+                account_gone = True
+                break
+            pause = self.retry.pause(tries, started, time.monotonic())
+            if pause is None:
+                break
+            await asyncio.sleep(pause)
+        if settlement is None:
+            if not account_gone:  # kept, and sent again in the background until Redis takes it
+                log.error(
+                    "settle of %s (%d micro-credits) failed; kept and retried in the background",
+                    adm.request_id,
+                    verdict.charge,
+                )
+                self.pending.add(PendingSettlement(adm.account, adm.request_id, verdict.charge, event))
+            return None, None
+        if stored is not None and not colocated and adm.cache is not None and self.cache is not None:
+            try:  # a shared-scope entry, outside the settle script's slot
+                await self.cache.put(adm.cache.key, stored.encoded)
+            except RedisError as exc:  # the answer is served all the same; only the entry is lost
+                log.warning("storing the cache entry of %s failed: %r", adm.request_id, exc)
+                stored = None
+        if settlement.first and verdict.charge > adm.hold:  # the overdraft is in the ledger row too
+            log.warning(
+                "request %s on %s cost %d, above its hold of %d",
+                adm.request_id,
+                adm.account,
+                verdict.charge,
+                adm.hold,
+            )
+        return settlement, stored
+
+    async def record_hit(
+        self, adm: Admission, provider: str, outcome: str, usage: Usage, saved: int
+    ) -> Settlement:
+        """A cache hit: nothing held, nothing charged; recorded as a zero-charge ledger entry with what it
+        saved. Raises UnknownAccount when the account is gone."""
+        event = ledger_entry(adm, provider, outcome, usage, hold=0, saved=saved)
+        return await self.ledger.settle(adm.account, adm.request_id, 0, event, record=True)
