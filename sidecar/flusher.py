@@ -24,66 +24,26 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from .batches import Batch, FlushStats, Item, is_data_error
 from .keys import KeySpace, as_text
 from .outbox import BadEntry, ledger_row
+from .outbox_view import backlog, dead_letters
 from .store import Store
 
 log = logging.getLogger("creditgate.flusher")
 
 GROUP = "ledger-flusher"
-POLL = 0.05  # seconds between reads of an idle outbox  # crash tests: "crash-after-commit"
-
-
-@dataclass
-class FlushStats:
-    rows: int = 0
-    batches: int = 0
-    failures: int = 0
-    last_batch_rows: int = 0
-    last_batch_seconds: float = 0.0
-    dead_letters: int = 0  # entries parked in the dead-letter streams by this process
-
-
-@dataclass(eq=False)  # compared (and hashed) by identity: the loops track theirs in a set
-class Batch:
-    entries: dict[str, list[tuple[str, dict[Any, Any]]]] = field(default_factory=dict)  # stream -> entries
-    size: int = 0
-
-    def add(self, stream: str, entries: Sequence[tuple[Any, dict[Any, Any]]]) -> None:
-        if entries:
-            self.entries.setdefault(stream, []).extend((as_text(i), f) for i, f in entries)
-            self.size += len(entries)
-
-
-@dataclass
-class _Item:
-    stream: str
-    entry_id: str
-    fields: dict[Any, Any]
-    row: tuple[Any, ...] | None = None
-    reason: str = ""
+POLL = 0.05  # seconds between reads of an idle outbox
 
 
 # Every flusher of this process, so that a drain can wait for the batches any of them has in flight.
 _FLUSHERS: weakref.WeakSet[Flusher] = weakref.WeakSet()
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """Whether Postgres (or the driver encoding the batch) refused the rows themselves, as opposed to
-    being unreachable: such a batch is split to find the refused rows, any other failure is retried."""
-    if isinstance(exc, asyncpg.PostgresError):
-        return str(getattr(exc, "sqlstate", "") or "")[:2] in ("22", "23")  # data / integrity
-    if isinstance(exc, asyncpg.InterfaceError | OSError):
-        return isinstance(exc, ValueError)  # asyncpg's client-side DataError is both
-    return isinstance(exc, ValueError | TypeError | OverflowError)
 
 
 class Flusher:
@@ -198,7 +158,7 @@ class Flusher:
         if not batch.size:
             return
         started = time.perf_counter()
-        items = [_Item(stream, i, f) for stream, entries in batch.entries.items() for i, f in entries]
+        items = [Item(stream, i, f) for stream, entries in batch.entries.items() for i, f in entries]
         for item in items:
             try:
                 item.row = ledger_row(item.fields)
@@ -229,7 +189,7 @@ class Flusher:
         async with self._progress:
             self._progress.notify_all()
 
-    async def _insert(self, items: list[_Item]) -> list[_Item]:
+    async def _insert(self, items: list[Item]) -> list[Item]:
         """Insert the rows; when Postgres refuses them for their data, bisect to find the refused ones
         (each half is its own idempotent statement). Returns the refused items, their reason set.
         Any other failure (Postgres away) is raised: the whole batch is retried."""
@@ -335,37 +295,10 @@ class Flusher:
             written += batch.size
 
     async def dead_letters(self, limit: int = 100) -> tuple[int, list[dict[str, str]]]:
-        """(dead letters parked in all, up to `limit` of them oldest first per partition: their
-        dead-letter stream id, outbox entry id, reason and the entry as it was)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.dead_letter_streams.values():
-                pipe.xlen(stream)
-                pipe.xrange(stream, count=limit)
-            replies = await pipe.execute()
-        letters = [_dead_letter(i, f) for reply in replies[1::2] for i, f in reply]
-        return sum(replies[0::2]), letters[:limit]
+        return await dead_letters(self.redis, list(self.dead_letter_streams.values()), limit)
 
     async def backlog(self) -> tuple[int, float]:
-        """(entries waiting, age in seconds of the oldest), across partitions."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xlen(stream)
-                pipe.xrange(stream, count=1)
-            replies = await pipe.execute()
-        length = sum(replies[0::2])
-        oldest = [int(as_text(r[0][0]).split("-")[0]) for r in replies[1::2] if r]
-        age = max(0.0, time.time() - min(oldest) / 1000) if oldest else 0.0
-        return length, age
-
-
-def _dead_letter(stream_id: Any, fields: dict[Any, Any]) -> dict[str, str]:
-    text = {as_text(k): as_text(v) for k, v in fields.items()}
-    return {
-        "id": as_text(stream_id),
-        "entry": text.get("entry", ""),
-        "reason": text.get("reason", ""),
-        "d": text.get("d", ""),
-    }
+        return await backlog(self.redis, self.streams)
 
 
 def reraise_if_cancelled(exc: Exception) -> None:

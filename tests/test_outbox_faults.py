@@ -18,7 +18,8 @@ from redis.exceptions import ResponseError
 
 from sidecar.accounts import AccountStore
 from sidecar.app import FLUSHER
-from sidecar.flusher import GROUP, is_data_error
+from sidecar.batches import is_data_error
+from sidecar.flusher import GROUP
 from sidecar.keys import KeySpace, as_text
 from sidecar.ledger import RedisLedger
 from sidecar.money import MAX_CHARGE, MAX_MICRO
