@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -32,6 +32,7 @@ from .pricing import PriceTable
 from .reconcile import Drift, complete_money_in, rebuild_if_empty, reconcile
 from .responses import error_middleware
 from .store import Store
+from .supervisor import Supervisor
 from .upstream import create_session, upstreams_from
 from .wire import ROUTES
 
@@ -149,21 +150,6 @@ async def _prepare_ledger(svc: Services) -> None:
         log.error("Postgres is unavailable at startup (%r); serving from Redis, ledger writes wait", exc)
 
 
-async def _every(
-    interval: float, name: str, stop: asyncio.Event, step: Callable[[], Awaitable[None]]
-) -> None:
-    """Run `step` every `interval` seconds until `stop` is set; a failing pass is logged and retried."""
-    while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
-        if stop.is_set():
-            return
-        try:
-            await step()
-        except Exception:
-            log.exception("%s pass failed; retrying next interval", name)
-
-
 def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> web.Application:
     """The sidecar. ``redis_url`` and ``database_url`` must be set (the CLI starts embedded servers)."""
     prices = PriceTable.from_settings(settings)
@@ -220,35 +206,19 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
                     int(time.time() * 1000) + settings.hold_lease_seconds * 1000,
                 )
 
-            stop = asyncio.Event()
-            tasks = [
-                asyncio.create_task(
-                    _every(settings.hold_lease_seconds / 3, "lease renewal", stop, renew_leases),
-                    name="creditgate-lease-renewal",
-                ),
-                asyncio.create_task(
-                    _every(settings.reaper_interval_seconds, "hold reaper", stop, reap),
-                    name="creditgate-hold-reaper",
-                ),
-                asyncio.create_task(
-                    _every(SETTLE_RETRY_SECONDS, "settlement retry", stop, retry_settlements),
-                    name="creditgate-settlement-retry",
-                ),
-            ]
-            if settings.flusher_enabled:
-                tasks.append(asyncio.create_task(flusher.run(), name="creditgate-flusher"))
+            tasks = Supervisor()
+            tasks.every("lease-renewal", settings.hold_lease_seconds / 3, renew_leases)
+            tasks.every("hold-reaper", settings.reaper_interval_seconds, reap)
+            tasks.every("settlement-retry", SETTLE_RETRY_SECONDS, retry_settlements)
             if settings.reconcile_interval_seconds > 0:
-                tasks.append(
-                    asyncio.create_task(
-                        _every(settings.reconcile_interval_seconds, "reconcile", stop, check_drift),
-                        name="creditgate-reconciler",
-                    )
-                )
+                tasks.every("reconciler", settings.reconcile_interval_seconds, check_drift)
+            if settings.flusher_enabled:
+                tasks.start("flusher", flusher.run(), on_stop=flusher.stop)
             try:
                 yield
-            finally:
+            finally:  # the order of shutdown: supervisor.py
                 await proxy.finish(0)  # normally done already, by on_shutdown
-                await _stop_tasks(tasks, stop, flusher)
+                await tasks.stop()
                 if proxy.pending.pending:  # a last try, before the outbox's final flush
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(settings.shutdown_flush_seconds):
@@ -311,17 +281,6 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
     admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
     app.add_subapp("/admin/", admin)
     return app
-
-
-async def _stop_tasks(tasks: list[asyncio.Task[None]], stop: asyncio.Event, flusher: Flusher) -> None:
-    """Ask the background tasks to finish what they are doing; cancel any still busy after 5 s."""
-    stop.set()
-    flusher.stop()
-    _, pending = await asyncio.wait(tasks, timeout=5)
-    for task in pending:
-        log.warning("background task %s did not stop in 5 s; cancelling it", task.get_name())
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _final_flush(flusher: Flusher, seconds: float) -> None:
