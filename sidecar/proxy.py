@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import secrets
 import time
@@ -23,7 +24,7 @@ from .accounts import AccountStore
 from .afford import affordable_output_tokens, with_output_limit
 from .cache import BYPASS, CachedResponse, ResponseCache
 from .cachekey import hit_headers, miss_headers
-from .config import Settings
+from .config import ACCOUNT_SECRET_HEADER, Settings
 from .errors import (
     REQUEST_ID,
     BadRequest,
@@ -117,6 +118,8 @@ class Proxy:
         header = self.settings.account_header
         if header:
             account = request.headers.get(header)
+            if account:
+                self._check_account_secret(request, header)
             if account and await self.accounts.exists(account):
                 return account
             if account:
@@ -129,6 +132,21 @@ class Proxy:
         if found is None:
             raise Unauthorized("Incorrect or revoked API key.")
         return found
+
+    def _check_account_secret(self, request: web.Request, header: str) -> None:
+        """With account_header_secret set, naming an account in the header takes the secret too (checked
+        before the account is looked up, so that no one without it learns which accounts exist)."""
+        secret = self.settings.account_header_secret
+        if not secret:
+            return
+        presented = request.headers.get(ACCOUNT_SECRET_HEADER, "")
+        # Header values arrive decoded with surrogateescape: encode them back the same way.
+        if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), secret.encode()):
+            raise Unauthorized(
+                f"Missing or wrong {ACCOUNT_SECRET_HEADER} header: a request naming its account in the "
+                f"{header} header must carry the account secret.",
+                code="invalid_account_secret",
+            )
 
     # ---- metered routes ---------------------------------------------------------------------------
 
