@@ -3,7 +3,9 @@
     python .ci/deploy_checks.py chart      helm lint + helm template for every helm/creditgate/ci/*.yaml and
                                            the example app chart; every rendered manifest validated against
                                            the Kubernetes schemas (strict) of 1.29 and the newest version
-                                           kubernetes-validate carries; render-time guards proven to fire
+                                           kubernetes-validate carries; the pods, listeners, Services and
+                                           ServiceMonitors checked; render-time guards and these checks
+                                           proven to fire
     python .ci/deploy_checks.py dashboard  the Grafana dashboard parses and uses only contract metrics
 
 No cluster, no network: helm-python-sdk renders with Helm's Go engine in-process, kubernetes-validate ships
@@ -12,11 +14,12 @@ the schemas. ServiceMonitor is a CRD with no schema there: it is checked against
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +112,8 @@ def pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]
 
 
-def check_pod(name: str, pod: dict[str, Any]) -> None:
-    """What schemas cannot see: the creditgate container's hardening, probes, shutdown budget, mounts."""
+def creditgate_container(name: str, pod: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The pod's creditgate container, and whether it is a native sidecar (an init container)."""
     init = pod.get("initContainers", [])
     main = pod.get("containers", [])
     found = [(c, True) for c in init if c["name"] == "creditgate"] + [
@@ -118,7 +121,18 @@ def check_pod(name: str, pod: dict[str, Any]) -> None:
     ]
     if len(found) != 1:
         fail(f"{name}: expected one creditgate container, found {len(found)}")
-    container, is_sidecar = found[0]
+    return found[0]
+
+
+def container_ports(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        p for c in [*pod.get("initContainers", []), *pod.get("containers", [])] for p in c.get("ports", [])
+    ]
+
+
+def check_pod(name: str, pod: dict[str, Any]) -> None:
+    """What schemas cannot see: the creditgate container's hardening, probes, shutdown budget, mounts."""
+    container, is_sidecar = creditgate_container(name, pod)
     if pod.get("enableServiceLinks") is not False:
         fail(f"{name}: enableServiceLinks must be false (service links add CREDITGATE_* variables)")
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
@@ -142,8 +156,12 @@ def check_pod(name: str, pod: dict[str, Any]) -> None:
     }
     wanted_paths = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
     for kind, path in wanted_paths.items():
-        if probes[kind].get("path") != path or probes[kind].get("port") != "creditgate":
-            fail(f"{name}: {kind} must GET {path} on the port named creditgate, has {probes[kind]}")
+        if probes[kind].get("path") != path or probes[kind].get("port") != "ops":
+            fail(f"{name}: {kind} must GET {path} on the port named ops, has {probes[kind]}")
+    numbers = [p["containerPort"] for p in container_ports(pod)]
+    clashes = sorted({n for n in numbers if numbers.count(n) > 1})
+    if clashes:  # the pod's containers share one network namespace
+        fail(f"{name}: containers declare the same port number twice: {clashes}")
     env = {e["name"]: e for e in container.get("env", [])}
     for required in ("CREDITGATE_REDIS_URL", "CREDITGATE_DATABASE_URL"):
         if "secretKeyRef" not in env.get(required, {}).get("valueFrom", {}):
@@ -170,28 +188,142 @@ def check_pod(name: str, pod: dict[str, Any]) -> None:
         fail(f"{name}: /tmp must be a writable volume (the root filesystem is read-only)")
 
 
-def check_config(docs: list[dict[str, Any]], where: str) -> None:
-    """The rendered config file is loaded by creditgate's own settings loader."""
-    from sidecar.config import load_settings
-
+def config_text(docs: list[dict[str, Any]], where: str) -> str:
     configs = [d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d.get("data", {})]
     if len(configs) != 1:
         fail(f"{where}: expected one creditgate ConfigMap with config.yaml, found {len(configs)}")
+    text: str = configs[0]["data"]["config.yaml"]
+    return text
+
+
+def load_rendered(text: str, environ: dict[str, str], where: str) -> Any:
+    """creditgate's own settings loader on a rendered config file and environment (its refusals apply)."""
+    from sidecar.config import load_settings
+
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
-        handle.write(configs[0]["data"]["config.yaml"])
+        handle.write(text)
         handle.flush()
         try:
-            load_settings(handle.name, environ={})
+            return load_settings(handle.name, environ=environ)
         except Exception as exc:
-            fail(f"{where}: creditgate refuses the rendered config.yaml: {exc}")
+            fail(f"{where}: creditgate refuses the rendered settings: {exc}")
+
+
+def check_config(docs: list[dict[str, Any]], where: str) -> None:
+    """The rendered config file is loaded by creditgate's own settings loader."""
+    load_rendered(config_text(docs, where), {}, where)
+
+
+def pod_environ(container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment; a value from a Secret (or any valueFrom) stands in as a placeholder."""
+    environ = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            environ[entry["name"]] = str(entry["value"])
+        else:
+            ref = entry.get("valueFrom", {}).get("secretKeyRef", {})
+            environ[entry["name"]] = f"from-secret-{ref.get('name')}-{ref.get('key')}".ljust(16, "x")
+    return environ
+
+
+ALL_ADDRESSES = ("0.0.0.0", "::", "")
+
+
+def check_listeners(name: str, pod: dict[str, Any], config: str) -> None:
+    """What creditgate listens on, as it reads the rendered config and the container's environment:
+    the ops port (probes, metrics) on all addresses in both modes; sidecar: the API on loopback only and
+    no API port declared (nothing but the app in the pod reaches /v1 or /admin); standalone: the API on
+    all addresses behind its container port."""
+    from sidecar.config import is_loopback
+
+    container, is_sidecar = creditgate_container(name, pod)
+    settings = load_rendered(config, pod_environ(container), name)
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    if settings.ops_listen_port is None or ports.get("ops") != settings.ops_listen_port:
+        fail(
+            f"{name}: the container port ops ({ports.get('ops')}) is not the ops listener's port "
+            f"({settings.ops_listen_port})"
+        )
+    if settings.ops_host not in ALL_ADDRESSES:
+        fail(f"{name}: ops_host is {settings.ops_host!r}: the kubelet and Prometheus reach the pod IP")
+    if is_sidecar:
+        if not is_loopback(settings.host):
+            fail(f"{name}: in sidecar mode the API must listen on loopback only, host is {settings.host!r}")
+        if set(ports) != {"ops"}:
+            fail(f"{name}: in sidecar mode creditgate declares only the ops port, has {sorted(ports)}")
+    else:
+        if settings.host not in ALL_ADDRESSES:
+            fail(
+                f"{name}: in standalone mode the API must listen on all addresses, host is {settings.host!r}"
+            )
+        if ports.get("creditgate") != settings.port:
+            fail(
+                f"{name}: the container port creditgate ({ports.get('creditgate')}) is not the API's port "
+                f"({settings.port})"
+            )
+
+
+def check_services(docs: list[dict[str, Any]], where: str) -> None:
+    """Every Service's targetPort names a port of the pods it selects; every ServiceMonitor endpoint names
+    a port of a Service it selects, and scrapes /metrics on the port that targets the ops port."""
+    workloads = [
+        (doc["spec"]["template"]["metadata"].get("labels", {}), doc["spec"]["template"]["spec"])
+        for doc in docs
+        if doc["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+    ]
+    services = [d for d in docs if d["kind"] == "Service"]
+    for svc in services:
+        name = f"{where}: Service/{svc['metadata']['name']}"
+        selector = svc["spec"].get("selector", {})
+        selected = [pod for labels, pod in workloads if selector.items() <= labels.items()]
+        if not selected:
+            fail(f"{name} selects no pod")
+        for port in svc["spec"].get("ports", []):
+            target = port.get("targetPort", port["port"])
+            for pod in selected:
+                declared = container_ports(pod)
+                if target not in {p.get("name") for p in declared} | {p["containerPort"] for p in declared}:
+                    fail(
+                        f"{name}: port {port.get('name')!r} targets {target!r}, which is no container port "
+                        "of the pods it selects"
+                    )
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        name = f"{where}: ServiceMonitor/{monitor['metadata']['name']}"
+        wanted = monitor["spec"].get("selector", {}).get("matchLabels", {})
+        selected = [svc for svc in services if wanted.items() <= svc["metadata"].get("labels", {}).items()]
+        if not selected:
+            fail(f"{name} selects no Service")
+        for endpoint in monitor["spec"].get("endpoints", []):
+            for svc in selected:
+                by_name = {p.get("name"): p for p in svc["spec"].get("ports", [])}
+                port = by_name.get(endpoint.get("port"))
+                if port is None:
+                    fail(
+                        f"{name}: endpoint port {endpoint.get('port')!r} names no port of "
+                        f"Service/{svc['metadata']['name']} (it has {sorted(by_name)})"
+                    )
+                    return
+                if endpoint.get("path", "/metrics") == "/metrics" and port.get("targetPort") != "ops":
+                    fail(
+                        f"{name}: scrapes /metrics on the Service port {endpoint.get('port')!r}, which "
+                        f"targets {port.get('targetPort')!r}, not the ops port that serves /metrics"
+                    )
+
+
+def check_documents(docs: list[dict[str, Any]], where: str) -> None:
+    """The checks beyond the schemas, on a list of rendered manifests."""
+    config = config_text(docs, where)
+    for name, pod in pods(docs):
+        check_pod(f"{where}: {name}", pod)
+        check_listeners(f"{where}: {name}", pod, config)
+    check_services(docs, where)
+    check_config(docs, where)
 
 
 def render_and_validate(chart: Path, values: dict[str, Any] | None, where: str) -> list[dict[str, Any]]:
     docs = render(chart, values)
     names = [validate(doc, where) for doc in docs]
-    for name, pod in pods(docs):
-        check_pod(f"{where}: {name}", pod)
-    check_config(docs, where)
+    check_documents(docs, where)
     print(f"  {where}: {len(docs)} manifests valid for Kubernetes {' and '.join(K8S_VERSIONS)}")
     for name in names:
         print(f"    {name}")
@@ -214,6 +346,86 @@ NEGATIVE = [
         "readOnlyRootFilesystem",
     ),
     ("unknown value", {"replicas": 3}, "replicas"),
+    (
+        "standalone account_header without its secret",
+        {"config": {"account_header": "x-account-id"}},
+        "secrets.accountHeaderSecret",
+    ),
+    ("ops port equal to the API port", {"opsPort": 8080}, "opsPort and containerPort"),
+    (
+        "account header secret in the ConfigMap",
+        {"config": {"account_header_secret": "x" * 16}},
+        "account_header_secret",
+    ),
+]
+
+
+def _creditgate(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(
+        c
+        for _, pod in pods(docs)
+        for c in [*pod.get("initContainers", []), *pod["containers"]]
+        if c["name"] == "creditgate"
+    )
+
+
+def _set_env(docs: list[dict[str, Any]], name: str, value: str) -> None:
+    env = _creditgate(docs)["env"]
+    env[:] = [e for e in env if e["name"] != name] + [{"name": name, "value": value}]
+
+
+def _first(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind)
+
+
+def _monitor_port(port: str) -> Callable[[list[dict[str, Any]]], None]:
+    def change(docs: list[dict[str, Any]]) -> None:
+        _first(docs, "ServiceMonitor")["spec"]["endpoints"][0]["port"] = port
+
+    return change
+
+
+def _reachable_sidecar_api(docs: list[dict[str, Any]]) -> None:
+    _set_env(docs, "CREDITGATE_HOST", "0.0.0.0")  # with the secret, so that creditgate itself accepts it
+    _set_env(docs, "CREDITGATE_ACCOUNT_HEADER_SECRET", "a-secret-of-16-characters")
+
+
+def _declared_sidecar_api(docs: list[dict[str, Any]]) -> None:
+    _creditgate(docs)["ports"].append({"name": "creditgate", "containerPort": 8080, "protocol": "TCP"})
+
+
+def _probe_on_api(docs: list[dict[str, Any]]) -> None:
+    _creditgate(docs)["readinessProbe"]["httpGet"]["port"] = "creditgate"
+
+
+def _app_on_ops_port(docs: list[dict[str, Any]]) -> None:
+    app = next(c for _, pod in pods(docs) for c in pod["containers"] if c["name"] != "creditgate")
+    app["ports"][0]["containerPort"] = 9090
+
+
+def _reachable_account_header(docs: list[dict[str, Any]]) -> None:
+    _set_env(docs, "CREDITGATE_ACCOUNT_HEADER", "x-account-id")
+
+
+def _service_target(docs: list[dict[str, Any]]) -> None:
+    _first(docs, "Service")["spec"]["ports"][1]["targetPort"] = "metrics"
+
+
+# (what, ci values file, change to its rendered manifests, text the failed check must contain)
+DOCUMENT_NEGATIVE: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], str]] = [
+    ("ServiceMonitor naming no Service port", "monitoring.yaml", _monitor_port("metrics"), "names no port"),
+    ("ServiceMonitor scraping the API port", "monitoring.yaml", _monitor_port("http"), "not the ops port"),
+    ("Service targetPort naming no container port", "monitoring.yaml", _service_target, "no container port"),
+    ("sidecar API on all addresses", "sidecar.yaml", _reachable_sidecar_api, "loopback only"),
+    ("sidecar API port declared", "sidecar.yaml", _declared_sidecar_api, "only the ops port"),
+    ("app container on the ops port", "sidecar.yaml", _app_on_ops_port, "same port number"),
+    ("readiness probe on the API port", "standalone.yaml", _probe_on_api, "on the port named ops"),
+    (
+        "account_header on all addresses without its secret",
+        "standalone.yaml",
+        _reachable_account_header,
+        "account_header_secret",
+    ),
 ]
 
 
@@ -236,6 +448,18 @@ def check_guards() -> None:
             print(f"  refused as expected: {what}")
             continue
         fail(f"guard '{what}': rendering succeeded; expected an error naming {expected!r}")
+    for what, values_file, change, expected in DOCUMENT_NEGATIVE:
+        docs = render(CHART, yaml.safe_load((CHART / "ci" / values_file).read_text()))
+        check_documents(copy.deepcopy(docs), f"ci/{values_file}")  # as rendered: passes
+        change(docs)
+        try:
+            check_documents(docs, f"ci/{values_file}")
+        except CheckFailed as exc:
+            if expected not in str(exc):
+                fail(f"check '{what}': failed, but not naming {expected!r}: {exc}")
+            print(f"  caught as expected: {what}")
+            continue
+        fail(f"check '{what}': the checks passed; expected a failure naming {expected!r}")
 
 
 def check_chart() -> None:

@@ -22,10 +22,10 @@ from .autopipeline import AutoPipeline
 from .cache import ResponseCache
 from .config import Settings
 from .flusher import Flusher
-from .health import READINESS, Readiness, healthz, readyz
+from .health import READINESS, Readiness, healthz, readiness_response, readyz
 from .keys import KeySpace
 from .ledger import RedisLedger
-from .metrics import METRICS, Metrics, metrics_handler
+from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
@@ -151,7 +151,9 @@ async def _prepare_ledger(svc: Services) -> None:
 
 
 def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> web.Application:
-    """The sidecar. ``redis_url`` and ``database_url`` must be set (the CLI starts embedded servers)."""
+    """The sidecar's API listener. ``redis_url`` and ``database_url`` must be set (the CLI starts embedded
+    servers). /admin/* is routed only when the admin API is on (`admin_api`); /healthz, /readyz and
+    /metrics only when there is no ops listener (`ops_listen_port`), else `create_ops_app` serves them."""
     prices = PriceTable.from_settings(settings)
     metrics = Metrics()
 
@@ -247,9 +249,10 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
         app.router.add_post(path, metered)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{id}", models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
+    if settings.ops_listen_port is None:
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics_handler)
 
     async def ledger_status(request: web.Request) -> web.Response:
         flusher, drift = request.config_dict[FLUSHER], request.config_dict[DRIFT]
@@ -276,11 +279,30 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
         total, letters = await request.config_dict[FLUSHER].dead_letters()
         return web.json_response({"total": total, "dead_letters": letters})
 
-    admin = admin_app(settings.admin_token)
-    admin.router.add_get("/ledger", ledger_status)
-    admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
-    app.add_subapp("/admin/", admin)
+    if settings.admin_api:
+        admin = admin_app(settings.admin_token)
+        admin.router.add_get("/ledger", ledger_status)
+        admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
+        app.add_subapp("/admin/", admin)
     return app
+
+
+def create_ops_app(api: web.Application) -> web.Application:
+    """The ops listener: /healthz, /readyz and /metrics of the API app `api`, and nothing else (never /v1,
+    never /admin). It runs beside `api` in the same loop, is up before `api` has started (/readyz: 503
+    "starting") and after `api` has stopped listening (/readyz: 503 "shutting down" while it drains)."""
+    ops = web.Application(middlewares=[error_middleware])
+
+    async def ready(request: web.Request) -> web.Response:
+        return await readiness_response(api.get(READINESS))
+
+    async def scrape(request: web.Request) -> web.Response:
+        return await metrics_response(api[METRICS])
+
+    ops.router.add_get("/healthz", healthz)
+    ops.router.add_get("/readyz", ready)
+    ops.router.add_get("/metrics", scrape)
+    return ops
 
 
 async def _final_flush(flusher: Flusher, seconds: float) -> None:

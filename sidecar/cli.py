@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import signal
@@ -18,11 +17,12 @@ from aiohttp import web
 
 from . import __version__
 from .admin import MONEY_IN_KINDS, grant_amount
-from .app import Services, create_app, services
+from .app import Services, create_app, create_ops_app, services
 from .config import Settings, load_settings, service_links
 from .demo import create_demo_upstream
 from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import CreditgateError
+from .health import READINESS
 from .logs import configure_logging
 from .money import format_credits
 from .reconcile import reconcile, repair
@@ -57,9 +57,17 @@ def resolve_services(settings: Settings) -> Iterator[Settings]:
         yield settings
 
 
+class CannotListen(Exception):
+    """A listener could not bind its address; the message names the settings that choose it."""
+
+
 @contextlib.asynccontextmanager
 async def _site(
-    app: web.Application, host: str, port: int, shutdown_timeout: float = 60.0
+    app: web.Application,
+    host: str,
+    port: int,
+    shutdown_timeout: float = 60.0,
+    settings: str = "host / port, or --host / --port",
 ) -> AsyncIterator[str]:
     """Serve `app`; on exit stop listening, run on_shutdown (the sidecar finishes its requests there),
     give handlers still busy `shutdown_timeout` seconds, then run the cleanup contexts."""
@@ -67,7 +75,12 @@ async def _site(
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CannotListen(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} (set {settings})."
+            ) from None
         server = runner.server
         assert server is not None
         sockets = runner.addresses
@@ -86,7 +99,11 @@ async def _until_signalled() -> None:
     log.info("stopping: no new connections; finishing the requests in flight")
 
 
-async def _serve(settings: Settings, on_ready: Callable[[str], Awaitable[None]] | None = None) -> None:
+async def _serve(settings: Settings, on_ready: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+    """Serve the API listener and, when there is one, the ops listener, until SIGTERM / SIGINT.
+
+    The ops listener starts first and stops last: its /readyz answers 503 while the API app starts,
+    and from the signal on (before the API listener stops) while the requests in flight finish."""
     links = service_links()
     if links:  # Kubernetes service links (enableServiceLinks): not settings, so not read
         log.info("ignoring %d Kubernetes service-link variables: %s", len(links), ", ".join(links))
@@ -104,16 +121,29 @@ async def _serve(settings: Settings, on_ready: Callable[[str], Awaitable[None]] 
                 demo_url,
             )
         app = create_app(settings, demo_upstream_url=demo_url)
+        ops_port = settings.ops_listen_port
+        ops_url = None
+        if ops_port is not None:
+            ops_url = await stack.enter_async_context(
+                _site(create_ops_app(app), settings.ops_host, ops_port, settings="ops_host / ops_port")
+            )
+            log.info("creditgate ops listening on %s (/healthz, /readyz, /metrics)", ops_url)
         url = await stack.enter_async_context(
             _site(app, settings.host, settings.port, HANDLER_SHUTDOWN_SECONDS)
         )
-        log.info("creditgate listening on %s", url)
+        log.info(
+            "creditgate listening on %s (/v1%s%s)",
+            url,
+            ", /admin" if settings.admin_api else "",
+            "" if ops_url else ", /healthz, /readyz, /metrics",
+        )
         if on_ready is not None:
-            await on_ready(url)
+            await on_ready(url, ops_url or url)
         await _until_signalled()
+        app[READINESS].stopping = True  # not ready from now on, before the API listener stops
 
 
-async def _demo_bootstrap(settings: Settings, url: str) -> None:
+async def _demo_bootstrap(settings: Settings, url: str, ops_url: str) -> None:
     async with services(settings, prepare=False) as svc:
         ops = svc.admin
         if not await svc.store.account_exists("demo"):
@@ -135,6 +165,7 @@ Try it (each call is charged; see the x-creditgate-* response headers):
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello there"}}]}}'
 
 Or point the OpenAI SDK at it: OpenAI(base_url="{url}/v1", api_key="{key["key"]}").
+Health and metrics: {ops_url}/healthz, {ops_url}/readyz, {ops_url}/metrics
 Press Ctrl-C to stop.
 """,
         flush=True,
@@ -194,8 +225,8 @@ def _parser() -> argparse.ArgumentParser:
         ("demo", "run the sidecar with a fake upstream and a funded demo account"),
     ):
         listener = sub.add_parser(name, help=text)
-        listener.add_argument("--host", help="listen address (the host setting)")
-        listener.add_argument("--port", type=int, help="listen port (the port setting; 0: any free port)")
+        listener.add_argument("--host", help="the API listener's address (the host setting)")
+        listener.add_argument("--port", type=int, help="the API listener's port (the port setting; 0: any)")
     account = sub.nested(sub.add_parser("account", help="accounts"))
     create = account.add_parser("create", help="create an account")
     create.add_argument("id", nargs="?", help="account id (generated when left out)")
@@ -239,16 +270,15 @@ class _Subparsers:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        settings = load_settings(getattr(args, "config", None))
-    except CreditgateError as exc:
-        print(f"creditgate: {exc.message}", file=sys.stderr)
-        return 2
     listen = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
     if "port" in listen and not 0 <= listen["port"] <= 65535:
         print("creditgate: --port must be between 0 and 65535.", file=sys.stderr)
         return 2
-    settings = msgspec.structs.replace(settings, **listen)
+    try:  # --host / --port are part of the settings checked (what is exposed depends on the host)
+        settings = load_settings(getattr(args, "config", None), overrides=listen)
+    except CreditgateError as exc:
+        print(f"creditgate: {exc.message}", file=sys.stderr)
+        return 2
     if args.command == "serve" and settings.demo_upstream:
         print(
             "creditgate: no upstream configured: set upstream_url (CREDITGATE_UPSTREAM_URL) and "
@@ -263,13 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     except CreditgateError as exc:
         print(json.dumps(exc.body(), indent=2), file=sys.stderr)
         return 1
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        print(
-            f"creditgate: cannot listen: {exc.strerror or exc} (set host / port, or --host / --port).",
-            file=sys.stderr,
-        )
+    except CannotListen as exc:
+        print(f"creditgate: {exc}", file=sys.stderr)
         return 2
 
 
@@ -285,8 +310,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
 
-        async def ready(url: str) -> None:
-            await _demo_bootstrap(settings, url)
+        async def ready(url: str, ops_url: str) -> None:
+            await _demo_bootstrap(settings, url, ops_url)
 
         _run(_serve(settings, ready))
         return 0

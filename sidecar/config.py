@@ -7,6 +7,7 @@ given in the environment as JSON. Every error names the setting it is about.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -82,9 +83,20 @@ def _default_models() -> dict[str, ModelConfig]:
     }
 
 
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port is unset
+ACCOUNT_SECRET_HEADER = "x-creditgate-account-secret"
+MIN_SECRET_LENGTH = 16
+
+
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
-    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    port: Port = 8080
+    # The ops listener: /healthz, /readyz and /metrics only (never /v1, never /admin), for the kubelet and
+    # Prometheus. Unset: none in standalone mode (the API listener serves them too), 9090 in sidecar mode.
+    ops_host: str = "0.0.0.0"
+    ops_port: Port | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     log_requests: bool = True
@@ -129,7 +141,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prompt_bytes_per_token: PositiveInt = 1
     # Callers.
     account_header: str | None = None
+    # When set, a request naming its account in account_header must also carry this secret in the
+    # x-creditgate-account-secret header (required when account_header is on a non-loopback listener).
+    account_header_secret: str | None = None
     admin_token: str | None = None
+    # The /admin API (it still needs admin_token); unset: on in standalone mode, off in sidecar mode.
+    admin_enabled: bool | None = None
     auth_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     top_up_url: str | None = None
     # A 200 whose answer reports no usage: "estimate" charges the prompt at 4 bytes per token plus the
@@ -177,6 +194,21 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """Whether /readyz checks Redis: `readiness_checks_redis`, or by `mode` when it is unset."""
         if self.readiness_checks_redis is not None:
             return self.readiness_checks_redis
+        return self.mode == "standalone"
+
+    @property
+    def ops_listen_port(self) -> int | None:
+        """The ops listener's port (`ops_port`, else 9090 in sidecar mode), or None: no ops listener, the
+        API listener serves /healthz, /readyz and /metrics itself."""
+        if self.ops_port is not None:
+            return self.ops_port
+        return OPS_PORT_SIDECAR if self.mode == "sidecar" else None
+
+    @property
+    def admin_api(self) -> bool:
+        """Whether /admin/* is routed: `admin_enabled`, or by `mode` when it is unset."""
+        if self.admin_enabled is not None:
+            return self.admin_enabled
         return self.mode == "standalone"
 
     @property
@@ -239,7 +271,42 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return raw
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is reachable from this host only: 127.0.0.0/8, ::1 or localhost."""
+    bare = host.strip().strip("[]").lower()
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False  # another name, or "" (all addresses): may be reachable from elsewhere
+
+
+def check_listeners(settings: Settings) -> None:
+    """What is exposed where: a trusted account header on a reachable listener needs its secret."""
+    secret = settings.account_header_secret
+    if secret is not None and len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"account_header_secret must be at least {MIN_SECRET_LENGTH} characters.",
+            param="account_header_secret",
+        )
+    if settings.account_header and not secret and not is_loopback(settings.host):
+        raise ConfigError(
+            f"account_header is set and host {settings.host!r} is not a loopback address, so anything "
+            "that reaches the listener could bill any account with one header: set account_header_secret "
+            f"(requests naming an account must then carry it in {ACCOUNT_SECRET_HEADER}), or set host to "
+            "127.0.0.1.",
+            param="account_header",
+        )
+    ops = settings.ops_listen_port
+    if ops is not None and ops != 0 and ops == settings.port:
+        raise ConfigError(
+            f"ops_port and port are both {ops}: the ops listener needs a port of its own.", param="ops_port"
+        )
+
+
 def _check(settings: Settings) -> None:
+    check_listeners(settings)
     upstreams = settings.upstream_table()
     for name, model in settings.models.items():
         if model.upstream not in upstreams:
@@ -263,8 +330,13 @@ def _check(settings: Settings) -> None:
                 )
 
 
-def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings once; raises ConfigError naming the offending setting."""
+def load_settings(
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings once; raises ConfigError naming the offending setting. `overrides` (the
+    command line's --host / --port) take precedence over the environment and are checked with the rest."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     path = config_file or environ.get(ENV_PREFIX + "CONFIG")
@@ -277,6 +349,7 @@ def load_settings(config_file: str | None = None, environ: Mapping[str, str] | N
             raise ConfigError(f"Config file {path} must hold a mapping of settings.", param="config")
         raw.update(loaded or {})
     raw.update(_from_env(environ))
+    raw.update(overrides or {})
     # Tables are converted entry by entry so that an error names the entry (msgspec elides dict keys).
     tables = {name: raw.pop(name) for name in _STRUCTURED if name in raw}
     settings = _convert(raw, Settings, "")

@@ -69,7 +69,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready, reason = await request.config_dict[READINESS].check()
+    return await readiness_response(request.config_dict.get(READINESS))
+
+
+async def readiness_response(readiness: Readiness | None) -> web.Response:
+    """The /readyz answer; None: the app has not started yet (the ops listener is up before it)."""
+    ready, reason = (False, "starting") if readiness is None else await readiness.check()
     return web.json_response(
         {"status": "ready" if ready else "not ready", "reason": reason}, status=200 if ready else 503
     )

@@ -1,9 +1,10 @@
 """Logging: one JSON object per line (or plain text), and no secret in any line.
 
 Every record passes one formatter, which redacts before anything is written: the configured secrets
-(provider keys, the admin token, passwords in the Redis and Postgres URLs) wherever they appear, and by
-pattern client keys (``cgk-…``), provider-style keys (``sk-…``), ``Bearer …`` credentials and URL
-passwords. The per-request line is built in ``observe``; this module only shapes and cleans lines.
+(provider keys, the admin token, the account header's secret, passwords in the Redis and Postgres URLs)
+wherever they appear, and by pattern client keys (``cgk-…``), provider-style keys (``sk-…``),
+``Bearer …`` credentials and URL passwords. The per-request line is built in ``observe``; this module
+only shapes and cleans lines.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ class Redactor:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret the settings hold: provider keys, the admin token, URL passwords."""
+    """Every secret the settings hold: provider keys, the admin token, the account header's secret, URL
+    passwords."""
     found = [settings.admin_token or "", settings.upstream_api_key or ""]
+    found.append(settings.account_header_secret or "")
     found += [conf.key() or "" for conf in settings.upstream_table().values()]
     for url in (settings.redis_url, settings.database_url, settings.upstream_url):
         if url:

@@ -295,7 +295,11 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    metrics = request.config_dict[METRICS]
+    return await metrics_response(request.config_dict[METRICS])
+
+
+async def metrics_response(metrics: Metrics) -> web.Response:
+    """The /metrics answer: the registry, with the outbox backlog read now."""
     backlog = metrics.sources.backlog
     if backlog is not None:
         try:

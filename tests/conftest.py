@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from sidecar.app import SERVICES, Services, create_app
+from sidecar.app import SERVICES, Services, create_app, create_ops_app
 from sidecar.config import Settings
 from sidecar.demo import CALLS, create_demo_upstream
 from sidecar.embedded import EmbeddedPostgres, EmbeddedRedis, redis_answers
@@ -211,6 +211,13 @@ async def upstream() -> AsyncIterator[Upstream]:
 class Sidecar:
     client: TestClient[web.Request, web.Application]
     settings: Settings
+    # The ops listener's app, when the settings give one (sidecar mode, or ops_port set).
+    ops: TestClient[web.Request, web.Application] | None = None
+
+    @property
+    def health(self) -> TestClient[web.Request, web.Application]:
+        """The client that serves /healthz, /readyz and /metrics: the ops listener's, else the API's."""
+        return self.ops or self.client
 
     @property
     def services(self) -> Services:
@@ -259,7 +266,10 @@ async def make_sidecar(
     async def factory(**overrides: Any) -> Sidecar:
         settings = make_settings(redis_url, database_url, **{"upstream_url": upstream.url, **overrides})
         client = await aiohttp_client(create_app(settings))
-        return Sidecar(client, settings)
+        ops = None
+        if settings.ops_listen_port is not None:  # served beside the API app, as `serve` does
+            ops = await aiohttp_client(create_ops_app(client.app))
+        return Sidecar(client, settings, ops)
 
     return factory
 

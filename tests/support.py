@@ -4,8 +4,12 @@ scraper and the OpenAI SDK client. (Fixtures live in conftest.py.)"""
 from __future__ import annotations
 
 import asyncio
+import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -93,3 +97,42 @@ async def sdk(sc: Sidecar, api_key: str, **options: Any) -> AsyncIterator[openai
         base_url=str(sc.client.make_url("/v1")), api_key=api_key, **options
     ) as client:
         yield client
+
+
+def record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord("creditgate.test", logging.WARNING, __file__, 1, msg, args, None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def creditgate(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def start_stream(
+    session: aiohttp.ClientSession, url: str, key: str, tokens: int, delay_ms: int
+) -> tuple[aiohttp.ClientResponse, bytes, bytes]:
+    body = msgspec.json.encode(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "go"}], "stream": True}
+    )
+    resp = await session.post(
+        f"{url}/v1/chat/completions",
+        data=body,
+        headers={
+            "Authorization": f"Bearer {key}",
+            "x-demo-tokens": str(tokens),
+            "x-demo-token-delay-ms": str(delay_ms),
+        },
+    )
+    assert resp.status == 200
+    first = await resp.content.readany()  # the stream is under way
+    assert first.startswith(b"data: ")
+    return resp, body, first

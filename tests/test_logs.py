@@ -12,13 +12,7 @@ import pytest
 from sidecar.logs import REDACTED, JsonFormatter, Redactor, TextFormatter, formatter, secrets_of
 
 from .conftest import ADMIN_TOKEN, PROVIDER_KEY, Sidecar, SidecarFactory, make_settings
-from .support import HELLO, MODELS, post, settled
-
-
-def record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
-    rec = logging.LogRecord("creditgate.test", logging.WARNING, __file__, 1, msg, args, None)
-    rec.__dict__.update(extra)
-    return rec
+from .support import HELLO, MODELS, post, record, settled
 
 
 def test_redactor_removes_configured_secrets_and_key_patterns() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from .conftest import (
     new_key_prefix,
     serve_process,
 )
+from .support import creditgate
 
 MODELS: dict[str, Any] = {
     "test-model": {"prompt": "1", "completion": "1", "aliases": ["test-alias"]},
@@ -91,18 +90,6 @@ async def test_models_paths_other_than_one_priced_id_are_404_and_reach_nothing(
 
 
 # ---- the CLI, as a real process ------------------------------------------------------------------
-
-
-def creditgate(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture

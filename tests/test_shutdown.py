@@ -9,7 +9,6 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import msgspec
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
@@ -26,7 +25,7 @@ from .conftest import (
     new_key_prefix,
     serve_process,
 )
-from .support import HELLO, MODELS, post
+from .support import HELLO, MODELS, post, start_stream
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -85,27 +84,6 @@ async def ledger_state(
 @pytest.fixture
 def prefix() -> str:
     return new_key_prefix()
-
-
-async def start_stream(
-    session: aiohttp.ClientSession, url: str, key: str, tokens: int, delay_ms: int
-) -> tuple[aiohttp.ClientResponse, bytes, bytes]:
-    body = msgspec.json.encode(
-        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "go"}], "stream": True}
-    )
-    resp = await session.post(
-        f"{url}/v1/chat/completions",
-        data=body,
-        headers={
-            "Authorization": f"Bearer {key}",
-            "x-demo-tokens": str(tokens),
-            "x-demo-token-delay-ms": str(delay_ms),
-        },
-    )
-    assert resp.status == 200
-    first = await resp.content.readany()  # the stream is under way
-    assert first.startswith(b"data: ")
-    return resp, body, first
 
 
 async def read_into(resp: aiohttp.ClientResponse, received: bytearray) -> None:

@@ -8,6 +8,7 @@ plain values and returns a frozen `Admission`; it does no I/O.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..afford import affordable_output_tokens, with_output_limit
 from ..cachekey import CachePlan
+from ..config import ACCOUNT_SECRET_HEADER
 from ..errors import BadRequest, Unauthorized
 from ..pricing import Multiplier, Price, PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
 from ..wire import MeteredRequest, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
@@ -33,6 +35,7 @@ class AdmitPolicy:
     """The settings admission reads."""
 
     account_header: str | None
+    account_header_secret: str | None
     byok_header: str
     prompt_bytes_per_token: int
     afford_output_header: str
@@ -92,6 +95,8 @@ async def authenticate(headers: Mapping[str, str], accounts: AccountStore, polic
     header = policy.account_header
     if header:
         account = headers.get(header)
+        if account:
+            _check_account_secret(headers, header, policy.account_header_secret)
         if account and await accounts.exists(account):
             return account
         if account:
@@ -104,6 +109,21 @@ async def authenticate(headers: Mapping[str, str], accounts: AccountStore, polic
     if found is None:
         raise Unauthorized("Incorrect or revoked API key.")
     return found
+
+
+def _check_account_secret(headers: Mapping[str, str], header: str, secret: str | None) -> None:
+    """With account_header_secret set, naming an account in the header takes the secret too (checked
+    before the account is looked up, so that no one without it learns which accounts exist)."""
+    if not secret:
+        return
+    presented = headers.get(ACCOUNT_SECRET_HEADER, "")
+    # Header values arrive decoded with surrogateescape: encode them back the same way.
+    if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), secret.encode()):
+        raise Unauthorized(
+            f"Missing or wrong {ACCOUNT_SECRET_HEADER} header: a request naming its account in the "
+            f"{header} header must carry the account secret.",
+            code="invalid_account_secret",
+        )
 
 
 def identify(body: bytes, prices: PriceTable) -> tuple[MeteredRequest, Price]:

@@ -62,6 +62,7 @@ class Gateway:
         self.no_usage_charge = s.no_usage_charge
         self.admit_policy = admit.AdmitPolicy(
             s.account_header,
+            s.account_header_secret,
             s.byok_header,
             s.prompt_bytes_per_token,
             s.afford_output_header,

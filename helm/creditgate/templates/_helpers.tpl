@@ -63,6 +63,12 @@ Render-time checks: the things creditgate would otherwise only discover when a p
 {{- end -}}
 {{- $s := .Values.shutdown -}}
 {{- $needed := add $s.preStopSeconds $s.graceSeconds $s.flushSeconds -}}
+{{- if and (eq .Values.mode "standalone") .Values.config.account_header (not .Values.secrets.accountHeaderSecret.name) -}}
+{{- fail "config.account_header in standalone mode needs secrets.accountHeaderSecret: the API listens on all addresses there, and without the secret anything that reaches the Service could bill any account with one header (creditgate would refuse to start)" -}}
+{{- end -}}
+{{- if eq (int .Values.opsPort) (int .Values.containerPort) -}}
+{{- fail (printf "opsPort and containerPort are both %d: the ops listener needs a port of its own" (int .Values.opsPort)) -}}
+{{- end -}}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int $needed) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed shutdown.preStopSeconds + graceSeconds + flushSeconds (%d), or Kubernetes kills creditgate before its outbox is written" (int .Values.terminationGracePeriodSeconds) (int $needed)) -}}
 {{- end -}}
@@ -92,18 +98,28 @@ image: {{ include "creditgate.image" . }}
 imagePullPolicy: {{ .Values.image.pullPolicy }}
 args: ["serve"]
 ports:
+  {{- if eq .Values.mode "standalone" }}
   - name: creditgate
     containerPort: {{ .Values.containerPort }}
+    protocol: TCP
+  {{- end }}
+  - name: ops
+    containerPort: {{ .Values.opsPort }}
     protocol: TCP
 env:
   - name: CREDITGATE_CONFIG
     value: /etc/creditgate/config.yaml
   - name: CREDITGATE_MODE
     value: {{ .Values.mode | quote }}
+  # sidecar: the API on the pod's loopback only (the app beside it); standalone: behind the Service
   - name: CREDITGATE_HOST
-    value: "0.0.0.0"
+    value: {{ eq .Values.mode "sidecar" | ternary "127.0.0.1" "0.0.0.0" | quote }}
   - name: CREDITGATE_PORT
     value: {{ .Values.containerPort | quote }}
+  - name: CREDITGATE_OPS_HOST
+    value: "0.0.0.0"
+  - name: CREDITGATE_OPS_PORT
+    value: {{ .Values.opsPort | quote }}
   - name: CREDITGATE_DATA_DIR
     value: /var/lib/creditgate
   - name: CREDITGATE_SHUTDOWN_GRACE_SECONDS
@@ -113,6 +129,7 @@ env:
   {{- $secrets := dict "CREDITGATE_REDIS_URL" .Values.secrets.redisUrl "CREDITGATE_DATABASE_URL" .Values.secrets.databaseUrl }}
   {{- $_ := set $secrets "CREDITGATE_ADMIN_TOKEN" .Values.secrets.adminToken }}
   {{- $_ := set $secrets "CREDITGATE_UPSTREAM_API_KEY" .Values.secrets.upstreamApiKey }}
+  {{- $_ := set $secrets "CREDITGATE_ACCOUNT_HEADER_SECRET" .Values.secrets.accountHeaderSecret }}
   {{- range $env, $ref := $secrets }}
   {{- if $ref.name }}
   - name: {{ $env }}
@@ -135,21 +152,21 @@ env:
 startupProbe:
   httpGet:
     path: /readyz
-    port: creditgate
+    port: ops
   periodSeconds: {{ .Values.probes.startup.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.startup.failureThreshold }}
 readinessProbe:
   httpGet:
     path: /readyz
-    port: creditgate
+    port: ops
   periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
 livenessProbe:
   httpGet:
     path: /healthz
-    port: creditgate
+    port: ops
   periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
