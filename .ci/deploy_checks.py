@@ -7,7 +7,10 @@
     python .ci/deploy_checks.py dashboard  the Grafana dashboard parses and uses only contract metrics
 
 No cluster, no network: helm-python-sdk renders with Helm's Go engine in-process, kubernetes-validate ships
-the schemas. ServiceMonitor is a CRD with no schema there: it is checked against .ci/schemas/ instead.
+the schemas. prometheus-operator's CRDs (ServiceMonitor, PrometheusRule), which those schemas lack, are
+checked with cloudcoil-models-prometheus-operator: pydantic models generated from the CRDs' OpenAPI schemas,
+validated strictly (no type coercion), and every field the model dropped is reported as unknown (the API
+server prunes such a field; kubectl --validate=strict refuses it).
 """
 
 from __future__ import annotations
@@ -17,25 +20,28 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 import helm_python as helm
-import jsonschema
 import kubernetes_validate
+import pydantic
 import yaml
+from cloudcoil.models.prometheus_operator import v1 as monitoring
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "creditgate"
 EXAMPLE = ROOT / "helm" / "examples" / "app-with-creditgate"
 MIN_K8S = "1.29.0"  # Chart.yaml kubeVersion
 K8S_VERSIONS = (MIN_K8S, kubernetes_validate.latest_version())
-CRD_SCHEMAS = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): ROOT
-    / ".ci"
-    / "schemas"
-    / "servicemonitor-monitoring.coreos.com-v1.json",
+# CRDs the Kubernetes schemas lack: prometheus-operator's, as models generated from their OpenAPI schemas
+CRD_MODELS: dict[tuple[str, str], type[pydantic.BaseModel]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): monitoring.ServiceMonitor,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): monitoring.PrometheusRule,
 }
+CRD_PACKAGE = "cloudcoil-models-prometheus-operator"
+CRD_SOURCE = f"prometheus-operator CRD schema, {CRD_PACKAGE} {package_version(CRD_PACKAGE)}"
 HARDENING = {
     "runAsNonRoot": True,
     "readOnlyRootFilesystem": True,
@@ -83,15 +89,47 @@ def render(chart: Path, values: dict[str, Any] | None) -> list[dict[str, Any]]:
     return documents
 
 
+def dropped(given: Any, kept: Any, path: str = "") -> list[str]:
+    """The fields of `given` that are missing from `kept` (what a model parsed from it kept), by path."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        found = [f"{path}.{key}".lstrip(".") for key in given if key not in kept]
+        for key, value in given.items():
+            if key in kept:
+                found += dropped(value, kept[key], f"{path}.{key}")
+        return found
+    if isinstance(given, list) and isinstance(kept, list):
+        return [
+            p
+            for i, (g, k) in enumerate(zip(given, kept, strict=False))
+            for p in dropped(g, k, f"{path}[{i}]")
+        ]
+    return []
+
+
+def validate_crd(doc: dict[str, Any], model: type[pydantic.BaseModel]) -> None:
+    """Strictly (a string is no integer, a number no string), and with no field the schema lacks."""
+    try:
+        parsed = model.model_validate(doc, strict=True)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        path = ".".join(str(p) for p in first["loc"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise CheckFailed(f"{path}: {first['msg']}{more}") from None
+    unknown = dropped(doc, parsed.model_dump(mode="json", by_alias=True, exclude_unset=True))
+    if unknown:
+        raise CheckFailed(f"unknown field(s) {', '.join(unknown)}")
+
+
 def validate(doc: dict[str, Any], where: str) -> str:
     name = f"{doc['kind']}/{doc['metadata']['name']}"
-    crd = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
-    if crd is not None:
+    model = CRD_MODELS.get((doc["apiVersion"], doc["kind"]))
+    if model is not None:
         try:
-            jsonschema.Draft202012Validator(json.loads(crd.read_text())).validate(doc)
-        except jsonschema.ValidationError as exc:
-            fail(f"{where}: {name} does not match {crd.name}: {exc.json_path}: {exc.message}")
-        return f"{name} (CRD: structural schema {crd.relative_to(ROOT)})"
+            validate_crd(doc, model)
+        except CheckFailed as exc:
+            fail(f"{where}: {name} does not match the {CRD_SOURCE}: {exc}")
+        return f"{name} (CRD: {CRD_SOURCE})"
     for version in K8S_VERSIONS:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -99,7 +137,7 @@ def validate(doc: dict[str, Any], where: str) -> str:
             path = ".".join(str(p) for p in exc.path)
             fail(f"{where}: {name} is invalid for Kubernetes {version}: {path}: {exc.message}")
         except kubernetes_validate.SchemaNotFoundError as exc:
-            fail(f"{where}: no schema for {name}: {exc.message} (add one under .ci/schemas/ if it is a CRD)")
+            fail(f"{where}: no schema for {name}: {exc.message} (a CRD needs an entry in CRD_MODELS)")
     return name
 
 
