@@ -9,7 +9,12 @@
     python .ci/deploy_checks.py dashboard  the Grafana dashboard parses and uses only contract metrics
 
 No cluster, no network: helm-python-sdk renders with Helm's Go engine in-process, kubernetes-validate ships
-the schemas. ServiceMonitor is a CRD with no schema there: it is checked against .ci/schemas/ instead.
+the schemas. prometheus-operator's CRDs (ServiceMonitor, PrometheusRule), which those schemas lack, are
+checked with cloudcoil-models-prometheus-operator: pydantic models generated from the CRDs' OpenAPI schemas,
+validated strictly (no type coercion), and every field the model dropped is reported as unknown (the API
+server prunes such a field; kubectl --validate=strict refuses it). The PrometheusRule's expressions go
+through `promtool check rules` and its alerts through `promtool test rules` (.ci/alerts-test.yaml), promtool
+being Debian's (package prometheus, installed by .ci/run).
 """
 
 from __future__ import annotations
@@ -17,28 +22,34 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 import helm_python as helm
-import jsonschema
 import kubernetes_validate
+import pydantic
 import yaml
+from cloudcoil.models.prometheus_operator import v1 as monitoring
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "creditgate"
 EXAMPLE = ROOT / "helm" / "examples" / "app-with-creditgate"
 MIN_K8S = "1.29.0"  # Chart.yaml kubeVersion
 K8S_VERSIONS = (MIN_K8S, kubernetes_validate.latest_version())
-CRD_SCHEMAS = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): ROOT
-    / ".ci"
-    / "schemas"
-    / "servicemonitor-monitoring.coreos.com-v1.json",
+# CRDs the Kubernetes schemas lack: prometheus-operator's, as models generated from their OpenAPI schemas
+CRD_MODELS: dict[tuple[str, str], type[pydantic.BaseModel]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): monitoring.ServiceMonitor,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): monitoring.PrometheusRule,
 }
+CRD_PACKAGE = "cloudcoil-models-prometheus-operator"
+CRD_SOURCE = f"prometheus-operator CRD schema, {CRD_PACKAGE} {package_version(CRD_PACKAGE)}"
+ALERTS_TEST = ROOT / ".ci" / "alerts-test.yaml"  # promtool test rules, on ci/monitoring.yaml's rendering
 HARDENING = {
     "runAsNonRoot": True,
     "readOnlyRootFilesystem": True,
@@ -86,15 +97,47 @@ def render(chart: Path, values: dict[str, Any] | None) -> list[dict[str, Any]]:
     return documents
 
 
+def dropped(given: Any, kept: Any, path: str = "") -> list[str]:
+    """The fields of `given` that are missing from `kept` (what a model parsed from it kept), by path."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        found = [f"{path}.{key}".lstrip(".") for key in given if key not in kept]
+        for key, value in given.items():
+            if key in kept:
+                found += dropped(value, kept[key], f"{path}.{key}")
+        return found
+    if isinstance(given, list) and isinstance(kept, list):
+        return [
+            p
+            for i, (g, k) in enumerate(zip(given, kept, strict=False))
+            for p in dropped(g, k, f"{path}[{i}]")
+        ]
+    return []
+
+
+def validate_crd(doc: dict[str, Any], model: type[pydantic.BaseModel]) -> None:
+    """Strictly (a string is no integer, a number no string), and with no field the schema lacks."""
+    try:
+        parsed = model.model_validate(doc, strict=True)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        path = ".".join(str(p) for p in first["loc"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise CheckFailed(f"{path}: {first['msg']}{more}") from None
+    unknown = dropped(doc, parsed.model_dump(mode="json", by_alias=True, exclude_unset=True))
+    if unknown:
+        raise CheckFailed(f"unknown field(s) {', '.join(unknown)}")
+
+
 def validate(doc: dict[str, Any], where: str) -> str:
     name = f"{doc['kind']}/{doc['metadata']['name']}"
-    crd = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
-    if crd is not None:
+    model = CRD_MODELS.get((doc["apiVersion"], doc["kind"]))
+    if model is not None:
         try:
-            jsonschema.Draft202012Validator(json.loads(crd.read_text())).validate(doc)
-        except jsonschema.ValidationError as exc:
-            fail(f"{where}: {name} does not match {crd.name}: {exc.json_path}: {exc.message}")
-        return f"{name} (CRD: structural schema {crd.relative_to(ROOT)})"
+            validate_crd(doc, model)
+        except CheckFailed as exc:
+            fail(f"{where}: {name} does not match the {CRD_SOURCE}: {exc}")
+        return f"{name} (CRD: {CRD_SOURCE})"
     for version in K8S_VERSIONS:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -102,7 +145,7 @@ def validate(doc: dict[str, Any], where: str) -> str:
             path = ".".join(str(p) for p in exc.path)
             fail(f"{where}: {name} is invalid for Kubernetes {version}: {path}: {exc.message}")
         except kubernetes_validate.SchemaNotFoundError as exc:
-            fail(f"{where}: no schema for {name}: {exc.message} (add one under .ci/schemas/ if it is a CRD)")
+            fail(f"{where}: no schema for {name}: {exc.message} (a CRD needs an entry in CRD_MODELS)")
     return name
 
 
@@ -462,6 +505,239 @@ def check_guards() -> None:
         fail(f"check '{what}': the checks passed; expected a failure naming {expected!r}")
 
 
+# ---------------------------------------------------------------- alerts (PrometheusRule)
+
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def _rule0(doc: dict[str, Any]) -> dict[str, Any]:
+    rule: dict[str, Any] = doc["spec"]["groups"][0]["rules"][0]
+    return rule
+
+
+def _endpoint0(doc: dict[str, Any]) -> dict[str, Any]:
+    endpoint: dict[str, Any] = doc["spec"]["endpoints"][0]
+    return endpoint
+
+
+# (kind, what, change to the rendered object, text the CRD check must report)
+CRD_NEGATIVE: list[tuple[str, str, Mutation, str]] = [
+    (
+        "PrometheusRule",
+        "a rule field the schema lacks",
+        lambda d: _rule0(d).update(severity="critical"),
+        "unknown field(s) spec.groups[0].rules[0].severity",
+    ),
+    (
+        "PrometheusRule",
+        "for: a number",
+        lambda d: _rule0(d).update({"for": 300}),
+        "spec.groups.0.rules.0.for",
+    ),
+    (
+        "PrometheusRule",
+        "for: not a duration",
+        lambda d: _rule0(d).update({"for": "5 minutes"}),
+        "spec.groups.0.rules.0.for: String should match pattern",
+    ),
+    (
+        "PrometheusRule",
+        "a label value that is a number",
+        lambda d: _rule0(d)["labels"].update(severity=2),
+        "spec.groups.0.rules.0.labels.severity",
+    ),
+    (
+        "PrometheusRule",
+        "a group without rules list",
+        lambda d: d["spec"]["groups"][0].update(rules={}),
+        "rules",
+    ),
+    (
+        "ServiceMonitor",
+        "an endpoint field the schema lacks",
+        lambda d: _endpoint0(d).update(prot="http"),
+        "unknown field(s) spec.endpoints[0].prot",
+    ),
+    (
+        "ServiceMonitor",
+        "interval: a number",
+        lambda d: _endpoint0(d).update(interval=30),
+        "spec.endpoints.0.interval",
+    ),
+    ("ServiceMonitor", "no selector", lambda d: d["spec"].pop("selector"), "spec.selector: Field required"),
+]
+
+# (what, changes to ci/monitoring.yaml, text the render error must contain)
+ALERT_VALUES_NEGATIVE: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "a for: that is no Prometheus duration",
+        {"prometheusRule": {"alerts": {"errorRate": {"for": "10 minutes"}}}},
+        "/prometheusRule/alerts/errorRate/for",
+    ),
+    (
+        "a ratio given as a percentage",
+        {"prometheusRule": {"alerts": {"paymentRequired": {"ratio": 25}}}},
+        "/prometheusRule/alerts/paymentRequired/ratio",
+    ),
+    ("a selector with braces", {"prometheusRule": {"selector": '{job="x"}'}}, "/prometheusRule/selector"),
+    (
+        "an unknown alert setting",
+        {"prometheusRule": {"alerts": {"ledgerDrift": {"threshold": 1}}}},
+        "threshold",
+    ),
+    (
+        "every alert disabled",
+        {
+            "prometheusRule": {
+                "alerts": {
+                    name: {"enabled": False}
+                    for name in (
+                        "outboxBacklogAge",
+                        "flushFailures",
+                        "deadLetters",
+                        "ledgerDrift",
+                        "errorRate",
+                        "redisUnavailable",
+                        "paymentRequired",
+                    )
+                }
+            }
+        },
+        "every alert is disabled",
+    ),
+]
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        fail("promtool not found: apt-get install prometheus (Debian's package; .ci/run installs it)")
+    assert path is not None
+    return path
+
+
+def ci_values(name: str) -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((CHART / "ci" / name).read_text())
+    return values
+
+
+def rendered_rule(values: dict[str, Any], where: str) -> dict[str, Any]:
+    rules = [d for d in render(CHART, values) if d["kind"] == "PrometheusRule"]
+    if len(rules) != 1:
+        fail(f"{where}: expected one PrometheusRule, found {len(rules)}")
+    return rules[0]
+
+
+def run_promtool(rule: dict[str, Any], test: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`promtool check rules` on the rule's groups, or `promtool test rules` with `test` beside them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rules_file = Path(tmp) / "creditgate-rules.yaml"  # the name the test file's rule_files gives
+        rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
+        if test is None:
+            command = [promtool(), "check", "rules", rules_file.name]
+        else:
+            shutil.copy(test, Path(tmp) / "test.yaml")
+            command = [promtool(), "test", "rules", "test.yaml"]
+        return subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=300, check=False)
+
+
+def alerts_of(rule: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"] if "alert" in r}
+
+
+def check_selectors(rule: dict[str, Any], selector: str, where: str) -> None:
+    """Every series an expression reads is a contract metric, selected with the chart's selector."""
+    metrics = contract()
+    for name, alert in alerts_of(rule).items():
+        found = re.findall(r"\b(creditgate_[a-z0-9_]+)(\{[^}]*\})?", alert["expr"])
+        if not found:
+            fail(f"{where}: {name} reads no creditgate metric: {alert['expr']}")
+        for metric, matchers in found:
+            if metric not in metrics:
+                fail(f"{where}: {name} reads {metric}, which is not in the metric contract (metrics.txt)")
+            if not matchers.startswith("{" + selector):
+                fail(f"{where}: {name} reads {metric}{matchers} without the selector {{{selector}}}")
+
+
+def check_alert_tests(rule: dict[str, Any]) -> None:
+    """.ci/alerts-test.yaml has, for every alert, a case where it fires and one where it stays quiet."""
+    tests = yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+    cases = [case for test in tests for case in test.get("alert_rule_test", [])]
+    for name in alerts_of(rule):
+        fires = [c for c in cases if c["alertname"] == name and c.get("exp_alerts")]
+        quiet = [c for c in cases if c["alertname"] == name and not c.get("exp_alerts")]
+        if not fires or not quiet:
+            fail(f"{ALERTS_TEST.name}: {name} needs a case where it fires and one where it stays quiet")
+    result = run_promtool(rule, ALERTS_TEST)
+    if result.returncode != 0:
+        fail(f"promtool test rules {ALERTS_TEST.name} failed:\n{result.stdout}{result.stderr}")
+    print(f"  promtool test rules {ALERTS_TEST.relative_to(ROOT)}: {len(cases)} cases pass")
+
+
+def check_alert_guards(standalone: dict[str, Any]) -> None:
+    """The checks above can fail: bad objects, bad values, bad PromQL and a silenced alert are refused."""
+    monitoring_docs = render(CHART, ci_values("monitoring.yaml"))
+    objects = {d["kind"]: d for d in monitoring_docs if (d["apiVersion"], d["kind"]) in CRD_MODELS}
+    for kind, what, change, expected in CRD_NEGATIVE:
+        doc = copy.deepcopy(objects[kind])
+        change(doc)
+        try:
+            validate_crd(doc, CRD_MODELS[doc["apiVersion"], kind])
+        except CheckFailed as exc:
+            if expected not in str(exc):
+                fail(f"CRD guard '{kind}: {what}': refused, but not naming {expected!r}: {exc}")
+            print(f"  refused as expected: {kind} with {what} ({exc})")
+            continue
+        fail(f"CRD guard '{kind}: {what}': the {CRD_SOURCE} accepted it")
+    base = ci_values("monitoring.yaml")
+    for what, changes, expected in ALERT_VALUES_NEGATIVE:
+        try:
+            render(CHART, merged(base, changes))
+        except helm.HelmError as exc:
+            if expected not in str(exc):
+                fail(f"guard '{what}': rendering failed, but not naming {expected!r}: {exc}")
+            print(f"  refused as expected: {what}")
+            continue
+        fail(f"guard '{what}': rendering succeeded; expected an error naming {expected!r}")
+    broken = copy.deepcopy(standalone)
+    _rule0(broken)["expr"] = "sum by (job) (rate(creditgate_requests_total[5m])"
+    if run_promtool(broken).returncode == 0:
+        fail("promtool check rules accepted an expression with an unclosed parenthesis")
+    print("  refused as expected: promtool check rules on an unclosed parenthesis")
+    silenced = rendered_rule(
+        merged(base, {"prometheusRule": {"alerts": {"outboxBacklogAge": {"thresholdSeconds": 86400}}}}),
+        "thresholdSeconds: 86400",
+    )
+    if run_promtool(silenced, ALERTS_TEST).returncode == 0:
+        fail(f"promtool test rules {ALERTS_TEST.name} passed with the backlog alert's threshold at a day")
+    print("  refused as expected: promtool test rules with the backlog alert's threshold at a day")
+
+
+def check_alerts() -> None:
+    """The PrometheusRule of both modes: promtool check rules, selectors and contract metrics; the alerts'
+    unit tests on the standalone one; the sidecar one the same alerts but for its selector."""
+    standalone = rendered_rule(ci_values("monitoring.yaml"), "ci/monitoring.yaml")
+    sidecar = rendered_rule(ci_values("sidecar.yaml"), "ci/sidecar.yaml")
+    selectors = {"standalone": 'job="cg-creditgate",namespace="billing"', "sidecar": 'namespace="billing"'}
+    for (mode, selector), rule in zip(selectors.items(), (standalone, sidecar), strict=True):
+        result = run_promtool(rule)
+        if result.returncode != 0:
+            fail(f"promtool check rules ({mode} mode):\n{result.stdout}{result.stderr}")
+        check_selectors(rule, selector, f"{mode} mode")
+        print(
+            f"  promtool check rules ({mode} mode, selector {{{selector}}}): {len(alerts_of(rule))} alerts ok"
+        )
+    ours, theirs = alerts_of(standalone), alerts_of(sidecar)
+    if set(ours) != set(theirs):
+        fail(f"sidecar mode renders other alerts: {sorted(theirs)} vs {sorted(ours)}")
+    for name, alert in theirs.items():
+        swapped = alert["expr"].replace("{" + selectors["sidecar"], "{" + selectors["standalone"])
+        if swapped != ours[name]["expr"]:
+            fail(f"{name}: the sidecar expression differs from the standalone one beyond the selector")
+    check_alert_tests(standalone)
+    check_alert_guards(standalone)
+
+
 def check_chart() -> None:
     values_files = sorted((CHART / "ci").glob("*.yaml"))
     if not values_files:
@@ -485,6 +761,7 @@ def check_chart() -> None:
         if kind not in kinds:
             fail(f"no ci values file renders a {kind}")
     check_guards()
+    check_alerts()
 
 
 # ---------------------------------------------------------------- dashboard

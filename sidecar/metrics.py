@@ -4,7 +4,10 @@ Names follow the shared contract (``creditgate_*``, base units, ``_total`` count
 durations). Labels stay bounded: route, model (a configured model, else ``other``), status class,
 cache result, script, reason — never an account, key or user. Modules keep plain stats of their own
 (``FlushStats``, ``DriftState``, the proxy's in-flight set); a collector reads them at scrape time, and
-the outbox backlog is refreshed by the ``/metrics`` handler just before rendering.
+the outbox backlog is refreshed by the ``/metrics`` handler just before rendering. That read is a Redis
+round trip on every scrape, in either mode and with or without traffic, so its outcome is also
+``creditgate_redis_up``: 1 when Redis answered it within ``BACKLOG_TIMEOUT``, 0 when it failed or timed
+out (the backlog gauges then keep their last values).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 SCRIPT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 FLUSH_ROWS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 FLUSH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-BACKLOG_TIMEOUT = 1.0  # seconds the /metrics handler waits for the outbox backlog
+BACKLOG_TIMEOUT = 1.0  # seconds the /metrics handler waits for the outbox backlog (else redis_up is 0)
 
 
 @dataclass
@@ -158,6 +161,11 @@ class Metrics:
         self.backlog = Gauge("creditgate_outbox_backlog_entries", "Debits waiting in the outbox.", registry=r)
         self.oldest = Gauge(
             "creditgate_outbox_oldest_age_seconds", "Age of the oldest debit in the outbox.", registry=r
+        )
+        self.redis_up = Gauge(
+            "creditgate_redis_up",
+            "1 if Redis answered this scrape's outbox read within 1 s, 0 if it failed or timed out.",
+            registry=r,
         )
         self.flush_rows = Histogram(
             "creditgate_flush_batch_rows", "Rows per ledger batch.", buckets=FLUSH_ROWS_BUCKETS, registry=r
@@ -307,7 +315,9 @@ async def metrics_response(metrics: Metrics) -> web.Response:
                 entries, oldest = await backlog()
             metrics.backlog.set(entries)
             metrics.oldest.set(oldest)
+            metrics.redis_up.set(1)
         except Exception as exc:  # the scrape still answers, with the last known backlog
+            metrics.redis_up.set(0)
             log.warning("outbox backlog unavailable for /metrics: %r", exc)
     body = metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

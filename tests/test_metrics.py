@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.app import FLUSHER
+from sidecar.app import FLUSHER, create_app
 from sidecar.metrics import Metrics
 from sidecar.observe import RequestRecord
 from sidecar.pricing import Usage
 
-from .conftest import SidecarFactory
+from .conftest import Sidecar, SidecarFactory, Upstream, make_settings
 from .support import HELLO, MODELS, Samples, hold_for, pooled, post, scrape, settled, value
+from .support_faults import RedisFaultProxy, fault_proxy
 
 
 def chat(max_tokens: int, model: str = "test-model", **extra: object) -> dict[str, object]:
@@ -254,3 +258,29 @@ def test_repeated_label_sets_count_into_their_own_series_and_unused_series_stay_
         ("chat", "b")
     }
     assert not any(n == "creditgate_overdrafts_total" for n, _, _ in present)
+
+
+@pytest.fixture
+async def faults(redis_url: str) -> AsyncIterator[RedisFaultProxy]:
+    async with fault_proxy(redis_url) as proxy:
+        yield proxy
+
+
+async def test_redis_up_reports_whether_redis_answered_the_scrape(
+    faults: RedisFaultProxy, database_url: str, upstream: Upstream, aiohttp_client: Any
+) -> None:
+    """creditgate_redis_up (what the Redis-unavailable alert reads): each scrape reads the outbox backlog
+    from Redis; 1 when Redis answered it, 0 when it did not answer within the scrape's timeout (a real
+    Redis behind a proxy that holds every reply back), 1 again once Redis answers."""
+    settings = make_settings(
+        faults.url, database_url, upstream_url=upstream.url, models=MODELS, reconcile_interval_seconds=0
+    )
+    sc = Sidecar(await aiohttp_client(create_app(settings)), settings)
+    up: tuple[str, frozenset[tuple[str, str]]] = ("creditgate_redis_up", frozenset())
+    assert (await scrape(sc))[up] == 1
+    faults.hold_replies()
+    try:
+        assert (await scrape(sc))[up] == 0
+    finally:
+        faults.release_replies()
+    assert (await scrape(sc))[up] == 1
