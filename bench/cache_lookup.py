@@ -19,29 +19,29 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 
 from sidecar.app import connect_redis
+from sidecar.balances import Balances
 from sidecar.keys import KeySpace
-from sidecar.ledger import RedisLedger
 
 
 async def run(url: str, rounds: int, calls: int) -> None:
     redis: Redis = connect_redis(url)
     keys = KeySpace(f"bench-{uuid.uuid4().hex[:8]}:", 16)
-    ledger = RedisLedger(redis, keys, settled_marker_ms=60_000)
-    await ledger.load_scripts()
+    balances = Balances(redis, keys, settled_marker_ms=60_000)
+    await balances.load_scripts()
     account = "bench-account"
     k = keys.account(account)
     await redis.hset(k.balance, mapping={"balance": 10**15, "held": 0})
     lease = int(time.time() * 1000) + 600_000
 
     async def plain(i: int) -> None:
-        await ledger.reserve(account, f"p{i}", 1000, lease)
+        await balances.reserve(account, f"p{i}", 1000, lease)
 
     async def folded(i: int) -> None:
-        await ledger.reserve(account, f"f{i}", 1000, lease, cache_key=k.cache(f"missing-{i}"))
+        await balances.reserve(account, f"f{i}", 1000, lease, cache_key=k.cache(f"missing-{i}"))
 
     async def separate(i: int) -> None:
         await redis.get(k.cache(f"missing-{i}"))
-        await ledger.reserve(account, f"s{i}", 1000, lease)
+        await balances.reserve(account, f"s{i}", 1000, lease)
 
     variants: dict[str, Callable[[int], Awaitable[None]]] = {
         "reserve only": plain,

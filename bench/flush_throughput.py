@@ -70,7 +70,7 @@ async def main(rows: int, accounts: int, batch: int) -> None:
                             )
                         )
                         pipe.evalsha(
-                            svc.ledger._settle.sha,
+                            svc.balances._settle.sha,
                             5,
                             k.balance,
                             k.holds,

@@ -43,7 +43,7 @@ def check_account_id(account: str) -> None:
         raise BadRequest("Account ids are 1-64 characters of A-Z a-z 0-9 _ . -", param="id")
 
 
-class AccountStore:
+class AccountDirectory:
     """The Redis copy of accounts and key hashes (Postgres holds the truth; see admin.AdminOps)."""
 
     def __init__(self, redis: Redis, keys: KeySpace, *, cache_seconds: float) -> None:

@@ -14,12 +14,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from .accounts import AccountStore, check_account_id, hash_key, new_key
+from .accounts import AccountDirectory, check_account_id, hash_key, new_key
+from .balances import Balances
 from .errors import BadRequest, Conflict, Forbidden, NotFound, NotInitialized, Unauthorized
-from .ledger import RedisLedger
+from .ledger_store import LedgerStore
 from .money import MAX_GRANT, MICRO, format_credits
 from .reconcile import rebuild_if_empty
-from .store import Store
 
 
 class GrantBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -61,9 +61,9 @@ MONEY_IN_KINDS = ("grant", "purchase", "bonus", "refund")
 class AdminOps:
     """Operator actions. Postgres is written first (the truth), then Redis (the hot copy)."""
 
-    def __init__(self, accounts: AccountStore, ledger: RedisLedger, store: Store) -> None:
+    def __init__(self, accounts: AccountDirectory, balances: Balances, store: LedgerStore) -> None:
         self.accounts = accounts
-        self.ledger = ledger
+        self.balances = balances
         self.store = store
 
     async def create_account(self, account: str | None = None) -> dict[str, Any]:
@@ -108,18 +108,18 @@ class AdminOps:
             await self.accounts.add_account(account)  # no-op unless a create stopped half-way
             for attempt in range(2):
                 try:  # (an IdempotencyConflict here is ruled out by the ledger row)
-                    await self.ledger.credit(account, ledger_id, amount)
+                    await self.balances.credit(account, ledger_id, amount)
                 except NotInitialized:
                     # Redis was lost and not rebuilt yet: rebuild it now (the rebuild sets balances to
                     # the ledger's, this row included), then credit; if another process is rebuilding,
                     # the row stays "not applied" and the reconciler completes it.
                     if attempt == 0:
-                        await rebuild_if_empty(self.ledger.redis, self.ledger.keys, self.store)
+                        await rebuild_if_empty(self.balances.redis, self.balances.keys, self.store)
                         continue
                     break
                 await self.store.mark_applied([ledger_id])
                 break
-        view = await self.ledger.balance(account)
+        view = await self.balances.balance(account)
         return {
             "account": account,
             "amount": amount,
@@ -130,7 +130,7 @@ class AdminOps:
         }
 
     async def balance(self, account: str) -> dict[str, Any]:
-        view = await self.ledger.balance(account)
+        view = await self.balances.balance(account)
         return {
             "account": account,
             "balance": view.balance,

@@ -16,22 +16,22 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from .accounts import AccountStore
+from .accounts import AccountDirectory
 from .admin import ADMIN_OPS, AdminOps, admin_app
 from .autopipeline import AutoPipeline
+from .balances import Balances
 from .cache import ResponseCache
 from .config import Settings
 from .flusher import Flusher
 from .health import READINESS, Readiness, healthz, readiness_response, readyz
 from .keys import KeySpace
-from .ledger import RedisLedger
+from .ledger_store import LedgerStore
 from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
 from .reconcile import Drift, complete_money_in, rebuild_if_empty, reconcile
 from .responses import error_middleware
-from .store import Store
 from .supervisor import Supervisor
 from .upstream import create_session, upstreams_from
 from .wire import ROUTES
@@ -67,14 +67,14 @@ class Services:
 
     settings: Settings
     redis: Redis
-    store: Store
+    store: LedgerStore
     keys: KeySpace
-    ledger: RedisLedger
-    accounts: AccountStore
+    balances: Balances
+    accounts: AccountDirectory
 
     @property
     def admin(self) -> AdminOps:
-        return AdminOps(self.accounts, self.ledger, self.store)
+        return AdminOps(self.accounts, self.balances, self.store)
 
     def flusher(self, consumer: str | None = None) -> Flusher:
         s = self.settings
@@ -96,8 +96,8 @@ class Services:
         except TimeoutError:
             log.warning("Postgres pool did not close in 5 s; terminating its connections")
             self.store.pool.terminate()
-        if self.ledger.pipeline is not None:
-            await self.ledger.pipeline.aclose()
+        if self.balances.pipeline is not None:
+            await self.balances.pipeline.aclose()
         await self.redis.aclose()
 
 
@@ -113,11 +113,11 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
         settings.redis_timeout_seconds,
         settings.redis_retries,
     )
-    store = Store(
+    store = LedgerStore(
         await asyncpg.create_pool(settings.database_url, min_size=0, max_size=settings.flush_concurrency + 2)
     )
     keys = KeySpace(settings.key_prefix, settings.partitions)
-    ledger = RedisLedger(
+    balances = Balances(
         redis,
         keys,
         settled_marker_ms=settings.settled_marker_seconds * 1000,
@@ -127,11 +127,11 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
             connect_timeout=settings.redis_timeout_seconds,
         ),
     )
-    accounts = AccountStore(redis, keys, cache_seconds=settings.auth_cache_seconds)
-    svc = Services(settings, redis, store, keys, ledger, accounts)
+    accounts = AccountDirectory(redis, keys, cache_seconds=settings.auth_cache_seconds)
+    svc = Services(settings, redis, store, keys, balances, accounts)
     try:
         if prepare:
-            await ledger.load_scripts()
+            await balances.load_scripts()
             await _prepare_ledger(svc)
         yield svc
     finally:
@@ -172,15 +172,15 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
             session = create_session(settings)
             upstreams = upstreams_from(settings, demo_upstream_url)
             cache = ResponseCache(settings, svc.redis, svc.keys) if settings.cache_enabled else None
-            proxy = Gateway(settings, prices, svc.ledger, svc.accounts, upstreams, session, cache)
+            proxy = Gateway(settings, prices, svc.balances, svc.accounts, upstreams, session, cache)
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
             flusher = svc.flusher()
             app[FLUSHER] = flusher
             drift = app[DRIFT] = DriftState()
             app[READINESS] = Readiness(
-                svc.ledger, settings.readiness_grace_seconds, checks_redis=settings.readiness_redis
+                svc.balances, settings.readiness_grace_seconds, checks_redis=settings.readiness_redis
             )
-            svc.ledger.on_script = metrics.observe_script
+            svc.balances.on_script = metrics.observe_script
             flusher.on_batch = metrics.observe_flush
             metrics.sources.holds_active = lambda: len(proxy.in_flight)
             metrics.sources.rows_written = lambda: flusher.stats.rows
@@ -190,12 +190,12 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
             metrics.sources.backlog = flusher.backlog
 
             async def reap() -> None:
-                released = await svc.ledger.expire_holds(int(time.time() * 1000))
+                released = await svc.balances.expire_holds(int(time.time() * 1000))
                 if released:
                     log.warning("released %d micro-credits of expired holds", released)
 
             async def check_drift() -> None:
-                await complete_money_in(svc.store, svc.ledger, older_than_seconds=60)
+                await complete_money_in(svc.store, svc.balances, older_than_seconds=60)
                 app[DRIFT].update(await reconcile(svc.redis, svc.keys, svc.store))
 
             async def retry_settlements() -> None:
@@ -203,7 +203,7 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
                     await proxy.pending.retry()
 
             async def renew_leases() -> None:
-                await svc.ledger.renew(
+                await svc.balances.renew(
                     [(ex.account, ex.request_id) for ex in list(proxy.exchanges.values())],
                     int(time.time() * 1000) + settings.hold_lease_seconds * 1000,
                 )

@@ -195,7 +195,7 @@ async def _flush(svc: Services, drain: bool) -> dict[str, Any]:
 
 async def _reconcile(svc: Services, fix: bool) -> dict[str, Any]:
     if fix:
-        drifts = await repair(svc.redis, svc.keys, svc.store, svc.ledger)
+        drifts = await repair(svc.redis, svc.keys, svc.store, svc.balances)
     else:
         drifts = await reconcile(svc.redis, svc.keys, svc.store)
     return {

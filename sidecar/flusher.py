@@ -32,9 +32,9 @@ from redis.exceptions import ResponseError
 
 from .batches import Batch, FlushStats, Item, is_data_error
 from .keys import KeySpace, as_text
+from .ledger_store import LedgerStore
 from .outbox import BadEntry, ledger_row
 from .outbox_view import backlog, dead_letters
-from .store import Store
 
 log = logging.getLogger("creditgate.flusher")
 
@@ -51,7 +51,7 @@ class Flusher:
         self,
         redis: Redis,
         keys: KeySpace,
-        store: Store,
+        store: LedgerStore,
         *,
         batch_size: int = 500,
         interval: float = 0.2,

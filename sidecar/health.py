@@ -18,7 +18,7 @@ import time
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .ledger import RedisLedger
+from .balances import Balances
 
 log = logging.getLogger("creditgate.health")
 
@@ -26,8 +26,8 @@ CHECK_TIMEOUT = 1.0  # seconds one readiness check may take
 
 
 class Readiness:
-    def __init__(self, ledger: RedisLedger, grace_seconds: float, checks_redis: bool = True) -> None:
-        self.ledger = ledger
+    def __init__(self, balances: Balances, grace_seconds: float, checks_redis: bool = True) -> None:
+        self.balances = balances
         self.checks_redis = checks_redis
         self.grace = grace_seconds
         self.failing_since: float | None = None
@@ -41,11 +41,11 @@ class Readiness:
             return True, "ok (Redis not checked: readiness_checks_redis is off)"
         try:
             async with asyncio.timeout(CHECK_TIMEOUT):
-                if self.ledger.pipeline is not None:  # the request path's own connection answers too
-                    await self.ledger.pipeline.execute("PING")
-                if not await self.ledger.scripts_loaded():
+                if self.balances.pipeline is not None:  # the request path's own connection answers too
+                    await self.balances.pipeline.execute("PING")
+                if not await self.balances.scripts_loaded():
                     log.warning("Redis lost the money scripts; loading them again")
-                    await self.ledger.load_scripts()
+                    await self.balances.load_scripts()
         except (RedisError, OSError, TimeoutError) as exc:
             now = time.monotonic()
             if self.failing_since is None:

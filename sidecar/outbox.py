@@ -75,7 +75,7 @@ def checked_event(fields: dict[Any, Any]) -> UsageEvent:
 
 
 def ledger_row(fields: dict[Any, Any]) -> tuple[Any, ...]:
-    """One outbox entry as a batch row for ``Store.insert_usage``; usage amounts are negative. Raises
+    """One outbox entry as a batch row for ``LedgerStore.insert_usage``; usage amounts are negative. Raises
     BadEntry for an entry that must never be written (see ``checked_event``)."""
     event = checked_event(fields)
     overdraft = max(0, event.charge - event.hold) if event.hold is not None else None

@@ -6,8 +6,8 @@ For every account, Redis' balance should equal
     ledger balance − money in not yet applied to Redis − debits settled in Redis but not yet flushed
 
 (active holds are kept apart, in the ``held`` field, and never touch the balance). The comparison holds
-the ledger barrier (``Store.barrier``): while it reads Redis and then Postgres, no usage batch commits and
-no money in is marked applied, so both reads describe the same moment. Settlements go on in Redis
+the ledger barrier (``LedgerStore.barrier``): while it reads Redis and then Postgres, no usage batch
+commits and no money in is marked applied, so both reads describe the same moment. Settlements go on in Redis
 meanwhile; they are either in the Redis snapshot and its outbox, or in neither.
 """
 
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from .balances import Balances
 from .errors import NotInitialized, UnknownAccount
 from .keys import KeySpace
-from .ledger import RedisLedger
+from .ledger_store import LedgerConnection, LedgerStore
 from .outbox import decode_entry
-from .store import LedgerConnection, Store
 
 log = logging.getLogger("creditgate.reconcile")
 
@@ -54,13 +54,13 @@ class _RedisView:
     holds_total: int
 
 
-async def complete_money_in(store: Store, ledger: RedisLedger, older_than_seconds: float = 0) -> int:
+async def complete_money_in(store: LedgerStore, balances: Balances, older_than_seconds: float = 0) -> int:
     """Credit Redis for ledger rows written by a grant that died before its Redis step; returns how many.
     A row whose account Redis does not know is skipped (``repair`` adds the account) and stays pending."""
     done = []
     for idempotency_id, account, amount in await store.unapplied(older_than_seconds):
         try:
-            await ledger.credit(account, idempotency_id, amount)
+            await balances.credit(account, idempotency_id, amount)
         except NotInitialized:
             log.warning("money in %s waits: Redis was not rebuilt from the ledger yet", idempotency_id)
             continue
@@ -79,7 +79,7 @@ async def complete_money_in(store: Store, ledger: RedisLedger, older_than_second
 async def _snapshot(
     redis: Redis,
     keys: KeySpace,
-    store: Store,
+    store: LedgerStore,
     conn: LedgerConnection,
     accounts: list[str],
     unapplied: list[tuple[str, str, int]],
@@ -130,7 +130,7 @@ async def _snapshot(
     return views, unflushed, credited
 
 
-async def reconcile(redis: Redis, keys: KeySpace, store: Store) -> list[Drift]:
+async def reconcile(redis: Redis, keys: KeySpace, store: LedgerStore) -> list[Drift]:
     """Accounts whose Redis balance disagrees with the ledger, or whose held total disagrees with the
     sum of their holds. Money in that Redis already credited but Postgres has not marked applied yet (a
     grant between its two steps) counts as applied: its credit marker is read with the balance."""
@@ -156,7 +156,7 @@ async def reconcile(redis: Redis, keys: KeySpace, store: Store) -> list[Drift]:
     return found
 
 
-async def repair(redis: Redis, keys: KeySpace, store: Store, ledger: RedisLedger) -> list[Drift]:
+async def repair(redis: Redis, keys: KeySpace, store: LedgerStore, balances: Balances) -> list[Drift]:
     """Add accounts missing from Redis, complete half-done money in, then move each drifting Redis
     balance onto the ledger's figure (by an idempotent adjustment, safe under redis-py's retries) and
     set each drifting held total to the sum of its holds. Returns the drifts found before repairing."""
@@ -167,20 +167,20 @@ async def repair(redis: Redis, keys: KeySpace, store: Store, ledger: RedisLedger
             await redis.hsetnx(k.balance, "balance", 0)
             await redis.hsetnx(k.balance, "held", 0)
             await redis.sadd(keys.accounts, drift.account)
-    await complete_money_in(store, ledger)
+    await complete_money_in(store, balances)
     for drift in await reconcile(redis, keys, store):
         if drift.amount:
-            await ledger.adjust(drift.account, f"repair:{uuid.uuid4().hex}", -drift.amount)
+            await balances.adjust(drift.account, f"repair:{uuid.uuid4().hex}", -drift.amount)
             log.warning(
                 "repaired %s: Redis balance %s -> %d", drift.account, drift.redis_balance, drift.expected
             )
         if drift.held_amount:
-            before, after = await ledger.fix_held(drift.account)
+            before, after = await balances.fix_held(drift.account)
             log.warning("repaired %s: held %d -> %d (the sum of its holds)", drift.account, before, after)
     return drifts
 
 
-async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: Store) -> bool:
+async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: LedgerStore) -> bool:
     """When Redis holds nothing of ours (first start, or Redis was lost), load accounts, balances and
     active keys from the ledger. One process does it (a lock); returns True when this one did.
 

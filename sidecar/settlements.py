@@ -17,8 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .balances import Balances
 from .errors import UnknownAccount
-from .ledger import RedisLedger
 from .outbox import UsageEvent
 
 log = logging.getLogger("creditgate.settlements")
@@ -33,8 +33,8 @@ class PendingSettlement:
 
 
 class PendingSettlements:
-    def __init__(self, ledger: RedisLedger, *, limit: int = 100_000) -> None:
-        self.ledger = ledger
+    def __init__(self, balances: Balances, *, limit: int = 100_000) -> None:
+        self.balances = balances
         self.limit = limit
         self.pending: dict[str, PendingSettlement] = {}
         self.settled = 0  # taken by Redis on a later try
@@ -61,7 +61,7 @@ class PendingSettlements:
         taken = 0
         for request_id, item in list(self.pending.items()):
             try:
-                await self.ledger.settle(item.account, item.request_id, item.charge, item.event)
+                await self.balances.settle(item.account, item.request_id, item.charge, item.event)
             except UnknownAccount:
                 self.dropped += 1
                 del self.pending[request_id]

@@ -30,10 +30,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from sidecar.app import SERVICES, Services, create_app, create_ops_app
+from sidecar.balances import Balances
 from sidecar.config import Settings
 from sidecar.demo import CALLS, create_demo_upstream
 from sidecar.embedded import EmbeddedPostgres, EmbeddedRedis, redis_answers
-from sidecar.ledger import RedisLedger
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 PROVIDER_KEY = "sk-provider-secret-for-tests"
@@ -224,8 +224,8 @@ class Sidecar:
         return self.client.app[SERVICES]
 
     @property
-    def ledger(self) -> RedisLedger:
-        return self.services.ledger
+    def balances(self) -> Balances:
+        return self.services.balances
 
     def admin_headers(self, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}", **extra}

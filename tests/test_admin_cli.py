@@ -230,8 +230,8 @@ async def test_grant_idempotency_key_conflicts_and_absence(sidecar: Sidecar) -> 
 async def test_balance_shows_active_holds(sidecar: Sidecar) -> None:
     account, _ = await sidecar.account(5_000_000)
     lease_end = int(time.time() * 1000) + 60_000
-    await sidecar.ledger.reserve(account, "req_held_one", 1_250_000, lease_end)
-    await sidecar.ledger.reserve(account, "req_held_two", 250_000, lease_end + 1)
+    await sidecar.balances.reserve(account, "req_held_one", 1_250_000, lease_end)
+    await sidecar.balances.reserve(account, "req_held_two", 250_000, lease_end + 1)
     status, body = await admin_call(sidecar, "GET", f"/accounts/{account}")
     assert status == 200
     assert body == {
@@ -245,7 +245,7 @@ async def test_balance_shows_active_holds(sidecar: Sidecar) -> None:
             {"request_id": "req_held_two", "amount": 250_000, "lease_end_ms": lease_end + 1},
         ],
     }
-    await sidecar.ledger.settle(account, "req_held_one", 1_000_000)
+    await sidecar.balances.settle(account, "req_held_one", 1_000_000)
     state = await sidecar.balance(account)
     assert (state["balance"], state["held"], [h["request_id"] for h in state["holds"]]) == (
         4_000_000,

@@ -143,13 +143,13 @@ async def test_a_request_whose_redis_is_unreachable_gets_503_and_moves_no_money(
 ) -> None:
     sc = await make_sidecar(models=MODELS)
     account, key = await sc.account(1_000_000)
-    live = sc.ledger.pipeline
-    sc.ledger.pipeline = AutoPipeline("redis://127.0.0.1:9/0", connect_timeout=1)  # nothing listens
+    live = sc.balances.pipeline
+    sc.balances.pipeline = AutoPipeline("redis://127.0.0.1:9/0", connect_timeout=1)  # nothing listens
     try:
         resp = await post(sc, "/v1/chat/completions", {"model": "tm", "messages": HELLO}, key)
         body = await resp.json()
     finally:
-        sc.ledger.pipeline = live
+        sc.balances.pipeline = live
     assert resp.status == 503
     assert body["error"]["code"] == "service_unavailable"
     state = await sc.balance(account)
@@ -186,13 +186,13 @@ def test_a_missing_ca_file_is_an_error_not_a_silent_default() -> None:
 async def test_readiness_checks_the_request_paths_own_connection(make_sidecar: SidecarFactory) -> None:
     sc = await make_sidecar(models=MODELS, readiness_grace_seconds=0)
     assert (await sc.client.get("/readyz")).status == 200
-    live = sc.ledger.pipeline
-    sc.ledger.pipeline = AutoPipeline("redis://127.0.0.1:9/0", connect_timeout=1)
+    live = sc.balances.pipeline
+    sc.balances.pipeline = AutoPipeline("redis://127.0.0.1:9/0", connect_timeout=1)
     try:
         readiness = sc.client.app[READINESS]
         await readiness.check()  # the first failure starts the (zero-length) grace window
         ready, reason = await readiness.check()
     finally:
-        sc.ledger.pipeline = live
+        sc.balances.pipeline = live
     assert not ready  # redis-py's connections still answer; the request path's does not
     assert "ConnectionError" in reason

@@ -280,7 +280,7 @@ async def test_a_hit_is_served_at_zero_balance(priced: Sidecar, upstream: Upstre
     account, key = await priced.account(START)
     assert (await post(priced, CHAT, BODY, key)).status == 200
     remaining = (await priced.balance(account))["balance"]
-    await priced.ledger.settle(account, "req_spend_the_rest", remaining)
+    await priced.balances.settle(account, "req_spend_the_rest", remaining)
     assert (await priced.balance(account))["balance"] == 0
     assert (await post(priced, CHAT, {**BODY, "temperature": 0.5}, key)).status == 402
     hit = await post(priced, CHAT, BODY, key)
@@ -420,7 +420,7 @@ async def test_a_leader_whose_settle_finds_no_account_still_lets_its_waiters_go(
     async def account_gone(account: str, *args: Any, **kwargs: Any) -> Any:
         raise UnknownAccount(account)  # deleted while the leader's request ran
 
-    monkeypatch.setattr(g.sc.ledger, "settle", account_gone)
+    monkeypatch.setattr(g.sc.balances, "settle", account_gone)
     g.gate.set()
     async with asyncio.timeout(g.sc.settings.cache_wait_seconds / 2):  # not left waiting on the flight
         await leader

@@ -15,8 +15,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
+from sidecar.balances import ReserveStatus
 from sidecar.demo import GATE, create_demo_upstream
-from sidecar.ledger import ReserveStatus
 
 from .conftest import Sidecar, SidecarFactory, Upstream
 from .support import HELLO, MODELS, hold_for, pooled, settled
@@ -188,11 +188,11 @@ def lease() -> int:
 
 
 async def test_reserve_and_settle_sent_twice_move_money_once(sidecar: Sidecar) -> None:
-    ledger = sidecar.ledger
+    balances = sidecar.balances
     account, _ = await sidecar.account(1_000_000)
     end = lease()
-    first = await ledger.reserve(account, "req_twice", 600_000, end)
-    again = await ledger.reserve(account, "req_twice", 600_000, end)
+    first = await balances.reserve(account, "req_twice", 600_000, end)
+    again = await balances.reserve(account, "req_twice", 600_000, end)
     # 400_000 would be left after one hold: a second hold of 600_000 could not have been taken.
     assert (first.status, first.held) == (ReserveStatus.HELD, 600_000)
     assert (again.status, again.held) == (ReserveStatus.HELD, 600_000)
@@ -200,27 +200,28 @@ async def test_reserve_and_settle_sent_twice_move_money_once(sidecar: Sidecar) -
     assert (state["balance"], state["held"]) == (1_000_000, 600_000)
     assert state["holds"] == [{"request_id": "req_twice", "amount": 600_000, "lease_end_ms": end}]
 
-    settled_once = await ledger.settle(account, "req_twice", 250_000)
-    settled_again = await ledger.settle(account, "req_twice", 250_000)
+    settled_once = await balances.settle(account, "req_twice", 250_000)
+    settled_again = await balances.settle(account, "req_twice", 250_000)
     assert (settled_once.first, settled_once.balance, settled_once.released) == (True, 750_000, 600_000)
     assert (settled_again.first, settled_again.balance, settled_again.released) == (False, 750_000, 0)
     assert settled_again.charged == 250_000
     # A late retry with another charge changes nothing either.
-    late = await ledger.settle(account, "req_twice", 999_999)
+    late = await balances.settle(account, "req_twice", 999_999)
     assert (late.first, late.balance, late.charged) == (False, 750_000, 250_000)
     # Nor does a reserve retried after the settlement: it must not hold again.
-    retried = await ledger.reserve(account, "req_twice", 600_000, end)
+    retried = await balances.reserve(account, "req_twice", 600_000, end)
     assert retried.status is ReserveStatus.ALREADY_SETTLED
     state = await sidecar.balance(account)
     assert (state["balance"], state["held"], state["holds"]) == (750_000, 0, [])
 
 
 async def test_concurrent_duplicate_reserves_and_settles_are_atomic(sidecar: Sidecar) -> None:
-    ledger = sidecar.ledger
+    balances = sidecar.balances
     account, _ = await sidecar.account(1_000_000)
     end = lease()
     reserves = await asyncio.gather(
-        ledger.reserve(account, "req_race", 600_000, end), ledger.reserve(account, "req_race", 600_000, end)
+        balances.reserve(account, "req_race", 600_000, end),
+        balances.reserve(account, "req_race", 600_000, end),
     )
     # Were the two not one atomic, idempotent step, one would have been refused (only 400_000 left)
     # or both held (1_200_000 > the balance).
@@ -230,7 +231,7 @@ async def test_concurrent_duplicate_reserves_and_settles_are_atomic(sidecar: Sid
     assert (state["held"], len(state["holds"])) == (600_000, 1)
 
     settles = await asyncio.gather(
-        ledger.settle(account, "req_race", 250_000), ledger.settle(account, "req_race", 250_000)
+        balances.settle(account, "req_race", 250_000), balances.settle(account, "req_race", 250_000)
     )
     assert sorted(s.first for s in settles) == [False, True]
     assert {s.balance for s in settles} == {750_000}

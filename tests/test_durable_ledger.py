@@ -19,9 +19,9 @@ from sidecar.config import Settings
 from sidecar.embedded import EmbeddedPostgres
 from sidecar.errors import Conflict
 from sidecar.flusher import GROUP
+from sidecar.ledger_store import migration_files
 from sidecar.outbox import UsageEvent, ledger_row
 from sidecar.reconcile import complete_money_in, rebuild_if_empty, reconcile, repair
-from sidecar.store import migration_files
 
 from .conftest import Sidecar, SidecarFactory, Upstream, clean_env, make_settings
 
@@ -47,9 +47,9 @@ async def new_account(svc: Services, credits: int) -> str:
 
 
 async def settle(svc: Services, account: str, request_id: str, charge: int, hold: int = 1000) -> None:
-    await svc.ledger.reserve(account, request_id, hold, LEASE)
+    await svc.balances.reserve(account, request_id, hold, LEASE)
     event = UsageEvent(route="chat", model="m", hold=hold, prompt_tokens=3, completion_tokens=4)
-    await svc.ledger.settle(account, request_id, charge, event)
+    await svc.balances.settle(account, request_id, charge, event)
 
 
 async def usage_rows(svc: Services) -> list[asyncpg.Record]:
@@ -77,7 +77,7 @@ async def test_10000_settlements_over_100_accounts_reach_postgres_exactly_once(s
     sums = {row["account_id"]: row["charged"] for row in rows}
     assert sums == charged
     for account in accounts:
-        view = await svc.ledger.balance(account)
+        view = await svc.balances.balance(account)
         assert view.balance == 100_000_000 - charged[account]
         assert view.balance == await svc.store.ledger_sum(account)
     backlog, _ = await svc.flusher().backlog()
@@ -87,7 +87,7 @@ async def test_10000_settlements_over_100_accounts_reach_postgres_exactly_once(s
 
 async def test_ledger_rows_carry_the_request_metadata(svc: Services) -> None:
     account = await new_account(svc, 1_000_000)
-    await svc.ledger.reserve(account, "req_meta", 500, LEASE)
+    await svc.balances.reserve(account, "req_meta", 500, LEASE)
     event = UsageEvent(
         route="chat",
         model="gpt-4o-mini",
@@ -102,7 +102,7 @@ async def test_ledger_rows_carry_the_request_metadata(svc: Services) -> None:
         started_ms=1_700_000_000_123,
         settled_ms=1_700_000_001_456,
     )
-    await svc.ledger.settle(account, "req_meta", 700, event)
+    await svc.balances.settle(account, "req_meta", 700, event)
     await svc.flusher().drain()
     (row,) = await usage_rows(svc)
     assert (row["account_id"], row["amount"], row["overdraft"], row["hold"]) == (account, -700, 200, 500)
@@ -194,7 +194,7 @@ async def test_flusher_killed_after_commit_before_ack_loses_and_doubles_nothing(
     rows = await usage_rows(svc)
     assert [r["idempotency_id"] for r in rows] == [f"req_{i:03d}" for i in range(100)]
     assert -sum(r["amount"] for r in rows) == sum(1000 + i for i in range(100))
-    assert await svc.store.ledger_sum(account) == (await svc.ledger.balance(account)).balance
+    assert await svc.store.ledger_sum(account) == (await svc.balances.balance(account)).balance
     assert (await svc.flusher().backlog())[0] == 0
 
 
@@ -232,11 +232,11 @@ async def test_a_grant_that_died_before_its_redis_credit_is_completed_once(svc: 
     account = await new_account(svc, 0)
     # The process wrote the ledger row and died before crediting Redis.
     await svc.store.record_money_in(f"in:{account}:k1", account, "grant", 3_000_000, None)
-    assert (await svc.ledger.balance(account)).balance == 0
+    assert (await svc.balances.balance(account)).balance == 0
     assert [d.account for d in await reconcile(svc.redis, svc.keys, svc.store)] == []  # pending, not drift
-    assert await complete_money_in(svc.store, svc.ledger) == 1
-    assert await complete_money_in(svc.store, svc.ledger) == 0
-    assert (await svc.ledger.balance(account)).balance == 3_000_000
+    assert await complete_money_in(svc.store, svc.balances) == 1
+    assert await complete_money_in(svc.store, svc.balances) == 0
+    assert (await svc.balances.balance(account)).balance == 3_000_000
     # The client's retry of the same grant credits nothing more.
     again = await svc.admin.grant(account, 3_000_000, "k1")
     assert (again["credited"], again["balance"]) == (False, 3_000_000)
@@ -258,10 +258,10 @@ async def test_reconcile_reports_and_repairs_drift(svc: Services) -> None:
     await svc.redis.hincrby(svc.keys.account(drifting).balance, "balance", 777)
     (drift,) = await reconcile(svc.redis, svc.keys, svc.store)
     assert (drift.account, drift.amount, drift.expected) == (drifting, 777, 5_000_000 - 4321 - 10)
-    cli = await repair(svc.redis, svc.keys, svc.store, svc.ledger)
+    cli = await repair(svc.redis, svc.keys, svc.store, svc.balances)
     assert [d.account for d in cli] == [drifting]
     assert await reconcile(svc.redis, svc.keys, svc.store) == []
-    assert (await svc.ledger.balance(drifting)).balance == 5_000_000 - 4321 - 10
+    assert (await svc.balances.balance(drifting)).balance == 5_000_000 - 4321 - 10
 
 
 async def test_reconcile_cli(svc: Services, settings: Settings) -> None:
@@ -273,7 +273,7 @@ async def test_reconcile_cli(svc: Services, settings: Settings) -> None:
     assert '"drift": -5' in report.stdout
     fixed = _cli(settings, "reconcile", "--repair")
     assert fixed.returncode == 0, fixed.stderr
-    assert (await svc.ledger.balance(account)).balance == 1_000
+    assert (await svc.balances.balance(account)).balance == 1_000
 
 
 async def test_redis_lost_is_rebuilt_from_the_ledger(make_sidecar: SidecarFactory) -> None:
@@ -359,8 +359,8 @@ async def test_a_half_created_account_is_finished_by_a_retry_and_blocks_nothing(
     healthy = await new_account(svc, 0)
     await svc.store.record_money_in(f"in:{healthy}:g2", healthy, "grant", 7_000, None)
     # The reconciler completes what it can and leaves the rest pending, instead of stopping.
-    assert await complete_money_in(svc.store, svc.ledger) == 1
-    assert (await svc.ledger.balance(healthy)).balance == 7_000
+    assert await complete_money_in(svc.store, svc.balances) == 1
+    assert (await svc.balances.balance(healthy)).balance == 7_000
     assert [row[0] for row in await svc.store.unapplied()] == ["in:half-made:g1"]
     # The operator's retry of the create finishes it (409: it exists), and the grant's retry credits once.
     with pytest.raises(Conflict):

@@ -8,9 +8,9 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.app import SERVICES
+from sidecar.balances import Balances
 from sidecar.health import READINESS
 from sidecar.keys import KeySpace
-from sidecar.ledger import RedisLedger
 
 from .conftest import Sidecar, SidecarFactory
 from .support import HELLO, MODELS, post, scrape, value
@@ -29,7 +29,7 @@ async def test_ready_when_redis_answers(sidecar: Sidecar) -> None:
     resp = await sidecar.client.get("/readyz")
     assert resp.status == 200
     assert await resp.json() == {"status": "ready", "reason": "ok"}
-    assert await sidecar.ledger.scripts_loaded()
+    assert await sidecar.balances.scripts_loaded()
 
 
 async def test_redis_outage_fails_readiness_only_after_the_grace_window(
@@ -37,7 +37,7 @@ async def test_redis_outage_fails_readiness_only_after_the_grace_window(
 ) -> None:
     sc = await make_sidecar(readiness_grace_seconds=3600)
     readiness = sc.client.app[READINESS]
-    readiness.ledger = RedisLedger(dead_redis, KeySpace("x:", 16), settled_marker_ms=1000)
+    readiness.balances = Balances(dead_redis, KeySpace("x:", 16), settled_marker_ms=1000)
     resp = await sc.client.get("/readyz")
     assert resp.status == 200  # a blip: still ready, and says so
     assert "within readiness_grace_seconds" in (await resp.json())["reason"]
@@ -50,7 +50,7 @@ async def test_redis_outage_fails_readiness_only_after_the_grace_window(
     healthz = await sc.client.get("/healthz")  # liveness never depends on Redis
     assert (healthz.status, await healthz.json()) == (200, {"status": "ok"})
 
-    readiness.ledger = sc.ledger  # Redis is back
+    readiness.balances = sc.balances  # Redis is back
     assert (await sc.client.get("/readyz")).status == 200
     assert readiness.failing_since is None
 

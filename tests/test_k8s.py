@@ -10,11 +10,11 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.app import SERVICES
+from sidecar.balances import Balances
 from sidecar.config import load_settings, service_links
 from sidecar.errors import ConfigError
 from sidecar.health import READINESS
 from sidecar.keys import KeySpace
-from sidecar.ledger import RedisLedger
 
 from .conftest import SidecarFactory, clean_env, new_key_prefix, serve_process
 
@@ -109,7 +109,7 @@ async def test_readiness_checks_redis_by_mode(
     _, key = await sc.account(1_000_000)
     dead = Redis.from_url(DEAD_REDIS, socket_connect_timeout=1, retry_on_error=[])
     try:
-        sc.client.app[READINESS].ledger = RedisLedger(dead, KeySpace("x:", 16), settled_marker_ms=1000)
+        sc.client.app[READINESS].balances = Balances(dead, KeySpace("x:", 16), settled_marker_ms=1000)
         accounts = sc.client.app[SERVICES].accounts
         accounts.redis = dead
         first = await sc.health.get("/readyz")  # the first failing check opens the (zero) grace window

@@ -11,7 +11,16 @@ import pytest
 
 import sidecar
 
-MONEY_MODULES = ["pricing.py", "ledger.py", "admin.py", "usage.py", "keys.py"]
+MONEY_MODULES = [
+    "money.py",
+    "pricing.py",
+    "afford.py",
+    "balances.py",
+    "admin.py",
+    "usage.py",
+    "keys.py",
+    "pipeline/outcome.py",
+]
 LUA_SCRIPTS = sorted(p.name for p in Path(str(files("sidecar") / "lua")).glob("*.lua"))
 
 

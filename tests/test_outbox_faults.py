@@ -16,12 +16,12 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from sidecar.accounts import AccountStore
+from sidecar.accounts import AccountDirectory
 from sidecar.app import FLUSHER
+from sidecar.balances import Balances
 from sidecar.batches import is_data_error
 from sidecar.flusher import GROUP
 from sidecar.keys import KeySpace, as_text
-from sidecar.ledger import RedisLedger
 from sidecar.money import MAX_CHARGE, MAX_MICRO
 from sidecar.outbox import BadEntry, UsageEvent, encode_event, ledger_row
 from sidecar.settlements import PendingSettlement, PendingSettlements
@@ -34,25 +34,25 @@ LUA = Path(__file__).resolve().parent.parent / "lua"
 
 
 @pytest.fixture
-async def ledger(redis_client: Redis) -> RedisLedger:
-    ledger = RedisLedger(redis_client, KeySpace(new_key_prefix(), 4), settled_marker_ms=60_000)
-    await ledger.load_scripts()
-    await ledger.mark_ready()
-    return ledger
+async def balances(redis_client: Redis) -> Balances:
+    balances = Balances(redis_client, KeySpace(new_key_prefix(), 4), settled_marker_ms=60_000)
+    await balances.load_scripts()
+    await balances.mark_ready()
+    return balances
 
 
-async def held(ledger: RedisLedger, balance: int, hold: int) -> tuple[str, str]:
+async def held(balances: Balances, balance: int, hold: int) -> tuple[str, str]:
     account = f"acct_{uuid.uuid4().hex[:8]}"
-    await AccountStore(ledger.redis, ledger.keys, cache_seconds=0).add_account(account)
-    await ledger.credit(account, f"fund-{account}", balance)
+    await AccountDirectory(balances.redis, balances.keys, cache_seconds=0).add_account(account)
+    await balances.credit(account, f"fund-{account}", balance)
     request_id = f"req_{uuid.uuid4().hex[:8]}"
-    await ledger.reserve(account, request_id, hold, LEASE)
+    await balances.reserve(account, request_id, hold, LEASE)
     return account, request_id
 
 
-async def snapshot(ledger: RedisLedger, account: str, request_id: str) -> tuple[object, ...]:
-    k = ledger.keys.account(account)
-    r = ledger.redis
+async def snapshot(balances: Balances, account: str, request_id: str) -> tuple[object, ...]:
+    k = balances.keys.account(account)
+    r = balances.redis
     return (
         await r.hgetall(k.balance),
         await r.hgetall(k.holds),
@@ -82,47 +82,47 @@ async def snapshot(ledger: RedisLedger, account: str, request_id: str) -> tuple[
     ],
 )
 async def test_settle_script_refuses_an_invalid_argument_before_any_write(
-    ledger: RedisLedger, charge: str, marker_ms: str
+    balances: Balances, charge: str, marker_ms: str
 ) -> None:
-    account, request_id = await held(ledger, 1_000_000, 400_000)
-    before = await snapshot(ledger, account, request_id)
-    k = ledger.keys.account(account)
+    account, request_id = await held(balances, 1_000_000, 400_000)
+    before = await snapshot(balances, account, request_id)
+    k = balances.keys.account(account)
     with pytest.raises(ResponseError, match="settle:"):
-        await ledger._settle(
+        await balances._settle(
             keys=[k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox],
             args=[request_id, charge, marker_ms, k.expiry_member(request_id), "0", b"{}"],
         )
-    assert await snapshot(ledger, account, request_id) == before
+    assert await snapshot(balances, account, request_id) == before
     assert before[1] == {request_id.encode(): b"400000"}  # the hold is still there
 
 
 @pytest.mark.parametrize("charge", [MAX_CHARGE + 1, MAX_MICRO + 1, 2**63, -1])
 async def test_settle_refuses_a_charge_out_of_bounds_before_calling_redis(
-    ledger: RedisLedger, charge: int
+    balances: Balances, charge: int
 ) -> None:
-    account, request_id = await held(ledger, 1_000_000, 400_000)
-    before = await snapshot(ledger, account, request_id)
+    account, request_id = await held(balances, 1_000_000, 400_000)
+    before = await snapshot(balances, account, request_id)
     with pytest.raises(ValueError, match="charge"):
-        await ledger.settle(account, request_id, charge)
-    assert await snapshot(ledger, account, request_id) == before
+        await balances.settle(account, request_id, charge)
+    assert await snapshot(balances, account, request_id) == before
 
 
-async def test_settle_of_the_largest_charge_and_a_multiple_of_1e8_hold(ledger: RedisLedger) -> None:
-    account, request_id = await held(ledger, MAX_CHARGE, 100_000_000)
-    settled = await ledger.settle(account, request_id, MAX_CHARGE)
+async def test_settle_of_the_largest_charge_and_a_multiple_of_1e8_hold(balances: Balances) -> None:
+    account, request_id = await held(balances, MAX_CHARGE, 100_000_000)
+    settled = await balances.settle(account, request_id, MAX_CHARGE)
     assert (settled.first, settled.balance, settled.released, settled.charged) == (
         True,
         0,
         100_000_000,
         MAX_CHARGE,
     )
-    assert (await ledger.balance(account)).held == 0
+    assert (await balances.balance(account)).held == 0
 
 
-async def test_expire_hold_of_a_multiple_of_1e8(ledger: RedisLedger) -> None:
-    account, _ = await held(ledger, 1_000_000_000, 300_000_000)
-    assert await ledger.expire_holds(LEASE + 1) == 300_000_000
-    view = await ledger.balance(account)
+async def test_expire_hold_of_a_multiple_of_1e8(balances: Balances) -> None:
+    account, _ = await held(balances, 1_000_000_000, 300_000_000)
+    assert await balances.expire_holds(LEASE + 1) == 300_000_000
+    view = await balances.balance(account)
     assert (view.balance, view.held, view.holds) == (1_000_000_000, 0, [])
 
 
@@ -139,30 +139,30 @@ def test_scripts_pass_no_lua_arithmetic_to_redis_call(script: str) -> None:
 
 @pytest.mark.parametrize("fault", ["charge-out-of-bounds", "redis-refuses"])
 async def test_one_refused_pending_settlement_does_not_stop_the_others(
-    ledger: RedisLedger, fault: str
+    balances: Balances, fault: str
 ) -> None:
-    pending = PendingSettlements(ledger)
-    bad_account, bad_request = await held(ledger, 1_000_000, 400_000)
+    pending = PendingSettlements(balances)
+    bad_account, bad_request = await held(balances, 1_000_000, 400_000)
     charge = 1_000
     if fault == "charge-out-of-bounds":
         charge = MAX_CHARGE + 1
     else:  # the account's balance field is no integer: HINCRBY fails inside the script
-        await ledger.redis.hset(ledger.keys.account(bad_account).balance, "balance", "not-a-number")
+        await balances.redis.hset(balances.keys.account(bad_account).balance, "balance", "not-a-number")
     pending.add(PendingSettlement(bad_account, bad_request, charge, UsageEvent()))
-    good = [await held(ledger, 1_000_000, 400_000) for _ in range(3)]
+    good = [await held(balances, 1_000_000, 400_000) for _ in range(3)]
     for account, request_id in good:
         pending.add(PendingSettlement(account, request_id, 250_000, UsageEvent()))
 
     assert await pending.retry() == 3
     assert list(pending.pending) == [bad_request]  # the refused one still waits, the others are taken
     for account, _ in good:
-        view = await ledger.balance(account)
+        view = await balances.balance(account)
         assert (view.balance, view.held) == (750_000, 0)
 
 
-async def test_a_connection_failure_still_stops_the_pass(ledger: RedisLedger) -> None:
-    pending = PendingSettlements(ledger)
-    items = [await held(ledger, 1_000_000, 400_000) for _ in range(2)]
+async def test_a_connection_failure_still_stops_the_pass(balances: Balances) -> None:
+    pending = PendingSettlements(balances)
+    items = [await held(balances, 1_000_000, 400_000) for _ in range(2)]
     for account, request_id in items:
         pending.add(PendingSettlement(account, request_id, 1_000, UsageEvent()))
     tries: list[str] = []
@@ -171,7 +171,7 @@ async def test_a_connection_failure_still_stops_the_pass(ledger: RedisLedger) ->
         tries.append(request_id)
         raise RedisConnectionError("Redis is away")
 
-    ledger.settle = away  # type: ignore[method-assign,assignment]
+    balances.settle = away  # type: ignore[method-assign,assignment]
     assert await pending.retry() == 0
     assert tries == [items[0][1]]  # Redis is away: the rest waits for the next pass
     assert len(pending.pending) == 2
@@ -312,8 +312,8 @@ async def test_drain_waits_for_the_batch_the_background_loop_is_writing(
         await real_insert(rows)
 
     monkeypatch.setattr(store, "insert_usage", gated)
-    await svc.ledger.reserve(account, "req_in_flight", 1_000, LEASE)
-    await svc.ledger.settle(account, "req_in_flight", 600, UsageEvent())
+    await svc.balances.reserve(account, "req_in_flight", 1_000, LEASE)
+    await svc.balances.settle(account, "req_in_flight", 600, UsageEvent())
     await entered.wait()  # the loop holds the entry: read, not acknowledged
 
     drainer = svc.flusher()

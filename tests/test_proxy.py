@@ -498,7 +498,7 @@ async def test_a_failed_lease_renewal_neither_ends_the_stream_nor_its_charge(
         attempts.append(args)
         raise RedisConnectionError("a Redis blip")
 
-    monkeypatch.setattr(sc.ledger, "renew", failing_renew)
+    monkeypatch.setattr(sc.balances, "renew", failing_renew)
     body = {"model": "test-model", "messages": HELLO, "stream": True, "max_tokens": 8}
     resp, raw = await _stream(sc, "/v1/chat/completions", body, key, **{"x-demo-token-delay-ms": "100"})
     assert resp.status == 200
@@ -510,9 +510,9 @@ async def test_a_failed_lease_renewal_neither_ends_the_stream_nor_its_charge(
     assert (state["balance"], state["held"]) == (10_000_000 - pooled(5 * 1000 + 8 * 2000), 0)
 
 
-def losing_replies(ledger: Any, monkeypatch: pytest.MonkeyPatch, times: int) -> list[str]:
+def losing_replies(balances: Any, monkeypatch: pytest.MonkeyPatch, times: int) -> list[str]:
     """Make the ledger's reserve run in Redis but lose its reply `times` times (as a timeout would)."""
-    real = ledger.reserve
+    real = balances.reserve
     lost: list[str] = []
 
     async def reserve(*args: Any, **kwargs: Any) -> Any:
@@ -522,7 +522,7 @@ def losing_replies(ledger: Any, monkeypatch: pytest.MonkeyPatch, times: int) -> 
             raise RedisTimeoutError("the reply was lost")
         return reservation
 
-    monkeypatch.setattr(ledger, "reserve", reserve)
+    monkeypatch.setattr(balances, "reserve", reserve)
     return lost
 
 
@@ -530,7 +530,7 @@ async def test_a_reserve_whose_reply_was_lost_is_sent_again_and_holds_once(
     priced: Sidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     account, key = await priced.account(10_000_000)
-    lost = losing_replies(priced.ledger, monkeypatch, times=1)
+    lost = losing_replies(priced.balances, monkeypatch, times=1)
     resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 200
     assert lost == [resp.headers["x-request-id"]]
@@ -544,7 +544,7 @@ async def test_a_reserve_that_keeps_failing_releases_what_it_may_have_held(
 ) -> None:
     priced = await make_sidecar(models=MODELS, reserve_retry_seconds=0.2)  # retried until then
     account, key = await priced.account(10_000_000)
-    losing_replies(priced.ledger, monkeypatch, times=1_000_000)
+    losing_replies(priced.balances, monkeypatch, times=1_000_000)
     resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 503
     assert (await resp.json())["error"]["code"] == "service_unavailable"

@@ -37,7 +37,7 @@ async def test_a_grant_after_redis_was_lost_is_not_counted_twice_by_the_rebuild(
     assert (await sidecar.balance(account))["balance"] == 15_000_000
     # The next start (or any CLI verb) finds Redis initialised and leaves the balance alone.
     async with services(sidecar.settings) as svc:
-        assert (await svc.ledger.balance(account)).balance == 15_000_000
+        assert (await svc.balances.balance(account)).balance == 15_000_000
         assert await svc.store.ledger_sum(account) == 15_000_000
         assert await reconcile(svc.redis, svc.keys, svc.store) == []
 
@@ -89,7 +89,7 @@ async def test_repair_racing_grants_moves_no_correct_balance(sidecar: Sidecar) -
     async def repair_loop() -> None:
         passes = 0
         while not stop.is_set() or passes < 3:
-            repairs.extend(await repair(svc.redis, svc.keys, svc.store, svc.ledger))
+            repairs.extend(await repair(svc.redis, svc.keys, svc.store, svc.balances))
             passes += 1
 
     repairing = asyncio.create_task(repair_loop())
@@ -98,14 +98,14 @@ async def test_repair_racing_grants_moves_no_correct_balance(sidecar: Sidecar) -
     await repairing
     assert repairs == []
     for account in accounts:
-        assert (await svc.ledger.balance(account)).balance == await svc.store.ledger_sum(account)
+        assert (await svc.balances.balance(account)).balance == await svc.store.ledger_sum(account)
     assert await reconcile(svc.redis, svc.keys, svc.store) == []
 
 
 async def test_reconcile_compares_held_with_the_sum_of_holds_and_repairs_it(sidecar: Sidecar) -> None:
     account, _ = await sidecar.account(1_000_000)
     svc = sidecar.services
-    await svc.ledger.reserve(account, "r1", 300_000, 2**50)
+    await svc.balances.reserve(account, "r1", 300_000, 2**50)
     k = svc.keys.account(account)
     await svc.redis.hset(k.balance, "held", "900000")  # drifted: the holds hash says 300,000
     [drift] = await reconcile(svc.redis, svc.keys, svc.store)
@@ -115,7 +115,7 @@ async def test_reconcile_compares_held_with_the_sum_of_holds_and_repairs_it(side
         900_000,
         300_000,
     )
-    await repair(svc.redis, svc.keys, svc.store, svc.ledger)
-    view = await svc.ledger.balance(account)
+    await repair(svc.redis, svc.keys, svc.store, svc.balances)
+    view = await svc.balances.balance(account)
     assert (view.balance, view.held) == (1_000_000, 300_000)
     assert await reconcile(svc.redis, svc.keys, svc.store) == []

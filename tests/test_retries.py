@@ -71,7 +71,7 @@ async def test_three_lost_reserve_replies_still_answer_and_charge_once(
 ) -> None:
     sc = await through_faults()
     account, key = await sc.account(10_000_000)
-    reserve = script(sc.ledger._reserve.sha)
+    reserve = script(sc.balances._reserve.sha)
     faults.lose_replies(3, reserve)
     resp = await post(sc, {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 200, await resp.text()
@@ -90,7 +90,7 @@ async def test_a_reserve_lost_past_its_deadline_answers_503_and_holds_nothing(
 ) -> None:
     sc = await through_faults(reserve_retry_seconds=0.5)
     account, key = await sc.account(10_000_000)
-    faults.lose_replies(1_000, script(sc.ledger._reserve.sha))
+    faults.lose_replies(1_000, script(sc.balances._reserve.sha))
     resp = await post(sc, {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 503
     state = await sc.balance(account)  # the hold the lost tries took is released at once
@@ -102,7 +102,7 @@ async def test_a_grant_whose_credit_reply_is_lost_completes_and_credits_once(
 ) -> None:
     sc = await through_faults()
     account, _ = await sc.account(0)
-    credit = script(sc.ledger._credit.sha)
+    credit = script(sc.balances._credit.sha)
     faults.lose_replies(1, credit)
     await sc.admin(
         "POST", f"/accounts/{account}/grants", {"amount": 700}, **{"Idempotency-Key": uuid.uuid4().hex}
@@ -184,9 +184,9 @@ async def long_request_keeps_its_hold(
 ) -> Counting:
     """A non-streamed request outliving several leases: its hold survives the reaper, charged once."""
     account, key = await sc.account(10_000_000)
-    renew, reap = Counting(sc.ledger.renew), Counting(sc.ledger.expire_holds)
-    monkeypatch.setattr(sc.ledger, "renew", renew)
-    monkeypatch.setattr(sc.ledger, "expire_holds", reap)
+    renew, reap = Counting(sc.balances.renew), Counting(sc.balances.expire_holds)
+    monkeypatch.setattr(sc.balances, "renew", renew)
+    monkeypatch.setattr(sc.balances, "expire_holds", reap)
     pending = asyncio.create_task(post(sc, {"model": "test-model", "messages": HELLO}, key))
     await arrived.wait()
     # Renewed every third of the 1 s lease: 9 renewals are 3 leases; then one more reaper pass.

@@ -31,7 +31,7 @@ async def test_a_settle_redis_refuses_is_kept_and_sent_again_until_taken(
     priced: Sidecar, monkeypatch: pytest.MonkeyPatch, reply_lost: bool
 ) -> None:
     account, key = await priced.account(10_000_000)
-    real_settle = priced.ledger.settle
+    real_settle = priced.balances.settle
     tries: list[str] = []
 
     async def refused(*args: Any, **kwargs: Any) -> Any:
@@ -40,7 +40,7 @@ async def test_a_settle_redis_refuses_is_kept_and_sent_again_until_taken(
             await real_settle(*args, **kwargs)
         raise RedisConnectionError("Redis is away")
 
-    monkeypatch.setattr(priced.ledger, "settle", refused)
+    monkeypatch.setattr(priced.balances, "settle", refused)
     resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 200  # the answer is delivered; its charge is known, the balance after is not
     assert resp.headers["x-creditgate-charged"] == str(CHARGE)
@@ -51,7 +51,7 @@ async def test_a_settle_redis_refuses_is_kept_and_sent_again_until_taken(
     assert list(pending.pending) == [request_id]
     assert (await priced.admin("GET", "/ledger"))["settlements_waiting_for_redis"] == 1
 
-    monkeypatch.setattr(priced.ledger, "settle", real_settle)  # Redis is back
+    monkeypatch.setattr(priced.balances, "settle", real_settle)  # Redis is back
     assert await pending.retry() == 1
     assert await pending.retry() == 0  # nothing waits any more
     state = await priced.balance(account)
@@ -69,16 +69,16 @@ async def test_a_settlement_still_waiting_at_shutdown_gets_a_last_try_before_the
     priced: Sidecar, monkeypatch: pytest.MonkeyPatch, redis_client: Redis
 ) -> None:
     account, key = await priced.account(10_000_000)
-    real_settle = priced.ledger.settle
+    real_settle = priced.balances.settle
 
     async def refused(*args: Any, **kwargs: Any) -> Any:
         raise RedisConnectionError("Redis is away")
 
-    monkeypatch.setattr(priced.ledger, "settle", refused)
+    monkeypatch.setattr(priced.balances, "settle", refused)
     resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 200
     request_id = resp.headers["x-request-id"]
-    monkeypatch.setattr(priced.ledger, "settle", real_settle)  # Redis returns just as the sidecar stops
+    monkeypatch.setattr(priced.balances, "settle", real_settle)  # Redis returns just as the sidecar stops
     keys = KeySpace(priced.settings.key_prefix, priced.settings.partitions)
     await priced.client.close()  # the app's shutdown: last try, then the outbox's final flush
     balance = await redis_client.hget(keys.account(account).balance, "balance")

@@ -22,7 +22,7 @@ from ..pricing import Multiplier, Price, PriceTable, estimate_prompt_tokens, uns
 from ..wire import MeteredRequest, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
 
 if TYPE_CHECKING:
-    from ..accounts import AccountStore
+    from ..accounts import AccountDirectory
 
 # (route kind, request, model, body, account, Cache-Control, byok, headers) -> what the cache may do.
 CachePlanner = Callable[
@@ -90,7 +90,7 @@ class Admission:
         )
 
 
-async def authenticate(headers: Mapping[str, str], accounts: AccountStore, policy: AdmitPolicy) -> str:
+async def authenticate(headers: Mapping[str, str], accounts: AccountDirectory, policy: AdmitPolicy) -> str:
     """The account a request acts for: the trusted account header (sidecar mode), else its API key."""
     header = policy.account_header
     if header:

@@ -23,12 +23,12 @@ import time
 import aiohttp
 from aiohttp import web
 
-from ..accounts import AccountStore
+from ..accounts import AccountDirectory
+from ..balances import Balances
 from ..cache import ResponseCache
 from ..config import Settings
 from ..errors import NotFound, Unauthorized, UnknownAccount
 from ..headers import HeaderNames
-from ..ledger import RedisLedger
 from ..observe import RECORD, RequestRecord
 from ..pricing import PriceTable, cost
 from ..responses import REQUEST_ID
@@ -51,8 +51,8 @@ class Gateway:
         self,
         settings: Settings,
         prices: PriceTable,
-        ledger: RedisLedger,
-        accounts: AccountStore,
+        balances: Balances,
+        accounts: AccountDirectory,
         upstreams: dict[str, Upstream],
         session: aiohttp.ClientSession,
         cache: ResponseCache | None = None,
@@ -69,7 +69,7 @@ class Gateway:
             s.afford_output_limit,
         )
         self.holder = Holder(
-            ledger,
+            balances,
             cache,
             HoldPolicy(
                 s.hold_lease_seconds,
@@ -84,7 +84,7 @@ class Gateway:
         self.forwarder = Forwarder(
             session, upstreams, ForwardPolicy(drop, forwarded_extra(s), self.relayed, stream)
         )
-        self.settler = Settler(ledger, cache, cache_ttl_seconds=s.cache_ttl_seconds, retry=retry.SETTLE)
+        self.settler = Settler(balances, cache, cache_ttl_seconds=s.cache_ttl_seconds, retry=retry.SETTLE)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.exchanges: dict[str, Live] = {}  # the requests in flight, by request id
         self.cutting = False  # shutting down past the grace period: every request is cut

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from ..balances import Balances, Reservation, ReserveStatus
 from ..cache import CachedResponse, ResponseCache
 from ..cachekey import BYPASS
 from ..errors import Conflict, InsufficientCredits, Unauthorized, UnknownAccount
-from ..ledger import RedisLedger, Reservation, ReserveStatus
 from .admit import Admission
 from .retry import Retry
 
@@ -66,8 +66,8 @@ class Held:
 
 
 class Holder:
-    def __init__(self, ledger: RedisLedger, cache: ResponseCache | None, policy: HoldPolicy) -> None:
-        self.ledger = ledger
+    def __init__(self, balances: Balances, cache: ResponseCache | None, policy: HoldPolicy) -> None:
+        self.balances = balances
         self.cache = cache
         self.policy = policy
 
@@ -171,7 +171,7 @@ class Holder:
         while True:
             tries += 1
             try:
-                return await self.ledger.reserve(
+                return await self.balances.reserve(
                     adm.account, adm.request_id, adm.hold, lease_end_ms, cache_key=cache_key
                 )
             except RedisError as exc:
@@ -181,7 +181,7 @@ class Holder:
                         "reserve of %s failed (attempt %d, %r); giving up", adm.request_id, tries, exc
                     )
                     with contextlib.suppress(RedisError, UnknownAccount):
-                        await self.ledger.settle(adm.account, adm.request_id, 0)
+                        await self.balances.settle(adm.account, adm.request_id, 0)
                     raise
                 log.warning("reserve of %s failed (attempt %d, %r); retrying", adm.request_id, tries, exc)
             await asyncio.sleep(pause)

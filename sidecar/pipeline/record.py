@@ -3,7 +3,7 @@ stages returned, in one place per step of the walk."""
 
 from __future__ import annotations
 
-from ..ledger import Settlement
+from ..balances import Settlement
 from ..observe import RequestRecord
 from ..pricing import Price, Usage
 from ..wire import MeteredRequest

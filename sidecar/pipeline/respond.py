@@ -10,11 +10,11 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict
 
+from ..balances import Settlement
 from ..cache import CachedResponse
 from ..cachekey import hit_headers, miss_headers
 from ..errors import CreditgateError, ServiceUnavailable, UpstreamUnavailable
 from ..headers import HeaderNames, response_headers, scrub_secrets
-from ..ledger import Settlement
 from ..usage import SSEReader
 from .admit import Admission
 from .forward import Forwarded

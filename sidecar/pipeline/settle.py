@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from ..balances import Balances, Settlement
 from ..cache import CachedResponse, ResponseCache
 from ..errors import UnknownAccount
-from ..ledger import RedisLedger, Settlement
 from ..outbox import UsageEvent
 from ..pricing import Usage
 from ..settlements import PendingSettlement, PendingSettlements
@@ -60,13 +60,13 @@ def ledger_entry(
 
 class Settler:
     def __init__(
-        self, ledger: RedisLedger, cache: ResponseCache | None, *, cache_ttl_seconds: int, retry: Retry
+        self, balances: Balances, cache: ResponseCache | None, *, cache_ttl_seconds: int, retry: Retry
     ) -> None:
-        self.ledger = ledger
+        self.balances = balances
         self.cache = cache
         self.cache_ttl_ms = cache_ttl_seconds * 1000
         self.retry = retry
-        self.pending = PendingSettlements(ledger)  # settlements Redis has not taken yet
+        self.pending = PendingSettlements(balances)  # settlements Redis has not taken yet
 
     async def settle(
         self, adm: Admission, provider: str, verdict: Verdict, stored: Stored | None
@@ -92,7 +92,7 @@ class Settler:
         while True:
             tries += 1
             try:
-                settlement = await self.ledger.settle(
+                settlement = await self.balances.settle(
                     adm.account, adm.request_id, verdict.charge, event, cache_entry=store
                 )
                 break
@@ -137,4 +137,4 @@ class Settler:
         """A cache hit: nothing held, nothing charged; recorded as a zero-charge ledger entry with what it
         saved. Raises UnknownAccount when the account is gone."""
         event = ledger_entry(adm, provider, outcome, usage, hold=0, saved=saved)
-        return await self.ledger.settle(adm.account, adm.request_id, 0, event, record=True)
+        return await self.balances.settle(adm.account, adm.request_id, 0, event, record=True)

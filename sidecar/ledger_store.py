@@ -109,12 +109,12 @@ class MoneyIn:
     created: bool  # False: the row existed (a retry)
 
 
-class Store:
+class LedgerStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 4) -> Store:
+    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 4) -> LedgerStore:
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
         return cls(pool)
 

@@ -71,7 +71,7 @@ class AccountBalance:
         return self.balance - self.held
 
 
-class RedisLedger:
+class Balances:
     def __init__(
         self, redis: Redis, keys: KeySpace, *, settled_marker_ms: int, pipeline: AutoPipeline | None = None
     ) -> None:
