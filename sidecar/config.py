@@ -17,73 +17,20 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 import yaml
 
+from . import environment
+from .environment import ENV_PREFIX
 from .errors import ConfigError
 from .headers import NEVER
 from .pricing import PriceTable
+from .tables import ModelConfig, PositiveInt, UpstreamConfig, default_models
 
-ENV_PREFIX = "CREDITGATE_"
 T = TypeVar("T")
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 RouteKind = Literal["chat", "completions", "embeddings", "responses"]
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One priced model. Prices are decimal strings of credits; 1 credit = 1,000,000 micro-credits."""
-
-    prompt: str
-    completion: str = "0"
-    cached_prompt: str | None = None
-    request_fee: str = "0"
-    max_output_tokens: PositiveInt = 4096
-    aliases: list[str] = msgspec.field(default_factory=list)
-    upstream: str = "default"
-    # The most input tokens one part whose tokens are not in the body's bytes can cost (unset: such a
-    # part is refused with a 400): an image, an audio clip, a file; and for stored state (Responses'
-    # previous_response_id, conversation, stored prompt, item references) the most it can add in all.
-    image_input_tokens: NonNegativeInt | None = None
-    audio_input_tokens: NonNegativeInt | None = None
-    file_input_tokens: NonNegativeInt | None = None
-    stored_input_tokens: NonNegativeInt | None = None
-
-
-class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Where a model's requests go: an OpenAI-compatible base URL (ending in /v1) and the pooled key,
-    with the organization and project it acts in (sent as OpenAI-Organization / OpenAI-Project on pooled
-    calls; a client never chooses them)."""
-
-    base_url: str
-    api_key: str | None = None
-    api_key_env: str | None = None
-    organization: str | None = None
-    project: str | None = None
-
-    def key(self) -> str | None:
-        if self.api_key_env:
-            return os.environ.get(self.api_key_env) or None
-        return self.api_key
-
-
-def _default_models() -> dict[str, ModelConfig]:
-    # Illustrative prices with 1 credit = 1 USD; operators replace this table in their config file.
-    return {
-        "gpt-4o-mini": ModelConfig(
-            prompt="0.00015", completion="0.0006", cached_prompt="0.000075", max_output_tokens=16384
-        ),
-        "gpt-4o": ModelConfig(
-            prompt="0.0025", completion="0.01", cached_prompt="0.00125", max_output_tokens=16384
-        ),
-        "gpt-4.1-mini": ModelConfig(
-            prompt="0.0004", completion="0.0016", cached_prompt="0.0001", max_output_tokens=32768
-        ),
-        "gpt-3.5-turbo-instruct": ModelConfig(prompt="0.0015", completion="0.002", max_output_tokens=4096),
-        "text-embedding-3-small": ModelConfig(prompt="0.00002", max_output_tokens=1),
-    }
-
-
-Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port is unset
 ACCOUNT_SECRET_HEADER = "x-creditgate-account-secret"
 MIN_SECRET_LENGTH = 16
@@ -130,7 +77,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     upstream_url: str | None = None
     upstream_api_key: str | None = None
     upstreams: dict[str, UpstreamConfig] = msgspec.field(default_factory=dict)
-    models: dict[str, ModelConfig] = msgspec.field(default_factory=_default_models)
+    models: dict[str, ModelConfig] = msgspec.field(default_factory=default_models)
     pooled_multiplier: str = "1.25"
     byok_multiplier: str = "1"
     byok_header: str = "x-creditgate-provider-key"
@@ -217,58 +164,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.upstream_url is None and self.upstream_api_key is None and not self.upstreams
 
 
-_STRUCTURED = {"models", "upstreams"}
-# From the environment: comma-separated, or JSON.
-_LISTS = {"cache_routes", "forward_request_headers", "relay_response_headers"}
-
-
-# Kubernetes injects docker-style "service links" into every pod for each Service in the namespace: for a
-# Service named creditgate (or creditgate-x) they start with CREDITGATE_ and one, CREDITGATE_PORT, has the
-# name of a real setting. They are recognised by name or by their tcp://host:port value and ignored.
-_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://[^/\s]+:[0-9]+$")
-_LINK_NAME = re.compile(
-    r"^(?:[a-z0-9_]+_)?(?:service_host|service_port(?:_[a-z0-9_]+)?|port_[0-9]+_(?:tcp|udp|sctp)"
-    r"(?:_addr|_port|_proto)?)$"
-)
-
-
 def service_links(environ: Mapping[str, str] | None = None) -> list[str]:
     """The CREDITGATE_* variables that are Kubernetes service links, not settings (ignored by the loader)."""
-    environ = os.environ if environ is None else environ
-    return sorted(
-        name
-        for name, value in environ.items()
-        if name.startswith(ENV_PREFIX) and _is_service_link(name[len(ENV_PREFIX) :].lower(), value)
-    )
-
-
-def _is_service_link(field: str, value: str) -> bool:
-    if _LINK_VALUE.match(value.strip()):
-        return True  # no setting takes a tcp:// value: CREDITGATE_PORT=tcp://10.96.0.12:8080 is a link
-    return field not in Settings.__struct_fields__ and bool(_LINK_NAME.match(field))
-
-
-def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    known = set(Settings.__struct_fields__)
-    raw: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
-            continue
-        field = name[len(ENV_PREFIX) :].lower()
-        if _is_service_link(field, value):
-            continue
-        if field not in known:
-            raise ConfigError(f"Unknown setting {name}.", param=name)
-        if field in _STRUCTURED or (field in _LISTS and value.lstrip().startswith("[")):
-            try:
-                raw[field] = msgspec.json.decode(value)
-            except msgspec.DecodeError as exc:
-                raise ConfigError(f"{name} must be JSON: {exc}", param=name) from None
-        elif field in _LISTS:
-            raw[field] = [item.strip() for item in value.split(",") if item.strip()]
-        else:
-            raw[field] = value
-    return raw
+    return environment.service_links(os.environ if environ is None else environ, Settings.__struct_fields__)
 
 
 def is_loopback(host: str) -> bool:
@@ -348,10 +246,10 @@ def load_settings(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of settings.", param="config")
         raw.update(loaded or {})
-    raw.update(_from_env(environ))
+    raw.update(environment.from_env(environ, Settings.__struct_fields__))
     raw.update(overrides or {})
     # Tables are converted entry by entry so that an error names the entry (msgspec elides dict keys).
-    tables = {name: raw.pop(name) for name in _STRUCTURED if name in raw}
+    tables = {name: raw.pop(name) for name in environment.STRUCTURED if name in raw}
     settings = _convert(raw, Settings, "")
     for table, entry_type in (("models", ModelConfig), ("upstreams", UpstreamConfig)):
         if table in tables:

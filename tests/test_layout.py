@@ -24,6 +24,8 @@ PURE = [
     "sidecar.outbox",
     "sidecar.headers",
     "sidecar.config",
+    "sidecar.tables",
+    "sidecar.environment",
     "sidecar.pipeline.admit",
     "sidecar.pipeline.outcome",
     "sidecar.pipeline.retry",

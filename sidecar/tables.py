@@ -1,0 +1,64 @@
+"""The structured settings: the price table's models and the upstreams they go to."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One priced model. Prices are decimal strings of credits; 1 credit = 1,000,000 micro-credits."""
+
+    prompt: str
+    completion: str = "0"
+    cached_prompt: str | None = None
+    request_fee: str = "0"
+    max_output_tokens: PositiveInt = 4096
+    aliases: list[str] = msgspec.field(default_factory=list)
+    upstream: str = "default"
+    # The most input tokens one part whose tokens are not in the body's bytes can cost (unset: such a
+    # part is refused with a 400): an image, an audio clip, a file; and for stored state (Responses'
+    # previous_response_id, conversation, stored prompt, item references) the most it can add in all.
+    image_input_tokens: NonNegativeInt | None = None
+    audio_input_tokens: NonNegativeInt | None = None
+    file_input_tokens: NonNegativeInt | None = None
+    stored_input_tokens: NonNegativeInt | None = None
+
+
+class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Where a model's requests go: an OpenAI-compatible base URL (ending in /v1) and the pooled key,
+    with the organization and project it acts in (sent as OpenAI-Organization / OpenAI-Project on pooled
+    calls; a client never chooses them)."""
+
+    base_url: str
+    api_key: str | None = None
+    api_key_env: str | None = None
+    organization: str | None = None
+    project: str | None = None
+
+    def key(self) -> str | None:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return self.api_key
+
+
+def default_models() -> dict[str, ModelConfig]:
+    # Illustrative prices with 1 credit = 1 USD; operators replace this table in their config file.
+    return {
+        "gpt-4o-mini": ModelConfig(
+            prompt="0.00015", completion="0.0006", cached_prompt="0.000075", max_output_tokens=16384
+        ),
+        "gpt-4o": ModelConfig(
+            prompt="0.0025", completion="0.01", cached_prompt="0.00125", max_output_tokens=16384
+        ),
+        "gpt-4.1-mini": ModelConfig(
+            prompt="0.0004", completion="0.0016", cached_prompt="0.0001", max_output_tokens=32768
+        ),
+        "gpt-3.5-turbo-instruct": ModelConfig(prompt="0.0015", completion="0.002", max_output_tokens=4096),
+        "text-embedding-3-small": ModelConfig(prompt="0.00002", max_output_tokens=1),
+    }
