@@ -7,147 +7,29 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import asyncpg
 from aiohttp import web
-from redis import exceptions as rx
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
-from .accounts import AccountDirectory
-from .admin import ADMIN_OPS, AdminOps, admin_app
-from .autopipeline import AutoPipeline
-from .balances import Balances
+from .admin import ADMIN_OPS, admin_app
 from .cache import ResponseCache
 from .config import Settings
 from .flusher import Flusher
 from .health import READINESS, Readiness, healthz, readiness_response, readyz
-from .keys import KeySpace
-from .ledger_store import LedgerStore
 from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
-from .reconcile import Drift, complete_money_in, rebuild_if_empty, reconcile
+from .reconcile import Drift, complete_money_in, reconcile
 from .responses import error_middleware
+from .services import Services as Services
+from .services import connect_redis as connect_redis
+from .services import services as services
 from .supervisor import Supervisor
 from .upstream import create_session, upstreams_from
 from .wire import ROUTES
 
 log = logging.getLogger("creditgate.app")
 SETTLE_RETRY_SECONDS = 5.0  # how often settlements Redis did not take are sent again
-REDIS_RETRIES = 3  # the default of redis_retries
-
-
-def connect_redis(
-    url: str, max_connections: int = 64, timeout: float = 5.0, retries: int = REDIS_RETRIES
-) -> Redis:
-    """A client whose pool makes callers wait for a free connection rather than fail under a burst.
-    A command that times out or whose connection drops is sent again up to `retries` times, with
-    exponential backoff: only idempotent commands go through this client (scripts idempotent by an id,
-    reads, ZADD XX GT, XACK/XDEL, XREADGROUP/XAUTOCLAIM whose entries stay pending until acknowledged)."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-        retry_on_error=[rx.ConnectionError, rx.TimeoutError],
-    )
-    return Redis.from_pool(pool)
-
-
-@dataclass
-class Services:
-    """The clients every entry point (server, CLI verbs, flusher) builds the same way."""
-
-    settings: Settings
-    redis: Redis
-    store: LedgerStore
-    keys: KeySpace
-    balances: Balances
-    accounts: AccountDirectory
-
-    @property
-    def admin(self) -> AdminOps:
-        return AdminOps(self.accounts, self.balances, self.store)
-
-    def flusher(self, consumer: str | None = None) -> Flusher:
-        s = self.settings
-        return Flusher(
-            self.redis,
-            self.keys,
-            self.store,
-            batch_size=s.flush_batch_size,
-            interval=s.flush_interval_seconds,
-            claim_idle_ms=int(s.flush_claim_idle_seconds * 1000),
-            concurrency=s.flush_concurrency,
-            consumer=consumer,
-        )
-
-    async def close(self) -> None:
-        try:
-            async with asyncio.timeout(5):
-                await self.store.close()
-        except TimeoutError:
-            log.warning("Postgres pool did not close in 5 s; terminating its connections")
-            self.store.pool.terminate()
-        if self.balances.pipeline is not None:
-            await self.balances.pipeline.aclose()
-        await self.redis.aclose()
-
-
-@contextlib.asynccontextmanager
-async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator[Services]:
-    """Connect to Redis and Postgres; with `prepare`, load the scripts, apply migrations (when
-    migrate_on_start) and rebuild an empty Redis from the ledger."""
-    if settings.redis_url is None or settings.database_url is None:
-        raise ValueError("redis_url and database_url must be resolved first (see cli.resolve_services)")
-    redis = connect_redis(
-        settings.redis_url,
-        settings.redis_max_connections,
-        settings.redis_timeout_seconds,
-        settings.redis_retries,
-    )
-    store = LedgerStore(
-        await asyncpg.create_pool(settings.database_url, min_size=0, max_size=settings.flush_concurrency + 2)
-    )
-    keys = KeySpace(settings.key_prefix, settings.partitions)
-    balances = Balances(
-        redis,
-        keys,
-        settled_marker_ms=settings.settled_marker_seconds * 1000,
-        pipeline=AutoPipeline(
-            settings.redis_url,
-            timeout=settings.redis_timeout_seconds,
-            connect_timeout=settings.redis_timeout_seconds,
-        ),
-    )
-    accounts = AccountDirectory(redis, keys, cache_seconds=settings.auth_cache_seconds)
-    svc = Services(settings, redis, store, keys, balances, accounts)
-    try:
-        if prepare:
-            await balances.load_scripts()
-            await _prepare_ledger(svc)
-        yield svc
-    finally:
-        await svc.close()
-
-
-async def _prepare_ledger(svc: Services) -> None:
-    try:
-        if svc.settings.migrate_on_start:
-            await svc.store.migrate()
-        await rebuild_if_empty(svc.redis, svc.keys, svc.store)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        if not await svc.redis.exists(svc.keys.initialized):
-            raise
-        # Redis already holds the balances: serve on; the flusher keeps the backlog until Postgres returns.
-        log.error("Postgres is unavailable at startup (%r); serving from Redis, ledger writes wait", exc)
 
 
 def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> web.Application:

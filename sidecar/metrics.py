@@ -17,7 +17,6 @@ import logging
 import platform
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from functools import cached_property
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -26,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .metric_series import Series
 from .observe import RequestRecord
 
 log = logging.getLogger("creditgate.metrics")
@@ -186,7 +186,7 @@ class Metrics:
         self._scripts: dict[str, Histogram] = {}  # bound children, by script name
         r.register(_StatsCollector(self.sources))
         # Bound children, so a request pays no labels() lookups: both bounded, like the labels.
-        self._series: dict[tuple[str, str], _Series] = {}
+        self._series: dict[tuple[str, str], Series] = {}
         self._answered: dict[tuple[str, str, str, str], Counter] = {}
 
     # ---- hooks the modules call ----------------------------------------------------------------------
@@ -205,7 +205,7 @@ class Metrics:
         route, model = rec.route, rec.model
         series = self._series.get((route, model))
         if series is None:
-            series = self._series[route, model] = _Series(self, route, model)
+            series = self._series[route, model] = Series(self, route, model)
         outcome = (route, model, rec.status_class, rec.cache)
         answered = self._answered.get(outcome)
         if answered is None:
@@ -241,62 +241,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class _Series:
-    """The children of the per-route and per-(route, model) metrics for one (route, model), each bound on
-    first use: a series appears in /metrics once something was recorded in it, as with ``labels()``."""
-
-    def __init__(self, metrics: Metrics, route: str, model: str) -> None:
-        self._metrics, self._route, self._model = metrics, route, model
-
-    @cached_property
-    def duration(self) -> Histogram:
-        return self._metrics.duration.labels(self._route)
-
-    @cached_property
-    def overhead(self) -> Histogram:
-        return self._metrics.overhead.labels(self._route)
-
-    @cached_property
-    def upstream_duration(self) -> Histogram:
-        return self._metrics.upstream_duration.labels(self._route, self._model)
-
-    @cached_property
-    def first_byte(self) -> Histogram:
-        return self._metrics.first_byte.labels(self._route, self._model)
-
-    @cached_property
-    def held(self) -> Counter:
-        return self._metrics.held.labels(self._route, self._model)
-
-    @cached_property
-    def charged(self) -> Counter:
-        return self._metrics.charged.labels(self._route, self._model)
-
-    @cached_property
-    def released(self) -> Counter:
-        return self._metrics.released.labels(self._route, self._model)
-
-    @cached_property
-    def overdrafts(self) -> Counter:
-        return self._metrics.overdrafts.labels(self._route, self._model)
-
-    @cached_property
-    def saved(self) -> Counter:
-        return self._metrics.saved.labels(self._route, self._model)
-
-    @cached_property
-    def prompt_tokens(self) -> Counter:
-        return self._metrics.tokens.labels(self._route, self._model, "prompt")
-
-    @cached_property
-    def cached_prompt_tokens(self) -> Counter:
-        return self._metrics.tokens.labels(self._route, self._model, "cached_prompt")
-
-    @cached_property
-    def completion_tokens(self) -> Counter:
-        return self._metrics.tokens.labels(self._route, self._model, "completion")
 
 
 METRICS = web.AppKey("metrics", Metrics)

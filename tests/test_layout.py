@@ -1,5 +1,5 @@
-"""The shape of the code that review rules rest on: pure modules import no I/O library, and test
-modules share helpers through tests/support.py, never through each other."""
+"""The shape of the code that review rules rest on: pure modules import no I/O library, no module grows
+past ~300 lines, and test modules share helpers through tests/support.py, never through each other."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ PURE = [
     "sidecar.pipeline.retry",
 ]
 IO_LIBRARIES = ("aiohttp", "redis", "asyncpg")
+MAX_MODULE_LINES = 310  # "about 300": a module past it does more than one thing
 
 
 @pytest.mark.parametrize("module", PURE)
@@ -46,6 +47,14 @@ def test_the_probe_sees_an_io_import() -> None:
     probe = f"import sys, sidecar.responses\nprint(','.join(n for n in {IO_LIBRARIES!r} if n in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert "aiohttp" in out.stdout
+
+
+def test_no_module_is_over_the_size_limit() -> None:
+    sizes = {
+        p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in ROOT.glob("sidecar/**/*.py")
+    }
+    assert len(sizes) > 20
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
 
 
 def test_no_test_module_imports_another() -> None:
