@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
@@ -48,24 +47,49 @@ def _number(literal: str) -> int | float:
 
 # Decoding canonicalises numbers as it goes (no second walk over the body).
 _decode_canonical = msgspec.json.Decoder(float_hook=_number).decode
+# The body's fields, each left undecoded: only the ones that need it are decoded (never an ignored one).
+_decode_fields = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+# A value whose compact spelling holds none of these is integers without a fraction or exponent, nulls,
+# empty objects and arrays of them (token ids): that spelling is already the canonical one, so it is
+# hashed as it is, without building a Python object per element. Anything else (strings, and so every
+# object with a member; fractions; exponents; booleans; -0) is decoded and encoded canonically.
+_NOT_CANONICAL = (b'"', b".", b"e", b"E", b"-0")
+
+
+def _canonical(value: msgspec.Raw) -> bytes:
+    """The canonical JSON of one field's value: what `_encode(_decode_canonical(value))` gives."""
+    compact = msgspec.json.format(value, indent=-1)
+    if not any(marker in compact for marker in _NOT_CANONICAL):
+        return compact
+    return _encode(_decode_canonical(compact))
 
 
 def cache_key(route_kind: str, model: str, body: bytes, scope: str) -> str:
-    """The entry's digest: hex SHA-256 of the canonical request (`body` is its JSON), scoped."""
+    """The entry's digest: hex SHA-256 of the canonical request (`body` is its JSON), scoped.
+
+    It is the digest of ``{"body": {...}, "model", "route", "scope", "stream"}`` encoded with sorted
+    keys, computed field by field: each field's value is canonicalised on its own (token-id arrays
+    straight from their bytes), ignored fields are never decoded."""
     try:
-        fields: dict[str, Any] = _decode_canonical(body)
-    except msgspec.DecodeError as exc:  # the billing fields decoded; the rest of the body did not
+        fields = _decode_fields(body)
+        parts = [b'{"body":{']
+        for name in sorted(fields):
+            if name in IGNORED_FIELDS:
+                continue
+            if len(parts) > 1:
+                parts.append(b",")
+            parts += (_encode(name), b":", _canonical(fields[name]))
+        stream = "stream" in fields and bool(_decode_canonical(fields["stream"]))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # the billing fields decoded; not this
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadRequest(NESTED_TOO_DEEP) from None
-    material = {
-        "route": route_kind,
-        "model": model,
-        "stream": bool(fields.get("stream")),
-        "scope": scope,
-        "body": {k: v for k, v in fields.items() if k not in IGNORED_FIELDS},
-    }
-    return hashlib.sha256(_encode(material)).hexdigest()
+    tail = {"model": model, "route": route_kind, "scope": scope, "stream": stream}
+    parts.append(b"}," + _encode(tail)[1:])  # the body object, then the rest of the sorted material
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,14 @@
-"""Cacheability and cache keys: plain tables, no servers."""
+"""Cacheability and cache keys: plain tables and generated bodies, no servers."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar import cachekey
 from sidecar.cachekey import (
@@ -16,6 +19,7 @@ from sidecar.cachekey import (
     hit_headers,
     miss_headers,
 )
+from sidecar.errors import BadRequest
 
 
 def cache_key(route: str, model: str, body: dict[str, Any], scope: str) -> str:
@@ -164,3 +168,119 @@ def test_spellings_of_one_request_share_a_key(a: bytes, b: bytes) -> None:
 )
 def test_different_requests_have_different_keys(a: bytes, b: bytes) -> None:
     assert cachekey.cache_key("chat", "m", a, "s") != cachekey.cache_key("chat", "m", b, "s")
+
+
+# ---- the key computed field by field is the key computed from the whole decoded body ----------------
+
+_reference_decode = msgspec.json.Decoder(float_hook=cachekey._number).decode
+_reference_encode = msgspec.json.Encoder(order="sorted").encode
+
+
+def reference_key(route: str, model: str, body: bytes, scope: str) -> str:
+    """The key as it was computed before (the whole body decoded into Python objects, then encoded)."""
+    fields = _reference_decode(body)
+    material = {
+        "route": route,
+        "model": model,
+        "stream": bool(fields.get("stream")),
+        "scope": scope,
+        "body": {k: v for k, v in fields.items() if k not in cachekey.IGNORED_FIELDS},
+    }
+    return hashlib.sha256(_reference_encode(material)).hexdigest()
+
+
+_space = st.sampled_from(["", " ", "\n  ", "\t"])
+
+
+@st.composite
+def _number_text(draw: st.DrawFn) -> str:
+    """A JSON number in one of its spellings: 2, 2.0, 2.00, 2e0, 20E-1, -0, -0.0, 0.5, 1e300, …"""
+    kind = draw(st.sampled_from(["int", "fraction", "exponent", "zero", "float"]))
+    if kind == "int":
+        return str(draw(st.integers(min_value=-(2**63), max_value=2**64 - 1)))
+    if kind == "fraction":
+        return f"{draw(st.integers(-1000, 1000))}.{'0' * draw(st.integers(1, 3))}"
+    if kind == "exponent":
+        mark, sign = draw(st.sampled_from("eE")), draw(st.sampled_from(["", "+", "-"]))
+        return f"{draw(st.integers(-99, 99))}{mark}{sign}{draw(st.integers(0, 20))}"
+    if kind == "zero":
+        return draw(st.sampled_from(["0", "-0", "0.0", "-0.0", "0e0", "-0E+2"]))
+    return repr(draw(st.floats(allow_nan=False, allow_infinity=False)))
+
+
+_strings = st.text(max_size=8).map(lambda s: msgspec.json.encode(s).decode()) | st.sampled_from(
+    ['"\\u0041"', '"\\/"', '"a\\nb"', '"\\ud83d\\ude00"', '"\\"q\\""', '"é"', '"\\u00e9"']
+)
+
+
+def _json_text(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    def array(items: list[tuple[str, str, str]]) -> str:
+        return "[" + ",".join(f"{a}{item}{b}" for a, item, b in items) + "]"
+
+    def obj(items: list[tuple[str, str, str, str]]) -> str:
+        return "{" + ",".join(f"{key}{a}:{b}{value}" for key, a, b, value in items) + "}"
+
+    return st.lists(st.tuples(_space, children, _space), max_size=5).map(array) | st.lists(
+        st.tuples(_strings, _space, _space, children), max_size=4
+    ).map(obj)
+
+
+_values = st.recursive(
+    _number_text() | _strings | st.sampled_from(["true", "false", "null"]), _json_text, max_leaves=30
+)
+# What may be hashed straight from its bytes: numbers, nulls and arrays of them (token ids), with the
+# spellings that must not be (-0, fractions, exponents) mixed in.
+_numeric = st.recursive(
+    _number_text() | st.sampled_from(["null", "-0", "7"]),
+    lambda children: st.lists(st.tuples(_space, children, _space), max_size=5).map(
+        lambda items: "[" + ",".join(f"{a}{item}{b}" for a, item, b in items) + "]"
+    ),
+    max_leaves=20,
+)
+_field_names = st.sampled_from(
+    ["messages", "input", "prompt", "temperature", "seed", "tools", "user", "metadata", "stream", "x", "é"]
+) | st.text(max_size=4)
+
+
+@st.composite
+def _bodies(draw: st.DrawFn) -> bytes:
+    fields = draw(st.lists(st.tuples(_field_names, _values | _numeric), max_size=6))
+    if draw(st.booleans()):
+        fields.append(("stream", draw(st.sampled_from(["true", "false", "null"]))))
+    members = [
+        f"{msgspec.json.encode(name).decode()}{draw(_space)}:{draw(_space)}{value}" for name, value in fields
+    ]
+    return ("{" + draw(_space) + ",".join(members) + "}").encode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=_bodies())
+def test_the_key_is_the_key_of_the_whole_decoded_body(body: bytes) -> None:
+    """Field by field, token-id arrays hashed from their bytes: the same digest as before for any body
+    (so entries stored by an earlier version are still found)."""
+    try:
+        expected = reference_key("chat", "m", body, "account:a")
+    except msgspec.DecodeError:
+        with pytest.raises(BadRequest):
+            cachekey.cache_key("chat", "m", body, "account:a")
+        return
+    assert cachekey.cache_key("chat", "m", body, "account:a") == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"[[1, 2, 3], [4, 5]]",
+        b"[ 1 ,\n 2 ]",
+        b"[-0, 0]",
+        b"[1.0, 2]",
+        b"[1e2]",
+        b"[true, null]",
+        b'["a", 1]',
+        b"[{}]",
+        b"[" + b",".join([b"[1234,5678]"] * 5000) + b"]",
+    ],
+)
+def test_token_arrays_and_what_needs_decoding_key_as_before(value: bytes) -> None:
+    body = b'{"model": "m", "temperature": 0, "input": ' + value + b"}"
+    assert cachekey.cache_key("embeddings", "m", body, "s") == reference_key("embeddings", "m", body, "s")
