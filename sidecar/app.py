@@ -109,6 +109,8 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
                             await proxy.pending.retry()
                     proxy.pending.log_lost()
                 await session.close()
+                if cache is not None:
+                    cache.close()
                 if settings.flusher_enabled:
                     await _final_flush(flusher, settings.shutdown_flush_seconds)
 

@@ -243,6 +243,13 @@ class Balances:
             raise UnknownAccount(account)
         return int(before), int(after)
 
+    async def available(self, account: str) -> int:
+        """The account's balance less what it holds (one read; raises UnknownAccount)."""
+        balance, held = await self.redis.hmget(self.keys.account(account).balance, ["balance", "held"])
+        if balance is None:
+            raise UnknownAccount(account)
+        return int(balance) - int(held or 0)
+
     async def balance(self, account: str) -> AccountBalance:
         k = self.keys.account(account)
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -9,12 +9,17 @@ lives outside any account's slot and takes one command of its own each way.
 Single flight: the first of several concurrent identical cacheable requests in this process leads (goes
 upstream); the others wait for its answer (up to ``cache_wait_seconds``) and are served it as a hit. If
 the leader gets no storable answer, the waiters go upstream themselves, and are charged only for that.
+
+Keying: a body up to ``KEY_INLINE_BYTES`` is keyed on the event loop (tens of microseconds, a couple of
+milliseconds at worst); a larger one (up to ``cache_max_request_bytes``) in the cache's one key-worker
+thread, after the caller's ``before_keying`` check, so the loop goes on serving while it is hashed.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
@@ -31,6 +36,8 @@ from .wire import MeteredRequest
 
 # Provider headers worth replaying; everything else is per call (ids, dates, rate limits, cookies).
 KEPT_HEADERS = ("content-type", "openai-model", "openai-version")
+# Larger request bodies are keyed in the key worker, off the event loop (see bench/cache_lookup.py).
+KEY_INLINE_BYTES = 16 * 1024
 
 
 class CachedResponse(msgspec.Struct, array_like=True):
@@ -75,10 +82,16 @@ class ResponseCache:
         self.wait_seconds = settings.cache_wait_seconds
         self.stats = CacheStats()
         self._flights: dict[str, asyncio.Future[CachedResponse | None]] = {}
+        # One thread: keying is CPU work under the GIL, so more threads would only take turns with the
+        # event loop's thread more often; one leaves the loop every other turn at least.
+        self._keyer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="creditgate-cache-key")
+
+    def close(self) -> None:
+        self._keyer.shutdown(wait=False, cancel_futures=True)
 
     # ---- deciding ----------------------------------------------------------------------------------
 
-    def plan(
+    async def plan(
         self,
         route_kind: str,
         request: MeteredRequest,
@@ -88,10 +101,14 @@ class ResponseCache:
         cache_control: str | None,
         byok: bool = False,
         headers: Mapping[str, str] | None = None,
+        before_keying: Callable[[], Awaitable[None]] | None = None,
     ) -> CachePlan:
         """The shared scope holds only pooled answers, keyed on every forwarded header that can change
         them: an answer got with a caller's own key (BYOK) is kept in, and looked up from, the
-        account's own scope, so no account can serve another one an answer it shaped."""
+        account's own scope, so no account can serve another one an answer it shaped.
+
+        A body above KEY_INLINE_BYTES is keyed in the key worker, once `before_keying` (a cheap check
+        that may raise) has passed."""
         if route_kind not in self.routes or not cacheable(route_kind, request.temperature, request.n):
             return BYPASS
         if len(body) > self.max_request_bytes:  # never keyed: its key would decode the whole body
@@ -106,7 +123,13 @@ class ResponseCache:
         if shared:
             varying = answer_headers(headers or {}, self.forwarded)
             scope = SHARED_SCOPE + ("\n" + msgspec.json.encode(varying).decode() if varying else "")
-        digest = cache_key(route_kind, model, body, scope)
+        if len(body) <= KEY_INLINE_BYTES:
+            digest = cache_key(route_kind, model, body, scope)
+        else:
+            if before_keying is not None:
+                await before_keying()
+            loop = asyncio.get_running_loop()
+            digest = await loop.run_in_executor(self._keyer, cache_key, route_kind, model, body, scope)
         key = self.keys.shared_cache(digest) if shared else self.keys.account(account).cache(digest)
         return CachePlan(
             forward="miss" if directives.lookup else "request",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,11 +23,6 @@ from ..wire import MeteredRequest, Route, decode_request, prompt_count, unseen_i
 
 if TYPE_CHECKING:
     from ..accounts import AccountDirectory
-
-# (route kind, request, model, body, account, Cache-Control, byok, headers) -> what the cache may do.
-CachePlanner = Callable[
-    [str, MeteredRequest, str, bytes, str, "str | None", bool, Mapping[str, str]], CachePlan
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +136,9 @@ def plan(
     headers: Mapping[str, str],
     prices: PriceTable,
     policy: AdmitPolicy,
-    cache: CachePlanner | None,
 ) -> Admission:
-    """Everything the later stages act on; raises BadRequest naming the offending field."""
+    """Everything the later stages act on but the cache's part (its key may take the key worker: the
+    hold stage plans it, `Holder.plan_cache`); raises BadRequest naming the offending field."""
     parsed, price = identified
     limit = parsed.output_limit
     if limit is not None and limit > price.max_output_tokens:
@@ -172,18 +167,6 @@ def plan(
         and route.kind in ("chat", "completions")
         and not (parsed.stream_options and parsed.stream_options.include_usage)
     )
-    cache_plan = None
-    if cache is not None:
-        cache_plan = cache(
-            route.kind,
-            parsed,
-            price.model,
-            body,
-            account,
-            headers.get("Cache-Control"),
-            bool(byok_key),
-            headers,
-        )
     fit = headers.get(policy.afford_output_header, "").lower() in ("1", "true")
     return Admission(
         request_id=request_id,
@@ -200,6 +183,6 @@ def plan(
         byok_key=byok_key,
         strip_usage_chunk=strip,
         fit_output=fit or policy.afford_output_limit,
-        cache=cache_plan,
+        cache=None,
         started_ms=int(time.time() * 1000),
     )

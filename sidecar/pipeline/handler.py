@@ -1,7 +1,8 @@
 """The metered request, stage by stage (README: "A request's walk"):
 
-    admit    authenticate; identify the model; plan the worst case, the body and the cache's part
-    hold     a cached answer (free), or the worst case held in Redis (402 when it does not fit)
+    admit    authenticate; identify the model; plan the worst case and the body
+    hold     the cache's part (keying the body), then a cached answer (free), or the worst case held in
+             Redis (402 when it does not fit)
     forward  the upstream call, its stream relayed as it arrives or its body read whole
     decide   the outcome and the charge (outcome.py: the charge table)
     settle   debit once, release the hold, store the answer for the cache
@@ -103,18 +104,10 @@ class Gateway:
         body = await request.read()
         identified = admit.identify(body, self.prices)
         record.identified(rec, identified[1], identified[0])
-        planner = self.cache.plan if self.cache is not None else None
         adm = admit.plan(
-            request_id,
-            account,
-            route,
-            body,
-            identified,
-            request.headers,
-            self.prices,
-            self.admit_policy,
-            planner,
+            request_id, account, route, body, identified, request.headers, self.prices, self.admit_policy
         )
+        adm = await self.holder.plan_cache(adm, body, request.headers)
         record.admitted(rec, adm)
         notes = HoldNotes.of(adm)
         try:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -70,6 +72,36 @@ class Holder:
         self.balances = balances
         self.cache = cache
         self.policy = policy
+
+    async def plan_cache(self, adm: Admission, body: bytes, headers: Mapping[str, str]) -> Admission:
+        """The admission with the cache's part planned (`body` keyed: the client's own). A body big enough
+        to be keyed off the loop is keyed only for an account with credits available: keying is real
+        work, and an account with nothing available gets its 402 first (free work is never refused)."""
+        if self.cache is None:
+            return adm
+
+        async def can_pay() -> None:
+            if adm.hold <= 0:
+                return
+            try:
+                available = await self.balances.available(adm.account)
+            except UnknownAccount:
+                raise Unauthorized("The account behind this key no longer exists.") from None
+            if available <= 0:
+                raise self._insufficient(adm, available)
+
+        plan = await self.cache.plan(
+            adm.route.kind,
+            adm.request,
+            adm.price.model,
+            body,
+            adm.account,
+            headers.get("Cache-Control"),
+            adm.byok,
+            headers,
+            before_keying=can_pay,
+        )
+        return dataclasses.replace(adm, cache=plan)
 
     async def hold(self, adm: Admission, notes: HoldNotes) -> Hit | Held:
         """A cached answer, or the hold taken; raises the reserve's refusals (402, 401, 409, 503)."""
