@@ -65,6 +65,14 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     flush_claim_idle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     reconcile_interval_seconds: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     shutdown_flush_seconds: PositiveSeconds = 10.0
+    # Client connections (each listener): the request headers' deadline from their first byte, the body's
+    # (metered routes), the idle limit between requests, the most connections open, and how long a
+    # write to a client may drain nothing before the client is treated as gone.
+    header_read_timeout_seconds: PositiveSeconds = 10.0
+    body_read_timeout_seconds: PositiveSeconds = 30.0
+    keepalive_timeout_seconds: PositiveSeconds = 15.0
+    max_connections: PositiveInt = 1000
+    client_write_timeout_seconds: PositiveSeconds = 30.0
     # Health and shutdown.
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     readiness_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0

@@ -37,6 +37,13 @@ class BadRequest(CreditgateError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(CreditgateError):
+    """The client took too long to send its request (headers or body); nothing was held."""
+
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class Unauthorized(CreditgateError):
     type = "invalid_request_error"
     default_code = "invalid_api_key"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import asyncpg
 import msgspec
@@ -22,6 +23,7 @@ from .errors import (
     Forbidden,
     InsufficientCredits,
     NotFound,
+    RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
     UpstreamUnavailable,
@@ -40,6 +42,7 @@ STATUS: dict[type[CreditgateError], int] = {
     InsufficientCredits: 402,
     Forbidden: 403,
     NotFound: 404,
+    RequestTimeout: 408,
     Conflict: 409,
     UpstreamUnavailable: 502,
     ServiceUnavailable: 503,
@@ -58,6 +61,18 @@ def status_of(err: CreditgateError) -> int:
 
 
 _encoder = msgspec.json.Encoder()
+
+
+def raw_error_response(err: CreditgateError) -> bytes:
+    """The whole HTTP/1.1 answer for `err`, as bytes, closing the connection: for a connection that has no
+    request to answer through aiohttp (its headers never arrived)."""
+    body = _encoder.encode(err.body())
+    status = status_of(err)
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def error_response(err: CreditgateError, request_id: str | None = None) -> web.Response:

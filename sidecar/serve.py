@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .app import create_app, create_ops_app, services
 from .config import Settings, service_links
+from .connections import ListenerLimits, listener_runner
 from .demo import create_demo_upstream
 from .health import READINESS
 from .money import format_credits
@@ -35,10 +36,12 @@ async def _site(
     port: int,
     shutdown_timeout: float = 60.0,
     settings: str = "host / port, or --host / --port",
+    limits: ListenerLimits | None = None,
 ) -> AsyncIterator[str]:
     """Serve `app`; on exit stop listening, run on_shutdown (the sidecar finishes its requests there),
-    give handlers still busy `shutdown_timeout` seconds, then run the cleanup contexts."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    give handlers still busy `shutdown_timeout` seconds, then run the cleanup contexts. With `limits`
+    (every listener clients reach), its connections are guarded (see connections.py)."""
+    runner = listener_runner(app, limits, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -92,11 +95,23 @@ async def serve(settings: Settings, on_ready: Callable[[str, str], Awaitable[Non
         ops_url = None
         if ops_port is not None:
             ops_url = await stack.enter_async_context(
-                _site(create_ops_app(app), settings.ops_host, ops_port, settings="ops_host / ops_port")
+                _site(
+                    create_ops_app(app),
+                    settings.ops_host,
+                    ops_port,
+                    settings="ops_host / ops_port",
+                    limits=ListenerLimits.of(settings),
+                )
             )
             log.info("creditgate ops listening on %s (/healthz, /readyz, /metrics)", ops_url)
         url = await stack.enter_async_context(
-            _site(app, settings.host, settings.port, HANDLER_SHUTDOWN_SECONDS)
+            _site(
+                app,
+                settings.host,
+                settings.port,
+                HANDLER_SHUTDOWN_SECONDS,
+                limits=ListenerLimits.of(settings),
+            )
         )
         log.info(
             "creditgate listening on %s (/v1%s%s)",

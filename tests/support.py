@@ -1,5 +1,6 @@
 """Helpers the test modules share: the price table most tests use, request helpers, the /metrics
-scraper and the OpenAI SDK client. (Fixtures live in conftest.py.)"""
+scraper, the OpenAI SDK client, and a sidecar behind the listener `serve` uses with raw clients of it.
+(Fixtures live in conftest.py.)"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,11 +17,15 @@ from typing import Any
 import aiohttp
 import msgspec
 import openai
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.app import PROXY
+from sidecar.app import PROXY, create_app
+from sidecar.config import Settings
+from sidecar.connections import ListenerLimits
+from sidecar.serve import _site
 
-from .conftest import Sidecar
+from .conftest import ADMIN_TOKEN, Sidecar
 
 # Round prices so every expected charge can be checked by hand (micro-credits per token):
 # prompt 1000, completion 2000, cached prompt 500; embeddings 100 per token.
@@ -136,3 +142,56 @@ async def start_stream(
     first = await resp.content.readany()  # the stream is under way
     assert first.startswith(b"data: ")
     return resp, body, first
+
+
+# ---- a sidecar behind the CLI's own listener, and raw clients of it ---------------------------------
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[tuple[str, int, web.Application]]:
+    """The sidecar on a real port through the listener `serve` uses, with the settings' connection
+    limits: (host, port, app)."""
+    app = create_app(settings)
+    async with _site(app, "127.0.0.1", 0, 5.0, limits=ListenerLimits.of(settings)) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        yield host, int(port), app
+
+
+async def read_to_end(reader: asyncio.StreamReader, bound: float = 30) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as closed); `bound`
+    seconds at most, a guard that fails the test, never a timing assertion."""
+    received = b""
+    async with asyncio.timeout(bound):
+        while True:
+            try:
+                chunk = await reader.read(65536)
+            except ConnectionResetError:
+                return received
+            if not chunk:
+                return received
+            received += chunk
+
+
+async def funded_key(host: str, port: int, micro: int) -> tuple[str, str]:
+    """A new account holding `micro` micro-credits, and a key for it, made through the admin API."""
+    base = f"http://{host}:{port}/admin"
+    async with aiohttp.ClientSession(headers=ADMIN) as session:
+        async with session.post(f"{base}/accounts", json={}) as resp:
+            account = (await resp.json())["id"]
+        grant = {"amount": micro}
+        async with session.post(
+            f"{base}/accounts/{account}/grants", json=grant, headers={"Idempotency-Key": uuid.uuid4().hex}
+        ) as resp:
+            assert resp.status < 300
+        async with session.post(f"{base}/accounts/{account}/keys") as resp:
+            key = (await resp.json())["key"]
+        return account, key
+
+
+async def admin_balance(host: str, port: int, account: str) -> Any:
+    """The admin API's view of an account: its balance, what it holds."""
+    url = f"http://{host}:{port}/admin/accounts/{account}"
+    async with aiohttp.ClientSession(headers=ADMIN) as session, session.get(url) as resp:
+        return await resp.json()

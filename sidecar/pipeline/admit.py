@@ -7,6 +7,7 @@ plain values and returns a frozen `Admission`; it does no I/O.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import time
@@ -17,11 +18,13 @@ from typing import TYPE_CHECKING
 from ..afford import affordable_output_tokens, with_output_limit
 from ..cachekey import CachePlan
 from ..config import ACCOUNT_SECRET_HEADER
-from ..errors import BadRequest, Unauthorized
+from ..errors import BadRequest, RequestTimeout, Unauthorized
 from ..pricing import Multiplier, Price, PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
 from ..wire import MeteredRequest, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from ..accounts import AccountDirectory
 
 
@@ -119,6 +122,18 @@ def _check_account_secret(headers: Mapping[str, str], header: str, secret: str |
             f"{header} header must carry the account secret.",
             code="invalid_account_secret",
         )
+
+
+async def read_body(request: web.Request, seconds: float) -> bytes:
+    """The request body, read within `seconds` (body_read_timeout_seconds), else a 408: it is read before
+    anything is held, so nothing is."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {seconds:g} seconds (body_read_timeout_seconds)."
+        ) from None
 
 
 def identify(body: bytes, prices: PriceTable) -> tuple[MeteredRequest, Price]:

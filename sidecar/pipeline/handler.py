@@ -61,6 +61,7 @@ class Gateway:
         s = settings
         self.prices, self.accounts, self.cache = prices, accounts, cache
         self.no_usage_charge = s.no_usage_charge
+        self.body_read_timeout = s.body_read_timeout_seconds
         self.admit_policy = admit.AdmitPolicy(
             s.account_header,
             s.account_header_secret,
@@ -101,7 +102,7 @@ class Gateway:
         rec = request.get(RECORD) or RequestRecord(route.kind, time.perf_counter())
         rec.request_id = request_id
         rec.account = account = await admit.authenticate(request.headers, self.accounts, self.admit_policy)
-        body = await request.read()
+        body = await admit.read_body(request, self.body_read_timeout)
         identified = admit.identify(body, self.prices)
         record.identified(rec, identified[1], identified[0])
         adm = admit.plan(
