@@ -123,6 +123,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     upstream_read_timeout_seconds: PositiveSeconds = 300.0
     upstream_max_connections: PositiveInt = 1000
     max_body_bytes: PositiveInt = 32 * 1024 * 1024
+    upstream_max_body_bytes: PositiveInt = 64 * 1024 * 1024  # a larger non-streamed answer: a 502
     # Response cache: deterministic requests answered from Redis, free.
     cache_enabled: bool = True
     cache_ttl_seconds: PositiveInt = 3600

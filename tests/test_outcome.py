@@ -13,10 +13,11 @@ PRICE = Price("m", "default", 100, scale=1, prompt=1000, completion=2000, cached
 ONE = Multiplier(1, 1)
 USAGE = Usage(prompt_tokens=5, completion_tokens=16)
 BODY = 40  # bytes of the client's request body: 10 prompt tokens by the estimate
+HOLD = 100_000  # the worst case held (only a too-large answer's estimate is bounded by it)
 
 
 def tariff(no_usage: str = "estimate") -> Tariff:
-    return Tariff(PRICE, ONE, BODY, no_usage)  # type: ignore[arg-type]
+    return Tariff(PRICE, ONE, BODY, no_usage, HOLD)  # type: ignore[arg-type]
 
 
 def price(usage: Usage) -> int:
@@ -75,6 +76,23 @@ ROWS = [
         "no_usage",
         0,
     ),
+    # a body over upstream_max_body_bytes: a 200 by no_usage_charge, never above the hold; errors nothing
+    (
+        "200 body too large, estimate below the hold",
+        Ending(Phase.TOO_LARGE, 200, answer_bytes=41),
+        "estimate",
+        "too_large_estimated",
+        price(Usage(10, 11)),
+    ),
+    (
+        "200 body too large, estimate above the hold",
+        Ending(Phase.TOO_LARGE, 200, answer_bytes=10**6),
+        "estimate",
+        "too_large_estimated",
+        HOLD,
+    ),
+    ("200 body too large, free", Ending(Phase.TOO_LARGE, 200, answer_bytes=10**6), "free", "too_large", 0),
+    ("a 500 too large", Ending(Phase.TOO_LARGE, 500, answer_bytes=10**6), "estimate", "upstream_500", 0),
     # the client disconnects mid-stream: the last usage reported, else the estimate
     (
         "client gone, usage drained",

@@ -1,7 +1,8 @@
 """Stage 3, forwarding: the upstream call, and the relay of its answer.
 
 A stream is relayed as it arrives (stream.py); a body is read whole and returned, for the handler to
-answer once it is settled (its headers carry the charge). The stage never raises for what the upstream
+answer once it is settled (its headers carry the charge), up to `max_body_bytes` (upstream_max_body_bytes):
+a larger one is not read on. The stage never raises for what the upstream
 did: it returns a `Forwarded` whose `Ending` says how far it got, and outcome.py decides what that costs.
 """
 
@@ -35,6 +36,7 @@ class ForwardPolicy:
     forwarded: HeaderNames  # the operator's extra forwarded headers
     relayed: HeaderNames  # the operator's extra relayed headers
     stream: StreamPolicy
+    max_body_bytes: int = 64 * 1024 * 1024  # the most of a non-streamed answer read
 
 
 @dataclass(slots=True)
@@ -59,6 +61,7 @@ class Forwarder:
         self.upstreams = upstreams
         self.policy = policy
         self._urls: dict[tuple[str, str], URL] = {}
+        self._too_large_warned: dict[str, float] = {}  # upstream -> last warning
 
     def _url(self, upstream: Upstream, path: str) -> URL:
         """The upstream URL of a route, parsed once (aiohttp would parse a string on every call)."""
@@ -110,16 +113,47 @@ class Forwarder:
         started = time.perf_counter()
         try:
             async with live.cut_timeout() as live.cutter:
-                body = await answer.read()
+                body, size = await self._read_capped(answer)
         except (aiohttp.ClientError, TimeoutError):
             return Forwarded(Ending(Phase.BODY_FAILED, status=answer.status, cut=live.cut), up, timings)
         finally:
             live.cutter = None
             timings.upstream_ended = time.perf_counter()
             timings.waited += timings.upstream_ended - started
+        if body is None:
+            answer.close()  # the rest is never read: the connection is dropped, not pooled
+            self._warn_too_large(up, answer.status, adm.request_id)
+            return Forwarded(Ending(Phase.TOO_LARGE, status=answer.status, answer_bytes=size), up, timings)
         usage = usage_from_body(body) if answer.status == 200 else None
         ending = Ending(Phase.ANSWERED, status=answer.status, usage=usage, answer_bytes=len(body))
         return Forwarded(ending, up, timings, body=body, headers=answer.headers)
+
+    async def _read_capped(self, answer: aiohttp.ClientResponse) -> tuple[bytes | None, int]:
+        """(the whole body, its size), or (None, the bytes read) once it is over max_body_bytes: the rest
+        is not read. A declared length over it is refused before a byte is read (None, that length)."""
+        cap = self.policy.max_body_bytes
+        if answer.content_length is not None and answer.content_length > cap:
+            return None, answer.content_length
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in answer.content.iter_any():
+            size += len(chunk)
+            if size > cap:
+                return None, size
+            chunks.append(chunk)
+        return b"".join(chunks), size
+
+    def _warn_too_large(self, up: Upstream, status: int, request_id: str) -> None:
+        now = time.monotonic()
+        if self._too_large_warned.get(up.name, -60.0) + 60 <= now:  # once a minute per upstream
+            self._too_large_warned[up.name] = now
+            log.warning(
+                "the upstream %r answered HTTP %d with more than upstream_max_body_bytes (%d) (request %s)",
+                up.name,
+                status,
+                self.policy.max_body_bytes,
+                request_id,
+            )
 
     async def _relay_stream(
         self,

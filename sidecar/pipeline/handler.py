@@ -84,7 +84,9 @@ class Gateway:
         drop = (s.byok_header, s.afford_output_header, *([s.account_header] if s.account_header else []))
         stream = StreamPolicy(drain_seconds=s.disconnect_drain_seconds, capture_bytes=s.cache_max_entry_bytes)
         self.forwarder = Forwarder(
-            session, upstreams, ForwardPolicy(drop, forwarded_extra(s), self.relayed, stream)
+            session,
+            upstreams,
+            ForwardPolicy(drop, forwarded_extra(s), self.relayed, stream, s.upstream_max_body_bytes),
         )
         self.settler = Settler(balances, cache, cache_ttl_seconds=s.cache_ttl_seconds, retry=retry.SETTLE)
         self.in_flight: set[asyncio.Task[None]] = set()
@@ -161,12 +163,12 @@ class Gateway:
         try:
             fwd = await self.forwarder.forward(request, adm, live)
             verdict = decide(
-                fwd.ending, Tariff(adm.price, adm.multiplier, adm.body_size, self.no_usage_charge)
+                fwd.ending, Tariff(adm.price, adm.multiplier, adm.body_size, self.no_usage_charge, adm.hold)
             )
             if verdict.outcome in (Outcome.NO_USAGE, Outcome.NO_USAGE_ESTIMATED):
                 self._warn_no_usage(adm, fwd)
             stored = self._for_cache(adm, fwd, verdict)
-            error = respond.failure(adm, fwd)
+            error = respond.failure(adm, fwd, verdict.charge)
             if error is not None or fwd.response is not None:  # the client's answer first, then settle
                 if error is not None:
                     answered.set_exception(error)

@@ -9,6 +9,9 @@ code. Pure: `decide` takes the `Ending` the forward stage returns and gives the 
     a 200 body with usage                         ok                           its usage
     a 200 body without usage                      no_usage_estimated           the estimate (policy
                                                   no_usage                     "estimate"), else nothing
+    a 200 body over upstream_max_body_bytes       too_large_estimated          the estimate, at most the
+      (not read: its usage is in the rest)        too_large                    hold ("estimate"), else
+                                                                               nothing
     a stream with usage                           ok / client_gone /           its usage
                                                   shutdown_cut
     a stream without usage the client left        client_gone_estimated        the estimate
@@ -53,6 +56,8 @@ class Outcome(enum.StrEnum):
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_FAILED = "upstream_failed"
     UPSTREAM_STATUS = "upstream_status"  # labelled upstream_<status>
+    TOO_LARGE = "too_large"
+    TOO_LARGE_ESTIMATED = "too_large_estimated"
     CACHE_HIT = "cache_hit"
     CACHE_COLLAPSED = "cache_collapsed"
 
@@ -64,6 +69,7 @@ class Phase(enum.Enum):
     UNREACHABLE = "unreachable"  # no answer: connect failed or timed out
     BODY_FAILED = "body_failed"  # the answer's body broke off
     ANSWERED = "answered"  # a whole answer body (any status)
+    TOO_LARGE = "too_large"  # an answer body over upstream_max_body_bytes: the rest was not read
     STREAMED = "streamed"  # a 200 event stream, relayed
 
 
@@ -78,7 +84,7 @@ class Ending:
     client_gone: bool = False  # a stream's client left before its end
     ran_to_end: bool = False  # a stream read to its end (not cut by the upstream)
     relayed_events: int = 0  # events of a stream the client was sent
-    answer_bytes: int = 0  # the size of an answer body
+    answer_bytes: int = 0  # the size of an answer body (too large: what was read, or its declared length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,7 @@ class Tariff:
     multiplier: Multiplier
     body_size: int  # the client's request body, for the prompt estimate
     no_usage_charge: NoUsageCharge = "estimate"
+    hold: int | None = None  # the worst case held: the most a too-large answer's estimate is charged
 
 
 def estimate(body_size: int, *, relayed_events: int = 0, answer_bytes: int | None = None) -> Usage:
@@ -122,6 +129,8 @@ def decide(ending: Ending, tariff: Tariff) -> Verdict:
     """The outcome of a request and what it is charged: the charge table above."""
     outcome, usage = _outcome(ending, tariff)
     uncapped = cost(tariff.price, usage, tariff.multiplier) if usage is not None else 0
+    if outcome is Outcome.TOO_LARGE_ESTIMATED and tariff.hold is not None:
+        uncapped = min(uncapped, tariff.hold)  # bounded by what the caller agreed to risk
     return Verdict(outcome, ending.status, usage, min(uncapped, MAX_CHARGE), uncapped)
 
 
@@ -134,6 +143,12 @@ def _outcome(ending: Ending, tariff: Tariff) -> tuple[Outcome, Usage | None]:
             return Outcome.SHUTDOWN_CUT_UNANSWERED, None
         failed = Outcome.UPSTREAM_UNREACHABLE if phase is Phase.UNREACHABLE else Outcome.UPSTREAM_FAILED
         return failed, None
+    if phase is Phase.TOO_LARGE:
+        if ending.status != 200:
+            return Outcome.UPSTREAM_STATUS, None
+        if tariff.no_usage_charge == "estimate":
+            return Outcome.TOO_LARGE_ESTIMATED, estimate(tariff.body_size, answer_bytes=ending.answer_bytes)
+        return Outcome.TOO_LARGE, None
     if phase is Phase.ANSWERED:
         if ending.status != 200:
             return Outcome.UPSTREAM_STATUS, None

@@ -24,9 +24,16 @@ log = logging.getLogger("creditgate.respond")
 SHUTTING_DOWN = "creditgate is shutting down and could not finish this request in time; retry it."
 
 
-def failure(adm: Admission, fwd: Forwarded) -> CreditgateError | None:
-    """The error an ending that has no answer to relay calls for (None when there is an answer)."""
+def failure(adm: Admission, fwd: Forwarded, charge: int = 0) -> CreditgateError | None:
+    """The error an ending that has no answer to relay calls for (None when there is an answer); `charge`
+    is what the request is charged, for the one error that costs something (a too-large answer)."""
     ending, name = fwd.ending, fwd.upstream.name
+    if ending.phase is Phase.TOO_LARGE:
+        return UpstreamUnavailable(
+            f"The upstream {name!r} answered (HTTP {ending.status}) with a body larger than "
+            f"upstream_max_body_bytes, which is not relayed; charged {charge} micro-credits.",
+            code="upstream_body_too_large",
+        )
     if ending.phase is Phase.NOT_SENT:
         return ServiceUnavailable("creditgate is shutting down; retry this request.", code="shutting_down")
     if ending.phase in (Phase.UNREACHABLE, Phase.BODY_FAILED) and ending.cut:
