@@ -7,6 +7,7 @@ Real sidecar, Redis and Postgres; fake upstreams that speak HTTP and SSE over re
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,10 +16,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.app import PROXY
+from sidecar.app import FLUSHER, PROXY, SERVICES
 
-from .conftest import SidecarFactory
-from .support import MODELS, pooled, post
+from .conftest import SidecarFactory, make_settings
+from .support import MODELS, admin_balance, funded_key, pooled, post, serving
 
 CAP = 256 * 1024
 HUGE = 8 * CAP  # what the fake upstream answers
@@ -152,3 +153,80 @@ async def test_a_body_within_the_cap_is_relayed_whole(
     assert resp.status == 200
     assert await resp.read() == _huge_answer("completions")
     assert resp.headers["x-creditgate-charged"] == str(pooled(7 * 1000 + 10 * 2000))
+
+
+# ---- a stream whose client stops reading ------------------------------------------------------------
+
+STREAMED = 32 * 1024 * 1024  # far more than the socket buffers between the sidecar and its client hold
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+async def test_a_stream_whose_client_stops_reading_releases_its_upstream_and_settles_once(
+    redis_url: str, database_url: str
+) -> None:
+    finished = asyncio.Event()  # the upstream wrote its whole stream: the sidecar read it all
+    piece = "y" * 16384
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = _sse({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+        for _ in range(STREAMED // len(chunk)):
+            await response.write(chunk)
+        await response.write(_sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 100}}))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        finished.set()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    server = TestServer(app)
+    await server.start_server()
+    settings = make_settings(
+        redis_url,
+        database_url,
+        str(server.make_url("/v1")),
+        models=MODELS,
+        client_write_timeout_seconds=0.5,
+        flush_interval_seconds=0.05,
+    )
+    try:
+        async with serving(settings) as (host, port, sidecar):
+            account, key = await funded_key(host, port, START)
+            loop = asyncio.get_running_loop()
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, soon full
+            client.setblocking(False)
+            await loop.sock_connect(client, (host, port))
+            body = msgspec.json.encode({**CHAT, "max_tokens": 100, "stream": True})
+            await loop.sock_sendall(
+                client,
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: creditgate\r\n"
+                b"Content-Type: application/json\r\n"
+                + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body,
+            )
+            first = await loop.sock_recv(client, 1024)  # the answer has begun; the client reads no more
+            assert first.startswith(b"HTTP/1.1 200")
+            async with asyncio.timeout(60):  # a guard: the stream must not hold its upstream forever
+                await finished.wait()
+                proxy = sidecar[PROXY]
+                while proxy.in_flight:
+                    await asyncio.wait(set(proxy.in_flight))
+            client.close()
+            charge = pooled(7 * 1000 + 100 * 2000)
+            state = await admin_balance(host, port, account)
+            assert (state["held"], state["balance"]) == (0, START - charge)  # once, from the drained usage
+            async with asyncio.timeout(30):
+                await sidecar[FLUSHER].wait_for_rows(1)  # this request's usage row
+            rows = await sidecar[SERVICES].store.pool.fetch(
+                "SELECT amount, outcome FROM ledger WHERE account_id = $1 AND kind = 'usage'", account
+            )
+            assert [(r["amount"], r["outcome"]) for r in rows] == [(-charge, "client_gone")]
+    finally:
+        await server.close()
