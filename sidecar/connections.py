@@ -224,8 +224,3 @@ def listener_runner(app: web.Application, limits: ListenerLimits | None, **kwarg
     if limits is None:
         return web.AppRunner(app, **kwargs)
     return _GuardedRunner(app, limits, **kwargs)
-
-
-def connection_stats(runner: web.AppRunner) -> ConnectionStats | None:
-    """The connection counts of a runner made by listener_runner with limits."""
-    return runner.stats if isinstance(runner, _GuardedRunner) else None
