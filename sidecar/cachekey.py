@@ -64,7 +64,39 @@ def _canonical(value: msgspec.Raw) -> bytes:
     return _encode(_decode_canonical(compact))
 
 
+# Below this size the body is keyed whole (one decode and one encode, the fewest calls); above it field
+# by field, which builds no Python object for token-id arrays or ignored fields. Both give the same digest.
+WHOLE_BODY_MAX = 16 * 1024
+
+
 def cache_key(route_kind: str, model: str, body: bytes, scope: str) -> str:
+    """The entry's digest: hex SHA-256 of the canonical request (`body` is its JSON), scoped: of
+    ``{"body": {...}, "model", "route", "scope", "stream"}`` encoded with sorted keys."""
+    if len(body) <= WHOLE_BODY_MAX:
+        return _key_whole(route_kind, model, body, scope)
+    return _key_by_field(route_kind, model, body, scope)
+
+
+def _key_whole(route_kind: str, model: str, body: bytes, scope: str) -> str:
+    try:
+        fields = _decode_canonical(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # the billing fields decoded; not this
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(NESTED_TOO_DEEP) from None
+    if not isinstance(fields, dict):
+        raise BadRequest("The request body is not a JSON object.")
+    material = {
+        "route": route_kind,
+        "model": model,
+        "stream": bool(fields.get("stream")),
+        "scope": scope,
+        "body": {k: v for k, v in fields.items() if k not in IGNORED_FIELDS},
+    }
+    return hashlib.sha256(_encode(material)).hexdigest()
+
+
+def _key_by_field(route_kind: str, model: str, body: bytes, scope: str) -> str:
     """The entry's digest: hex SHA-256 of the canonical request (`body` is its JSON), scoped.
 
     It is the digest of ``{"body": {...}, "model", "route", "scope", "stream"}`` encoded with sorted
