@@ -127,6 +127,8 @@ def _check_account_secret(headers: Mapping[str, str], header: str, secret: str |
 async def read_body(request: web.Request, seconds: float) -> bytes:
     """The request body, read within `seconds` (body_read_timeout_seconds), else a 408: it is read before
     anything is held, so nothing is."""
+    if request.content.is_eof():  # all of it arrived with the headers (the usual case): no timer
+        return await request.read()
     try:
         async with asyncio.timeout(seconds):
             return await request.read()
