@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .admin import ADMIN_OPS, admin_app
-from .cache import ResponseCache
+from .cache import CachePolicy, ResponseCache
 from .config import Settings
 from .flusher import Flusher
 from .health import READINESS, Readiness, healthz, readiness_response, readyz
@@ -53,7 +53,11 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
         async with services(settings) as svc:
             session = create_session(settings)
             upstreams = upstreams_from(settings, demo_upstream_url)
-            cache = ResponseCache(settings, svc.redis, svc.keys) if settings.cache_enabled else None
+            cache = (
+                ResponseCache(CachePolicy.of(settings), svc.redis, svc.keys)
+                if settings.cache_enabled
+                else None
+            )
             proxy = Gateway(settings, prices, svc.balances, svc.accounts, upstreams, session, cache)
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
             flusher = svc.flusher()

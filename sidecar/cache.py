@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from .cachekey import BYPASS, SHARED_SCOPE, CachePlan, account_scope, cache_key, cacheable, client_directives
 from .config import Settings
-from .headers import answer_headers
+from .headers import HeaderNames, answer_headers
 from .keys import KeySpace
 from .pricing import Usage
 from .upstream import forwarded_extra
@@ -69,17 +69,42 @@ class CacheStats:
     waiting: int = 0  # requests waiting now for an identical request's answer
 
 
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """The settings the cache reads."""
+
+    ttl_ms: int
+    max_entry_bytes: int
+    max_request_bytes: int
+    routes: frozenset[str]
+    shared: bool
+    forwarded: HeaderNames  # forwarded headers that can change an answer (the shared scope keys on them)
+    wait_seconds: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> CachePolicy:
+        return cls(
+            ttl_ms=settings.cache_ttl_seconds * 1000,
+            max_entry_bytes=settings.cache_max_entry_bytes,
+            max_request_bytes=settings.cache_max_request_bytes,
+            routes=frozenset(settings.cache_routes),
+            shared=settings.cache_scope == "shared",
+            forwarded=forwarded_extra(settings),
+            wait_seconds=settings.cache_wait_seconds,
+        )
+
+
 class ResponseCache:
-    def __init__(self, settings: Settings, redis: Redis, keys: KeySpace) -> None:
+    def __init__(self, policy: CachePolicy, redis: Redis, keys: KeySpace) -> None:
         self.redis = redis
         self.keys = keys
-        self.ttl_ms = settings.cache_ttl_seconds * 1000
-        self.max_entry_bytes = settings.cache_max_entry_bytes
-        self.max_request_bytes = settings.cache_max_request_bytes
-        self.routes = frozenset(settings.cache_routes)
-        self.shared = settings.cache_scope == "shared"
-        self.forwarded = forwarded_extra(settings)
-        self.wait_seconds = settings.cache_wait_seconds
+        self.ttl_ms = policy.ttl_ms
+        self.max_entry_bytes = policy.max_entry_bytes
+        self.max_request_bytes = policy.max_request_bytes
+        self.routes = policy.routes
+        self.shared = policy.shared
+        self.forwarded = policy.forwarded
+        self.wait_seconds = policy.wait_seconds
         self.stats = CacheStats()
         self._flights: dict[str, asyncio.Future[CachedResponse | None]] = {}
         # One thread: keying is CPU work under the GIL, so more threads would only take turns with the
