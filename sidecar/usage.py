@@ -142,6 +142,9 @@ def usage_from_body(body: bytes) -> Usage | None:
 
 def split_event(event: bytes) -> bytes:
     """The data of one SSE event (``data:`` lines joined by newlines)."""
+    line = event.rstrip(b"\r\n")
+    if line.startswith(b"data: ") and b"\n" not in line and b"\r" not in line:
+        return line[6:]  # the usual event: one data line
     lines = []
     for line in event.splitlines():
         if line.startswith(b"data:"):
