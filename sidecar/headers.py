@@ -100,13 +100,27 @@ def _connection_listed(headers: Mapping[str, str]) -> list[str]:
 @functools.lru_cache(maxsize=256)
 def _union(
     rules: tuple[HeaderNames, ...], drop: tuple[str, ...]
-) -> tuple[frozenset[str], tuple[str, ...], frozenset[str]]:
-    """The names and prefixes of `rules` together, and the names refused whatever the prefixes say:
-    `drop` and what is never passed on (computed once per combination: a proxy has a handful)."""
+) -> tuple[frozenset[str], tuple[str, ...], frozenset[str], dict[str, bool]]:
+    """The names and prefixes of `rules` together, the names refused whatever the prefixes say (`drop`
+    and what is never passed on), and a memo of the decision per header name as spelt (computed once per
+    combination: a proxy has a handful, and clients send the same few names again and again)."""
     refused = frozenset(name.lower() for name in drop) | NEVER.names
     names = frozenset().union(*(rule.names for rule in rules)) - refused
     prefixes = tuple(p for rule in rules for p in rule.prefixes)
-    return names, prefixes, refused
+    return names, prefixes, refused, {}
+
+
+_MEMO_LIMIT = 1024  # names remembered per combination; past it, decided each time (no unbounded growth)
+
+
+def _decide(name: str, names: frozenset[str], prefixes: tuple[str, ...], refused: frozenset[str]) -> bool:
+    lowered = name.lower()
+    return lowered in names or bool(
+        prefixes
+        and lowered.startswith(prefixes)
+        and lowered not in refused
+        and not lowered.startswith(NEVER.prefixes)
+    )
 
 
 def _kept(
@@ -114,19 +128,16 @@ def _kept(
 ) -> CIMultiDict[str]:
     """The headers named in one of `allowed` (order, spelling and repeats kept), minus `drop`, those the
     Connection header lists and those never passed on."""
-    names, prefixes, refused = _union(allowed, drop)
+    names, prefixes, refused, memo = _union(allowed, drop)
     listed = _connection_listed(headers)
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        lowered = name.lower()
-        if listed and lowered in listed:
-            continue
-        if lowered in names or (
-            prefixes
-            and lowered.startswith(prefixes)
-            and lowered not in refused
-            and not lowered.startswith(NEVER.prefixes)
-        ):
+        keep = memo.get(name)
+        if keep is None:
+            keep = _decide(name, names, prefixes, refused)
+            if len(memo) < _MEMO_LIMIT:
+                memo[name] = keep
+        if keep and not (listed and name.lower() in listed):
             kept.add(name, value)
     return kept
 
