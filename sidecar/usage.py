@@ -171,6 +171,8 @@ class SSEReader:
         self.done = False  # [DONE] or the Responses final event seen: no later usage to wait for
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if not self._buffer and _one_lf_event(chunk):  # the usual read: no scan for ends needed
+            return [chunk] if self._watch(chunk) else []
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[bytes] = []
         start = 0
@@ -225,6 +227,13 @@ class SSEReader:
         self.usage = chunk.usage.to_usage() or self.usage
         self.data_events -= 1  # the usage chunk carries no tokens of its own
         return not (self.strip_usage_chunk and chunk.no_choices())
+
+
+def _one_lf_event(chunk: bytes) -> bool:
+    """Whether `chunk` is exactly one whole event with LF line ends (its only blank line at its end)."""
+    return (
+        len(chunk) > 2 and chunk.find(b"\n\n") == len(chunk) - 2 and chunk[0] != 0x0A and b"\r" not in chunk
+    )
 
 
 def _event_end(buffer: bytes, start: int) -> int:
