@@ -651,14 +651,14 @@ def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 short rounds (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="2 short rounds (about 2 minutes)")
     parser.add_argument("--rounds", type=int, help="rounds per target (default 3; --quick 2)")
     parser.add_argument("--seconds", type=float, help="measured seconds per round (default 5; --quick 1)")
     parser.add_argument("--no-cache", action="store_true", help="do not enable the response cache")
     parser.add_argument(
         "--scenarios",
         default=",".join(BY_KEY),
-        help=f"comma-separated subset to run, in this order (default all: {','.join(BY_KEY)})",
+        help=f"comma-separated subset to run, always in the order listed (default all: {','.join(BY_KEY)})",
     )
     parser.add_argument("--profile", metavar="FILE", help="profile creditgate under c=64 load with py-spy")
     parser.add_argument("--profile-seconds", type=float, default=20)
