@@ -651,7 +651,7 @@ def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 short rounds (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="2 short rounds (about 1½ minutes)")
     parser.add_argument("--rounds", type=int, help="rounds per target (default 3; --quick 2)")
     parser.add_argument("--seconds", type=float, help="measured seconds per round (default 5; --quick 1)")
     parser.add_argument("--no-cache", action="store_true", help="do not enable the response cache")
