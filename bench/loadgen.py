@@ -1,7 +1,8 @@
 """A low-overhead closed-loop HTTP/1.1 load generator (raw asyncio protocol on uvloop, keep-alive).
 
     python bench/loadgen.py --url http://127.0.0.1:8080/v1/chat/completions --body '{...}' \\
-        [--concurrency 64] [--seconds 5] [--warmup 0.5] [--header 'Authorization: Bearer …'] [--json]
+        [--concurrency 64] [--seconds 5] [--warmup 0.5] [--ramp 0] [--burn-us 0] \\
+        [--header 'Authorization: Bearer …'] [--json]
 
 C connections each send a request, wait for the whole response, and send the next, for ``--warmup``
 seconds (not recorded) and then ``--seconds`` seconds. Every occurrence of ``__N__`` in the body is
@@ -9,7 +10,11 @@ replaced by a number unique to the request (to defeat caches). Responses complet
 window count: RPS, latency p50/p90/p99 (request sent → last body byte), time to first body byte
 p50/p90/p99, non-2xx statuses and ``X-Cache: HIT`` responses; connection errors are counted over the
 whole run, and ``completed`` counts every response, warm-up included. A run with errors is reported,
-never hidden. ``--json`` prints one JSON object (for bench/overhead.py).
+never hidden. ``--ramp S`` spreads the connections' first requests evenly over S seconds (many slow
+streams then arrive as a steady flow, not in waves; keep the warm-up longer than the ramp).
+``--burn-us N`` spends N µs of CPU (thread CPU time, spinning) after every response, standing in for the
+work of a real client application on the same machine. ``--json`` prints one JSON object (for
+bench/overhead.py).
 """
 
 from __future__ import annotations
@@ -136,6 +141,13 @@ class Totals:
     completed: int = 0  # every response, warm-up and tail included (for CPU per request)
 
 
+def burn(ns: int) -> None:
+    """Spend ``ns`` nanoseconds of this thread's CPU time (not wall time: a preempted spin keeps going)."""
+    end = time.thread_time_ns() + ns
+    while time.thread_time_ns() < end:
+        pass
+
+
 def percentiles(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -154,6 +166,8 @@ async def run(
     concurrency: int,
     seconds: float,
     warmup: float,
+    ramp: float = 0.0,
+    burn_us: float = 0.0,
 ) -> dict[str, Any]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -180,7 +194,11 @@ async def run(
         _, protocol = await loop.create_connection(ClientProtocol, host, port)
         return protocol
 
-    async def worker() -> None:
+    burn_ns = round(burn_us * 1000)
+
+    async def worker(i: int) -> None:
+        if ramp > 0:
+            await asyncio.sleep(ramp * i / concurrency)
         conn: ClientProtocol | None = None
         while perf() < window_end:
             if conn is None or conn.transport is None:
@@ -199,6 +217,8 @@ async def run(
                 await asyncio.sleep(0.01)
                 continue
             totals.completed += 1
+            if burn_ns:
+                burn(burn_ns)
             if result.done < window_start or result.done > window_end:
                 continue
             totals.latencies.append(result.done - sent)
@@ -208,7 +228,7 @@ async def run(
         if conn is not None and conn.transport is not None:
             conn.transport.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     ok = sum(n for status, n in totals.statuses.items() if 200 <= status < 300)
     return {
         "requests": len(totals.latencies),
@@ -231,9 +251,22 @@ def main() -> None:
     parser.add_argument("--concurrency", "-c", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--ramp", type=float, default=0.0, help="spread the first requests over S seconds")
+    parser.add_argument("--burn-us", type=float, default=0.0, help="CPU µs spent after every response")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    result = uvloop.run(run(args.url, args.body, args.header, args.concurrency, args.seconds, args.warmup))
+    result = uvloop.run(
+        run(
+            args.url,
+            args.body,
+            args.header,
+            args.concurrency,
+            args.seconds,
+            args.warmup,
+            args.ramp,
+            args.burn_us,
+        )
+    )
     if args.json:
         print(json.dumps(result))
         return
