@@ -15,13 +15,15 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 
+from sidecar.config import load_settings
+from sidecar.errors import ConfigError
 from sidecar.keys import KeySpace
 
 from .conftest import ADMIN_TOKEN, Served, Upstream, clean_env, new_key_prefix, serve_process
 from .support import HELLO, start_stream
-
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 DEADLINE = 60  # seconds: a guard that fails the test, never a timing assertion
@@ -32,10 +34,10 @@ def prefix() -> str:
     return new_key_prefix()
 
 
-def workers_env(redis_url: str, database_url: str, prefix: str, upstream: Upstream) -> dict[str, str]:
+def workers_env(redis_url: str, database_url: str, prefix: str, upstream_url: str) -> dict[str, str]:
     return clean_env(
         CREDITGATE_WORKERS="2",
-        CREDITGATE_UPSTREAM_URL=upstream.url,
+        CREDITGATE_UPSTREAM_URL=upstream_url,
         CREDITGATE_UPSTREAM_API_KEY="sk-test",
         CREDITGATE_REDIS_URL=redis_url,
         CREDITGATE_DATABASE_URL=database_url,
@@ -101,7 +103,7 @@ async def redis_state(redis: Redis, prefix: str, account: str) -> tuple[int, int
 async def test_two_workers_answer_on_one_port_and_only_one_flushes(
     redis_url: str, database_url: str, redis_client: Redis, prefix: str, tmp_path: Path, upstream: Upstream
 ) -> None:
-    env = workers_env(redis_url, database_url, prefix, upstream)
+    env = workers_env(redis_url, database_url, prefix, upstream.url)
     # A connection per request, so that the kernel spreads them over the workers.
     connector = aiohttp.TCPConnector(force_close=True)
     async with serve_process(env, tmp_path) as (served, url), aiohttp.ClientSession(connector=connector) as s:
@@ -122,10 +124,14 @@ async def test_two_workers_answer_on_one_port_and_only_one_flushes(
         assert sorted(started) == [0, 1]
         assert pids == {started[0][0], started[1][0]}  # two worker processes, neither the parent
         assert served.proc.pid not in pids
-        tasks = {r["pid"]: r["msg"] for r in records(served) if r["msg"].startswith("background tasks:")}
-        assert tasks == {
-            started[0][0]: "background tasks: lease-renewal, hold-reaper, settlement-retry, reconciler, flusher",
-            started[1][0]: "background tasks: lease-renewal, settlement-retry",
+        tasks = {
+            r["pid"]: r["msg"].removeprefix("background tasks: ")
+            for r in records(served)
+            if r["msg"].startswith("background tasks:")
+        }
+        assert tasks == {  # the node's flusher, reconciler and hold reaper: in worker 0 only
+            started[0][0]: "lease-renewal, hold-reaper, settlement-retry, reconciler, flusher",
+            started[1][0]: "lease-renewal, settlement-retry",
         }
         assert await served.stop() == 0, served.log
     counts, ledger_balance = await ledger(database_url, account)
@@ -138,7 +144,7 @@ async def test_two_workers_answer_on_one_port_and_only_one_flushes(
 async def test_sigterm_stops_every_worker_after_its_streams_finish_and_settles_them(
     redis_url: str, database_url: str, redis_client: Redis, prefix: str, tmp_path: Path, upstream: Upstream
 ) -> None:
-    env = workers_env(redis_url, database_url, prefix, upstream)
+    env = workers_env(redis_url, database_url, prefix, upstream.url)
     connector = aiohttp.TCPConnector(force_close=True)
     async with serve_process(env, tmp_path) as (served, url), aiohttp.ClientSession(connector=connector) as s:
         account, key = await funded_key(s, url)
@@ -159,10 +165,89 @@ async def test_sigterm_stops_every_worker_after_its_streams_finish_and_settles_t
     assert await redis_state(redis_client, prefix, account) == (ledger_balance, 0)
 
 
+def gated_upstream(gate: asyncio.Event) -> web.Application:
+    """An OpenAI-style upstream whose streams send one chunk, then wait for `gate` before they finish."""
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+    def chunk(delta: dict[str, Any], **extra: Any) -> bytes:
+        body = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-mini", **extra}
+        body.setdefault("choices", [{"index": 0, "delta": delta}])
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            message = {"role": "assistant", "content": "hi"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return web.json_response(
+                {
+                    "id": "c1",
+                    "object": "chat.completion",
+                    "model": "gpt-4o-mini",
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(chunk({"role": "assistant", "content": "h"}))
+        await gate.wait()
+        await resp.write(chunk({"content": "i"}))
+        await resp.write(chunk({}, choices=[], usage=usage))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+async def test_rows_of_a_worker_that_finishes_after_worker_0_reach_the_ledger(
+    redis_url: str, database_url: str, prefix: str, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """Worker 0 (the flusher) has stopped while worker 1 still streams: the parent's last flush writes it."""
+    gate = asyncio.Event()
+    server = await aiohttp_server(gated_upstream(gate))
+    env = workers_env(redis_url, database_url, prefix, str(server.make_url("/v1")))
+    async with serve_process(env, tmp_path) as (served, url), aiohttp.ClientSession() as admin:
+        account, key = await funded_key(admin, url)
+        for index in (0, 1):
+            await served.wait_for(rf'"msg":"creditgate listening on[^\n]*"worker":{index}')
+        pid_1 = worker_pids(served)[1][0]
+        auth = {"Authorization": f"Bearer {key}"}
+        chat = {"model": "gpt-4o-mini", "messages": HELLO}
+        # A client whose one kept-alive connection is served by worker 1.
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+                async with client.post(f"{url}/v1/chat/completions", json=chat, headers=auth) as resp:
+                    assert resp.status == 200, await resp.text()
+                    if await served_by(served, resp.headers["x-request-id"]) == pid_1:
+                        break
+                await client.close()
+        try:
+            resp = await client.post(
+                f"{url}/v1/chat/completions", json={**chat, "stream": True}, headers=auth
+            )
+            assert resp.status == 200
+            assert (await resp.content.readany()).startswith(b"data: ")
+            request_id = resp.headers["x-request-id"]
+            served.proc.terminate()
+            await served.wait_for(r"worker 0 \(pid \d+\) stopped \(exit code 0\)")
+            assert not re.search(r"worker 1 \(pid \d+\) stopped", served.log)  # still streaming
+            gate.set()
+            assert (await resp.content.read()).endswith(b"data: [DONE]\n\n")
+        finally:
+            await client.close()
+        assert await served.stop() == 0, served.log
+    assert re.search(r'"msg":"final flush wrote 1 ledger rows"}', served.log), served.log
+    counts, _ = await ledger(database_url, account)
+    assert counts.get(request_id) == 1
+
+
 async def test_a_killed_worker_is_restarted(
     redis_url: str, database_url: str, prefix: str, tmp_path: Path, upstream: Upstream
 ) -> None:
-    env = workers_env(redis_url, database_url, prefix, upstream)
+    env = workers_env(redis_url, database_url, prefix, upstream.url)
     async with serve_process(env, tmp_path) as (served, url), aiohttp.ClientSession() as s:
         await served.wait_for(r"worker 1 started")
         victim = worker_pids(served)[1][0]
@@ -178,3 +263,15 @@ async def test_a_killed_worker_is_restarted(
         async with s.get(f"{url}/healthz") as resp:
             assert resp.status == 200
         assert await served.stop() == 0, served.log
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_workers_out_of_range_is_refused_naming_the_setting(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"CREDITGATE_WORKERS": value})
+    assert caught.value.param == "workers"
+
+
+def test_workers_in_range_is_taken() -> None:
+    assert load_settings(environ={"CREDITGATE_WORKERS": "64"}).workers == 64
+    assert load_settings(environ={}).workers == 1
