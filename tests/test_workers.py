@@ -247,7 +247,7 @@ async def test_rows_of_a_worker_that_finishes_after_worker_0_reach_the_ledger(
 async def test_a_killed_worker_is_restarted(
     redis_url: str, database_url: str, prefix: str, tmp_path: Path, upstream: Upstream
 ) -> None:
-    env = workers_env(redis_url, database_url, prefix, upstream.url)
+    env = {**workers_env(redis_url, database_url, prefix, upstream.url), "CREDITGATE_OPS_PORT": "0"}
     async with serve_process(env, tmp_path) as (served, url), aiohttp.ClientSession() as s:
         await served.wait_for(r"worker 1 started")
         victim = worker_pids(served)[1][0]
@@ -260,8 +260,15 @@ async def test_a_killed_worker_is_restarted(
         assert successor != victim
         assert worker_pids(served)[0] == [worker_pids(served)[0][0]]  # worker 0 untouched
         await served.wait_for(rf'"msg":"creditgate listening on[^\n]*"pid":{successor}')
-        async with s.get(f"{url}/healthz") as resp:
+        # Ops port 0 became one port the parent chose, shared by every worker, the successor too.
+        ops = re.findall(r'"msg":"creditgate ops listening on (http://[^ ]+) [^\n]*"pid":(\d+)', served.log)
+        assert {int(pid) for _, pid in ops} == {worker_pids(served)[0][0], victim, successor}
+        assert len({ops_url for ops_url, _ in ops}) == 1
+        async with s.get(f"{ops[0][0]}/readyz") as resp:
             assert resp.status == 200
+        async with s.get(f"{url}/v1/models") as resp:  # no key: the API port answers, in the OpenAI shape
+            assert resp.status == 401
+            assert (await resp.json())["error"]["code"]
         assert await served.stop() == 0, served.log
 
 
