@@ -32,10 +32,14 @@ log = logging.getLogger("creditgate.app")
 SETTLE_RETRY_SECONDS = 5.0  # how often settlements Redis did not take are sent again
 
 
-def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, demo_upstream_url: str | None = None, node_tasks: bool = True
+) -> web.Application:
     """The sidecar's API listener. ``redis_url`` and ``database_url`` must be set (the CLI starts embedded
     servers). /admin/* is routed only when the admin API is on (`admin_api`); /healthz, /readyz and
-    /metrics only when there is no ops listener (`ops_listen_port`), else `create_ops_app` serves them."""
+    /metrics only when there is no ops listener (`ops_listen_port`), else `create_ops_app` serves them.
+    Without `node_tasks` (every worker but the first, workers.py) the node's flusher, reconciler and hold
+    reaper do not run here; lease renewal and settlement retry (this process's own requests) always do."""
     prices = PriceTable.from_settings(settings)
     metrics = Metrics()
 
@@ -94,14 +98,17 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
                     int(time.time() * 1000) + settings.hold_lease_seconds * 1000,
                 )
 
+            flushing = settings.flusher_enabled and node_tasks
             tasks = Supervisor()
             tasks.every("lease-renewal", settings.hold_lease_seconds / 3, renew_leases)
-            tasks.every("hold-reaper", settings.reaper_interval_seconds, reap)
+            if node_tasks:
+                tasks.every("hold-reaper", settings.reaper_interval_seconds, reap)
             tasks.every("settlement-retry", SETTLE_RETRY_SECONDS, retry_settlements)
-            if settings.reconcile_interval_seconds > 0:
+            if settings.reconcile_interval_seconds > 0 and node_tasks:
                 tasks.every("reconciler", settings.reconcile_interval_seconds, check_drift)
-            if settings.flusher_enabled:
+            if flushing:
                 tasks.start("flusher", flusher.run(), on_stop=flusher.stop)
+            log.info("background tasks: %s", ", ".join(tasks.names))
             try:
                 yield
             finally:  # the order of shutdown: supervisor.py
@@ -115,8 +122,8 @@ def create_app(settings: Settings, *, demo_upstream_url: str | None = None) -> w
                 await session.close()
                 if cache is not None:
                     cache.close()
-                if settings.flusher_enabled:
-                    await _final_flush(flusher, settings.shutdown_flush_seconds)
+                if flushing:
+                    await final_flush(flusher, settings.shutdown_flush_seconds)
 
     app.cleanup_ctx.append(lifecycle)
 
@@ -193,7 +200,7 @@ def create_ops_app(api: web.Application) -> web.Application:
     return ops
 
 
-async def _final_flush(flusher: Flusher, seconds: float) -> None:
+async def final_flush(flusher: Flusher, seconds: float) -> None:
     """Write the outbox to Postgres before the pools close; what does not fit in time stays in Redis."""
     try:
         async with asyncio.timeout(seconds):

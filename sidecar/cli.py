@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -22,16 +21,10 @@ from .errors import CreditgateError
 from .logs import configure_logging
 from .reconcile import reconcile, repair
 from .serve import CannotListen, demo_bootstrap, serve
+from .serve import run as _run
+from .workers import serve_workers
 
 log = logging.getLogger("creditgate")
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 @contextlib.contextmanager
@@ -48,14 +41,6 @@ def resolve_services(settings: Settings) -> Iterator[Settings]:
             settings = msgspec.structs.replace(settings, database_url=embedded_pg.start())
             stack.callback(embedded_pg.stop)
         yield settings
-
-
-def _run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
-        return runner.run(main())
 
 
 async def _with_services(settings: Settings, call: Callable[[Services], Awaitable[Any]]) -> Any:
@@ -178,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
+        if settings.workers > 1:
+            return serve_workers(settings)
         _run(serve(settings))
         return 0
     if args.command == "demo":

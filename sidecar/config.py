@@ -40,6 +40,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080
+    # Serving processes sharing the port (SO_REUSEPORT) under one supervising parent (see workers.py).
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     # The ops listener: /healthz, /readyz and /metrics only (never /v1, never /admin), for the kubelet and
     # Prometheus. Unset: none in standalone mode (the API listener serves them too), 9090 in sidecar mode.
     ops_host: str = "0.0.0.0"

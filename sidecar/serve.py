@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 from aiohttp import web
@@ -20,6 +21,7 @@ from .health import READINESS
 from .money import format_credits
 
 log = logging.getLogger("creditgate")
+T = TypeVar("T")
 # After on_shutdown (where the sidecar waits up to shutdown_grace_seconds for its exchanges, then cuts
 # them), how long other handlers still busy (admin calls) get before they are cancelled.
 HANDLER_SHUTDOWN_SECONDS = 10.0
@@ -37,14 +39,16 @@ async def _site(
     shutdown_timeout: float = 60.0,
     settings: str = "host / port, or --host / --port",
     limits: ListenerLimits | None = None,
+    reuse_port: bool = False,
 ) -> AsyncIterator[str]:
     """Serve `app`; on exit stop listening, run on_shutdown (the sidecar finishes its requests there),
     give handlers still busy `shutdown_timeout` seconds, then run the cleanup contexts. With `limits`
-    (every listener clients reach), its connections are guarded (see connections.py)."""
+    (every listener clients reach), its connections are guarded (see connections.py). With `reuse_port`
+    (workers > 1) the port is shared (SO_REUSEPORT) with the node's other serving processes."""
     runner = listener_runner(app, limits, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         try:
             await site.start()
         except OSError as exc:
@@ -69,8 +73,34 @@ async def _until_signalled() -> None:
     log.info("stopping: no new connections; finishing the requests in flight")
 
 
-async def serve(settings: Settings, on_ready: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run `coro` to completion in a new event loop (uvloop where there is one)."""
+
+    async def main() -> T:
+        return await coro
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(main())
+
+
+async def serve(
+    settings: Settings,
+    on_ready: Callable[[str, str], Awaitable[None]] | None = None,
+    *,
+    worker: int | None = None,
+) -> None:
     """Serve the API listener and, when there is one, the ops listener, until SIGTERM / SIGINT.
+
+    As `worker` i of a pool (workers.py), both ports are shared with the other workers and only worker 0
+    runs the node's flusher, reconciler and hold reaper.
 
     The ops listener starts first and stops last: its /readyz answers 503 while the API app starts,
     and from the signal on (before the API listener stops) while the requests in flight finish."""
@@ -90,7 +120,8 @@ async def serve(settings: Settings, on_ready: Callable[[str, str], Awaitable[Non
                 "upstream at %s",
                 demo_url,
             )
-        app = create_app(settings, demo_upstream_url=demo_url)
+        app = create_app(settings, demo_upstream_url=demo_url, node_tasks=not worker)
+        shared = worker is not None
         ops_port = settings.ops_listen_port
         ops_url = None
         if ops_port is not None:
@@ -101,6 +132,7 @@ async def serve(settings: Settings, on_ready: Callable[[str, str], Awaitable[Non
                     ops_port,
                     settings="ops_host / ops_port",
                     limits=ListenerLimits.of(settings),
+                    reuse_port=shared,
                 )
             )
             log.info("creditgate ops listening on %s (/healthz, /readyz, /metrics)", ops_url)
@@ -111,6 +143,7 @@ async def serve(settings: Settings, on_ready: Callable[[str, str], Awaitable[Non
                 settings.port,
                 HANDLER_SHUTDOWN_SECONDS,
                 limits=ListenerLimits.of(settings),
+                reuse_port=shared,
             )
         )
         log.info(

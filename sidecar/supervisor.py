@@ -38,6 +38,11 @@ class Supervisor:
         if on_stop is not None:
             self._on_stop.append(on_stop)
 
+    @property
+    def names(self) -> list[str]:
+        """The started tasks' names, in start order."""
+        return [task.get_name().removeprefix("creditgate-") for task in self.tasks]
+
     async def stop(self) -> None:
         """Ask every task to finish; cancel the ones still busy after stop_seconds; await them all."""
         self.stopping.set()
