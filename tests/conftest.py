@@ -130,6 +130,22 @@ def clean_env(**settings: str) -> dict[str, str]:
     return {**env, **settings}
 
 
+def process_env(
+    redis_url: str, database_url: str, prefix: str, upstream_url: str, **settings: str
+) -> dict[str, str]:
+    """The environment of a real `creditgate serve` on these servers and this upstream (its pooled key a
+    test one), listening on any free port, plus `settings`."""
+    return clean_env(
+        CREDITGATE_UPSTREAM_URL=upstream_url,
+        CREDITGATE_UPSTREAM_API_KEY="sk-test",
+        CREDITGATE_REDIS_URL=redis_url,
+        CREDITGATE_DATABASE_URL=database_url,
+        CREDITGATE_KEY_PREFIX=prefix,
+        CREDITGATE_PORT="0",
+        **settings,
+    )
+
+
 def with_schema(dsn: str, schema: str) -> str:
     return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
 

@@ -18,7 +18,7 @@ import pytest
 
 from sidecar.config import Settings
 
-from .conftest import Upstream, clean_env, make_settings, new_key_prefix, serve_process
+from .conftest import Upstream, make_settings, new_key_prefix, process_env, serve_process
 from .support import admin_balance, funded_key, read_to_end, serving
 
 BOUND = 30  # seconds any one step may take before the test fails (a guard, never a timing assertion)
@@ -141,13 +141,11 @@ async def test_a_body_that_does_not_arrive_in_time_gets_a_408_and_holds_nothing(
 async def test_serve_applies_the_limits_to_both_listeners(
     redis_url: str, database_url: str, upstream: Upstream, tmp_path: Path
 ) -> None:
-    env = clean_env(
-        CREDITGATE_UPSTREAM_URL=upstream.url,
-        CREDITGATE_UPSTREAM_API_KEY="sk-test",
-        CREDITGATE_REDIS_URL=redis_url,
-        CREDITGATE_DATABASE_URL=database_url,
-        CREDITGATE_KEY_PREFIX=new_key_prefix(),
-        CREDITGATE_PORT="0",
+    env = process_env(
+        redis_url,
+        database_url,
+        new_key_prefix(),
+        upstream.url,
         CREDITGATE_OPS_HOST="127.0.0.1",
         CREDITGATE_OPS_PORT="0",
         CREDITGATE_RECONCILE_INTERVAL_SECONDS="0",

@@ -29,6 +29,7 @@ from .conftest import (
     clean_env,
     make_settings,
     new_key_prefix,
+    process_env,
     serve_process,
 )
 from .support import HELLO, MODELS, creditgate, record, start_stream
@@ -202,14 +203,12 @@ def test_a_busy_ops_port_is_one_line_naming_the_ops_settings(
 def sidecar_env(
     redis_url: str, database_url: str, prefix: str, upstream: Upstream, **more: str
 ) -> dict[str, str]:
-    return clean_env(
-        CREDITGATE_UPSTREAM_URL=upstream.url,
-        CREDITGATE_UPSTREAM_API_KEY="sk-test",
-        CREDITGATE_REDIS_URL=redis_url,
-        CREDITGATE_DATABASE_URL=database_url,
-        CREDITGATE_KEY_PREFIX=prefix,
+    return process_env(
+        redis_url,
+        database_url,
+        prefix,
+        upstream.url,
         CREDITGATE_MODE="sidecar",
-        CREDITGATE_PORT="0",
         CREDITGATE_OPS_PORT="0",
         CREDITGATE_ADMIN_TOKEN=ADMIN_TOKEN,
         CREDITGATE_MODELS=msgspec.json.encode(PRICES).decode(),

@@ -21,8 +21,8 @@ from .conftest import (
     Served,
     SidecarFactory,
     Upstream,
-    clean_env,
     new_key_prefix,
+    process_env,
     serve_process,
 )
 from .support import HELLO, MODELS, post, start_stream
@@ -34,13 +34,11 @@ def serve_env(
     redis_url: str, database_url: str, prefix: str, grace: str, upstream: Upstream
 ) -> dict[str, str]:
     # The demo upstream on a port of its own gives the slow streams below.
-    return clean_env(
-        CREDITGATE_UPSTREAM_URL=upstream.url,
-        CREDITGATE_UPSTREAM_API_KEY="sk-test",
-        CREDITGATE_REDIS_URL=redis_url,
-        CREDITGATE_DATABASE_URL=database_url,
-        CREDITGATE_KEY_PREFIX=prefix,
-        CREDITGATE_PORT="0",
+    return process_env(
+        redis_url,
+        database_url,
+        prefix,
+        upstream.url,
         CREDITGATE_ADMIN_TOKEN=ADMIN_TOKEN,
         CREDITGATE_SHUTDOWN_GRACE_SECONDS=grace,
         CREDITGATE_RECONCILE_INTERVAL_SECONDS="0",

@@ -22,7 +22,7 @@ from sidecar.config import load_settings
 from sidecar.errors import ConfigError
 from sidecar.keys import KeySpace
 
-from .conftest import ADMIN_TOKEN, Served, Upstream, clean_env, new_key_prefix, serve_process
+from .conftest import ADMIN_TOKEN, Served, Upstream, new_key_prefix, process_env, serve_process
 from .support import HELLO, start_stream
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -35,14 +35,12 @@ def prefix() -> str:
 
 
 def workers_env(redis_url: str, database_url: str, prefix: str, upstream_url: str) -> dict[str, str]:
-    return clean_env(
+    return process_env(
+        redis_url,
+        database_url,
+        prefix,
+        upstream_url,
         CREDITGATE_WORKERS="2",
-        CREDITGATE_UPSTREAM_URL=upstream_url,
-        CREDITGATE_UPSTREAM_API_KEY="sk-test",
-        CREDITGATE_REDIS_URL=redis_url,
-        CREDITGATE_DATABASE_URL=database_url,
-        CREDITGATE_KEY_PREFIX=prefix,
-        CREDITGATE_PORT="0",
         CREDITGATE_ADMIN_TOKEN=ADMIN_TOKEN,
         CREDITGATE_SHUTDOWN_GRACE_SECONDS="60",
         CREDITGATE_FORWARD_REQUEST_HEADERS="x-demo-*",
