@@ -67,6 +67,24 @@ def fail(message: str) -> None:
     raise CheckFailed(message)
 
 
+def refused(
+    what: str,
+    attempt: Callable[[], object],
+    errors: type[Exception] | tuple[type[Exception], ...],
+    expected: str,
+    refuser: str,
+) -> None:
+    """A guard shown to hold: `attempt` must raise one of `errors` with `expected` in its message."""
+    try:
+        attempt()
+    except errors as exc:
+        if expected not in str(exc):
+            fail(f"{what}: refused, but not naming {expected!r}: {exc}")
+        print(f"  refused as expected: {what}")
+        return
+    fail(f"{what}: {refuser} accepted it; expected a refusal naming {expected!r}")
+
+
 # ---------------------------------------------------------------- chart
 
 
@@ -483,26 +501,19 @@ def check_guards() -> None:
     base = yaml.safe_load((CHART / "ci" / "standalone.yaml").read_text())
     for what, changes, expected in NEGATIVE:
         values = None if changes is None else merged(base, changes)
-        try:
-            render(CHART, values)
-        except helm.HelmError as exc:
-            if expected not in str(exc):
-                fail(f"guard '{what}': rendering failed, but not naming {expected!r}: {exc}")
-            print(f"  refused as expected: {what}")
-            continue
-        fail(f"guard '{what}': rendering succeeded; expected an error naming {expected!r}")
+        refused(f"guard '{what}'", lambda v=values: render(CHART, v), helm.HelmError, expected, "rendering")
     for what, values_file, change, expected in DOCUMENT_NEGATIVE:
         docs = render(CHART, yaml.safe_load((CHART / "ci" / values_file).read_text()))
         check_documents(copy.deepcopy(docs), f"ci/{values_file}")  # as rendered: passes
         change(docs)
-        try:
-            check_documents(docs, f"ci/{values_file}")
-        except CheckFailed as exc:
-            if expected not in str(exc):
-                fail(f"check '{what}': failed, but not naming {expected!r}: {exc}")
-            print(f"  caught as expected: {what}")
-            continue
-        fail(f"check '{what}': the checks passed; expected a failure naming {expected!r}")
+        where = f"ci/{values_file}"
+        refused(
+            f"check '{what}'",
+            lambda d=docs, w=where: check_documents(d, w),
+            CheckFailed,
+            expected,
+            "the checks",
+        )
 
 
 # ---------------------------------------------------------------- alerts (PrometheusRule)
@@ -681,24 +692,18 @@ def check_alert_guards(standalone: dict[str, Any]) -> None:
     for kind, what, change, expected in CRD_NEGATIVE:
         doc = copy.deepcopy(objects[kind])
         change(doc)
-        try:
-            validate_crd(doc, CRD_MODELS[doc["apiVersion"], kind])
-        except CheckFailed as exc:
-            if expected not in str(exc):
-                fail(f"CRD guard '{kind}: {what}': refused, but not naming {expected!r}: {exc}")
-            print(f"  refused as expected: {kind} with {what} ({exc})")
-            continue
-        fail(f"CRD guard '{kind}: {what}': the {CRD_SOURCE} accepted it")
+        model = CRD_MODELS[doc["apiVersion"], kind]
+        refused(
+            f"CRD guard '{kind}: {what}'",
+            lambda d=doc, m=model: validate_crd(d, m),
+            CheckFailed,
+            expected,
+            f"the {CRD_SOURCE}",
+        )
     base = ci_values("monitoring.yaml")
     for what, changes, expected in ALERT_VALUES_NEGATIVE:
-        try:
-            render(CHART, merged(base, changes))
-        except helm.HelmError as exc:
-            if expected not in str(exc):
-                fail(f"guard '{what}': rendering failed, but not naming {expected!r}: {exc}")
-            print(f"  refused as expected: {what}")
-            continue
-        fail(f"guard '{what}': rendering succeeded; expected an error naming {expected!r}")
+        values = merged(base, changes)
+        refused(f"guard '{what}'", lambda v=values: render(CHART, v), helm.HelmError, expected, "rendering")
     broken = copy.deepcopy(standalone)
     _rule0(broken)["expr"] = "sum by (job) (rate(creditgate_requests_total[5m])"
     if run_promtool(broken).returncode == 0:
