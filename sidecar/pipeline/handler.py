@@ -169,19 +169,17 @@ class Gateway:
                 self._warn_no_usage(adm, fwd)
             stored = self._for_cache(adm, fwd, verdict)
             error = respond.failure(adm, fwd, verdict.charge)
-            if error is not None or fwd.response is not None:  # the client's answer first, then settle
-                if error is not None:
-                    answered.set_exception(error)
-                else:
-                    assert fwd.response is not None
-                    answered.set_result(fwd.response)
-                settlement, stored = await self.settler.settle(adm, fwd.upstream.name, verdict, stored)
-            else:  # a body: settled first, its headers carry the charge
-                settlement, stored = await self.settler.settle(adm, fwd.upstream.name, verdict, stored)
+            # An error or a relayed stream is the client's at once, then settled; a body is settled first,
+            # as its headers carry the charge.
+            if error is not None:
+                answered.set_exception(error)
+            elif fwd.response is not None:
+                answered.set_result(fwd.response)
+            settlement, stored = await self.settler.settle(adm, fwd.upstream.name, verdict, stored)
+            if not answered.done():
                 try:
-                    charged = verdict.charge
                     answer = respond.body_answer(
-                        adm, fwd, self.relayed, charged, settlement, stored=stored is not None
+                        adm, fwd, self.relayed, verdict.charge, settlement, stored=stored is not None
                     )
                 except Exception as exc:
                     answered.set_exception(exc)

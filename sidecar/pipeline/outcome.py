@@ -102,10 +102,6 @@ class Verdict:
             return f"upstream_{self.status}"
         return self.outcome.value
 
-    @property
-    def estimated(self) -> bool:
-        return self.outcome.value.endswith("_estimated")
-
 
 @dataclass(frozen=True, slots=True)
 class Tariff:

@@ -81,10 +81,9 @@ class Settler:
                 verdict.charge,
             )
         event = ledger_entry(adm, provider, verdict.label, verdict.usage, hold=adm.hold)
-        colocated = stored is not None and adm.cache is not None and adm.cache.colocated
-        store = (
-            (adm.cache.key, stored.encoded, self.cache_ttl_ms) if colocated and adm.cache and stored else None
-        )
+        store = None  # an account-scope entry: stored by the settle script, in the account's slot
+        if stored is not None and adm.cache is not None and adm.cache.colocated:
+            store = (adm.cache.key, stored.encoded, self.cache_ttl_ms)
         settlement = None
         account_gone = False
         started = time.monotonic()
@@ -115,7 +114,7 @@ class Settler:
                 )
                 self.pending.add(PendingSettlement(adm.account, adm.request_id, verdict.charge, event))
             return None, None
-        if stored is not None and not colocated and adm.cache is not None and self.cache is not None:
+        if stored is not None and store is None and adm.cache is not None and self.cache is not None:
             try:  # a shared-scope entry, outside the settle script's slot
                 await self.cache.put(adm.cache.key, stored.encoded)
             except RedisError as exc:  # the answer is served all the same; only the entry is lost
