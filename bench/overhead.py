@@ -1,7 +1,7 @@
 """Overhead benchmark: what creditgate costs over talking to the upstream directly, in one command.
 
     python bench/overhead.py [--quick] [--no-cache] [--rounds 3] [--seconds 5] [--scenarios KEY,…]
-        [--profile FILE]
+        [--profile FILE [--profile-scenario ns64] [--profile-hits]]
 
 Starts a fast mock upstream (bench/mock_upstream.py), a bare aiohttp pass-through proxy
 (bench/bare_proxy.py, the ceiling for any aiohttp proxy) and ``creditgate serve`` as a real subprocess
@@ -20,9 +20,10 @@ server under test competes for the cores as beside a real application) and slow1
 streams of 16 tokens 150 ms apart, the connections' first requests ramped over one stream's length; the
 server's RSS is sampled during the load).
 
-``--profile FILE`` instead runs only creditgate under the non-streamed c=64 load while ``py-spy`` (not a
-project dependency: ``pip install py-spy``) records it (``.svg`` flame graph, ``.json`` speedscope,
-anything else raw collapsed stacks).
+``--profile FILE`` instead runs only creditgate under one scenario's load (``--profile-scenario``, default
+the non-streamed c=64; ``--profile-hits`` for cache hits) while ``py-spy`` (not a project dependency:
+``pip install py-spy``) records it (``.svg`` flame graph, ``.json`` speedscope, anything else raw
+collapsed stacks).
 
 Environment: BENCH_REDIS_URL (redis://127.0.0.1:6379/0), BENCH_DATABASE_URL
 (postgresql://postgres@127.0.0.1:5432/test).
@@ -662,6 +663,12 @@ def main() -> int:
     )
     parser.add_argument("--profile", metavar="FILE", help="profile creditgate under c=64 load with py-spy")
     parser.add_argument("--profile-seconds", type=float, default=20)
+    parser.add_argument(
+        "--profile-scenario", default="ns64", choices=list(BY_KEY), help="the load to profile (default ns64)"
+    )
+    parser.add_argument(
+        "--profile-hits", action="store_true", help="profile cache hits (one repeated body) instead of misses"
+    )
     args = parser.parse_args()
     chosen = [k.strip() for k in args.scenarios.split(",") if k.strip()]
     unknown = [k for k in chosen if k not in BY_KEY]
@@ -756,7 +763,9 @@ def run(
     key = cg.funded_key()
     cg_url = f"http://127.0.0.1:{port}"
     if py_spy is not None:
-        return profile(cg, py_spy, args.profile, cg_url, key, args.profile_seconds)
+        sc = BY_KEY[args.profile_scenario]
+        target = Target("creditgate", "creditgate", cg_url, not args.profile_hits, cg.pid)
+        return profile(cg, py_spy, args.profile, sc, target, key, args.profile_seconds)
     targets = [
         Target("direct", "direct to the mock", mock, True, children.procs["mock"].pid),
         Target("bare", "bare aiohttp proxy", bare, True, children.procs["bare"].pid),
@@ -831,10 +840,12 @@ def run(
     return 0 if all_met else 1
 
 
-def profile(cg: Creditgate, py_spy: str, out: str, url: str, key: str, seconds: float) -> int:
+def profile(
+    cg: Creditgate, py_spy: str, out: str, sc: Scenario, target: Target, key: str, seconds: float
+) -> int:
     fmt = "flamegraph" if out.endswith(".svg") else "speedscope" if out.endswith(".json") else "raw"
-    sc, target = BY_KEY["ns64"], Target("creditgate", "creditgate", url, True, cg.pid)
-    load(url, body_for(sc, target), key, sc.concurrency, 2, 0.5)  # warm up
+    url = target.url
+    load(url, body_for(sc, target), key, sc.concurrency, 2, 0.5, ramp=sc.ramp, burn_us=sc.burn_us)  # warm up
     spy = subprocess.Popen(
         [
             py_spy,
@@ -854,7 +865,7 @@ def profile(cg: Creditgate, py_spy: str, out: str, url: str, key: str, seconds: 
         stdout=subprocess.DEVNULL,
     )
     try:
-        r = load(url, body_for(sc, target), key, sc.concurrency, seconds, 0.2)
+        r = load(url, body_for(sc, target), key, sc.concurrency, seconds, 0.2, burn_us=sc.burn_us)
     finally:
         spy.wait(timeout=seconds + 60)
     print(

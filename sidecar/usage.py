@@ -206,7 +206,8 @@ class SSEReader:
             self.done = True
             return True
         self.data_events += 1
-        if b'"usage"' not in data:
+        keys = data.count(b'"usage"')
+        if not keys:
             return True
         if self.responses:
             try:
@@ -217,6 +218,10 @@ class SSEReader:
                 usage = parsed.response.usage
                 self.usage = usage.to_usage() if usage else self.usage
                 self.done = True
+            return True
+        if keys == data.count(b'"usage":null'):
+            # OpenAI's `"usage":null` on every token chunk: no usage here, nothing to decode. (A `"usage"`
+            # not followed by `:null` — a value, or other spacing — is decoded below.)
             return True
         try:
             chunk = _body_decoder.decode(data)
