@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -231,9 +232,18 @@ def _status(port: int, path: str) -> int | None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
+    """User + system CPU time a process and its living descendants (`workers`) have used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(_cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
@@ -258,11 +268,18 @@ class Creditgate:
     env: dict[str, str]
     port: int
     admin_token: str
+    separate_flusher: bool
     pid: int = 0
+    flusher_pid: int = 0
 
     def start(self) -> float:
         """Spawn `creditgate serve`; seconds from spawn to the first 200 from /readyz (or /healthz)."""
         started = time.perf_counter()
+        if self.separate_flusher and "flusher" not in self.children.procs:
+            # The node's flusher as its own process (`creditgate flush`), as a standalone deployment at
+            # scale runs it; the serving process has flusher_enabled off.
+            flush = self.children.spawn("flusher", [PY, "-m", "sidecar", "flush"], self.env)
+            self.flusher_pid = flush.pid
         proc = self.children.spawn("creditgate", [PY, "-m", "sidecar", "serve"], self.env)
         self.pid = proc.pid
         path = "/readyz"
@@ -657,6 +674,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="measured seconds per round (default 5; --quick 1)")
     parser.add_argument("--no-cache", action="store_true", help="do not enable the response cache")
     parser.add_argument(
+        "--flusher",
+        choices=["separate", "inline"],
+        default="separate",
+        help="the outbox flusher as its own `creditgate flush` process (default), or in the serving process",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="creditgate's `workers` setting (default 1)")
+    parser.add_argument(
         "--scenarios",
         default=",".join(BY_KEY),
         help=f"comma-separated subset to run, always in the order listed (default all: {','.join(BY_KEY)})",
@@ -746,7 +770,7 @@ def run(
             "CREDITGATE_UPSTREAM_URL": f"{mock}/v1",
             "CREDITGATE_UPSTREAM_API_KEY": "sk-bench-provider-key",
             "CREDITGATE_ADMIN_TOKEN": admin_token,
-            "CREDITGATE_FLUSHER_ENABLED": "true",
+            "CREDITGATE_FLUSHER_ENABLED": "false" if args.flusher == "separate" else "true",
             "CREDITGATE_LOG_LEVEL": "WARNING",
             "CREDITGATE_MODELS": json.dumps(
                 {
@@ -756,9 +780,11 @@ def run(
             ),
         }
     )
+    if args.workers != 1:
+        env["CREDITGATE_WORKERS"] = str(args.workers)  # server CPU is then the parent's and its workers'
     if cache_supported():  # an older build refuses unknown settings; a newer one has the cache on by default
         env["CREDITGATE_CACHE_ENABLED"] = "true" if use_cache else "false"
-    cg = Creditgate(children, env, port, admin_token)
+    cg = Creditgate(children, env, port, admin_token, args.flusher == "separate")
     ready = cg.start()
     key = cg.funded_key()
     cg_url = f"http://127.0.0.1:{port}"
@@ -790,6 +816,7 @@ def run(
                 if t.key not in results[sc.key]:
                     continue
                 cpu = _cpu_seconds(t.pid)
+                flusher_cpu = _cpu_seconds(cg.flusher_pid) if cg.flusher_pid else 0.0
                 r = load(
                     t.url,
                     body_for(sc, t),
@@ -802,6 +829,9 @@ def run(
                     watch_pid=t.pid,
                 )
                 r["cpu_us"] = (_cpu_seconds(t.pid) - cpu) / max(1, r["completed"]) * 1e6
+                if cg.flusher_pid and t.pid == cg.pid:
+                    flushed_cpu = _cpu_seconds(cg.flusher_pid) - flusher_cpu
+                    r["flusher_cpu_us"] = flushed_cpu / max(1, r["completed"]) * 1e6
                 results[sc.key][t.key].rounds.append(r)
                 lat = r["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}
                 print(
@@ -833,6 +863,13 @@ def run(
         why = "--no-cache" if args.no_cache else "this build has no cache_* settings"
         print(f"note: cache-hit target skipped ({why}); creditgate ran without a response cache.")
     print(f"ledger: {rows} usage rows flushed to Postgres; outbox backlog left: {backlog}")
+    if cg.flusher_pid:
+        print("flusher (its own process, not in creditgate's server CPU above): µs of CPU per request,")
+        for sc in scenarios:
+            for key in ("creditgate", "hits"):
+                rounds_ = results[sc.key].get(key)
+                if rounds_ is not None:
+                    print(f"  {sc.key} {key}: {rounds_.median('flusher_cpu_us'):,.0f}")
     print(
         f"run: {elapsed:.0f} s on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}"
