@@ -83,7 +83,7 @@ async def relay_stream(
                 events = reader.feed(chunk)
                 if events and not client_gone:
                     try:
-                        await response.write(b"".join(events))
+                        await response.write(events[0] if len(events) == 1 else b"".join(events))
                         relayed = reader.data_events
                     except ConnectionError:
                         client_gone = True
