@@ -676,8 +676,9 @@ def main() -> int:
     parser.add_argument(
         "--flusher",
         choices=["separate", "inline"],
-        default="separate",
-        help="the outbox flusher as its own `creditgate flush` process (default), or in the serving process",
+        default="inline",
+        help="the outbox flusher in the serving process (default, as flusher_enabled has it), or as its own "
+        "`creditgate flush` process (its CPU reported apart)",
     )
     parser.add_argument("--workers", type=int, default=1, help="creditgate's `workers` setting (default 1)")
     parser.add_argument(
