@@ -1,7 +1,7 @@
 """Overhead benchmark: what creditgate costs over talking to the upstream directly, in one command.
 
     python bench/overhead.py [--quick] [--no-cache] [--rounds 3] [--seconds 5] [--scenarios KEY,…]
-        [--profile FILE [--profile-scenario ns64] [--profile-hits]]
+        [--profile FILE [--profile-scenario ns64] [--profile-hits | --profile-bare]]
 
 Starts a fast mock upstream (bench/mock_upstream.py), a bare aiohttp pass-through proxy
 (bench/bare_proxy.py, the ceiling for any aiohttp proxy) and ``creditgate serve`` as a real subprocess
@@ -20,10 +20,10 @@ server under test competes for the cores as beside a real application) and slow1
 streams of 16 tokens 150 ms apart, the connections' first requests ramped over one stream's length; the
 server's RSS is sampled during the load).
 
-``--profile FILE`` instead runs only creditgate under one scenario's load (``--profile-scenario``, default
-the non-streamed c=64; ``--profile-hits`` for cache hits) while ``py-spy`` (not a project dependency:
-``pip install py-spy``) records it (``.svg`` flame graph, ``.json`` speedscope, anything else raw
-collapsed stacks).
+``--profile FILE`` instead runs only creditgate under one scenario's load (``--profile-scenario``,
+default the non-streamed c=64; ``--profile-hits`` for cache hits, ``--profile-bare`` the bare proxy)
+while ``py-spy`` (not a project dependency: ``pip install py-spy``) records it (``.svg`` flame graph,
+``.json`` speedscope, anything else raw collapsed stacks).
 
 Environment: BENCH_REDIS_URL (redis://127.0.0.1:6379/0), BENCH_DATABASE_URL
 (postgresql://postgres@127.0.0.1:5432/test).
@@ -694,6 +694,9 @@ def main() -> int:
     parser.add_argument(
         "--profile-hits", action="store_true", help="profile cache hits (one repeated body) instead of misses"
     )
+    parser.add_argument(
+        "--profile-bare", action="store_true", help="profile the bare proxy instead, under the same load"
+    )
     args = parser.parse_args()
     chosen = [k.strip() for k in args.scenarios.split(",") if k.strip()]
     unknown = [k for k in chosen if k not in BY_KEY]
@@ -791,8 +794,11 @@ def run(
     cg_url = f"http://127.0.0.1:{port}"
     if py_spy is not None:
         sc = BY_KEY[args.profile_scenario]
-        target = Target("creditgate", "creditgate", cg_url, not args.profile_hits, cg.pid)
-        return profile(cg, py_spy, args.profile, sc, target, key, args.profile_seconds)
+        if args.profile_bare:
+            target = Target("bare", "bare aiohttp proxy", bare, True, children.procs["bare"].pid)
+        else:
+            target = Target("creditgate", "creditgate", cg_url, not args.profile_hits, cg.pid)
+        return profile(py_spy, args.profile, sc, target, key, args.profile_seconds)
     targets = [
         Target("direct", "direct to the mock", mock, True, children.procs["mock"].pid),
         Target("bare", "bare aiohttp proxy", bare, True, children.procs["bare"].pid),
@@ -878,9 +884,7 @@ def run(
     return 0 if all_met else 1
 
 
-def profile(
-    cg: Creditgate, py_spy: str, out: str, sc: Scenario, target: Target, key: str, seconds: float
-) -> int:
+def profile(py_spy: str, out: str, sc: Scenario, target: Target, key: str, seconds: float) -> int:
     fmt = "flamegraph" if out.endswith(".svg") else "speedscope" if out.endswith(".json") else "raw"
     url = target.url
     load(url, body_for(sc, target), key, sc.concurrency, 2, 0.5, ramp=sc.ramp, burn_us=sc.burn_us)  # warm up
@@ -889,7 +893,7 @@ def profile(
             py_spy,
             "record",
             "--pid",
-            str(cg.pid),
+            str(target.pid),
             "--duration",
             str(int(seconds)),
             "--rate",

@@ -131,7 +131,9 @@ class Gateway:
         self.exchanges[request_id] = live
         task.add_done_callback(self.in_flight.discard)
         task.add_done_callback(lambda _: self.exchanges.pop(request_id, None))
-        return await asyncio.shield(answered)
+        # Not shielded: a cancelled handler cancels `answered`, never this task, which settles on and
+        # answers no one (it checks `answered.done()` first).
+        return await answered
 
     async def _answer_hit(
         self, request: web.Request, adm: admit.Admission, hit: Hit, rec: RequestRecord
@@ -171,7 +173,9 @@ class Gateway:
             error = respond.failure(adm, fwd, verdict.charge)
             # An error or a relayed stream is the client's at once, then settled; a body is settled first,
             # as its headers carry the charge.
-            if error is not None:
+            if answered.done():  # the handler was cancelled (shutdown): settle all the same
+                pass
+            elif error is not None:
                 answered.set_exception(error)
             elif fwd.response is not None:
                 answered.set_result(fwd.response)
