@@ -64,13 +64,16 @@ async def _site(
         await runner.cleanup()
 
 
-async def _until_signalled() -> None:
+async def _until_signalled(
+    then: str = "stopping: no new connections; finishing the requests in flight",
+) -> None:
+    """Return at SIGTERM or SIGINT, logging `then`."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: no new connections; finishing the requests in flight")
+    log.info(then)
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
