@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 
 from .app import final_flush, ops_app, services
 from .config import Settings
 from .connections import ListenerLimits
 from .health import FlushReadiness
 from .metrics import Metrics
-from .serve import _site, _until_signalled
+from .serve import _site
 from .supervisor import Supervisor
 
 log = logging.getLogger("creditgate.flush")
@@ -38,6 +39,10 @@ log = logging.getLogger("creditgate.flush")
 
 async def run_flush(settings: Settings) -> int:
     """Flush the outbox until SIGTERM / SIGINT; the process's exit code."""
+    stop = asyncio.Event()  # set by SIGTERM / SIGINT, handled from the start (one during startup counts)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     metrics = Metrics(serving=False)
     readiness: list[FlushReadiness] = []  # set once the flusher runs; /readyz says "starting" until then
     async with contextlib.AsyncExitStack() as stack:
@@ -65,15 +70,14 @@ async def run_flush(settings: Settings) -> int:
         loop_task = tasks.tasks[0]
         readiness.append(FlushReadiness(svc.redis, svc.store, lambda: not loop_task.done()))
         log.info("flusher running as consumer %s", flusher.consumer)
-        signalled = asyncio.create_task(
-            _until_signalled("stopping: no new reads; finishing the batch in hand, then draining the outbox"),
-            name="creditgate-flush-signal",
-        )
+        signalled = asyncio.create_task(stop.wait(), name="creditgate-flush-signal")
         await asyncio.wait([signalled, loop_task], return_when=asyncio.FIRST_COMPLETED)
         ended_by_itself = not signalled.done()
         if ended_by_itself:
             signalled.cancel()
             log.error("the flusher loop ended by itself (%r); stopping", _outcome(loop_task))
+        else:
+            log.info("stopping: no new reads; finishing the batch in hand, then draining the outbox")
         readiness[0].stopping = True
         await tasks.stop()
         await final_flush(flusher, settings.shutdown_flush_seconds)

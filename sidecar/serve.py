@@ -64,16 +64,13 @@ async def _site(
         await runner.cleanup()
 
 
-async def _until_signalled(
-    then: str = "stopping: no new connections; finishing the requests in flight",
-) -> None:
-    """Return at SIGTERM or SIGINT, logging `then`."""
+async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info(then)
+    log.info("stopping: no new connections; finishing the requests in flight")
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
