@@ -4,7 +4,9 @@
                                            the example app chart; every rendered manifest validated against
                                            the Kubernetes schemas (strict) of 1.29 and the newest version
                                            kubernetes-validate carries; the pods, listeners, Services and
-                                           ServiceMonitors checked; render-time guards and these checks
+                                           ServiceMonitors checked, and the separate flusher (there exactly
+                                           when flusher.separate, running `flush`, the serving pods' own
+                                           flusher off exactly then); render-time guards and these checks
                                            proven to fire
     python .ci/deploy_checks.py dashboard  the Grafana dashboard parses and uses only contract metrics
 
@@ -50,6 +52,7 @@ CRD_MODELS: dict[tuple[str, str], type[pydantic.BaseModel]] = {
 CRD_PACKAGE = "cloudcoil-models-prometheus-operator"
 CRD_SOURCE = f"prometheus-operator CRD schema, {CRD_PACKAGE} {package_version(CRD_PACKAGE)}"
 ALERTS_TEST = ROOT / ".ci" / "alerts-test.yaml"  # promtool test rules, on ci/monitoring.yaml's rendering
+SUPERVISOR_STOP_SECONDS = 5  # sidecar/supervisor.py: how long a stopping task may finish its batch
 HARDENING = {
     "runAsNonRoot": True,
     "readOnlyRootFilesystem": True,
@@ -173,16 +176,24 @@ def pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]
 
 
+CREDITGATE_CONTAINERS = ("creditgate", "flusher")  # serve (the API, or a native sidecar); flush
+
+
 def creditgate_container(name: str, pod: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The pod's creditgate container, and whether it is a native sidecar (an init container)."""
+    """The pod's creditgate container (serving, or the separate flusher's), and whether it is a native
+    sidecar (an init container)."""
     init = pod.get("initContainers", [])
     main = pod.get("containers", [])
-    found = [(c, True) for c in init if c["name"] == "creditgate"] + [
-        (c, False) for c in main if c["name"] == "creditgate"
+    found = [(c, True) for c in init if c["name"] in CREDITGATE_CONTAINERS] + [
+        (c, False) for c in main if c["name"] in CREDITGATE_CONTAINERS
     ]
     if len(found) != 1:
         fail(f"{name}: expected one creditgate container, found {len(found)}")
     return found[0]
+
+
+def is_flusher(container: dict[str, Any]) -> bool:
+    return bool(container["name"] == "flusher")
 
 
 def container_ports(pod: dict[str, Any]) -> list[dict[str, Any]]:
@@ -229,18 +240,27 @@ def check_pod(name: str, pod: dict[str, Any]) -> None:
             fail(f"{name}: {required} must come from a Secret (secretKeyRef)")
     grace = int(env["CREDITGATE_SHUTDOWN_GRACE_SECONDS"]["value"])
     flush = int(env["CREDITGATE_SHUTDOWN_FLUSH_SECONDS"]["value"])
+    period = pod.get("terminationGracePeriodSeconds", 30)
+    if is_flusher(container):  # no traffic, so no preStop pause: its batch in hand, then the drain
+        if period <= SUPERVISOR_STOP_SECONDS + flush:
+            fail(f"{name}: terminationGracePeriodSeconds {period} <= batch stop 5 + flush {flush}")
+        check_mounts(name, pod, container)
+        return
     command = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
     match = re.search(r"time\.sleep\((\d+)\)", command)
     if match is None:
         fail(f"{name}: preStop is not the python sleep the chart renders: {command}")
         return
     pre_stop = int(match.group(1))
-    period = pod.get("terminationGracePeriodSeconds", 30)
     if period <= pre_stop + grace + flush:
         fail(
             f"{name}: terminationGracePeriodSeconds {period} <= "
             f"preStop {pre_stop} + grace {grace} + flush {flush}"
         )
+    check_mounts(name, pod, container)
+
+
+def check_mounts(name: str, pod: dict[str, Any], container: dict[str, Any]) -> None:
     volumes = {v["name"] for v in pod.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
         if mount["name"] not in volumes:
@@ -307,6 +327,10 @@ def check_listeners(name: str, pod: dict[str, Any], config: str) -> None:
         )
     if settings.ops_host not in ALL_ADDRESSES:
         fail(f"{name}: ops_host is {settings.ops_host!r}: the kubelet and Prometheus reach the pod IP")
+    if is_flusher(container):  # `creditgate flush` serves the ops listener only
+        if set(ports) != {"ops"}:
+            fail(f"{name}: the flusher declares only the ops port, has {sorted(ports)}")
+        return
     if is_sidecar:
         if not is_loopback(settings.host):
             fail(f"{name}: in sidecar mode the API must listen on loopback only, host is {settings.host!r}")
@@ -349,7 +373,8 @@ def check_services(docs: list[dict[str, Any]], where: str) -> None:
                         "of the pods it selects"
                     )
     for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
-        name = f"{where}: ServiceMonitor/{monitor['metadata']['name']}"
+        api_service = monitor["metadata"]["name"]  # the chart names the API Service and it <fullname>
+        name = f"{where}: ServiceMonitor/{api_service}"
         wanted = monitor["spec"].get("selector", {}).get("matchLabels", {})
         selected = [svc for svc in services if wanted.items() <= svc["metadata"].get("labels", {}).items()]
         if not selected:
@@ -364,6 +389,17 @@ def check_services(docs: list[dict[str, Any]], where: str) -> None:
                         f"Service/{svc['metadata']['name']} (it has {sorted(by_name)})"
                     )
                     return
+                jobs = {
+                    r.get("replacement")
+                    for r in endpoint.get("relabelings", [])
+                    if r.get("targetLabel") == "job" and r.get("action", "replace") == "replace"
+                }
+                job = next(iter(jobs)) if len(jobs) == 1 else svc["metadata"]["name"]
+                if job != api_service:  # the PrometheusRule's default selector is job="<API Service>"
+                    fail(
+                        f"{name}: targets of Service/{svc['metadata']['name']} are scraped as job={job!r}, "
+                        f"not job={api_service!r}, which the alerts select"
+                    )
                 if endpoint.get("path", "/metrics") == "/metrics" and port.get("targetPort") != "ops":
                     fail(
                         f"{name}: scrapes /metrics on the Service port {endpoint.get('port')!r}, which "
@@ -371,20 +407,46 @@ def check_services(docs: list[dict[str, Any]], where: str) -> None:
                     )
 
 
-def check_documents(docs: list[dict[str, Any]], where: str) -> None:
-    """The checks beyond the schemas, on a list of rendered manifests."""
+def check_flusher(docs: list[dict[str, Any]], values: dict[str, Any] | None, where: str) -> None:
+    """With flusher.separate (and only then) one flusher Deployment, whose container runs `flush`; the
+    serving pods' own flusher (as creditgate reads their config and environment) is off exactly then."""
+    separate = bool(((values or {}).get("flusher") or {}).get("separate"))
+    config = config_text(docs, where)
+    flushers = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-flusher")]
+    if len(flushers) != int(separate):
+        fail(f"{where}: flusher.separate is {separate}, but {len(flushers)} flusher Deployment(s) render")
+    for name, pod in pods(docs):
+        container, _ = creditgate_container(name, pod)
+        deployment = name.removeprefix("Deployment/")
+        if deployment in {d["metadata"]["name"] for d in flushers}:
+            if container.get("args") != ["flush"] or not is_flusher(container):
+                fail(f"{where}: {name} must run `creditgate flush`, runs {container.get('args')}")
+            continue
+        if container.get("args") != ["serve"]:
+            fail(f"{where}: {name} must run `creditgate serve`, runs {container.get('args')}")
+        flushing = load_rendered(config, pod_environ(container), name).flusher_enabled
+        if flushing == separate:
+            fail(
+                f"{where}: {name} runs the flusher: {flushing}, with flusher.separate {separate}: the "
+                "serving pods must flush exactly when no separate flusher does"
+            )
+
+
+def check_documents(docs: list[dict[str, Any]], where: str, values: dict[str, Any] | None) -> None:
+    """The checks beyond the schemas, on a list of rendered manifests (and the values they came from)."""
     config = config_text(docs, where)
     for name, pod in pods(docs):
         check_pod(f"{where}: {name}", pod)
         check_listeners(f"{where}: {name}", pod, config)
     check_services(docs, where)
     check_config(docs, where)
+    check_flusher(docs, values, where)
 
 
 def render_and_validate(chart: Path, values: dict[str, Any] | None, where: str) -> list[dict[str, Any]]:
     docs = render(chart, values)
     names = [validate(doc, where) for doc in docs]
-    check_documents(docs, where)
+    check_documents(docs, where, values)
     print(f"  {where}: {len(docs)} manifests valid for Kubernetes {' and '.join(K8S_VERSIONS)}")
     for name in names:
         print(f"    {name}")
@@ -417,6 +479,16 @@ NEGATIVE = [
         "account header secret in the ConfigMap",
         {"config": {"account_header_secret": "x" * 16}},
         "account_header_secret",
+    ),
+    (
+        "a separate flusher in sidecar mode",
+        {"mode": "sidecar", "flusher": {"separate": True}},
+        "flusher.separate is for standalone mode only",
+    ),
+    (
+        "standalone with no flusher anywhere",
+        {"config": {"flusher_enabled": False}},
+        "leaves nothing writing the outbox",
     ),
 ]
 
@@ -472,6 +544,44 @@ def _service_target(docs: list[dict[str, Any]]) -> None:
     _first(docs, "Service")["spec"]["ports"][1]["targetPort"] = "metrics"
 
 
+def _flusher_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-flusher"))
+
+
+def _flusher_serves(docs: list[dict[str, Any]]) -> None:
+    _flusher_deployment(docs)["spec"]["template"]["spec"]["containers"][0]["args"] = ["serve"]
+
+
+def _serving_pods_flush_too(docs: list[dict[str, Any]]) -> None:
+    env = _creditgate(docs)["env"]
+    env[:] = [e for e in env if e["name"] != "CREDITGATE_FLUSHER_ENABLED"]
+
+
+def _serving_pods_flush_not(docs: list[dict[str, Any]]) -> None:
+    _set_env(docs, "CREDITGATE_FLUSHER_ENABLED", "false")
+
+
+def _no_flusher(docs: list[dict[str, Any]]) -> None:
+    docs[:] = [d for d in docs if not d["metadata"]["name"].endswith("-flusher")]
+
+
+def _unasked_flusher(docs: list[dict[str, Any]]) -> None:
+    docs.append(_flusher_deployment(render(CHART, ci_values("flusher.yaml"))))
+
+
+def _monitor_without_job(docs: list[dict[str, Any]]) -> None:
+    _first(docs, "ServiceMonitor")["spec"]["endpoints"][0].pop("relabelings")
+
+
+def _flusher_behind_the_api_service(docs: list[dict[str, Any]]) -> None:
+    """The flusher's pods labelled as the serving ones (creditgate.selectorLabels), its Service following."""
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    api, flusher = services["cg-creditgate"], services["cg-creditgate-flusher"]
+    labels = {**api["spec"]["selector"], "app.kubernetes.io/component": "flusher"}
+    _flusher_deployment(docs)["spec"]["template"]["metadata"]["labels"] = labels
+    flusher["spec"]["selector"] = labels
+
+
 # (what, ci values file, change to its rendered manifests, text the failed check must contain)
 DOCUMENT_NEGATIVE: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], str]] = [
     ("ServiceMonitor naming no Service port", "monitoring.yaml", _monitor_port("metrics"), "names no port"),
@@ -486,6 +596,23 @@ DOCUMENT_NEGATIVE: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], 
         "standalone.yaml",
         _reachable_account_header,
         "account_header_secret",
+    ),
+    ("the flusher Deployment running serve", "flusher.yaml", _flusher_serves, "must run `creditgate flush`"),
+    ("serving pods flushing beside the flusher", "flusher.yaml", _serving_pods_flush_too, "flush exactly"),
+    ("serving pods not flushing, no flusher", "standalone.yaml", _serving_pods_flush_not, "flush exactly"),
+    ("no flusher Deployment with separate", "flusher.yaml", _no_flusher, "is True, but 0 flusher"),
+    ("a flusher Deployment not asked for", "standalone.yaml", _unasked_flusher, "is False, but 1 flusher"),
+    (
+        "flusher scraped under a job of its own",
+        "flusher.yaml",
+        _monitor_without_job,
+        "which the alerts select",
+    ),
+    (
+        "flusher pods behind the API Service",
+        "flusher.yaml",
+        _flusher_behind_the_api_service,
+        "no container port of the pods it selects",
     ),
 ]
 
@@ -503,13 +630,14 @@ def check_guards() -> None:
         values = None if changes is None else merged(base, changes)
         refused(f"guard '{what}'", lambda v=values: render(CHART, v), helm.HelmError, expected, "rendering")
     for what, values_file, change, expected in DOCUMENT_NEGATIVE:
-        docs = render(CHART, yaml.safe_load((CHART / "ci" / values_file).read_text()))
-        check_documents(copy.deepcopy(docs), f"ci/{values_file}")  # as rendered: passes
+        values = ci_values(values_file)
+        docs = render(CHART, values)
+        check_documents(copy.deepcopy(docs), f"ci/{values_file}", values)  # as rendered: passes
         change(docs)
         where = f"ci/{values_file}"
         refused(
             f"check '{what}'",
-            lambda d=docs, w=where: check_documents(d, w),
+            lambda d=docs, w=where, v=values: check_documents(d, w, v),
             CheckFailed,
             expected,
             "the checks",

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -14,7 +14,7 @@ from .admin import ADMIN_OPS, admin_app
 from .cache import CachePolicy, ResponseCache
 from .config import Settings
 from .flusher import Flusher
-from .health import READINESS, Readiness, healthz, readiness_response, readyz
+from .health import READINESS, Readiness, ReadinessCheck, healthz, readiness_response, readyz
 from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .pipeline.handler import Gateway
@@ -41,7 +41,8 @@ def create_app(
     Without `node_tasks` (every worker but the first, workers.py) the node's flusher, reconciler and hold
     reaper do not run here; lease renewal and settlement retry (this process's own requests) always do."""
     prices = PriceTable.from_settings(settings)
-    metrics = Metrics()
+    flushing = settings.flusher_enabled and node_tasks
+    metrics = Metrics(flushing=flushing)  # no flusher series where no flusher runs (metrics.py)
 
     def report(rec: RequestRecord) -> None:
         metrics.observe_request(rec)
@@ -98,7 +99,6 @@ def create_app(
                     int(time.time() * 1000) + settings.hold_lease_seconds * 1000,
                 )
 
-            flushing = settings.flusher_enabled and node_tasks
             tasks = Supervisor()
             tasks.every("lease-renewal", settings.hold_lease_seconds / 3, renew_leases)
             if node_tasks:
@@ -186,13 +186,19 @@ def create_ops_app(api: web.Application) -> web.Application:
     """The ops listener: /healthz, /readyz and /metrics of the API app `api`, and nothing else (never /v1,
     never /admin). It runs beside `api` in the same loop, is up before `api` has started (/readyz: 503
     "starting") and after `api` has stopped listening (/readyz: 503 "shutting down" while it drains)."""
+    return ops_app(lambda: api.get(READINESS), api[METRICS])
+
+
+def ops_app(readiness: Callable[[], ReadinessCheck | None], metrics: Metrics) -> web.Application:
+    """/healthz, /readyz (what `readiness()` returns; None: still starting) and /metrics (`metrics`):
+    the ops listener of `creditgate serve` (create_ops_app) and of `creditgate flush` (flush_process.py)."""
     ops = web.Application(middlewares=[error_middleware])
 
     async def ready(request: web.Request) -> web.Response:
-        return await readiness_response(api.get(READINESS))
+        return await readiness_response(readiness())
 
     async def scrape(request: web.Request) -> web.Response:
-        return await metrics_response(api[METRICS])
+        return await metrics_response(metrics)
 
     ops.router.add_get("/healthz", healthz)
     ops.router.add_get("/readyz", ready)

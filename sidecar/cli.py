@@ -18,6 +18,7 @@ from .app import Services, services
 from .config import Settings, load_settings
 from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import CreditgateError
+from .flush_process import run_flush
 from .logs import configure_logging
 from .reconcile import reconcile, repair
 from .serve import CannotListen, demo_bootstrap, serve
@@ -48,12 +49,8 @@ async def _with_services(settings: Settings, call: Callable[[Services], Awaitabl
         return await call(svc)
 
 
-async def _flush(svc: Services, drain: bool) -> dict[str, Any]:
-    flusher = svc.flusher()
-    if drain:
-        return {"rows_written": await flusher.drain()}
-    await flusher.run()  # until interrupted
-    return {}  # pragma: no cover
+async def _drain(svc: Services) -> dict[str, Any]:
+    return {"rows_written": await svc.flusher().drain()}
 
 
 async def _reconcile(svc: Services, fix: bool) -> dict[str, Any]:
@@ -109,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--kind", default="grant", choices=MONEY_IN_KINDS)
     grant.add_argument("--note")
     sub.add_parser("migrate", help="apply the Postgres migrations (safe to run twice)")
-    flush = sub.add_parser("flush", help="run the outbox flusher standalone")
+    flush = sub.add_parser(
+        "flush", help="run the outbox flusher as a process of its own (ops listener when ops_port is set)"
+    )
     flush.add_argument("--drain", action="store_true", help="write what is waiting, then exit")
     rec = sub.add_parser("reconcile", help="compare Redis balances with the ledger")
     rec.add_argument("--repair", action="store_true", help="complete half-done grants and fix drift")
@@ -180,10 +179,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         _run(serve(settings, ready))
         return 0
+    if args.command == "flush" and not args.drain:
+        return _run(run_flush(settings))
     verb = (args.command, getattr(args, "verb", None))
     calls: dict[tuple[str, str | None], Callable[[Services], Awaitable[Any]]] = {
         ("migrate", None): lambda svc: _migrate(svc),
-        ("flush", None): lambda svc: _flush(svc, args.drain),
+        ("flush", None): _drain,
         ("reconcile", None): lambda svc: _reconcile(svc, args.repair),
         ("account", "create"): lambda svc: svc.admin.create_account(getattr(args, "id", None)),
         ("account", "balance"): lambda svc: svc.admin.balance(args.id),

@@ -7,6 +7,10 @@ A blip does not take the pod out of its Service: it reports not-ready only once 
 for longer than ``readiness_grace_seconds`` (meanwhile requests that need Redis get a 503 each). From
 shutdown on it reports not-ready. In sidecar mode (``readiness_checks_redis`` unset or false) it reports
 the process only, so that a blip of the shared Redis does not take every app pod out of its Service.
+
+``creditgate flush`` (a flusher process of its own, flush_process.py) has a readiness of its own,
+``FlushReadiness``: ready while its flusher loop runs and both Redis and Postgres answer. No traffic is
+routed by it (it only gates rollouts), so it reports each failure at once, with no grace period.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Protocol
 
+import asyncpg
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .balances import Balances
+from .ledger_store import LedgerStore
 
 log = logging.getLogger("creditgate.health")
 
@@ -61,6 +70,36 @@ class Readiness:
         return True, "ok"
 
 
+class ReadinessCheck(Protocol):
+    stopping: bool
+
+    async def check(self) -> tuple[bool, str]: ...
+
+
+class FlushReadiness:
+    """Readiness of `creditgate flush`: its flusher loop runs (`running`), Redis and Postgres answer."""
+
+    def __init__(self, redis: Redis, store: LedgerStore, running: Callable[[], bool]) -> None:
+        self.redis, self.store, self.running = redis, store, running
+        self.stopping = False
+
+    async def check(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        if not self.running():
+            return False, "the flusher loop is not running"
+        for name, probe in (("Redis", self.redis.ping), ("Postgres", self._select_one)):
+            try:
+                async with asyncio.timeout(CHECK_TIMEOUT):
+                    await probe()
+            except (RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                return False, f"{name} does not answer ({type(exc).__name__})"
+        return True, "ok"
+
+    async def _select_one(self) -> None:
+        await self.store.pool.fetchval("SELECT 1")
+
+
 READINESS = web.AppKey("readiness", Readiness)
 
 
@@ -72,7 +111,7 @@ async def readyz(request: web.Request) -> web.Response:
     return await readiness_response(request.config_dict.get(READINESS))
 
 
-async def readiness_response(readiness: Readiness | None) -> web.Response:
+async def readiness_response(readiness: ReadinessCheck | None) -> web.Response:
     """The /readyz answer; None: the app has not started yet (the ops listener is up before it)."""
     ready, reason = (False, "starting") if readiness is None else await readiness.check()
     return web.json_response(

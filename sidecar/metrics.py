@@ -8,6 +8,13 @@ the outbox backlog is refreshed by the ``/metrics`` handler just before renderin
 round trip on every scrape, in either mode and with or without traffic, so its outcome is also
 ``creditgate_redis_up``: 1 when Redis answered it within ``BACKLOG_TIMEOUT``, 0 when it failed or timed
 out (the backlog gauges then keep their last values).
+
+A process exports the series of what it does. ``Metrics(serving=False)`` (``creditgate flush``) has no
+request, hold, script or drift series; ``Metrics(flushing=False)`` (a serving process that runs no
+flusher: ``flusher_enabled: false``, or a worker other than 0) has no ``creditgate_flush_*``,
+``creditgate_ledger_rows_written_total`` or ``creditgate_outbox_dead_letters_total``, which would read 0
+forever there. Both keep ``creditgate_build_info``, the outbox backlog gauges and ``creditgate_redis_up``:
+the backlog is the outbox's, read from Redis, whoever flushes it.
 """
 
 from __future__ import annotations
@@ -54,14 +61,24 @@ class Sources:
 
 
 class _StatsCollector(Collector):
-    def __init__(self, sources: Sources) -> None:
+    def __init__(self, sources: Sources, serving: bool, flushing: bool) -> None:
         self.sources = sources
+        self.serving, self.flushing = serving, flushing
 
     def collect(self) -> Iterator[Metric]:
+        if self.serving:
+            yield GaugeMetricFamily(
+                "creditgate_holds_active",
+                "Exchanges holding credits in this process.",
+                value=self.sources.holds_active(),
+            )
+        if self.flushing:
+            yield from self._flushed()
+        if self.serving:
+            yield from self._drift()
+
+    def _flushed(self) -> Iterator[Metric]:
         s = self.sources
-        yield GaugeMetricFamily(
-            "creditgate_holds_active", "Exchanges holding credits in this process.", value=s.holds_active()
-        )
         yield CounterMetricFamily(
             "creditgate_ledger_rows_written", "Rows the flusher wrote to the ledger.", value=s.rows_written()
         )
@@ -73,7 +90,9 @@ class _StatsCollector(Collector):
             "Outbox entries the ledger can never take, parked in the dead-letter streams.",
             value=s.dead_letters(),
         )
-        accounts, total = s.drift()
+
+    def _drift(self) -> Iterator[Metric]:
+        accounts, total = self.sources.drift()
         yield GaugeMetricFamily(
             "creditgate_ledger_drift_accounts",
             "Accounts whose Redis balance disagrees with the ledger.",
@@ -85,10 +104,14 @@ class _StatsCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry(auto_describe=True)
+    def __init__(self, *, serving: bool = True, flushing: bool = True) -> None:
+        """`serving`: this process answers requests; `flushing`: it runs the outbox flusher. The series of
+        a role the process does not have are not registered (their objects exist, so hooks stay valid)."""
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        r = registry if serving else None  # the request-path series
+        f = registry if flushing else None  # the flusher's series
         self.sources = Sources()
-        Gauge("creditgate_build_info", "Build information.", ["version", "python"], registry=r).labels(
+        Gauge("creditgate_build_info", "Build information.", ["version", "python"], registry=registry).labels(
             __version__, platform.python_version()
         ).set(1)
         self.requests = Counter(
@@ -158,23 +181,27 @@ class Metrics:
             money,
             registry=r,
         )
-        self.backlog = Gauge("creditgate_outbox_backlog_entries", "Debits waiting in the outbox.", registry=r)
+        self.backlog = Gauge(
+            "creditgate_outbox_backlog_entries", "Debits waiting in the outbox.", registry=registry
+        )
         self.oldest = Gauge(
-            "creditgate_outbox_oldest_age_seconds", "Age of the oldest debit in the outbox.", registry=r
+            "creditgate_outbox_oldest_age_seconds",
+            "Age of the oldest debit in the outbox.",
+            registry=registry,
         )
         self.redis_up = Gauge(
             "creditgate_redis_up",
             "1 if Redis answered this scrape's outbox read within 1 s, 0 if it failed or timed out.",
-            registry=r,
+            registry=registry,
         )
         self.flush_rows = Histogram(
-            "creditgate_flush_batch_rows", "Rows per ledger batch.", buckets=FLUSH_ROWS_BUCKETS, registry=r
+            "creditgate_flush_batch_rows", "Rows per ledger batch.", buckets=FLUSH_ROWS_BUCKETS, registry=f
         )
         self.flush_seconds = Histogram(
             "creditgate_flush_duration_seconds",
             "Time to write one ledger batch.",
             buckets=FLUSH_SECONDS_BUCKETS,
-            registry=r,
+            registry=f,
         )
         self.script = Histogram(
             "creditgate_redis_script_duration_seconds",
@@ -184,7 +211,7 @@ class Metrics:
             registry=r,
         )
         self._scripts: dict[str, Histogram] = {}  # bound children, by script name
-        r.register(_StatsCollector(self.sources))
+        registry.register(_StatsCollector(self.sources, serving, flushing))
         # Bound children, so a request pays no labels() lookups: both bounded, like the labels.
         self._series: dict[tuple[str, str], Series] = {}
         self._answered: dict[tuple[str, str, str, str], Counter] = {}

@@ -362,11 +362,23 @@ class Served:
 async def serve_process(env: dict[str, str], cwd: Path, *args: str) -> AsyncIterator[tuple[Served, str]]:
     """Run ``creditgate serve`` with `env` (use clean_env, CREDITGATE_PORT=0); yields it and its base URL
     once it listens. Killed on the way out if a test left it running."""
+    async with creditgate_process(
+        env, cwd, "serve", *args, ready=r"creditgate listening on (http://[0-9.]+:[0-9]+)"
+    ) as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def creditgate_process(
+    env: dict[str, str], cwd: Path, command: str, *args: str, ready: str
+) -> AsyncIterator[tuple[Served, str]]:
+    """Run ``creditgate COMMAND ARGS`` with `env`; yields it and the first group of `ready`'s first match
+    in its log, once it appears. Killed on the way out if a test left it running."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sidecar",
-        "serve",
+        command,
         *args,
         env=env,
         cwd=cwd,
@@ -376,7 +388,7 @@ async def serve_process(env: dict[str, str], cwd: Path, *args: str) -> AsyncIter
     )
     served = Served(proc)
     try:
-        found = await served.wait_for(r"creditgate listening on (http://[0-9.]+:[0-9]+)")
+        found = await served.wait_for(ready)
         yield served, found.group(1)
     finally:
         await served.kill()

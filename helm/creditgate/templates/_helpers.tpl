@@ -28,6 +28,16 @@ app.kubernetes.io/name: {{ include "creditgate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/*
+The flusher's pods (flusher.separate): a name of their own, so that neither the API Service nor the
+PodDisruptionBudget (which select creditgate.selectorLabels) ever selects them.
+*/}}
+{{- define "creditgate.flusherSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "creditgate.name" . }}-flusher
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: flusher
+{{- end -}}
+
 {{- define "creditgate.labels" -}}
 helm.sh/chart: {{ include "creditgate.chart" . }}
 {{ include "creditgate.selectorLabels" . }}
@@ -65,6 +75,12 @@ Render-time checks: the things creditgate would otherwise only discover when a p
 {{- $needed := add $s.preStopSeconds $s.graceSeconds $s.flushSeconds -}}
 {{- if and (eq .Values.mode "standalone") .Values.config.account_header (not .Values.secrets.accountHeaderSecret.name) -}}
 {{- fail "config.account_header in standalone mode needs secrets.accountHeaderSecret: the API listens on all addresses there, and without the secret anything that reaches the Service could bill any account with one header (creditgate would refuse to start)" -}}
+{{- end -}}
+{{- if and .Values.flusher.separate (ne .Values.mode "standalone") -}}
+{{- fail "flusher.separate is for standalone mode only: in sidecar mode every app pod's creditgate flushes (config.flusher_enabled); to flush apart, run a standalone release with flusher.separate, or `creditgate flush` yourself" -}}
+{{- end -}}
+{{- if and (eq .Values.mode "standalone") (not .Values.flusher.separate) (eq (toString .Values.config.flusher_enabled) "false") -}}
+{{- fail "config.flusher_enabled: false in standalone mode leaves nothing writing the outbox to the ledger: set flusher.separate: true (the chart then runs `creditgate flush` in a Deployment of its own and turns the serving pods' flusher off)" -}}
 {{- end -}}
 {{- if eq (int .Values.opsPort) (int .Values.containerPort) -}}
 {{- fail (printf "opsPort and containerPort are both %d: the ops listener needs a port of its own" (int .Values.opsPort)) -}}
@@ -107,48 +123,81 @@ ports:
     containerPort: {{ .Values.opsPort }}
     protocol: TCP
 env:
-  - name: CREDITGATE_CONFIG
-    value: /etc/creditgate/config.yaml
-  - name: CREDITGATE_MODE
-    value: {{ .Values.mode | quote }}
-  # sidecar: the API on the pod's loopback only (the app beside it); standalone: behind the Service
-  - name: CREDITGATE_HOST
-    value: {{ eq .Values.mode "sidecar" | ternary "127.0.0.1" "0.0.0.0" | quote }}
-  - name: CREDITGATE_PORT
-    value: {{ .Values.containerPort | quote }}
-  - name: CREDITGATE_OPS_HOST
-    value: "0.0.0.0"
-  - name: CREDITGATE_OPS_PORT
-    value: {{ .Values.opsPort | quote }}
-  - name: CREDITGATE_DATA_DIR
-    value: /var/lib/creditgate
-  - name: CREDITGATE_SHUTDOWN_GRACE_SECONDS
-    value: {{ .Values.shutdown.graceSeconds | quote }}
-  - name: CREDITGATE_SHUTDOWN_FLUSH_SECONDS
-    value: {{ .Values.shutdown.flushSeconds | quote }}
-  {{- $secrets := dict "CREDITGATE_REDIS_URL" .Values.secrets.redisUrl "CREDITGATE_DATABASE_URL" .Values.secrets.databaseUrl }}
-  {{- $_ := set $secrets "CREDITGATE_ADMIN_TOKEN" .Values.secrets.adminToken }}
-  {{- $_ := set $secrets "CREDITGATE_UPSTREAM_API_KEY" .Values.secrets.upstreamApiKey }}
-  {{- $_ := set $secrets "CREDITGATE_ACCOUNT_HEADER_SECRET" .Values.secrets.accountHeaderSecret }}
-  {{- range $env, $ref := $secrets }}
-  {{- if $ref.name }}
-  - name: {{ $env }}
-    valueFrom:
-      secretKeyRef:
-        name: {{ $ref.name }}
-        key: {{ $ref.key }}
-  {{- end }}
-  {{- end }}
-  {{- range .Values.providerKeys }}
-  - name: {{ .env }}
-    valueFrom:
-      secretKeyRef:
-        name: {{ .secretName }}
-        key: {{ .key }}
+  {{- include "creditgate.env" . | nindent 2 }}
+  {{- if and (eq .Values.mode "standalone") .Values.flusher.separate }}
+  # the ledger writes run in the <fullname>-flusher Deployment (creditgate flush), not here
+  - name: CREDITGATE_FLUSHER_ENABLED
+    value: "false"
   {{- end }}
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
+{{ include "creditgate.probes" . }}
+lifecycle:
+  preStop:
+    # The image has no shell; Python sleeps while the endpoints controller stops sending new requests.
+    exec:
+      command: ["python", "-c", "import time; time.sleep({{ .Values.shutdown.preStopSeconds }})"]
+{{- with .Values.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+{{ include "creditgate.volumeMounts" . }}
+{{- end -}}
+
+{{/*
+The environment both the serving container and the flusher's share (without extraEnv, which each adds
+last): the config file, the mode, the listeners, data_dir, the shutdown timings and the Secrets.
+*/}}
+{{- define "creditgate.env" -}}
+- name: CREDITGATE_CONFIG
+  value: /etc/creditgate/config.yaml
+- name: CREDITGATE_MODE
+  value: {{ .Values.mode | quote }}
+# sidecar: the API on the pod's loopback only (the app beside it); standalone: behind the Service
+- name: CREDITGATE_HOST
+  value: {{ eq .Values.mode "sidecar" | ternary "127.0.0.1" "0.0.0.0" | quote }}
+- name: CREDITGATE_PORT
+  value: {{ .Values.containerPort | quote }}
+- name: CREDITGATE_OPS_HOST
+  value: "0.0.0.0"
+- name: CREDITGATE_OPS_PORT
+  value: {{ .Values.opsPort | quote }}
+- name: CREDITGATE_DATA_DIR
+  value: /var/lib/creditgate
+- name: CREDITGATE_SHUTDOWN_GRACE_SECONDS
+  value: {{ .Values.shutdown.graceSeconds | quote }}
+- name: CREDITGATE_SHUTDOWN_FLUSH_SECONDS
+  value: {{ .Values.shutdown.flushSeconds | quote }}
+{{- $secrets := dict "CREDITGATE_REDIS_URL" .Values.secrets.redisUrl "CREDITGATE_DATABASE_URL" .Values.secrets.databaseUrl }}
+{{- $_ := set $secrets "CREDITGATE_ADMIN_TOKEN" .Values.secrets.adminToken }}
+{{- $_ := set $secrets "CREDITGATE_UPSTREAM_API_KEY" .Values.secrets.upstreamApiKey }}
+{{- $_ := set $secrets "CREDITGATE_ACCOUNT_HEADER_SECRET" .Values.secrets.accountHeaderSecret }}
+{{- range $env, $ref := $secrets }}
+{{- if $ref.name }}
+- name: {{ $env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ref.name }}
+      key: {{ $ref.key }}
+{{- end }}
+{{- end }}
+{{- range .Values.providerKeys }}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secretName }}
+      key: {{ .key }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The probes both containers share, on the port named ops: startup and readiness GET /readyz, liveness
+GET /healthz.
+*/}}
+{{- define "creditgate.probes" -}}
 startupProbe:
   httpGet:
     path: /readyz
@@ -170,17 +219,12 @@ livenessProbe:
   periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
-lifecycle:
-  preStop:
-    # The image has no shell; Python sleeps while the endpoints controller stops sending new requests.
-    exec:
-      command: ["python", "-c", "import time; time.sleep({{ .Values.shutdown.preStopSeconds }})"]
-{{- with .Values.resources }}
-resources:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-securityContext:
-  {{- toYaml .Values.securityContext | nindent 2 }}
+{{- end -}}
+
+{{/*
+The mounts both containers share: the config file, data_dir and /tmp (creditgate.sidecarVolumes).
+*/}}
+{{- define "creditgate.volumeMounts" -}}
 volumeMounts:
   - name: creditgate-config
     mountPath: /etc/creditgate
@@ -221,4 +265,34 @@ Pod annotations that roll the pods when creditgate's config file changes.
 */}}
 {{- define "creditgate.podAnnotations" -}}
 checksum/creditgate-config: {{ include "creditgate.configFile" . | sha256sum }}
+{{- end -}}
+
+{{/*
+The flusher's container (flusher.separate): `creditgate flush` with the serving container's config,
+Secrets and environment, its ops listener for the probes and Prometheus. No API port and no preStop
+pause: no Service sends it traffic, so on SIGTERM it stops reading at once, writes the batch in hand and
+drains the outbox (up to shutdown.flushSeconds).
+*/}}
+{{- define "creditgate.flusherContainer" -}}
+name: flusher
+image: {{ include "creditgate.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+args: ["flush"]
+ports:
+  - name: ops
+    containerPort: {{ .Values.opsPort }}
+    protocol: TCP
+env:
+  {{- include "creditgate.env" . | nindent 2 }}
+  {{- with .Values.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{ include "creditgate.probes" . }}
+{{- with .Values.flusher.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+{{ include "creditgate.volumeMounts" . }}
 {{- end -}}
