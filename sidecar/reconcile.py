@@ -19,13 +19,12 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from .balances import Balances
 from .errors import NotInitialized, UnknownAccount
 from .keys import KeySpace
 from .ledger_store import LedgerConnection, LedgerStore
 from .outbox import decode_entry
+from .redis_client import RedisClient
 
 log = logging.getLogger("creditgate.reconcile")
 
@@ -77,7 +76,7 @@ async def complete_money_in(store: LedgerStore, balances: Balances, older_than_s
 
 
 async def _snapshot(
-    redis: Redis,
+    redis: RedisClient,
     keys: KeySpace,
     store: LedgerStore,
     conn: LedgerConnection,
@@ -130,7 +129,7 @@ async def _snapshot(
     return views, unflushed, credited
 
 
-async def reconcile(redis: Redis, keys: KeySpace, store: LedgerStore) -> list[Drift]:
+async def reconcile(redis: RedisClient, keys: KeySpace, store: LedgerStore) -> list[Drift]:
     """Accounts whose Redis balance disagrees with the ledger, or whose held total disagrees with the
     sum of their holds. Money in that Redis already credited but Postgres has not marked applied yet (a
     grant between its two steps) counts as applied: its credit marker is read with the balance."""
@@ -156,7 +155,7 @@ async def reconcile(redis: Redis, keys: KeySpace, store: LedgerStore) -> list[Dr
     return found
 
 
-async def repair(redis: Redis, keys: KeySpace, store: LedgerStore, balances: Balances) -> list[Drift]:
+async def repair(redis: RedisClient, keys: KeySpace, store: LedgerStore, balances: Balances) -> list[Drift]:
     """Add accounts missing from Redis, complete half-done money in, then move each drifting Redis
     balance onto the ledger's figure (by an idempotent adjustment, safe under redis-py's retries) and
     set each drifting held total to the sum of its holds. Returns the drifts found before repairing."""
@@ -180,7 +179,7 @@ async def repair(redis: Redis, keys: KeySpace, store: LedgerStore, balances: Bal
     return drifts
 
 
-async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: LedgerStore) -> bool:
+async def rebuild_if_empty(redis: RedisClient, keys: KeySpace, store: LedgerStore) -> bool:
     """When Redis holds nothing of ours (first start, or Redis was lost), load accounts, balances and
     active keys from the ledger. One process does it (a lock); returns True when this one did.
 
