@@ -10,15 +10,77 @@ primary and splits DEL/UNLINK/EXISTS of many keys by slot.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from .redis_urls import is_cluster_url, parse_cluster_url
+
+_HOLDING = contextvars.ContextVar("creditgate_redis_gate", default=False)
+
+
+class _Gate:
+    """At most `slots` commands or pipelines at once; a caller beyond waits up to `timeout` for a turn,
+    then gets the ConnectionError a full BlockingConnectionPool gives. Re-entrant within one call (redis-py
+    sends a pipeline's redirected commands through the client again)."""
+
+    def __init__(self, slots: int, timeout: float) -> None:
+        self.semaphore = asyncio.Semaphore(slots)
+        self.timeout = timeout
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if _HOLDING.get():
+            yield
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.semaphore.acquire()
+        except TimeoutError:
+            raise rx.ConnectionError("No connection available.") from None
+        token = _HOLDING.set(True)
+        try:
+            yield
+        finally:
+            _HOLDING.reset(token)
+            self.semaphore.release()
+
+
+class GatedRedisCluster(RedisCluster):
+    """redis-py's cluster client, whose per-node pool raises MaxConnectionsError when a burst finds every
+    connection busy, made to wait instead, as the one-node client's BlockingConnectionPool does: no more
+    than `max_connections` commands and pipelines run at once (each takes at most one connection of a
+    node), so no node's pool is ever exhausted."""
+
+    def __init__(self, *args: Any, gate: _Gate, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.gate.turn():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise rx.RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _GatedPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own
+
+
+class _GatedPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = self.cluster_client
+        assert isinstance(client, GatedRedisCluster)
+        async with client.gate.turn():
+            return await super().execute(raise_on_error, allow_redirections)
+
 
 RedisClient = Redis | RedisCluster
 REDIS_RETRIES = 3  # the default of redis_retries
@@ -39,8 +101,9 @@ def connect_redis(
     if is_cluster_url(url):
         cluster = parse_cluster_url(url)
         seeds = cluster.seed_urls
-        return RedisCluster.from_url(
+        return GatedRedisCluster.from_url(
             seeds[0],
+            gate=_Gate(max_connections, timeout),
             startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
             max_connections=max_connections,
             socket_timeout=timeout,

@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
+
 from sidecar.app import services
 from sidecar.reconcile import rebuild_if_empty, reconcile, repair
 
 from .conftest import Sidecar
+
+pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
 
 
 async def _lose_redis(sc: Sidecar) -> None:
