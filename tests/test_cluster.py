@@ -15,6 +15,7 @@ from sidecar.cluster_pipeline import ClusterAutoPipeline, command_slot
 from sidecar.config import load_settings
 from sidecar.errors import ConfigError
 from sidecar.keys import KeySpace
+from sidecar.logs import secrets_of
 from sidecar.redis_urls import parse_cluster_url
 
 from .conftest import Sidecar, SidecarFactory, new_key_prefix
@@ -28,6 +29,11 @@ def test_a_cluster_url_names_its_nodes_and_credentials() -> None:
     url = parse_cluster_url("rediss+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2,[::1]:7002?ssl_cert_reqs=none")
     assert url.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002))
     assert url.node_url("::1", 7002) == "rediss://u:p%40ss@[::1]:7002/0?ssl_cert_reqs=none"
+
+
+def test_a_cluster_urls_password_is_a_secret_the_logs_redact() -> None:
+    settings = load_settings(environ={"CREDITGATE_REDIS_URL": "redis+cluster://u:s3cret-pw@h1:7000,h2:7001"})
+    assert "s3cret-pw" in secrets_of(settings)
 
 
 @pytest.mark.parametrize(
