@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import socket
 import uuid
+from typing import Any
 
 import pytest
 import redis
 from redis.crc import key_slot
 
-from sidecar.cluster_pipeline import ClusterAutoPipeline, command_slot
+from sidecar.cluster_pipeline import MAX_ATTEMPTS, ClusterAutoPipeline, command_slot
 from sidecar.config import load_settings
 from sidecar.errors import ConfigError
 from sidecar.keys import KeySpace
@@ -19,7 +20,7 @@ from sidecar.logs import secrets_of
 from sidecar.redis_urls import parse_cluster_url
 
 from .conftest import Sidecar, SidecarFactory, new_key_prefix
-from .support_cluster import LocalCluster
+from .support_cluster import ClusterUnavailable, LocalCluster, cluster_binaries
 
 SCRIPT = "redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]"
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
@@ -184,3 +185,42 @@ def _unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("reply", ["CLUSTERDOWN The cluster is down", "TRYAGAIN Multiple keys request"])
+async def test_clusterdown_and_tryagain_read_the_map_again_and_resend(
+    redis_cluster: LocalCluster, reply: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner answers CLUSTERDOWN (or TRYAGAIN) twice: the map is read again after each, the command
+    resent, and its reply returned; one that keeps answering so fails after MAX_ATTEMPTS tries."""
+    pipeline = ClusterAutoPipeline(redis_cluster.url)
+    key = f"{new_key_prefix()}{{p2}}:k"
+    try:
+        await pipeline.execute("PING")
+        owner = pipeline.slots[key_slot(key.encode())]
+        assert owner is not None
+        real = owner.execute
+        refused: list[Any] = []
+
+        async def flaky(*args: Any) -> Any:
+            if args[0] in ("EVALSHA", "EVAL") and len(refused) < limit:
+                refused.append(args[0])
+                raise redis.ResponseError(reply)
+            return await real(*args)
+
+        monkeypatch.setattr(owner, "execute", flaky)
+        limit, reads = 2, pipeline.generation
+        assert await pipeline.evalsha(SHA, SCRIPT, [key], ["v"]) == b"v"
+        assert (len(refused), pipeline.generation) == (2, reads + 2)
+        limit, refused[:] = MAX_ATTEMPTS, []
+        with pytest.raises(redis.ResponseError, match=reply.split()[0]):
+            await pipeline.evalsha(SHA, SCRIPT, [key], ["v"])
+        assert len(refused) == MAX_ATTEMPTS
+    finally:
+        await pipeline.aclose()
+
+
+def test_without_redis_server_the_cluster_is_unavailable_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ClusterUnavailable, match="redis-server and redis-cli not on PATH"):
+        cluster_binaries()
