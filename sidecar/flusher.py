@@ -241,6 +241,7 @@ class Flusher:
                     await self.collect(batch)
                 except Exception as exc:
                     reraise_if_cancelled(exc)
+                    self._groups_ready &= "NOGROUP" not in str(exc)  # Redis (or a shard) was lost
                     log.warning("reading the outbox failed (%r); retrying", exc)
                     await self._pause(1.0)
                     continue
