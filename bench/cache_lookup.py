@@ -26,16 +26,16 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
-from redis.asyncio import Redis
 
 from sidecar.app import connect_redis
 from sidecar.balances import Balances
 from sidecar.cachekey import cache_key
 from sidecar.keys import KeySpace
+from sidecar.redis_client import RedisClient
 
 
 async def run(url: str, rounds: int, calls: int) -> None:
-    redis: Redis = connect_redis(url)
+    redis: RedisClient = connect_redis(url)
     keys = KeySpace(f"bench-{uuid.uuid4().hex[:8]}:", 16)
     balances = Balances(redis, keys, settled_marker_ms=60_000)
     await balances.load_scripts()

@@ -13,11 +13,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from .config import ACCOUNT_ID
 from .errors import BadRequest
 from .keys import KeySpace, as_text
+from .redis_client import RedisClient
 
 KEY_PREFIX = "cgk-"
 
@@ -46,7 +45,7 @@ def check_account_id(account: str) -> None:
 class AccountDirectory:
     """The Redis copy of accounts and key hashes (Postgres holds the truth; see admin.AdminOps)."""
 
-    def __init__(self, redis: Redis, keys: KeySpace, *, cache_seconds: float) -> None:
+    def __init__(self, redis: RedisClient, keys: KeySpace, *, cache_seconds: float) -> None:
         self.redis = redis
         self.keys = keys
         self.cache_seconds = cache_seconds
@@ -67,19 +66,26 @@ class AccountDirectory:
         return bool(await self.redis.hexists(self.keys.account(account).balance, "balance"))
 
     async def add_key(self, key: NewKey) -> None:
+        """Store the key's hash, its id and the account's key set. Three slots (the key records are not
+        an account's, so carry no partition tag): three single-key writes in one round trip, not a
+        MULTI, which on a cluster cannot span slots. Each sets a value, so sending them again after a
+        lost reply changes nothing; the key authenticates once its hash record exists."""
         key_hash = hash_key(key.api_key)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.api_key_id(key.key_id), key_hash)
+            pipe.sadd(self.keys.account(key.account).api_keys, key.key_id)
             pipe.hset(
                 self.keys.api_key(key_hash),
                 mapping={"account": key.account, "id": key.key_id, "created_at": int(time.time())},
             )
-            pipe.set(self.keys.api_key_id(key.key_id), key_hash)
-            pipe.sadd(self.keys.account(key.account).api_keys, key.key_id)
             await pipe.execute()
 
     async def remove_key(self, key_id: str, account: str, key_hash: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.api_key(key_hash), self.keys.api_key_id(key_id))
+        """Delete the key's records one key per command (they lie in different slots); the hash record,
+        which authenticates, goes in the same round trip as the rest. Idempotent."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.api_key(key_hash))
+            pipe.delete(self.keys.api_key_id(key_id))
             pipe.srem(self.keys.account(account).api_keys, key_id)
             await pipe.execute()
         self._cache.pop(key_hash, None)

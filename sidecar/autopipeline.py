@@ -172,6 +172,19 @@ class AutoPipeline:
             raise reply_error(reply)
         return reply
 
+    async def execute_asking(self, *args: Arg) -> Any:
+        """Send ASKING and then the command, back to back on the connection (a cluster's ASK redirect:
+        the target serves a slot being imported only to a command that follows ASKING)."""
+        connection = self._connection
+        if connection is None or connection.closed is not None:
+            connection = await self._open()
+        asking = connection.send(pack(("ASKING",)))
+        answer = connection.send(pack(args))
+        _, reply = await asyncio.gather(asking, answer)
+        if type(reply) is hiredis.ReplyError:
+            raise reply_error(reply)
+        return reply
+
     async def evalsha(self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run a Lua script by its SHA-1, loading it with EVAL when the server does not have it."""
         try:

@@ -14,14 +14,15 @@ from importlib.resources import files
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from .autopipeline import AutoPipeline
+from .cluster_pipeline import ClusterAutoPipeline
 from .errors import IdempotencyConflict, NotInitialized, UnknownAccount
 from .keys import KeySpace, as_text
 from .money import MAX_CHARGE
 from .outbox import UsageEvent, encode_event
+from .redis_client import RedisClient
 
 
 def load_lua(name: str) -> str:
@@ -73,7 +74,12 @@ class AccountBalance:
 
 class Balances:
     def __init__(
-        self, redis: Redis, keys: KeySpace, *, settled_marker_ms: int, pipeline: AutoPipeline | None = None
+        self,
+        redis: RedisClient,
+        keys: KeySpace,
+        *,
+        settled_marker_ms: int,
+        pipeline: AutoPipeline | ClusterAutoPipeline | None = None,
     ) -> None:
         """`pipeline`, when given, carries the script calls (the request path's); `redis` the rest."""
         self.redis = redis

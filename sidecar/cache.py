@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import msgspec
 from multidict import CIMultiDictProxy
-from redis.asyncio import Redis
 
 from .cachekey import BYPASS, SHARED_SCOPE, CachePlan, account_scope, cache_key, cacheable, client_directives
 from .config import Settings
 from .headers import HeaderNames, answer_headers
 from .keys import KeySpace
 from .pricing import Usage
+from .redis_client import RedisClient
 from .upstream import forwarded_extra
 from .wire import MeteredRequest
 
@@ -95,7 +95,7 @@ class CachePolicy:
 
 
 class ResponseCache:
-    def __init__(self, policy: CachePolicy, redis: Redis, keys: KeySpace) -> None:
+    def __init__(self, policy: CachePolicy, redis: RedisClient, keys: KeySpace) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = policy.ttl_ms

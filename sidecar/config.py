@@ -22,6 +22,7 @@ from .environment import ENV_PREFIX
 from .errors import ConfigError
 from .headers import NEVER
 from .pricing import PriceTable
+from .redis_urls import is_cluster_url, parse_cluster_url
 from .tables import ModelConfig, PositiveInt, UpstreamConfig, default_models
 
 T = TypeVar("T")
@@ -216,6 +217,11 @@ def check_listeners(settings: Settings) -> None:
 
 def _check(settings: Settings) -> None:
     check_listeners(settings)
+    if settings.redis_url is not None and is_cluster_url(settings.redis_url):
+        try:
+            parse_cluster_url(settings.redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"redis_url: {exc}", param="redis_url") from None
     upstreams = settings.upstream_table()
     for name, model in settings.models.items():
         if model.upstream not in upstreams:

@@ -25,9 +25,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
-from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from .batches import Batch, FlushStats, Item, is_data_error
@@ -35,6 +33,7 @@ from .keys import KeySpace, as_text
 from .ledger_store import LedgerStore
 from .outbox import BadEntry, ledger_row
 from .outbox_view import backlog, dead_letters
+from .redis_client import RedisClient, read_group
 
 log = logging.getLogger("creditgate.flusher")
 
@@ -49,7 +48,7 @@ _FLUSHERS: weakref.WeakSet[Flusher] = weakref.WeakSet()
 class Flusher:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: KeySpace,
         store: LedgerStore,
         *,
@@ -111,9 +110,7 @@ class Flusher:
             return False
         # COUNT applies per stream: share the batch out so that one read never exceeds it.
         per_stream = -(-want // len(self.streams))
-        reply: Any = await self.redis.xreadgroup(
-            GROUP, self.consumer, dict.fromkeys(self.streams, ">"), count=per_stream
-        )
+        reply = await read_group(self.redis, GROUP, self.consumer, self.streams, per_stream)
         more = False
         for stream, entries in reply or []:
             batch.add(as_text(stream), entries)
@@ -244,6 +241,7 @@ class Flusher:
                     await self.collect(batch)
                 except Exception as exc:
                     reraise_if_cancelled(exc)
+                    self._groups_ready &= "NOGROUP" not in str(exc)  # Redis (or a shard) was lost
                     log.warning("reading the outbox failed (%r); retrying", exc)
                     await self._pause(1.0)
                     continue

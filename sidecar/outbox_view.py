@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-
 from .keys import as_text
+from .redis_client import RedisClient
 
 
-async def backlog(redis: Redis, streams: list[str]) -> tuple[int, float]:
+async def backlog(redis: RedisClient, streams: list[str]) -> tuple[int, float]:
     """(entries waiting, age in seconds of the oldest), across partitions."""
     async with redis.pipeline(transaction=False) as pipe:
         for stream in streams:
@@ -24,7 +23,7 @@ async def backlog(redis: Redis, streams: list[str]) -> tuple[int, float]:
 
 
 async def dead_letters(
-    redis: Redis, streams: list[str], limit: int = 100
+    redis: RedisClient, streams: list[str], limit: int = 100
 ) -> tuple[int, list[dict[str, str]]]:
     """(dead letters parked in all, up to `limit` of them oldest first per partition: their
     dead-letter stream id, outbox entry id, reason and the entry as it was)."""

@@ -19,13 +19,12 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from .balances import Balances
 from .errors import NotInitialized, UnknownAccount
 from .keys import KeySpace
 from .ledger_store import LedgerConnection, LedgerStore
 from .outbox import decode_entry
+from .redis_client import RedisClient
 
 log = logging.getLogger("creditgate.reconcile")
 
@@ -77,7 +76,7 @@ async def complete_money_in(store: LedgerStore, balances: Balances, older_than_s
 
 
 async def _snapshot(
-    redis: Redis,
+    redis: RedisClient,
     keys: KeySpace,
     store: LedgerStore,
     conn: LedgerConnection,
@@ -130,7 +129,7 @@ async def _snapshot(
     return views, unflushed, credited
 
 
-async def reconcile(redis: Redis, keys: KeySpace, store: LedgerStore) -> list[Drift]:
+async def reconcile(redis: RedisClient, keys: KeySpace, store: LedgerStore) -> list[Drift]:
     """Accounts whose Redis balance disagrees with the ledger, or whose held total disagrees with the
     sum of their holds. Money in that Redis already credited but Postgres has not marked applied yet (a
     grant between its two steps) counts as applied: its credit marker is read with the balance."""
@@ -156,7 +155,7 @@ async def reconcile(redis: Redis, keys: KeySpace, store: LedgerStore) -> list[Dr
     return found
 
 
-async def repair(redis: Redis, keys: KeySpace, store: LedgerStore, balances: Balances) -> list[Drift]:
+async def repair(redis: RedisClient, keys: KeySpace, store: LedgerStore, balances: Balances) -> list[Drift]:
     """Add accounts missing from Redis, complete half-done money in, then move each drifting Redis
     balance onto the ledger's figure (by an idempotent adjustment, safe under redis-py's retries) and
     set each drifting held total to the sum of its holds. Returns the drifts found before repairing."""
@@ -180,26 +179,45 @@ async def repair(redis: Redis, keys: KeySpace, store: LedgerStore, balances: Bal
     return drifts
 
 
-async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: LedgerStore) -> bool:
-    """When Redis holds nothing of ours (first start, or Redis was lost), load accounts, balances and
-    active keys from the ledger. One process does it (a lock); returns True when this one did.
+async def partitions_to_rebuild(redis: RedisClient, keys: KeySpace) -> list[int]:
+    """Every partition when Redis holds nothing of ours; else those that lost their ready marker: on a
+    Redis Cluster one shard can lose its data (a master restarted without persistence, no replica to
+    take over) while the others, and the ``initialized`` marker, survive. A Redis initialised with no
+    ready marker at all is a deployment from before the markers existed: it gets them, nothing is
+    rebuilt."""
+    if not await redis.exists(keys.initialized):
+        return list(range(keys.partitions))
+    async with redis.pipeline(transaction=False) as pipe:  # one key per command: split by node
+        for partition in range(keys.partitions):
+            pipe.exists(keys.ready(partition))
+        present = await pipe.execute()
+    missing = [partition for partition, found in enumerate(present) if not found]
+    if len(missing) < keys.partitions:
+        return missing
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in range(keys.partitions):
+            pipe.set(keys.ready(partition), "1", nx=True)  # never overwritten
+        await pipe.execute()
+    return []
+
+
+async def rebuild_if_empty(redis: RedisClient, keys: KeySpace, store: LedgerStore) -> bool:
+    """When Redis holds nothing of ours (first start, or Redis was lost), or some partitions lost their
+    keys (a cluster shard lost), load accounts, balances and active keys from the ledger for those
+    partitions. One process does it (a lock); returns True when this one did.
 
     Balances are *set* to the ledger's figures (never added to), partition by partition in one
     transaction each, together with the partition's ready marker. Until that marker exists the credit
     script refuses money in, so no credit can land in Redis and then be counted again by the rebuild;
     a grant refused meanwhile stays "not applied" and is completed afterwards. Running the writes twice
-    (a retry) leaves the same state."""
-    if await redis.exists(keys.initialized):
-        # Deployments started before the ready markers existed: give them theirs (never overwritten).
-        async with redis.pipeline(transaction=False) as pipe:
-            for partition in range(keys.partitions):
-                pipe.set(keys.ready(partition), "1", nx=True)
-            await pipe.execute()
+    (a retry) leaves the same state. Partitions that kept their marker are not written."""
+    if not await partitions_to_rebuild(redis, keys):
         return False
     if not await redis.set(keys.rebuild_lock, "1", nx=True, px=120_000):
         return False
     try:
-        if await redis.exists(keys.initialized):
+        todo = set(await partitions_to_rebuild(redis, keys))  # again, under the lock
+        if not todo:
             return False
         async with store.barrier() as conn:
             ledger_view, unapplied = await store.ledger_view(conn)
@@ -214,7 +232,7 @@ async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: LedgerStore) -> 
             unapplied_by_partition: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
             for pending in unapplied:
                 unapplied_by_partition[keys.partition_of(pending[1])].append(pending)
-            for partition in range(keys.partitions):
+            for partition in sorted(todo):
                 async with redis.pipeline(transaction=True) as pipe:  # one slot: the partition's
                     for account in by_partition.get(partition, []):
                         k = keys.account(account)
@@ -229,7 +247,7 @@ async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: LedgerStore) -> 
                         pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")
                     pipe.set(keys.ready(partition), "1")
                     await pipe.execute()
-            async with redis.pipeline(transaction=False) as pipe:
+            async with redis.pipeline(transaction=False) as pipe:  # each is set, never added: idempotent
                 if ledger_view:
                     pipe.sadd(keys.accounts, *ledger_view)
                 for row in keys_rows:
@@ -240,8 +258,14 @@ async def rebuild_if_empty(redis: Redis, keys: KeySpace, store: LedgerStore) -> 
                     pipe.sadd(keys.account(row["account_id"]).api_keys, row["id"])
                 pipe.set(keys.initialized, now)
                 await pipe.execute()
-        await store.mark_applied([pending[0] for pending in unapplied])
-        log.warning("rebuilt Redis from the ledger: %d accounts", len(ledger_view))
+        # Money in the rebuilt balances already count; in partitions left alone it is still pending.
+        await store.mark_applied([p[0] for p in unapplied if keys.partition_of(p[1]) in todo])
+        log.warning(
+            "rebuilt Redis from the ledger: %d accounts in %d of %d partitions",
+            sum(len(by_partition.get(p, [])) for p in todo),
+            len(todo),
+            keys.partitions,
+        )
         return True
     finally:
         await redis.delete(keys.rebuild_lock)

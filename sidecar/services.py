@@ -10,43 +10,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
-from redis import exceptions as rx
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from .accounts import AccountDirectory
 from .admin import AdminOps
-from .autopipeline import AutoPipeline
 from .balances import Balances
+from .cluster_pipeline import pipeline_for
 from .config import Settings
 from .flusher import Flusher
 from .keys import KeySpace
 from .ledger_store import LedgerStore
 from .reconcile import rebuild_if_empty
+from .redis_client import REDIS_RETRIES as REDIS_RETRIES
+from .redis_client import RedisClient
+from .redis_client import connect_redis as connect_redis
 
 log = logging.getLogger("creditgate.services")
-REDIS_RETRIES = 3  # the default of redis_retries
-
-
-def connect_redis(
-    url: str, max_connections: int = 64, timeout: float = 5.0, retries: int = REDIS_RETRIES
-) -> Redis:
-    """A client whose pool makes callers wait for a free connection rather than fail under a burst.
-    A command that times out or whose connection drops is sent again up to `retries` times, with
-    exponential backoff: only idempotent commands go through this client (scripts idempotent by an id,
-    reads, ZADD XX GT, XACK/XDEL, XREADGROUP/XAUTOCLAIM whose entries stay pending until acknowledged)."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-        retry_on_error=[rx.ConnectionError, rx.TimeoutError],
-    )
-    return Redis.from_pool(pool)
 
 
 @dataclass
@@ -54,7 +32,7 @@ class Services:
     """The clients every entry point (server, CLI verbs, flusher) builds the same way."""
 
     settings: Settings
-    redis: Redis
+    redis: RedisClient
     store: LedgerStore
     keys: KeySpace
     balances: Balances
@@ -109,7 +87,7 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
         redis,
         keys,
         settled_marker_ms=settings.settled_marker_seconds * 1000,
-        pipeline=AutoPipeline(
+        pipeline=pipeline_for(
             settings.redis_url,
             timeout=settings.redis_timeout_seconds,
             connect_timeout=settings.redis_timeout_seconds,

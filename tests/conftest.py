@@ -28,12 +28,17 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
+from redis.cluster import ClusterNode
 
 from sidecar.app import SERVICES, Services, create_app, create_ops_app
 from sidecar.balances import Balances
 from sidecar.config import Settings
 from sidecar.demo import CALLS, create_demo_upstream
 from sidecar.embedded import EmbeddedPostgres, EmbeddedRedis, redis_answers
+from sidecar.redis_client import connect_redis
+from sidecar.redis_urls import is_cluster_url, parse_cluster_url
+
+from .support_cluster import ClusterUnavailable, LocalCluster
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 PROVIDER_KEY = "sk-provider-secret-for-tests"
@@ -43,7 +48,8 @@ DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/test"
 
 # Key prefixes handed out to this test (see new_key_prefix); their keys are deleted after it.
 _PREFIXES: list[str] = []
-_SESSION_REDIS: list[str] = []  # the Redis URL the session resolved, once it has
+_SESSION_REDIS: list[str] = []  # the Redis URLs the session started or found (one node, the cluster)
+TOPOLOGIES = ("single", "cluster")
 
 
 def new_key_prefix() -> str:
@@ -53,33 +59,60 @@ def new_key_prefix() -> str:
     return prefix
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "topologies: run the module's tests on one Redis and on a Redis Cluster ([single], [cluster])",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `topologies` that uses Redis runs once per topology; the rest on one Redis only."""
+    if "topology" in metafunc.fixturenames and metafunc.definition.get_closest_marker("topologies"):
+        metafunc.parametrize("topology", TOPOLOGIES, indirect=True)
+
+
+@pytest.fixture
+def topology(request: pytest.FixtureRequest) -> str:
+    """The Redis this test runs on: "single" unless its module is marked `topologies`."""
+    return str(getattr(request, "param", "single"))
+
+
 @pytest.fixture(autouse=True)
 def _delete_test_keys() -> Iterator[None]:
-    """Tests share the Redis server (and CI reuses the machine's), so none may leave keys behind: a
-    growing keyspace slows every later SCAN."""
+    """Tests share the Redis servers (and CI reuses the machine's), so none may leave keys behind: a
+    growing keyspace slows every later SCAN. On the cluster the scan walks every primary."""
     first = len(_PREFIXES)
     yield
     prefixes = _PREFIXES[first:]
     del _PREFIXES[first:]
-    if not prefixes or not _SESSION_REDIS:
-        return
-    client = redis.Redis.from_url(_SESSION_REDIS[0])
-    try:
-        for prefix in prefixes:
-            batch = []
-            for name in client.scan_iter(match=f"{prefix}*", count=1000):
-                batch.append(name)
-                if len(batch) == 1000:
+    for url in _SESSION_REDIS if prefixes else []:
+        client = sync_client(url)
+        try:
+            for prefix in prefixes:
+                batch = []
+                for name in client.scan_iter(match=f"{prefix}*", count=1000):
+                    batch.append(name)
+                    if len(batch) == 1000:
+                        client.unlink(*batch)  # the cluster client splits it by slot
+                        batch.clear()
+                if batch:
                     client.unlink(*batch)
-                    batch.clear()
-            if batch:
-                client.unlink(*batch)
-    finally:
-        client.close()
+        finally:
+            client.close()
+
+
+def sync_client(url: str) -> redis.Redis | redis.RedisCluster:
+    """A blocking client of one node or of the cluster (SCAN over every primary, DEL split by slot)."""
+    if is_cluster_url(url):
+        nodes = parse_cluster_url(url).nodes
+        startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+        return redis.RedisCluster(startup_nodes=startup)
+    return redis.Redis.from_url(url)
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def single_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("CREDITGATE_TEST_REDIS_URL", DEFAULT_REDIS)
     if redis_answers(url, timeout=2):
         _SESSION_REDIS.append(url)
@@ -90,9 +123,37 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     embedded = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False)
     try:
         _SESSION_REDIS.append(embedded.start())
-        yield _SESSION_REDIS[0]
+        yield _SESSION_REDIS[-1]
     finally:
         embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A 6-node Redis Cluster (3 masters, 3 replicas) on loopback, started once, for the tests that ask.
+    Without redis-server/redis-cli: a failure with CI=true, else a skip naming what is missing."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        url = cluster.start()
+    except ClusterUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot start a Redis Cluster: {exc}; with CI=true the cluster tests need one.")
+        pytest.skip(f"no local Redis Cluster: {exc}")
+    _SESSION_REDIS.append(url)
+    try:
+        yield cluster
+    finally:
+        _SESSION_REDIS.remove(url)
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_url(topology: str, request: pytest.FixtureRequest) -> str:
+    """The Redis of this test's topology: one node, or the cluster's ``redis+cluster://`` URL."""
+    if topology == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    return str(request.getfixturevalue("single_redis_url"))
 
 
 def _pg_answers(dsn: str) -> bool:
@@ -165,7 +226,9 @@ async def database_url(database_server: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
+    """A redis-py client of the test's Redis (on the cluster, redis-py's cluster client: typed as the
+    one-node client it stands in for)."""
+    client: Any = connect_redis(redis_url) if is_cluster_url(redis_url) else Redis.from_url(redis_url)
     yield client
     await client.aclose()
 

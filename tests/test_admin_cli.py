@@ -127,6 +127,7 @@ async def redis_contents(redis: Redis, prefix: str) -> dict[str, list[str]]:
     return contents
 
 
+@pytest.mark.topologies  # keys over three slots; money in once
 async def test_create_key_is_shown_once_and_stored_hashed(sidecar: Sidecar, redis_client: Redis) -> None:
     account, _ = await sidecar.account(1_000_000)
     status, created = await admin_call(sidecar, "POST", f"/accounts/{account}/keys")
@@ -199,6 +200,7 @@ async def test_bad_grants_are_400_and_credit_nothing(
     assert (await sidecar.balance(account))["balance"] == 1_000
 
 
+@pytest.mark.topologies  # keys over three slots; money in once
 async def test_one_grant_sent_100_times_at_once_credits_once(sidecar: Sidecar) -> None:
     account, _ = await sidecar.account(0)
     answers = await asyncio.gather(
@@ -301,6 +303,7 @@ def cli_env(redis_url: str, database_url: str) -> dict[str, str]:
     )
 
 
+@pytest.mark.topologies  # the CLI verbs on a cluster URL too
 async def test_cli_account_key_grant_balance_revoke(
     cli_env: dict[str, str], make_sidecar: SidecarFactory, tmp_path: Path
 ) -> None:

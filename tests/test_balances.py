@@ -11,14 +11,15 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from sidecar.accounts import AccountDirectory
-from sidecar.autopipeline import AutoPipeline
 from sidecar.balances import Balances, ReserveStatus
+from sidecar.cluster_pipeline import pipeline_for
 from sidecar.errors import IdempotencyConflict, UnknownAccount
 from sidecar.keys import KeySpace
 from sidecar.money import MAX_CHARGE, MAX_MICRO
 
 from .conftest import new_key_prefix
 
+pytestmark = pytest.mark.topologies
 NOW = 1_800_000_000_000
 LEASE = NOW + 60_000
 
@@ -29,7 +30,7 @@ async def balances(
 ) -> AsyncIterator[Balances]:
     """The scripts through either client: redis-py (admin paths, tests) or the request path's pipeline."""
     keys = KeySpace(new_key_prefix(), 4)
-    pipeline = AutoPipeline(redis_url) if request.param == "autopipeline" else None
+    pipeline = pipeline_for(redis_url) if request.param == "autopipeline" else None
     balances = Balances(redis_client, keys, settled_marker_ms=60_000, pipeline=pipeline)
     await balances.load_scripts()
     await balances.mark_ready()

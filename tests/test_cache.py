@@ -21,6 +21,8 @@ from .support import HELLO, MODELS, pooled, post, sdk, settled
 from .support import events as _events
 from .support import stream as _stream
 
+pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
+
 CHAT = "/v1/chat/completions"
 START = 10_000_000
 BODY: dict[str, Any] = {"model": "test-model", "messages": HELLO, "temperature": 0, "max_tokens": 8}

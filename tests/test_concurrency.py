@@ -21,6 +21,8 @@ from sidecar.demo import GATE, create_demo_upstream
 from .conftest import Sidecar, SidecarFactory, Upstream
 from .support import HELLO, MODELS, hold_for, pooled, settled
 
+pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
+
 REQUESTS = 200
 FIT = 50
 MAX_TOKENS = 10

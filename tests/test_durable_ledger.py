@@ -27,6 +27,8 @@ from .conftest import Sidecar, SidecarFactory, Upstream, clean_env, make_setting
 
 LEASE = 4_000_000_000_000
 
+pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
+
 
 @pytest.fixture
 def settings(redis_url: str, database_url: str) -> Settings:
@@ -139,6 +141,7 @@ async def test_a_replayed_batch_changes_nothing(svc: Services) -> None:
 _CRASH_AFTER_COMMIT = """
 import os, signal, sys
 from sidecar import cli, flusher
+
 
 insert = flusher.Flusher._insert
 

@@ -28,6 +28,8 @@ from sidecar.settlements import PendingSettlement, PendingSettlements
 
 from .conftest import Sidecar, new_key_prefix
 
+pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
+
 NOW = 1_800_000_000_000
 LEASE = NOW + 60_000
 LUA = Path(__file__).resolve().parent.parent / "lua"

@@ -20,6 +20,8 @@ from .support import HELLO, MODELS, hold_for, pooled, post, settled
 from .support import events as _events
 from .support import stream as _stream
 
+pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
+
 
 @pytest.fixture
 async def priced(make_sidecar: SidecarFactory) -> Sidecar:

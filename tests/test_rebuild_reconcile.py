@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
-from sidecar.app import services
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from sidecar.app import FLUSHER, services
+from sidecar.outbox import UsageEvent
 from sidecar.reconcile import rebuild_if_empty, reconcile, repair
 
 from .conftest import Sidecar
+
+pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
 
 
 async def _lose_redis(sc: Sidecar) -> None:
@@ -119,3 +126,53 @@ async def test_reconcile_compares_held_with_the_sum_of_holds_and_repairs_it(side
     view = await svc.balances.balance(account)
     assert (view.balance, view.held) == (1_000_000, 300_000)
     assert await reconcile(svc.redis, svc.keys, svc.store) == []
+
+
+async def _lose_a_shard(sc: Sidecar) -> set[int]:
+    """Delete what one shard holds, `initialized` surviving elsewhere: on the cluster every key of this
+    test on one master that does not hold `initialized` (its partitions, key records and all); on one
+    Redis the keys of half the partitions. Returns the partitions lost."""
+    svc = sc.services
+    redis: Any = svc.redis
+    partitions = range(svc.keys.partitions)
+    if isinstance(redis, RedisCluster):
+        node_of: Any = redis.get_node_from_key
+        kept = node_of(svc.keys.initialized).name
+        lost_node = next(n for n in redis.get_primaries() if n.name != kept)
+        names = [n async for n in redis.scan_iter(match=f"{svc.keys.prefix}*", target_nodes=lost_node)]
+        await redis.delete(*names)
+        return {p for p in partitions if node_of(svc.keys.ready(p)).name == lost_node.name}
+    for p in partitions[::2]:
+        names = [n async for n in redis.scan_iter(match=f"{svc.keys.partition_tag(p)}*")]
+        await redis.delete(*names)
+    return set(partitions[::2])
+
+
+async def test_a_shard_lost_while_initialized_survives_is_rebuilt_and_money_in_counts_once(
+    sidecar: Sidecar,
+) -> None:
+    """Seen before: with `initialized` kept, the lost partitions were only marked ready again, so a grant
+    to one of their accounts started its balance from 0 (the ledger's balance was never loaded)."""
+    svc = sidecar.services
+    found: dict[int, str] = {}
+    while len(found) < svc.keys.partitions:
+        account = f"a{uuid.uuid4().hex[:10]}"
+        found.setdefault(svc.keys.partition_of(account), account)
+    for account in found.values():
+        await sidecar.account(1_000_000, account)
+    lost = await _lose_a_shard(sidecar)
+    assert 0 < len(lost) < svc.keys.partitions
+    victim = found[min(lost)]
+    await _grant(sidecar, victim, 500_000)  # the credit finds no ready marker: the rebuild runs first
+    assert (await sidecar.balance(victim))["balance"] == 1_500_000
+    assert not await rebuild_if_empty(svc.redis, svc.keys, svc.store)  # every partition is ready again
+    for account in found.values():
+        expected = 1_500_000 if account == victim else 1_000_000
+        assert (await svc.balances.balance(account)).balance == expected
+    assert await reconcile(svc.redis, svc.keys, svc.store) == []
+    # The flusher, whose consumer group went with the lost streams, makes it again and flushes on.
+    await svc.balances.reserve(victim, "after-loss", 100, 4_000_000_000_000)
+    await svc.balances.settle(victim, "after-loss", 70, UsageEvent(route="chat", model="m"))
+    async with asyncio.timeout(30):
+        await sidecar.client.app[FLUSHER].wait_for_rows(1)
+    assert await svc.store.ledger_sum(victim) == 1_500_000 - 70

@@ -203,6 +203,7 @@ async def long_request_keeps_its_hold(
     return renew
 
 
+@pytest.mark.topologies  # the rest of this module needs its one-node fault proxy
 async def test_a_non_streamed_request_outliving_its_lease_keeps_its_hold(
     make_sidecar: SidecarFactory, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

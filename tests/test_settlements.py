@@ -16,6 +16,8 @@ from sidecar.pipeline.retry import Retry
 from .conftest import Sidecar, SidecarFactory
 from .support import HELLO, MODELS, pooled, post
 
+pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
+
 CHARGE = pooled(5 * 1000 + 16 * 2000)  # the demo's answer to HELLO: 5 prompt, 16 completion tokens
 
 
