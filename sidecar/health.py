@@ -23,11 +23,11 @@ from typing import Protocol
 
 import asyncpg
 from aiohttp import web
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .balances import Balances
 from .ledger_store import LedgerStore
+from .redis_client import RedisClient
 
 log = logging.getLogger("creditgate.health")
 
@@ -79,7 +79,7 @@ class ReadinessCheck(Protocol):
 class FlushReadiness:
     """Readiness of `creditgate flush`: its flusher loop runs (`running`), Redis and Postgres answer."""
 
-    def __init__(self, redis: Redis, store: LedgerStore, running: Callable[[], bool]) -> None:
+    def __init__(self, redis: RedisClient, store: LedgerStore, running: Callable[[], bool]) -> None:
         self.redis, self.store, self.running = redis, store, running
         self.stopping = False
 
