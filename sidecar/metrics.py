@@ -49,6 +49,7 @@ class Sources:
     rows_written: Callable[[], int] = lambda: 0
     flush_failures: Callable[[], int] = lambda: 0
     dead_letters: Callable[[], int] = lambda: 0
+    settlements_expired: Callable[[], int] = lambda: 0
     drift: Callable[[], tuple[int, int]] = lambda: (0, 0)
     backlog: Callable[[], Awaitable[tuple[int, float]]] | None = None  # refreshed on each scrape
 
@@ -72,6 +73,11 @@ class _StatsCollector(Collector):
             "creditgate_outbox_dead_letters",
             "Outbox entries the ledger can never take, parked in the dead-letter streams.",
             value=s.dead_letters(),
+        )
+        yield CounterMetricFamily(
+            "creditgate_settlements_expired",
+            "Settlements Redis did not take within their window, written to the ledger instead.",
+            value=s.settlements_expired(),
         )
         accounts, total = s.drift()
         yield GaugeMetricFamily(
