@@ -1,0 +1,63 @@
+"""Guard rails on the Redis creditgate keeps money in, checked at startup by a real `creditgate serve`
+against a redis-server of the test's own: an allkeys-* eviction policy is refused (exit 2, naming it), a
+volatile one starts, no maxmemory (or no CONFIG at all) starts with a warning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .conftest import Upstream, clean_env, new_key_prefix, process_env, serve_process
+from .support import creditgate
+from .support_redis import redis_server
+
+NO_MAXMEMORY = "Redis has no maxmemory set"
+NO_CONFIG = "cannot read Redis' maxmemory-policy"
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random"])
+def test_serve_refuses_an_allkeys_eviction_policy(database_url: str, tmp_path: Path, policy: str) -> None:
+    with redis_server(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", policy) as redis_url:
+        env = clean_env(
+            CREDITGATE_UPSTREAM_URL="http://127.0.0.1:9/v1",
+            CREDITGATE_REDIS_URL=redis_url,
+            CREDITGATE_DATABASE_URL=database_url,
+            CREDITGATE_KEY_PREFIX=new_key_prefix(),
+            CREDITGATE_PORT="0",
+            CREDITGATE_LOG_LEVEL="ERROR",
+        )
+        run = creditgate(env, "serve", cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("creditgate: Redis' maxmemory-policy is")
+    assert "maxmemory-policy" in lines[0]
+    assert f"'{policy}'" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("options", "warning"),
+    [
+        (("--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"), None),
+        (("--maxmemory", "64mb", "--maxmemory-policy", "volatile-ttl"), None),
+        (("--maxmemory", "64mb", "--maxmemory-policy", "noeviction"), None),
+        (("--maxmemory-policy", "noeviction"), NO_MAXMEMORY),  # no maxmemory: Debian's default
+        (("--rename-command", "CONFIG", ""), NO_CONFIG),  # as managed Redis does
+    ],
+    ids=["volatile-lru", "volatile-ttl", "noeviction", "no-maxmemory", "no-config"],
+)
+async def test_serve_starts_on_a_policy_that_keeps_money_keys(
+    database_url: str, upstream: Upstream, tmp_path: Path, options: tuple[str, ...], warning: str | None
+) -> None:
+    with redis_server(tmp_path, *options) as redis_url:
+        env = process_env(redis_url, database_url, new_key_prefix(), upstream.url)
+        async with serve_process(env, tmp_path) as (served, url), aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/healthz") as health:  # served once its signal handlers are set
+                assert health.status == 200
+            assert await served.stop() == 0
+    for possible in (NO_MAXMEMORY, NO_CONFIG):
+        assert (possible in served.log) == (possible == warning), served.log
+    if warning == NO_CONFIG:
+        assert "never allkeys-*" in served.log
