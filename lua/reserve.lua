@@ -33,7 +33,7 @@ if type(ARGV[5]) ~= 'string' or not ARGV[5]:match('^%d+$') or #ARGV[5] > 15 then
   return redis.error_reply('ERR reserve: window end must be a positive integer (ms since epoch)')
 end
 local now = redis.call('TIME')
-if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) >= tonumber(ARGV[5]) then
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) >= tonumber(ARGV[5]) * 1000 then  -- in µs, exact below 2^53
   return {-3, balance, held}
 end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then

@@ -42,7 +42,7 @@ if previous then
   return {0, tonumber(balance), 0, tonumber(previous)}
 end
 local now = redis.call('TIME')
-if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) >= tonumber(ARGV[3]) then
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) >= tonumber(ARGV[3]) * 1000 then  -- in µs, exact below 2^53
   return {-3, tonumber(balance), 0, 0}
 end
 local released = 0

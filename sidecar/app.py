@@ -20,6 +20,7 @@ from .observe import RequestRecord, log_request, request_observer
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
 from .reconcile import Drift, complete_money_in, reconcile
+from .redis_guard import check_redis
 from .responses import error_middleware
 from .services import Services as Services
 from .services import connect_redis as connect_redis
@@ -56,6 +57,7 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with services(settings) as svc:
+            await check_redis(svc.redis)  # an evicting policy refused (exit 2), no maxmemory warned about
             session = create_session(settings)
             upstreams = upstreams_from(settings, demo_upstream_url)
             cache = (

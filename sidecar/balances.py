@@ -109,7 +109,7 @@ class Balances:
 
     def window_end(self, since_ms: int | None = None) -> int:
         """The window end from `since_ms` (default now): Redis refuses what carries it from then on."""
-        return (int(time.time() * 1000) if since_ms is None else since_ms) + self.settled_marker_ms
+        return (time.time_ns() // 1_000_000 if since_ms is None else since_ms) + self.settled_marker_ms
 
     async def scripts_loaded(self) -> bool:
         """Whether the server still has every script cached (it forgets them when restarted or flushed)."""

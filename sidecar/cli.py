@@ -20,6 +20,7 @@ from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import ConfigError, CreditgateError
 from .logs import configure_logging
 from .reconcile import reconcile, repair
+from .redis_guard import check_redis
 from .serve import CannotListen, demo_bootstrap, serve
 from .serve import run as _run
 from .workers import serve_workers
@@ -52,6 +53,7 @@ async def _flush(svc: Services, drain: bool) -> dict[str, Any]:
     flusher = svc.flusher()
     if drain:
         return {"rows_written": await flusher.drain()}
+    await check_redis(svc.redis)  # a long-running flusher, like `serve`, refuses an evicting Redis
     await flusher.run()  # until interrupted
     return {}  # pragma: no cover
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with resolve_services(settings) as ready:
             return _dispatch(args, ready)
-    except ConfigError as exc:  # found once the services are reached (Redis' eviction policy)
+    except ConfigError as exc:  # found once Redis is reached (its eviction policy): refused as a setting
         print(f"creditgate: {exc.message}", file=sys.stderr)
         return 2
     except CreditgateError as exc:

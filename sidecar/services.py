@@ -24,7 +24,6 @@ from .flusher import Flusher
 from .keys import KeySpace
 from .ledger_store import LedgerStore
 from .reconcile import rebuild_if_empty
-from .redis_guard import check_redis
 
 log = logging.getLogger("creditgate.services")
 REDIS_RETRIES = 3  # the default of redis_retries
@@ -120,7 +119,6 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
     svc = Services(settings, redis, store, keys, balances, accounts)
     try:
         if prepare:
-            await check_redis(redis)  # an evicting policy refused (exit 2), no maxmemory warned about
             await balances.load_scripts()
             await _prepare_ledger(svc)
         yield svc
