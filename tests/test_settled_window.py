@@ -26,7 +26,7 @@ from sidecar.outbox import UsageEvent
 from sidecar.reconcile import reconcile, repair
 from sidecar.settlements import GIVE_UP_MARGIN_MS, PendingSettlement
 
-from .conftest import Sidecar, SidecarFactory, new_key_prefix
+from .conftest import Sidecar, SidecarFactory, Upstream, new_key_prefix
 from .support import HELLO, MODELS, post, settled
 
 WINDOW_MS = 3_600_000
@@ -193,6 +193,21 @@ async def test_a_settlement_past_its_window_goes_to_the_ledger_and_is_charged_on
     assert (await priced.balance(account))["balance"] == 1_000_000 - 250_000  # charged once
     count = await svc.store.pool.fetchval("SELECT count(*) FROM ledger WHERE idempotency_id = $1", request_id)
     assert count == 1
+
+
+async def test_a_request_whose_reserve_lands_after_its_window_gets_a_503_and_holds_nothing(
+    priced: Sidecar, monkeypatch: pytest.MonkeyPatch, upstream: Upstream
+) -> None:
+    """Only clocks far apart get here (this host's behind Redis' by more than the window): the request
+    is refused as Redis refused the reserve, and nothing is held or sent upstream."""
+    account, key = await priced.account(1_000_000)
+    monkeypatch.setattr(priced.balances, "window_end", lambda since_ms=None: now_ms() - 1)
+    resp = await post(priced, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "window_closed"
+    state = await priced.balance(account)
+    assert (state["balance"], state["held"], state["holds"]) == (1_000_000, 0, [])
+    assert upstream.calls() == 0
 
 
 # ---- cache hits, and the setting ---------------------------------------------------------------------
