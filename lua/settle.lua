@@ -3,13 +3,18 @@
 -- KEYS[1] account hash   KEYS[2] the account's holds hash   KEYS[3] the partition's hold-expiry zset
 -- KEYS[4] the request's settled marker   KEYS[5] the partition's outbox stream
 -- ARGV[1] request id   ARGV[2] charge (micro-credits, integer string, >= 0)
--- ARGV[3] settled-marker lifetime (ms)   ARGV[4] expiry member ("<account> <request id>")
--- ARGV[5] "1" to record a zero charge too   ARGV[6] the outbox entry (JSON: request id, account,
--- charge and what the ledger row records)
+-- ARGV[3] the settle's window end (ms since epoch: its first try + settled_marker_seconds, the same on
+-- every retry)   ARGV[4] expiry member ("<account> <request id>")
+-- ARGV[5] "1" to record a zero charge too (a cache hit)   ARGV[6] the outbox entry (JSON: request id,
+-- account, charge and what the ledger row records)
 -- Optional KEYS[6] a response-cache entry to store (same hash tag)   ARGV[7] its value   ARGV[8] its TTL (ms)
 -- Returns {status, balance, released, charged}: 1 settled now, 0 settled before (the first charge is
--- returned and nothing moves), -1 no such account.
+-- returned and nothing moves), -1 no such account, -3 the window ended (nothing moves).
 -- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
+-- Exactly once with a bounded memory: the settled marker expires at the window end (PXAT), and from
+-- then on, by the server's clock, the script refuses this request id, so no retry can land after its
+-- marker is gone. A cache hit (ARGV[5] "1", nothing charged) leaves no marker unless it released a hold:
+-- it moved no money, and its ledger row is written once by request id.
 -- Every argument is checked before the first write, so a refused call changes nothing; amounts reach
 -- redis.call as the integer strings they arrived as (negated by prefixing '-'), never as Lua numbers.
 local function whole(s, digits)
@@ -20,7 +25,7 @@ if not whole(ARGV[2], 16) or tonumber(ARGV[2]) > 9007199254740991 then
   return redis.error_reply('ERR settle: charge must be a non-negative integer below 2^53')
 end
 if not whole(ARGV[3], 15) or ARGV[3]:match('^0+$') then
-  return redis.error_reply('ERR settle: settled-marker lifetime must be a positive integer (ms)')
+  return redis.error_reply('ERR settle: window end must be a positive integer (ms since epoch)')
 end
 if KEYS[6] and (not whole(ARGV[8], 15) or ARGV[8]:match('^0+$')) then
   return redis.error_reply('ERR settle: cache entry TTL must be a positive integer (ms)')
@@ -35,6 +40,10 @@ end
 local previous = redis.call('GET', KEYS[4])
 if previous then
   return {0, tonumber(balance), 0, tonumber(previous)}
+end
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) >= tonumber(ARGV[3]) * 1000 then  -- in µs, exact below 2^53
+  return {-3, tonumber(balance), 0, 0}
 end
 local released = 0
 local hold = redis.call('HGET', KEYS[2], ARGV[1])
@@ -55,7 +64,9 @@ end
 if ARGV[2] ~= '0' or ARGV[5] == '1' then
   redis.call('XADD', KEYS[5], '*', 'd', ARGV[6])
 end
-redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
+if ARGV[5] ~= '1' or ARGV[2] ~= '0' or hold then
+  redis.call('SET', KEYS[4], ARGV[2], 'PXAT', ARGV[3])
+end
 if KEYS[6] then
   redis.call('SET', KEYS[6], ARGV[7], 'PX', ARGV[8])
 end

@@ -20,10 +20,12 @@ from .observe import RequestRecord, log_request, request_observer
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
 from .reconcile import Drift, complete_money_in, reconcile
+from .redis_guard import check_redis
 from .responses import error_middleware
 from .services import Services as Services
 from .services import connect_redis as connect_redis
 from .services import services as services
+from .settlements import PendingSettlement
 from .supervisor import Supervisor
 from .upstream import create_session, upstreams_from
 from .wire import ROUTES
@@ -56,6 +58,7 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with services(settings) as svc:
+            await check_redis(svc.redis)  # an evicting policy refused (exit 2), no maxmemory warned about
             session = create_session(settings)
             upstreams = upstreams_from(settings, demo_upstream_url)
             cache = (
@@ -77,6 +80,7 @@ def create_app(
             metrics.sources.rows_written = lambda: flusher.stats.rows
             metrics.sources.flush_failures = lambda: flusher.stats.failures
             metrics.sources.dead_letters = lambda: flusher.stats.dead_letters
+            metrics.sources.settlements_expired = lambda: proxy.pending.expired
             metrics.sources.drift = lambda: (drift.accounts, drift.total)
             metrics.sources.backlog = flusher.backlog
 
@@ -88,6 +92,11 @@ def create_app(
             async def check_drift() -> None:
                 await complete_money_in(svc.store, svc.balances, older_than_seconds=60)
                 app[DRIFT].update(await reconcile(svc.redis, svc.keys, svc.store))
+
+            async def write_ledger(item: PendingSettlement) -> None:  # a settlement past its window
+                await svc.store.insert_usage([item.ledger_row()])
+
+            proxy.pending.write_ledger = write_ledger
 
             async def retry_settlements() -> None:
                 if proxy.pending.pending:
@@ -166,6 +175,7 @@ def create_app(
                 "settlements_waiting_for_redis": len(pending.pending),
                 "settlements_retried": pending.settled,
                 "settlements_dropped": pending.dropped,
+                "settlements_expired": pending.expired,
             }
         )
 

@@ -18,7 +18,7 @@ from redis.commands.core import AsyncScript
 
 from .autopipeline import AutoPipeline
 from .cluster_pipeline import ClusterAutoPipeline
-from .errors import IdempotencyConflict, NotInitialized, UnknownAccount
+from .errors import IdempotencyConflict, NotInitialized, UnknownAccount, WindowClosed
 from .keys import KeySpace, as_text
 from .money import MAX_CHARGE
 from .outbox import UsageEvent, encode_event
@@ -34,6 +34,7 @@ class ReserveStatus(enum.IntEnum):
     INSUFFICIENT = 0
     NO_ACCOUNT = -1
     ALREADY_SETTLED = -2
+    WINDOW_CLOSED = -3  # reached Redis after the request's window end: refused, nothing held
     CACHED = 2  # the response-cache entry looked up with the hold exists; nothing was held
 
 
@@ -81,7 +82,9 @@ class Balances:
         settled_marker_ms: int,
         pipeline: AutoPipeline | ClusterAutoPipeline | None = None,
     ) -> None:
-        """`pipeline`, when given, carries the script calls (the request path's); `redis` the rest."""
+        """`pipeline`, when given, carries the script calls (the request path's); `redis` the rest.
+        `settled_marker_ms`: the window of a reserve (from its request's start) and of a settle (from
+        its first try), the most a settled marker lives; see `window_end`."""
         self.redis = redis
         self.pipeline = pipeline
         self.keys = keys
@@ -91,8 +94,7 @@ class Balances:
         self._credit = redis.register_script(load_lua("credit"))
         self._expire = redis.register_script(load_lua("expire_hold"))
         self._fix_held = redis.register_script(load_lua("fix_held"))
-        # Called with (script name, nanoseconds) after every script call; the app points it at its
-        # metrics. (Integer nanoseconds: this money module holds no float.)
+        # (script name, integer nanoseconds) after every script call: the app's metrics.
         self.on_script: Callable[[str, int], None] = _ignore
 
     async def _call(
@@ -111,6 +113,10 @@ class Balances:
         finally:
             self.on_script(name, time.perf_counter_ns() - started)
 
+    def window_end(self, since_ms: int | None = None) -> int:
+        """The window end from `since_ms` (default now): Redis refuses what carries it from then on."""
+        return (time.time_ns() // 1_000_000 if since_ms is None else since_ms) + self.settled_marker_ms
+
     async def scripts_loaded(self) -> bool:
         """Whether the server still has every script cached (it forgets them when restarted or flushed)."""
         shas = [s.sha for s in self._scripts]
@@ -126,20 +132,23 @@ class Balances:
         return (self._reserve, self._settle, self._credit, self._expire, self._fix_held)
 
     async def reserve(
-        self, account: str, request_id: str, amount: int, lease_end_ms: int, *, cache_key: str | None = None
+        self,
+        account: str,
+        request_id: str,
+        amount: int,
+        lease_end_ms: int,
+        *,
+        cache_key: str | None = None,
+        window_end_ms: int | None = None,
     ) -> Reservation:
         """Hold `amount` for the request. With `cache_key` (an entry in the account's slot), that entry is
         looked up first in the same script: when it exists it is returned and nothing is held."""
         k = self.keys.account(account)
-        keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id)]
-        if cache_key is not None:
-            keys.append(cache_key)
-        reply = await self._call(
-            "reserve" if cache_key is None else "lookup_reserve",
-            self._reserve,
-            keys,
-            [request_id, amount, lease_end_ms, k.expiry_member(request_id)],
-        )
+        keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), *([cache_key] if cache_key else [])]
+        end = str(window_end_ms or self.window_end())
+        args = [request_id, amount, lease_end_ms, k.expiry_member(request_id), end]
+        name = "reserve" if cache_key is None else "lookup_reserve"
+        reply = await self._call(name, self._reserve, keys, args)
         if reply[0] == ReserveStatus.CACHED:
             return Reservation(ReserveStatus.CACHED, 0, 0, cached=reply[1])
         status, balance, held = reply
@@ -165,6 +174,7 @@ class Balances:
         *,
         record: bool = False,
         cache_entry: tuple[str, bytes, int] | None = None,
+        window_end_ms: int | None = None,
     ) -> Settlement:
         """Release the request's hold and debit `charge` (0 to just release), exactly once. A debit (or,
         with `record`, a zero charge) is appended with its `event` to the outbox in the same step.
@@ -173,7 +183,7 @@ class Balances:
         A charge outside 0..MAX_CHARGE raises ValueError before Redis is called: it is refused, not capped
         here (the request path caps what it prices at MAX_CHARGE and logs it). The script checks its
         arguments again and refuses them before its first write, leaving hold, balance and marker as they
-        were."""
+        were. Its marker expires at `window_end_ms` (the same on every retry); Redis then refuses it."""
         if not 0 <= charge <= MAX_CHARGE:
             raise ValueError(f"charge must be between 0 and {MAX_CHARGE} micro-credits, got {charge}")
         k = self.keys.account(account)
@@ -184,7 +194,7 @@ class Balances:
         args: list[str | int | bytes] = [
             request_id,
             str(charge),
-            str(self.settled_marker_ms),
+            str(window_end_ms or self.window_end()),
             k.expiry_member(request_id),
             "1" if record else "0",
             encode_event(entry),
@@ -195,6 +205,8 @@ class Balances:
         status, balance, released, charged = await self._call("settle", self._settle, keys, args)
         if status == -1:
             raise UnknownAccount(account)
+        if status == -3:
+            raise WindowClosed(request_id)
         return Settlement(status == 1, int(balance), int(released), int(charged))
 
     async def credit(self, account: str, idempotency_key: str, amount: int) -> tuple[bool, int]:

@@ -17,7 +17,7 @@ from .admin import MONEY_IN_KINDS, grant_amount
 from .app import Services, services
 from .config import Settings, load_settings
 from .embedded import EmbeddedPostgres, EmbeddedRedis
-from .errors import CreditgateError
+from .errors import ConfigError, CreditgateError
 from .flush_process import run_flush
 from .logs import configure_logging
 from .reconcile import reconcile, repair
@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with resolve_services(settings) as ready:
             return _dispatch(args, ready)
+    except ConfigError as exc:  # found once Redis is reached (its eviction policy): refused as a setting
+        print(f"creditgate: {exc.message}", file=sys.stderr)
+        return 2
     except CreditgateError as exc:
         print(json.dumps(exc.body(), indent=2), file=sys.stderr)
         return 1

@@ -119,7 +119,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     hold_lease_seconds: PositiveInt = 900
     reserve_retry_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3.0
     reaper_interval_seconds: PositiveSeconds = 5.0
-    settled_marker_seconds: PositiveInt = 7 * 24 * 3600
+    # A request's window: its reserve, and its settle (from the first try), may land in Redis this long;
+    # a settled marker lives as long, later arrivals are refused, a settle still waiting goes to the ledger.
+    settled_marker_seconds: Annotated[int, msgspec.Meta(ge=60)] = 3600
     disconnect_drain_seconds: PositiveSeconds = 60.0
     # Upstream HTTP.
     upstream_connect_timeout_seconds: PositiveSeconds = 10.0

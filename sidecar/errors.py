@@ -148,3 +148,15 @@ class NotInitialized(ServiceUnavailable):
             "The credit store is being rebuilt from the ledger; retry shortly.", code="not_initialized"
         )
         self.account = account
+
+
+class WindowClosed(ServiceUnavailable):
+    """A reserve or settle that reached Redis after its request's window (``settled_marker_seconds``)
+    ended: the script refused it and nothing moved. A request's settled marker lives only that long, so
+    a later arrival could otherwise hold or charge twice."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            "This request's window ended before Redis took it; retry the request.", code="window_closed"
+        )
+        self.request_id = request_id

@@ -31,6 +31,7 @@ from .config import Settings
 from .connections import ListenerLimits
 from .health import FlushReadiness
 from .metrics import Metrics
+from .redis_guard import check_redis
 from .serve import _site
 from .supervisor import Supervisor
 
@@ -59,6 +60,7 @@ async def run_flush(settings: Settings) -> int:
             )
             log.info("creditgate flush ops listening on %s (/healthz, /readyz, /metrics)", ops_url)
         svc = await stack.enter_async_context(services(settings))  # closed before the ops listener
+        await check_redis(svc.redis)  # like `serve`, a long-running flusher refuses an evicting Redis
         flusher = svc.flusher()
         flusher.on_batch = metrics.observe_flush
         metrics.sources.rows_written = lambda: flusher.stats.rows

@@ -56,6 +56,7 @@ class Sources:
     rows_written: Callable[[], int] = lambda: 0
     flush_failures: Callable[[], int] = lambda: 0
     dead_letters: Callable[[], int] = lambda: 0
+    settlements_expired: Callable[[], int] = lambda: 0
     drift: Callable[[], tuple[int, int]] = lambda: (0, 0)
     backlog: Callable[[], Awaitable[tuple[int, float]]] | None = None  # refreshed on each scrape
 
@@ -75,6 +76,11 @@ class _StatsCollector(Collector):
         if self.flushing:
             yield from self._flushed()
         if self.serving:
+            yield CounterMetricFamily(
+                "creditgate_settlements_expired",
+                "Settlements Redis did not take within their window, written to the ledger instead.",
+                value=self.sources.settlements_expired(),
+            )
             yield from self._drift()
 
     def _flushed(self) -> Iterator[Metric]:

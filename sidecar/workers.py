@@ -29,6 +29,7 @@ import msgspec
 
 from .app import final_flush, services
 from .config import Settings
+from .errors import ConfigError
 from .logs import configure_logging
 from .serve import CannotListen, run, serve
 
@@ -215,6 +216,6 @@ def worker_main(settings: Settings, index: int, parent: int) -> None:
         handler.addFilter(_WorkerFields(index))
     try:
         run(serve(settings, worker=index))
-    except CannotListen as exc:
+    except (CannotListen, ConfigError) as exc:  # a port, or Redis' eviction policy: not restarted
         log.error("creditgate: %s", exc)
         sys.exit(EXIT_CANNOT_LISTEN)

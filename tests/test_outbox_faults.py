@@ -150,10 +150,10 @@ async def test_one_refused_pending_settlement_does_not_stop_the_others(
         charge = MAX_CHARGE + 1
     else:  # the account's balance field is no integer: HINCRBY fails inside the script
         await balances.redis.hset(balances.keys.account(bad_account).balance, "balance", "not-a-number")
-    pending.add(PendingSettlement(bad_account, bad_request, charge, UsageEvent()))
+    pending.add(PendingSettlement(bad_account, bad_request, charge, UsageEvent(), balances.window_end()))
     good = [await held(balances, 1_000_000, 400_000) for _ in range(3)]
     for account, request_id in good:
-        pending.add(PendingSettlement(account, request_id, 250_000, UsageEvent()))
+        pending.add(PendingSettlement(account, request_id, 250_000, UsageEvent(), balances.window_end()))
 
     assert await pending.retry() == 3
     assert list(pending.pending) == [bad_request]  # the refused one still waits, the others are taken
@@ -166,7 +166,7 @@ async def test_a_connection_failure_still_stops_the_pass(balances: Balances) -> 
     pending = PendingSettlements(balances)
     items = [await held(balances, 1_000_000, 400_000) for _ in range(2)]
     for account, request_id in items:
-        pending.add(PendingSettlement(account, request_id, 1_000, UsageEvent()))
+        pending.add(PendingSettlement(account, request_id, 1_000, UsageEvent(), balances.window_end()))
     tries: list[str] = []
 
     async def away(account: str, request_id: str, *args: object, **kwargs: object) -> None:

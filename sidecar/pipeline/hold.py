@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from ..balances import Balances, Reservation, ReserveStatus
 from ..cache import CachedResponse, ResponseCache
 from ..cachekey import BYPASS
-from ..errors import Conflict, InsufficientCredits, Unauthorized, UnknownAccount
+from ..errors import Conflict, InsufficientCredits, Unauthorized, UnknownAccount, WindowClosed
 from .admit import Admission
 from .retry import Retry
 
@@ -169,6 +169,11 @@ class Holder:
             raise Unauthorized("The account behind this key no longer exists.")
         if reservation.status is ReserveStatus.ALREADY_SETTLED:
             raise Conflict("This request id was already settled.")
+        if reservation.status is ReserveStatus.WINDOW_CLOSED:  # only with clocks far apart
+            log.error(
+                "reserve of %s reached Redis after its window; is this host's clock right?", adm.request_id
+            )
+            raise WindowClosed(adm.request_id)
         return adm, reservation
 
     def _lowered(self, adm: Admission, available: int) -> Admission | None:
@@ -196,15 +201,23 @@ class Holder:
     async def _reserve(self, adm: Admission, cache_key: str | None) -> Reservation:
         """The reserve script, sent again while its answer is lost, by the retry policy (idempotent by
         request id: a hold an earlier try took is found, not taken twice). If it still fails, any hold it
-        may have taken is released at once (a settle of nothing), and the error goes on (a 503)."""
-        lease_end_ms = int(time.time() * 1000) + self.policy.hold_lease_seconds * 1000
+        may have taken is released at once (a settle of nothing), and the error goes on (a 503). Every try
+        carries the window end from the request's start: one landing later is refused by Redis."""
+        now_ms = int(time.time() * 1000)
+        lease_end_ms = now_ms + self.policy.hold_lease_seconds * 1000
+        window_end_ms = self.balances.window_end(adm.started_ms)
         started = time.monotonic()
         tries = 0
         while True:
             tries += 1
             try:
                 return await self.balances.reserve(
-                    adm.account, adm.request_id, adm.hold, lease_end_ms, cache_key=cache_key
+                    adm.account,
+                    adm.request_id,
+                    adm.hold,
+                    lease_end_ms,
+                    cache_key=cache_key,
+                    window_end_ms=window_end_ms,
                 )
             except RedisError as exc:
                 pause = self.policy.retry.pause(tries, started, time.monotonic())
@@ -212,8 +225,10 @@ class Holder:
                     log.warning(
                         "reserve of %s failed (attempt %d, %r); giving up", adm.request_id, tries, exc
                     )
-                    with contextlib.suppress(RedisError, UnknownAccount):
-                        await self.balances.settle(adm.account, adm.request_id, 0)
+                    # its marker outlives every try's window: a try landing late finds it, or is refused
+                    late = self.balances.window_end(max(int(time.time() * 1000), adm.started_ms))
+                    with contextlib.suppress(RedisError, UnknownAccount, WindowClosed):
+                        await self.balances.settle(adm.account, adm.request_id, 0, window_end_ms=late)
                     raise
                 log.warning("reserve of %s failed (attempt %d, %r); retrying", adm.request_id, tries, exc)
             await asyncio.sleep(pause)

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from ..balances import Balances, Settlement
 from ..cache import CachedResponse, ResponseCache
-from ..errors import UnknownAccount
+from ..errors import UnknownAccount, WindowClosed
 from ..outbox import UsageEvent
 from ..pricing import Usage
 from ..settlements import PendingSettlement, PendingSettlements
@@ -86,14 +86,25 @@ class Settler:
             store = (adm.cache.key, stored.encoded, self.cache_ttl_ms)
         settlement = None
         account_gone = False
+        # one window end for every try, here and in the background: from the first try (never before the
+        # request's start, whose window its reserve carried), so the marker outlives each try's window
+        window_end_ms = self.balances.window_end(max(int(time.time() * 1000), adm.started_ms))
         started = time.monotonic()
         tries = 0
         while True:
             tries += 1
             try:
                 settlement = await self.balances.settle(
-                    adm.account, adm.request_id, verdict.charge, event, cache_entry=store
+                    adm.account,
+                    adm.request_id,
+                    verdict.charge,
+                    event,
+                    cache_entry=store,
+                    window_end_ms=window_end_ms,
                 )
+                break
+            except WindowClosed:  # only with clocks far apart: the background retry writes the ledger row
+                log.error("settle of %s reached Redis after its window", adm.request_id)
                 break
             except RedisError as exc:  # idempotent by request id: retrying cannot charge twice
                 log.warning("settle of %s failed (attempt %d): %r", adm.request_id, tries, exc)
@@ -112,7 +123,9 @@ class Settler:
                     adm.request_id,
                     verdict.charge,
                 )
-                self.pending.add(PendingSettlement(adm.account, adm.request_id, verdict.charge, event))
+                self.pending.add(
+                    PendingSettlement(adm.account, adm.request_id, verdict.charge, event, window_end_ms)
+                )
             return None, None
         if stored is not None and store is None and adm.cache is not None and self.cache is not None:
             try:  # a shared-scope entry, outside the settle script's slot
@@ -134,6 +147,7 @@ class Settler:
         self, adm: Admission, provider: str, outcome: str, usage: Usage, saved: int
     ) -> Settlement:
         """A cache hit: nothing held, nothing charged; recorded as a zero-charge ledger entry with what it
-        saved. Raises UnknownAccount when the account is gone."""
+        saved (and no settled marker: it moved no money, and its ledger row is written once by request
+        id). Raises UnknownAccount when the account is gone."""
         event = ledger_entry(adm, provider, outcome, usage, hold=0, saved=saved)
         return await self.balances.settle(adm.account, adm.request_id, 0, event, record=True)
