@@ -56,7 +56,7 @@ CREATE TABLE money_in_keys (
 
 -- The partition of one UTC month (ledger_YYYY_MM), created when missing; rows the default partition
 -- holds for that month move into it. Returns the partition's name when this call created it, else NULL.
--- Safe to call concurrently (an advisory lock serialises creators) and repeatedly.
+-- Safe to call concurrently (a lock on the parent serialises creators) and repeatedly.
 CREATE FUNCTION ledger_add_month(month date) RETURNS text LANGUAGE plpgsql AS $fn$
 DECLARE
     first date := date_trunc('month', month)::date;
@@ -68,7 +68,9 @@ BEGIN
     IF to_regclass(format('%s.%I', ns, part)) IS NOT NULL THEN
         RETURN NULL;
     END IF;
-    PERFORM pg_advisory_xact_lock(7165065706467185013);  -- "creditgate ledger partitions"
+    -- Creators queue on the parent (this mode lets inserts through); taking a table lock also brings in
+    -- the catalog changes of the creator before, so the check below sees its partition.
+    EXECUTE format('LOCK TABLE %s.ledger IN SHARE UPDATE EXCLUSIVE MODE', ns);
     IF to_regclass(format('%s.%I', ns, part)) IS NOT NULL THEN
         RETURN NULL;  -- another session created it while this one waited
     END IF;

@@ -15,7 +15,8 @@ from typing import Any
 import asyncpg
 
 from .errors import IdempotencyConflict, UnknownAccount
-from .ledger_schema import LedgerConnection, add_partitions, migrate
+from .ledger_schema import LedgerConnection as LedgerConnection
+from .ledger_schema import add_partitions, migrate
 
 log = logging.getLogger("creditgate.store")
 

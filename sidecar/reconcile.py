@@ -96,7 +96,7 @@ async def _snapshot(
         pending_by_partition[keys.partition_of(account)].append((idempotency_id, account))
     views: dict[str, _RedisView] = {}
     credited: set[str] = set()
-    debits: list[tuple[str, str, int]] = []
+    debits: list[tuple[str, str, int, int]] = []  # account, request id, charge, created_ms
     for partition in range(keys.partitions):
         members = by_partition.get(partition, [])
         pending = pending_by_partition.get(partition, [])
