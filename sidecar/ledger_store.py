@@ -53,15 +53,21 @@ _BATCH = (
 _STORED = [name for name, _ in _BATCH[:-3]]
 _MS = "timestamptz 'epoch' + b.{} * interval '1 millisecond'"
 
-# One statement, one round trip: the batch arrives as one array per column. Rows whose request id is
-# already present are skipped, and the maintained balances move by exactly what was inserted.
-_INSERT_USAGE = f"""
-WITH barrier AS (SELECT pg_advisory_xact_lock_shared({LEDGER_BARRIER})), inserted AS (
+_ROWS = f"""
     INSERT INTO ledger ({", ".join(_STORED)}, started_at, settled_at, created_at)
     SELECT {", ".join(f"b.{c}" for c in _STORED)},
         {", ".join(_MS.format(f"{c}_ms") for c in ("started", "settled", "created"))}
     FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, (_, t) in enumerate(_BATCH))})
-        AS b({", ".join(name for name, _ in _BATCH)}), barrier
+        AS b({", ".join(name for name, _ in _BATCH)})"""
+
+# The batch's rows inserted and nothing else (no barrier, no dedup, no balances): the limit
+# bench/flush_throughput.py measures the flusher against.
+BARE_INSERT = _ROWS
+
+# One statement, one round trip: the batch arrives as one array per column. Rows already present are
+# skipped, and the maintained balances move by exactly what was inserted.
+_INSERT_USAGE = f"""
+WITH barrier AS (SELECT pg_advisory_xact_lock_shared({LEDGER_BARRIER})), inserted AS ({_ROWS}, barrier
     ON CONFLICT (account_id, created_at, idempotency_id) DO NOTHING
     RETURNING account_id, amount
 )
