@@ -3,10 +3,13 @@ into the partitioned Postgres ledger, and the rate Postgres takes the same rows 
 done, in the same run.
 
     python bench/flush_throughput.py [--rows 100000] [--accounts 100] [--batch 500] [--concurrency 3]
+                                     [--rounds 1]
 
 * **limit**: the same rows (built from the same outbox entries by the flusher's own ``ledger_row``), in
   the same batches, inserted by bare ``INSERT … SELECT FROM unnest(…)`` statements (no barrier, no
-  dedup, no balance update) over as many connections as the flusher has batches in flight;
+  dedup, no balance update) over as many connections as the flusher has batches in flight, in both
+  encodings: one array of the ``ledger_usage_row`` type (what the flusher sends) and one array per
+  column (what it sent before); the ratio is against the faster;
 * **flusher**: the outbox filled with real settle-script entries, then one flusher draining it (Redis
   reads, parsing, the real insert, acknowledgements); only the drain is timed.
 
@@ -34,10 +37,30 @@ import msgspec
 from sidecar.app import Services, services
 from sidecar.config import Settings
 from sidecar.ledger_schema import add_partitions, migrate
-from sidecar.ledger_store import BARE_INSERT
+from sidecar.ledger_sql import BARE_INSERT, BATCH_FIELDS
 from sidecar.outbox import UsageEvent, encode_event, ledger_row
 
 LEASE = 4_000_000_000_000
+_TYPES = dict.fromkeys(BATCH_FIELDS, "bigint") | dict.fromkeys(
+    (
+        "idempotency_id",
+        "account_id",
+        "kind",
+        "route",
+        "model",
+        "provider",
+        "key_source",
+        "multiplier",
+        "outcome",
+    ),
+    "text",
+)
+# The same insert with one array per column (the flusher's encoding before ledger_usage_row).
+PER_COLUMN = BARE_INSERT.replace(
+    "unnest($1::ledger_usage_row[]) AS b",
+    f"unnest({', '.join(f'${i + 1}::{_TYPES[c]}[]' for i, c in enumerate(BATCH_FIELDS))})"
+    f" AS b({', '.join(BATCH_FIELDS)})",
+)
 REDIS = os.environ.get("CREDITGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
 SERVER = os.environ.get("CREDITGATE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 EVENT = UsageEvent(
@@ -84,12 +107,12 @@ def account_names(count: int) -> list[str]:
     return [f"acct_{n:05d}" for n in range(count)]
 
 
-async def limit(rows: int, accounts: int, batch: int, concurrency: int) -> float:
+async def limit(rows: int, accounts: int, batch: int, concurrency: int, per_column: bool) -> float:
     """Rows/s of bare batch inserts of the flusher's rows into a fresh partitioned ledger."""
     names = account_names(accounts)
     made = [ledger_row({b"d": data}, f"{i}-0") for i, (_, _, data) in enumerate(entries(rows, names))]
     batches = [sorted(made[i : i + batch], key=lambda r: (r[1], r[0])) for i in range(0, rows, batch)]
-    columns = [[list(c) for c in zip(*b, strict=True)] for b in batches]
+    params = [[list(c) for c in zip(*b, strict=True)] if per_column else [b] for b in batches]
     async with schema() as dsn:
         pool = await asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency)
         try:
@@ -97,11 +120,11 @@ async def limit(rows: int, accounts: int, batch: int, concurrency: int) -> float
                 await migrate(conn)
                 await add_partitions(conn, 1)
                 await conn.execute("INSERT INTO accounts (id) SELECT unnest($1::text[])", names)
-            queue = list(reversed(columns))
+            queue = list(reversed(params))
 
             async def worker() -> None:
                 async with pool.acquire() as conn:
-                    statement = await conn.prepare(BARE_INSERT)
+                    statement = await conn.prepare(PER_COLUMN if per_column else BARE_INSERT)
                     while queue:
                         await statement.fetch(*queue.pop())
 
@@ -173,16 +196,17 @@ async def flusher(rows: int, accounts: int, batch: int, concurrency: int) -> tup
                     await svc.redis.delete(*left)
 
 
-async def main(rows: int, accounts: int, batch: int, concurrency: int) -> None:
-    ceiling = await limit(rows, accounts, batch, concurrency)
-    rate, stats = await flusher(rows, accounts, batch, concurrency)
-    print(
-        f"{rows} rows, {accounts} accounts, batches of {batch}, {concurrency} in flight"
-        f" ({stats['transactions']} flusher transactions)"
-    )
-    print(f"limit (bare INSERT … SELECT FROM unnest): {ceiling:,.0f} rows/s")
-    print(f"flusher (Redis outbox → Postgres):        {rate:,.0f} rows/s")
-    print(f"ratio flusher / limit: {rate / ceiling:.2f}")
+async def main(rows: int, accounts: int, batch: int, concurrency: int, rounds: int) -> None:
+    print(f"{rows} rows, {accounts} accounts, batches of {batch}, {concurrency} in flight")
+    for _ in range(rounds):
+        composite = await limit(rows, accounts, batch, concurrency, per_column=False)
+        rate, stats = await flusher(rows, accounts, batch, concurrency)
+        per_column = await limit(rows, accounts, batch, concurrency, per_column=True)
+        ceiling = max(composite, per_column)
+        print(f"limit, bare INSERT … SELECT FROM unnest(ledger_usage_row[]): {composite:,.0f} rows/s")
+        print(f"limit, bare INSERT … SELECT FROM unnest(one array per column): {per_column:,.0f} rows/s")
+        print(f"flusher, Redis outbox → Postgres ({stats['transactions']} transactions): {rate:,.0f} rows/s")
+        print(f"ratio flusher / limit: {rate / ceiling:.2f}")
 
 
 if __name__ == "__main__":
@@ -193,5 +217,6 @@ if __name__ == "__main__":
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="measurements of all three in turn")
     args = parser.parse_args()
-    asyncio.run(main(args.rows, args.accounts, args.batch, args.concurrency))
+    asyncio.run(main(args.rows, args.accounts, args.batch, args.concurrency, args.rounds))

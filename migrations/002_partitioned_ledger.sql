@@ -46,6 +46,22 @@ CREATE TABLE ledger (
 CREATE INDEX ledger_unapplied ON ledger (created_at) WHERE NOT applied;
 CREATE TABLE ledger_default PARTITION OF ledger DEFAULT;
 
+-- An account's ledger balance is accounts.balance plus its rows here: a usage batch appends one delta per
+-- account (batches in flight never queue on an account's row), folded into accounts.balance now and then.
+CREATE TABLE ledger_balance_deltas (
+    account_id  text COLLATE "C" NOT NULL,
+    delta       bigint NOT NULL
+);
+
+-- One usage row as the flusher sends it (a batch is one array of these: one parameter, cheap to encode);
+-- the fields of sidecar/ledger_store.py's _BATCH, in its order. Times are epoch milliseconds.
+CREATE TYPE ledger_usage_row AS (
+    idempotency_id text, account_id text, kind text, amount bigint, route text, model text, provider text,
+    key_source text, multiplier text, prompt_tokens bigint, cached_tokens bigint, completion_tokens bigint,
+    hold bigint, overdraft bigint, saved bigint, outcome text, started_ms bigint, settled_ms bigint,
+    created_ms bigint
+);
+
 -- Money in: one row per (account, idempotency id), naming its ledger row's created_at.
 CREATE TABLE money_in_keys (
     account_id      text COLLATE "C" NOT NULL REFERENCES accounts (id),

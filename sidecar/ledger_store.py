@@ -5,9 +5,11 @@ Nothing on the request path calls this module; the admin API, the flusher and th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,64 +19,9 @@ import asyncpg
 from .errors import IdempotencyConflict, UnknownAccount
 from .ledger_schema import LedgerConnection as LedgerConnection
 from .ledger_schema import add_partitions, migrate
+from .ledger_sql import FOLD_BALANCES, INSERT_USAGE, LEDGER_BARRIER
 
 log = logging.getLogger("creditgate.store")
-
-# Every transaction that changes what Redis should hold relative to the ledger (a usage batch, money in
-# marked applied) takes this lock shared; a reconcile or rebuild takes it exclusively while it reads
-# Redis and Postgres, so that no such change lands between the two reads.
-LEDGER_BARRIER = 0x6372656462
-
-
-# The columns of a usage batch, in the order outbox.ledger_row builds them; the three times travel as
-# epoch milliseconds and become timestamptz in SQL. created_ms (the partition key) comes from the outbox
-# entry itself, so a redelivered entry is the same (account, created_at, request id) and inserts nothing.
-_BATCH = (
-    ("idempotency_id", "text"),
-    ("account_id", "text"),
-    ("kind", "text"),
-    ("amount", "bigint"),
-    ("route", "text"),
-    ("model", "text"),
-    ("provider", "text"),
-    ("key_source", "text"),
-    ("multiplier", "text"),
-    ("prompt_tokens", "bigint"),
-    ("cached_tokens", "bigint"),
-    ("completion_tokens", "bigint"),
-    ("hold", "bigint"),
-    ("overdraft", "bigint"),
-    ("saved", "bigint"),
-    ("outcome", "text"),
-    ("started_ms", "bigint"),
-    ("settled_ms", "bigint"),
-    ("created_ms", "bigint"),
-)
-_STORED = [name for name, _ in _BATCH[:-3]]
-_MS = "timestamptz 'epoch' + b.{} * interval '1 millisecond'"
-
-_ROWS = f"""
-    INSERT INTO ledger ({", ".join(_STORED)}, started_at, settled_at, created_at)
-    SELECT {", ".join(f"b.{c}" for c in _STORED)},
-        {", ".join(_MS.format(f"{c}_ms") for c in ("started", "settled", "created"))}
-    FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, (_, t) in enumerate(_BATCH))})
-        AS b({", ".join(name for name, _ in _BATCH)})"""
-
-# The batch's rows inserted and nothing else (no barrier, no dedup, no balances): the limit
-# bench/flush_throughput.py measures the flusher against.
-BARE_INSERT = _ROWS
-
-# One statement, one round trip: the batch arrives as one array per column. Rows already present are
-# skipped, and the maintained balances move by exactly what was inserted.
-_INSERT_USAGE = f"""
-WITH barrier AS (SELECT pg_advisory_xact_lock_shared({LEDGER_BARRIER})), inserted AS ({_ROWS}, barrier
-    ON CONFLICT (account_id, created_at, idempotency_id) DO NOTHING
-    RETURNING account_id, amount
-)
-UPDATE accounts AS a SET balance = a.balance + d.delta
-FROM (SELECT account_id, sum(amount) AS delta FROM inserted GROUP BY account_id ORDER BY account_id) AS d
-WHERE a.id = d.account_id
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +33,14 @@ class MoneyIn:
     created: bool  # False: the row existed (a retry)
 
 
+FOLD_SECONDS = 1.0  # how often a flushing store folds the balance deltas (see ledger_sql)
+
+
 class LedgerStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._next_fold = 0.0
+        self._folding = False
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 4) -> LedgerStore:
@@ -96,7 +48,14 @@ class LedgerStore:
         return cls(pool)
 
     async def close(self) -> None:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            async with asyncio.timeout(2):
+                await self.fold_balances()  # leave accounts.balance whole for readers of the table
         await self.pool.close()
+
+    async def fold_balances(self) -> None:
+        """Fold the usage batches' balance deltas into accounts.balance (a no-op while another folds)."""
+        await self.pool.execute(FOLD_BALANCES)
 
     async def migrate(self) -> list[str]:
         async with self.pool.acquire() as conn:
@@ -211,28 +170,34 @@ class LedgerStore:
         # in one order; a deadlock Postgres still detects (it aborts one of the two statements, which
         # changed nothing) is retried: the insert is idempotent.
         ordered = sorted(rows, key=lambda row: (row[1], row[0]))
-        columns = [list(column) for column in zip(*ordered, strict=True)]
-        if not columns:
+        if not ordered:
             return
         for attempt in range(5):
             try:
-                await self._insert_usage(columns)
-                return
+                await self._insert_usage(ordered)
+                break
             except asyncpg.DeadlockDetectedError:
                 if attempt == 4:
                     raise
                 log.warning("a usage batch deadlocked with another; retrying it")
+        now = time.monotonic()
+        if now >= self._next_fold and not self._folding:
+            self._next_fold, self._folding = now + FOLD_SECONDS, True
+            try:
+                await self.fold_balances()
+            finally:
+                self._folding = False
 
-    async def _insert_usage(self, columns: list[list[Any]]) -> None:
+    async def _insert_usage(self, rows: list[tuple[Any, ...]]) -> None:
         try:
-            await self.pool.execute(_INSERT_USAGE, *columns)
+            await self.pool.execute(INSERT_USAGE, rows)
         except asyncpg.ForeignKeyViolationError:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "INSERT INTO accounts (id) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
-                    columns[1],
+                    sorted({row[1] for row in rows}),
                 )
-                await conn.execute(_INSERT_USAGE, *columns)
+                await conn.execute(INSERT_USAGE, rows)
 
     # ---- reconcile reads ---------------------------------------------------------------------------
 
@@ -254,7 +219,10 @@ class LedgerStore:
         """In one snapshot: account -> (ledger balance, money in not yet applied), and the unapplied rows."""
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(
-                "SELECT a.id, a.balance, coalesce(u.pending, 0) AS pending FROM accounts a"
+                "SELECT a.id, a.balance + coalesce(d.delta, 0) AS balance, coalesce(u.pending, 0) AS pending"
+                " FROM accounts a"
+                " LEFT JOIN (SELECT account_id, sum(delta) AS delta FROM ledger_balance_deltas"
+                " GROUP BY account_id) d ON d.account_id = a.id"
                 " LEFT JOIN (SELECT account_id, sum(amount) AS pending FROM ledger WHERE NOT applied"
                 " GROUP BY account_id) u ON u.account_id = a.id"
             )
