@@ -2,7 +2,7 @@
 into the partitioned Postgres ledger, and the rate Postgres takes the same rows at when nothing else is
 done, in the same run.
 
-    python bench/flush_throughput.py [--rows 100000] [--accounts 100] [--batch 500] [--concurrency 3]
+    python bench/flush_throughput.py [--rows 100000] [--accounts 100] [--batch 2000] [--concurrency 3]
                                      [--rounds 1]
 
 * **limit**: the same rows (built from the same outbox entries by the flusher's own ``ledger_row``), in
@@ -215,7 +215,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--accounts", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="measurements of all three in turn")
     args = parser.parse_args()

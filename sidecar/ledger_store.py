@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import operator
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,13 +34,18 @@ class MoneyIn:
     created: bool  # False: the row existed (a retry)
 
 
+_ACCOUNT_THEN_ID = operator.itemgetter(1, 0)  # a batch row's (account, request id)
 FOLD_SECONDS = 1.0  # how often a flushing store folds the balance deltas (see ledger_sql)
+PARTITIONS_SECONDS = 3600.0  # how often a flushing store makes sure the partitions ahead exist
 
 
 class LedgerStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # Monthly partitions ahead, kept by the flushing store (hourly) once set; None: not by this one.
+        self.partitions_ahead: int | None = None
         self._next_fold = 0.0
+        self._next_partitions = time.monotonic() + PARTITIONS_SECONDS
         self._folding = False
 
     @classmethod
@@ -169,7 +175,7 @@ class LedgerStore:
         # Rows in (account, request id) order, so concurrent batches lock index entries and account rows
         # in one order; a deadlock Postgres still detects (it aborts one of the two statements, which
         # changed nothing) is retried: the insert is idempotent.
-        ordered = sorted(rows, key=lambda row: (row[1], row[0]))
+        ordered = sorted(rows, key=_ACCOUNT_THEN_ID)
         if not ordered:
             return
         for attempt in range(5):
@@ -180,13 +186,22 @@ class LedgerStore:
                 if attempt == 4:
                     raise
                 log.warning("a usage batch deadlocked with another; retrying it")
+        await self._upkeep()
+
+    async def _upkeep(self) -> None:
+        """After a batch, now and then: fold the balance deltas; hourly, the partitions ahead (a sidecar
+        running for months still has its months' partitions). One at a time per store."""
         now = time.monotonic()
-        if now >= self._next_fold and not self._folding:
-            self._next_fold, self._folding = now + FOLD_SECONDS, True
-            try:
-                await self.fold_balances()
-            finally:
-                self._folding = False
+        if self._folding or now < self._next_fold:
+            return
+        self._next_fold, self._folding = now + FOLD_SECONDS, True
+        try:
+            await self.fold_balances()
+            if self.partitions_ahead is not None and now >= self._next_partitions:
+                self._next_partitions = now + PARTITIONS_SECONDS
+                await self.add_partitions(self.partitions_ahead)
+        finally:
+            self._folding = False
 
     async def _insert_usage(self, rows: list[tuple[Any, ...]]) -> None:
         try:

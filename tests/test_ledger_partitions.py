@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from sidecar.app import Services, services
 from sidecar.config import Settings
 from sidecar.ledger_schema import add_partitions, migrate, partitions
+from sidecar.ledger_sql import INSERT_USAGE
 from sidecar.outbox import UsageEvent
 
 from .conftest import make_settings
@@ -168,3 +170,55 @@ async def test_a_grant_retried_in_a_later_month_credits_once(svc: Services) -> N
     count = "SELECT count(*) FROM ledger WHERE idempotency_id = $1"
     assert await svc.store.pool.fetchval(count, ledger_id) == 1
     assert await svc.store.ledger_sum(account) == 1_500
+
+
+def usage(request_id: str, account: str, amount: int, at_ms: int) -> tuple[Any, ...]:
+    """A batch row as outbox.ledger_row builds it (no metadata)."""
+    return (request_id, account, "usage", -amount, *[None] * 12, at_ms, at_ms, at_ms)
+
+
+async def test_batches_on_the_same_accounts_do_not_wait_for_each_other(svc: Services) -> None:
+    """Balances move by appended deltas, not by updating the accounts' rows: a batch commits while another
+    over the same accounts is still open (under the old update it queued behind it, and batches in
+    flight deadlocked); folded, accounts.balance is the exact sum, and reads before the fold see it."""
+    accounts = [await new_account(svc, 10**9) for _ in range(40)]
+    at = ms(dt.datetime.now(UTC))
+    batches = [
+        [usage(f"req_{b}_{i}", accounts[(i * 7 + b) % 40], 1 + i % 13, at + i) for i in range(400)]
+        for b in range(12)
+    ]
+    async with svc.store.pool.acquire() as conn, conn.transaction():
+        await conn.execute(INSERT_USAGE, sorted(batches[0], key=lambda r: (r[1], r[0])))  # open, uncommitted
+        queue = batches[1:]
+
+        async def loop() -> None:
+            while queue:
+                await svc.store.insert_usage(queue.pop())
+
+        await asyncio.wait_for(asyncio.gather(*(loop() for _ in range(3))), 30)
+    expected = dict.fromkeys(accounts, 10**9)
+    for row in (row for batch in batches for row in batch):
+        expected[row[1]] += row[3]
+    async with svc.store.barrier() as conn:
+        view, _ = await svc.store.ledger_view(conn)
+    assert {a: view[a][0] for a in accounts} == expected  # deltas not yet folded included
+    await asyncio.gather(svc.store.fold_balances(), svc.store.fold_balances())  # one folds, one skips
+    await svc.store.fold_balances()
+    folded = await svc.store.pool.fetch("SELECT id, balance FROM accounts WHERE id = ANY($1)", accounts)
+    assert {r["id"]: r["balance"] for r in folded} == expected
+    assert await svc.store.pool.fetchval("SELECT count(*) FROM ledger_balance_deltas") == 0
+
+
+async def test_a_flushing_store_keeps_the_partitions_ahead(svc: Services) -> None:
+    account = await new_account(svc, 1_000)
+    now = dt.datetime.now(UTC)
+    assert svc.store.partitions_ahead == svc.settings.ledger_partitions_ahead  # set at startup
+    svc.store.partitions_ahead = svc.settings.ledger_partitions_ahead + 2
+    svc.store._next_partitions = svc.store._next_fold = 0  # the hour is up
+    await svc.store.insert_usage([usage("req_1", account, 5, ms(now))])
+    async with svc.store.pool.acquire() as conn:
+        names = await partitions(conn)
+    month = dt.date(now.year, now.month, 1)
+    for n in range(svc.store.partitions_ahead + 1):
+        year, index = divmod(month.month - 1 + n, 12)
+        assert f"ledger_{month.year + year}_{index + 1:02d}" in names
