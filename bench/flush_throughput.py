@@ -189,7 +189,11 @@ async def flusher(rows: int, accounts: int, batch: int, concurrency: int) -> tup
                 elapsed = time.perf_counter() - started
                 count = await svc.store.pool.fetchval("SELECT count(*) FROM ledger WHERE kind = 'usage'")
                 assert written == rows == count, (written, rows, count)
-                return rows / elapsed, {"transactions": drainer.stats.batches}
+                size = await svc.store.pool.fetchval(
+                    "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits"
+                    " WHERE inhparent = 'ledger'::regclass"
+                )
+                return rows / elapsed, {"transactions": drainer.stats.batches, "bytes_per_row": size / rows}
             finally:
                 left = [n async for n in svc.redis.scan_iter(match=f"{prefix}*")]
                 if left:
@@ -207,6 +211,7 @@ async def main(rows: int, accounts: int, batch: int, concurrency: int, rounds: i
         print(f"limit, bare INSERT … SELECT FROM unnest(one array per column): {per_column:,.0f} rows/s")
         print(f"flusher, Redis outbox → Postgres ({stats['transactions']} transactions): {rate:,.0f} rows/s")
         print(f"ratio flusher / limit: {rate / ceiling:.2f}")
+        print(f"ledger size (rows, indexes, TOAST): {stats['bytes_per_row']:.0f} bytes per usage row")
 
 
 if __name__ == "__main__":

@@ -58,14 +58,19 @@ BARE_INSERT = _ROWS
 # was inserted: as one delta row per account, appended (concurrent batches never wait for each other on
 # an account's row, as they did when this statement updated accounts.balance: they serialised, and
 # deadlocked), and folded into accounts.balance by FOLD_BALANCES.
-INSERT_USAGE = f"""
+_USAGE = f"""
 WITH barrier AS (SELECT pg_advisory_xact_lock_shared({LEDGER_BARRIER})), inserted AS ({_ROWS}, barrier
-    ON CONFLICT (account_id, created_at, idempotency_id) DO NOTHING
+    {{}}
     RETURNING account_id, amount
 )
 INSERT INTO ledger_balance_deltas (account_id, delta)
 SELECT account_id, sum(amount) FROM inserted GROUP BY account_id HAVING sum(amount) <> 0
 """
+INSERT_USAGE = _USAGE.format("ON CONFLICT (account_id, created_at, idempotency_id) DO NOTHING")
+# The same without the skipping, for the common case of a batch none of whose rows is present: a
+# duplicate fails the whole statement (nothing written), and the batch is then sent as INSERT_USAGE.
+# ON CONFLICT costs Postgres a speculative insertion per row, 15-30% of the insert's time here.
+INSERT_NEW_USAGE = _USAGE.format("")
 
 # The deltas folded into accounts.balance, in a transaction of their own. Rows a batch adds meanwhile are
 # not in this one's snapshot and wait for the next fold; a fold running elsewhere makes this one a no-op

@@ -20,7 +20,7 @@ import asyncpg
 from .errors import IdempotencyConflict, UnknownAccount
 from .ledger_schema import LedgerConnection as LedgerConnection
 from .ledger_schema import add_partitions, migrate
-from .ledger_sql import FOLD_BALANCES, INSERT_USAGE, LEDGER_BARRIER
+from .ledger_sql import FOLD_BALANCES, INSERT_NEW_USAGE, INSERT_USAGE, LEDGER_BARRIER
 
 log = logging.getLogger("creditgate.store")
 
@@ -205,7 +205,10 @@ class LedgerStore:
 
     async def _insert_usage(self, rows: list[tuple[Any, ...]]) -> None:
         try:
-            await self.pool.execute(INSERT_USAGE, rows)
+            try:
+                await self.pool.execute(INSERT_NEW_USAGE, rows)
+            except asyncpg.UniqueViolationError:  # some were written before (a redelivery): skip them
+                await self.pool.execute(INSERT_USAGE, rows)
         except asyncpg.ForeignKeyViolationError:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(

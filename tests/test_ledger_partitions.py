@@ -139,6 +139,7 @@ async def test_a_redelivered_outbox_entry_inserts_nothing_across_a_month_boundar
     # crash between the commit and the acknowledgement, in a later month.
     await svc.store.add_partitions(1, now=dt.datetime(2027, 1, 2, tzinfo=UTC))
     await flusher.write(batch)
+    assert flusher.stats.dead_letters == 0  # duplicates are skipped, never refused
     rows = await svc.store.pool.fetch(
         "SELECT idempotency_id, tableoid::regclass::text AS part, created_at FROM ledger"
         " WHERE kind = 'usage' ORDER BY idempotency_id"
