@@ -105,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--idempotency-key", required=True)
     grant.add_argument("--kind", default="grant", choices=MONEY_IN_KINDS)
     grant.add_argument("--note")
-    sub.add_parser("migrate", help="apply the Postgres migrations (safe to run twice)")
+    sub.add_parser(
+        "migrate",
+        help="apply the Postgres migrations and create the ledger partitions ahead (safe to run twice)",
+    )
     flush = sub.add_parser(
         "flush", help="run the outbox flusher as a process of its own (ops listener when ops_port is set)"
     )
@@ -203,7 +206,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _migrate(svc: Services) -> dict[str, Any]:
-    return {"applied": await svc.store.migrate()}
+    applied = await svc.store.migrate()
+    created = await svc.store.add_partitions(svc.settings.ledger_partitions_ahead)
+    return {"applied": applied, "partitions_created": created}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -61,8 +61,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Postgres, the durable ledger: unset starts an embedded server (the pgserver package) under data_dir.
     database_url: str | None = None
     migrate_on_start: bool = True
+    # Monthly ledger partitions created ahead of the current one (at startup, hourly while flushing, and by
+    # `creditgate migrate`).
+    ledger_partitions_ahead: Annotated[int, msgspec.Meta(ge=0, le=120)] = 3
     flusher_enabled: bool = True
-    flush_batch_size: PositiveInt = 500
+    flush_batch_size: PositiveInt = 2000
     flush_interval_seconds: PositiveSeconds = 0.2
     flush_concurrency: Annotated[int, msgspec.Meta(ge=1, le=8)] = 3
     flush_claim_idle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0

@@ -158,7 +158,7 @@ class Flusher:
         items = [Item(stream, i, f) for stream, entries in batch.entries.items() for i, f in entries]
         for item in items:
             try:
-                item.row = ledger_row(item.fields)
+                item.row = ledger_row(item.fields, item.entry_id)
             except BadEntry as exc:
                 item.reason = exc.reason
         dead = [item for item in items if item.row is None]

@@ -5,99 +5,24 @@ Nothing on the request path calls this module; the admin API, the flusher and th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime as dt
 import logging
+import operator
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from importlib.resources import files
 from typing import Any
 
 import asyncpg
 
 from .errors import IdempotencyConflict, UnknownAccount
+from .ledger_schema import LedgerConnection as LedgerConnection
+from .ledger_schema import add_partitions, migrate
+from .ledger_sql import FOLD_BALANCES, INSERT_NEW_USAGE, INSERT_USAGE, LEDGER_BARRIER
 
 log = logging.getLogger("creditgate.store")
-
-LedgerConnection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-
-_MIGRATIONS_LOCK = 0x6372656469  # advisory lock id ("credi")
-# Every transaction that changes what Redis should hold relative to the ledger (a usage batch, money in
-# marked applied) takes this lock shared; a reconcile or rebuild takes it exclusively while it reads
-# Redis and Postgres, so that no such change lands between the two reads.
-LEDGER_BARRIER = 0x6372656462
-
-
-def migration_files() -> list[tuple[str, str]]:
-    """(version, sql) of every migration shipped with the package, in order."""
-    folder = files("sidecar").joinpath("migrations")
-    found = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
-    return [(name.removesuffix(".sql"), folder.joinpath(name).read_text()) for name in found]
-
-
-async def migrate(conn: LedgerConnection) -> list[str]:
-    """Apply the migrations not applied yet, each in its own transaction; returns the versions applied.
-    Safe to run twice and from several processes at once (an advisory lock serialises them)."""
-    applied_now: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATIONS_LOCK)
-    try:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations"
-            " (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for version, sql in migration_files():
-            if version in done:
-                continue
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
-            applied_now.append(version)
-            log.info("applied migration %s", version)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATIONS_LOCK)
-    return applied_now
-
-
-# The columns of a usage batch, in the order outbox.ledger_row builds them; the two times travel as
-# epoch milliseconds and become timestamptz in SQL.
-_BATCH = (
-    ("idempotency_id", "text"),
-    ("account_id", "text"),
-    ("kind", "text"),
-    ("amount", "bigint"),
-    ("route", "text"),
-    ("model", "text"),
-    ("provider", "text"),
-    ("key_source", "text"),
-    ("multiplier", "text"),
-    ("prompt_tokens", "bigint"),
-    ("cached_tokens", "bigint"),
-    ("completion_tokens", "bigint"),
-    ("hold", "bigint"),
-    ("overdraft", "bigint"),
-    ("saved", "bigint"),
-    ("outcome", "text"),
-    ("started_ms", "bigint"),
-    ("settled_ms", "bigint"),
-)
-_STORED = [name for name, _ in _BATCH[:-2]]
-_MS = "timestamptz 'epoch' + b.{} * interval '1 millisecond'"
-
-# One statement, one round trip: the batch arrives as one array per column. Rows whose request id is
-# already present are skipped, and the maintained balances move by exactly what was inserted.
-_INSERT_USAGE = f"""
-WITH barrier AS (SELECT pg_advisory_xact_lock_shared({LEDGER_BARRIER})), inserted AS (
-    INSERT INTO ledger ({", ".join(_STORED)}, started_at, settled_at)
-    SELECT {", ".join(f"b.{c}" for c in _STORED)}, {_MS.format("started_ms")}, {_MS.format("settled_ms")}
-    FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, (_, t) in enumerate(_BATCH))})
-        AS b({", ".join(name for name, _ in _BATCH)}), barrier
-    ON CONFLICT (idempotency_id) DO NOTHING
-    RETURNING account_id, amount
-)
-UPDATE accounts AS a SET balance = a.balance + d.delta
-FROM (SELECT account_id, sum(amount) AS delta FROM inserted GROUP BY account_id ORDER BY account_id) AS d
-WHERE a.id = d.account_id
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +34,19 @@ class MoneyIn:
     created: bool  # False: the row existed (a retry)
 
 
+_ACCOUNT_THEN_ID = operator.itemgetter(1, 0)  # a batch row's (account, request id)
+FOLD_SECONDS = 1.0  # how often a flushing store folds the balance deltas (see ledger_sql)
+PARTITIONS_SECONDS = 3600.0  # how often a flushing store makes sure the partitions ahead exist
+
+
 class LedgerStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # Monthly partitions ahead, kept by the flushing store (hourly) once set; None: not by this one.
+        self.partitions_ahead: int | None = None
+        self._next_fold = 0.0
+        self._next_partitions = time.monotonic() + PARTITIONS_SECONDS
+        self._folding = False
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 4) -> LedgerStore:
@@ -119,11 +54,23 @@ class LedgerStore:
         return cls(pool)
 
     async def close(self) -> None:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            async with asyncio.timeout(2):
+                await self.fold_balances()  # leave accounts.balance whole for readers of the table
         await self.pool.close()
+
+    async def fold_balances(self) -> None:
+        """Fold the usage batches' balance deltas into accounts.balance (a no-op while another folds)."""
+        await self.pool.execute(FOLD_BALANCES)
 
     async def migrate(self) -> list[str]:
         async with self.pool.acquire() as conn:
             return await migrate(conn)
+
+    async def add_partitions(self, ahead: int, now: dt.datetime | None = None) -> list[str]:
+        """The ledger partitions of this month and `ahead` more, where missing (see ledger_schema)."""
+        async with self.pool.acquire() as conn:
+            return await add_partitions(conn, ahead, now)
 
     # ---- accounts and keys -----------------------------------------------------------------------
 
@@ -167,23 +114,34 @@ class LedgerStore:
             await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", LEDGER_BARRIER)
             if not await conn.fetchval("SELECT true FROM accounts WHERE id = $1", account):
                 raise UnknownAccount(account)
-            row = await conn.fetchrow(
-                "INSERT INTO ledger (idempotency_id, account_id, kind, amount, applied, note)"
-                " VALUES ($1, $2, $3, $4, false, $5)"
-                " ON CONFLICT (idempotency_id) DO NOTHING RETURNING applied",
-                idempotency_id,
+            # The key is unique by (account, id) alone; the ledger row it names is partitioned by the
+            # time of the first attempt, which a retry reads back from here.
+            created_at = await conn.fetchval(
+                "INSERT INTO money_in_keys (account_id, idempotency_id, created_at) VALUES ($1, $2, now())"
+                " ON CONFLICT DO NOTHING RETURNING created_at",
                 account,
-                kind,
-                amount,
-                note,
+                idempotency_id,
             )
-            if row is not None:
+            if created_at is not None:
+                await conn.execute(
+                    "INSERT INTO ledger (idempotency_id, account_id, kind, amount, applied, note, created_at)"
+                    " VALUES ($1, $2, $3, $4, false, $5, $6)",
+                    idempotency_id,
+                    account,
+                    kind,
+                    amount,
+                    note,
+                    created_at,
+                )
                 await conn.execute(
                     "UPDATE accounts SET balance = balance + $2 WHERE id = $1", account, amount
                 )
                 return MoneyIn(idempotency_id, account, amount, applied=False, created=True)
             existing = await conn.fetchrow(
-                "SELECT account_id, kind, amount, applied FROM ledger WHERE idempotency_id = $1",
+                "SELECT l.account_id, l.kind, l.amount, l.applied FROM money_in_keys k JOIN ledger l"
+                " ON (l.account_id, l.created_at, l.idempotency_id) = (k.account_id, k.created_at,"
+                " k.idempotency_id) WHERE k.account_id = $1 AND k.idempotency_id = $2",
+                account,
                 idempotency_id,
             )
         assert existing is not None
@@ -217,29 +175,47 @@ class LedgerStore:
         # Rows in (account, request id) order, so concurrent batches lock index entries and account rows
         # in one order; a deadlock Postgres still detects (it aborts one of the two statements, which
         # changed nothing) is retried: the insert is idempotent.
-        ordered = sorted(rows, key=lambda row: (row[1], row[0]))
-        columns = [list(column) for column in zip(*ordered, strict=True)]
-        if not columns:
+        ordered = sorted(rows, key=_ACCOUNT_THEN_ID)
+        if not ordered:
             return
         for attempt in range(5):
             try:
-                await self._insert_usage(columns)
-                return
+                await self._insert_usage(ordered)
+                break
             except asyncpg.DeadlockDetectedError:
                 if attempt == 4:
                     raise
                 log.warning("a usage batch deadlocked with another; retrying it")
+        await self._upkeep()
 
-    async def _insert_usage(self, columns: list[list[Any]]) -> None:
+    async def _upkeep(self) -> None:
+        """After a batch, now and then: fold the balance deltas; hourly, the partitions ahead (a sidecar
+        running for months still has its months' partitions). One at a time per store."""
+        now = time.monotonic()
+        if self._folding or now < self._next_fold:
+            return
+        self._next_fold, self._folding = now + FOLD_SECONDS, True
         try:
-            await self.pool.execute(_INSERT_USAGE, *columns)
+            await self.fold_balances()
+            if self.partitions_ahead is not None and now >= self._next_partitions:
+                self._next_partitions = now + PARTITIONS_SECONDS
+                await self.add_partitions(self.partitions_ahead)
+        finally:
+            self._folding = False
+
+    async def _insert_usage(self, rows: list[tuple[Any, ...]]) -> None:
+        try:
+            try:
+                await self.pool.execute(INSERT_NEW_USAGE, rows)
+            except asyncpg.UniqueViolationError:  # some were written before (a redelivery): skip them
+                await self.pool.execute(INSERT_USAGE, rows)
         except asyncpg.ForeignKeyViolationError:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "INSERT INTO accounts (id) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
-                    columns[1],
+                    sorted({row[1] for row in rows}),
                 )
-                await conn.execute(_INSERT_USAGE, *columns)
+                await conn.execute(INSERT_USAGE, rows)
 
     # ---- reconcile reads ---------------------------------------------------------------------------
 
@@ -261,7 +237,10 @@ class LedgerStore:
         """In one snapshot: account -> (ledger balance, money in not yet applied), and the unapplied rows."""
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(
-                "SELECT a.id, a.balance, coalesce(u.pending, 0) AS pending FROM accounts a"
+                "SELECT a.id, a.balance + coalesce(d.delta, 0) AS balance, coalesce(u.pending, 0) AS pending"
+                " FROM accounts a"
+                " LEFT JOIN (SELECT account_id, sum(delta) AS delta FROM ledger_balance_deltas"
+                " GROUP BY account_id) d ON d.account_id = a.id"
                 " LEFT JOIN (SELECT account_id, sum(amount) AS pending FROM ledger WHERE NOT applied"
                 " GROUP BY account_id) u ON u.account_id = a.id"
             )
@@ -274,11 +253,19 @@ class LedgerStore:
         )
 
     @staticmethod
-    async def present(conn: LedgerConnection, idempotency_ids: Sequence[str]) -> set[str]:
-        if not idempotency_ids:
+    async def present(conn: LedgerConnection, usage: Sequence[tuple[str, str, int]]) -> set[str]:
+        """Which of these (account, request id, created_ms) usage rows the ledger holds: one primary-key
+        probe each, in the one partition of its time."""
+        if not usage:
             return set()
+        accounts, ids, times = (list(column) for column in zip(*usage, strict=True))
         rows = await conn.fetch(
-            "SELECT idempotency_id FROM ledger WHERE idempotency_id = ANY($1::text[])", list(idempotency_ids)
+            "SELECT l.idempotency_id FROM unnest($1::text[], $2::text[], $3::bigint[]) AS p(a, i, ms)"
+            " JOIN ledger l ON l.account_id = p.a AND l.idempotency_id = p.i"
+            " AND l.created_at = timestamptz 'epoch' + p.ms * interval '1 millisecond'",
+            accounts,
+            ids,
+            times,
         )
         return {r["idempotency_id"] for r in rows}
 

@@ -74,9 +74,24 @@ def checked_event(fields: dict[Any, Any]) -> UsageEvent:
     return event
 
 
-def ledger_row(fields: dict[Any, Any]) -> tuple[Any, ...]:
-    """One outbox entry as a batch row for ``LedgerStore.insert_usage``; usage amounts are negative. Raises
-    BadEntry for an entry that must never be written (see ``checked_event``)."""
+def ledger_time_ms(event: UsageEvent, entry_id: str | bytes) -> int:
+    """The ledger row's created_at (its partition key), in epoch ms: when the money moved, as the entry
+    itself records it (the settle time, else the start, else the stream entry id's time, the moment the
+    settle script appended it). A redelivered entry carries the same, so it maps to the same row."""
+    if event.settled_ms is not None:
+        return event.settled_ms
+    if event.started_ms is not None:
+        return event.started_ms
+    stamp = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")[0]
+    if not stamp.isdigit():
+        raise BadEntry(f"no settle time and entry id {entry_id!r} has none")
+    return int(stamp)
+
+
+def ledger_row(fields: dict[Any, Any], entry_id: str | bytes) -> tuple[Any, ...]:
+    """One outbox entry (its fields and stream entry id) as a batch row for ``LedgerStore.insert_usage``;
+    usage amounts are negative. Raises BadEntry for an entry that must never be written (see
+    ``checked_event``)."""
     event = checked_event(fields)
     overdraft = max(0, event.charge - event.hold) if event.hold is not None else None
     return (
@@ -98,4 +113,5 @@ def ledger_row(fields: dict[Any, Any]) -> tuple[Any, ...]:
         event.outcome,
         event.started_ms,
         event.settled_ms,
+        ledger_time_ms(event, entry_id),
     )

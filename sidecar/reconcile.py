@@ -23,7 +23,7 @@ from .balances import Balances
 from .errors import NotInitialized, UnknownAccount
 from .keys import KeySpace
 from .ledger_store import LedgerConnection, LedgerStore
-from .outbox import decode_entry
+from .outbox import decode_entry, ledger_time_ms
 from .redis_client import RedisClient
 
 log = logging.getLogger("creditgate.reconcile")
@@ -95,7 +95,7 @@ async def _snapshot(
         pending_by_partition[keys.partition_of(account)].append((idempotency_id, account))
     views: dict[str, _RedisView] = {}
     credited: set[str] = set()
-    debits: list[tuple[str, str, int]] = []
+    debits: list[tuple[str, str, int, int]] = []  # account, request id, charge, created_ms
     for partition in range(keys.partitions):
         members = by_partition.get(partition, [])
         pending = pending_by_partition.get(partition, [])
@@ -118,12 +118,12 @@ async def _snapshot(
         for (idempotency_id, _), exists in zip(pending, replies[2 * len(members) :], strict=True):
             if exists:
                 credited.add(idempotency_id)
-        for _, fields in outbox:
+        for entry_id, fields in outbox:
             entry = decode_entry(fields)
-            debits.append((entry.account, entry.request_id, entry.charge))
-    flushed = await store.present(conn, [rid for _, rid, _ in debits])
+            debits.append((entry.account, entry.request_id, entry.charge, ledger_time_ms(entry, entry_id)))
+    flushed = await store.present(conn, [(account, rid, ms) for account, rid, _, ms in debits])
     unflushed: dict[str, int] = defaultdict(int)
-    for account, rid, charge in debits:
+    for account, rid, charge, _ in debits:
         if rid not in flushed:
             unflushed[account] += charge
     return views, unflushed, credited

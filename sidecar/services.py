@@ -104,10 +104,22 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
         await svc.close()
 
 
+async def _add_partitions(svc: Services) -> None:
+    """This month's ledger partition and ledger_partitions_ahead more (and hourly again, by the store that
+    flushes); a role that may not create tables
+    (migrations run by an operator) only warns: rows of a missing month wait in the DEFAULT partition."""
+    try:
+        await svc.store.add_partitions(svc.settings.ledger_partitions_ahead)
+        svc.store.partitions_ahead = svc.settings.ledger_partitions_ahead  # and hourly, while flushing
+    except asyncpg.InsufficientPrivilegeError as exc:
+        log.warning("cannot create ledger partitions (%s); run `creditgate migrate` monthly", exc)
+
+
 async def _prepare_ledger(svc: Services) -> None:
     try:
         if svc.settings.migrate_on_start:
             await svc.store.migrate()
+        await _add_partitions(svc)
         await rebuild_if_empty(svc.redis, svc.keys, svc.store)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         if not await svc.redis.exists(svc.keys.initialized):

@@ -19,7 +19,7 @@ from sidecar.config import Settings
 from sidecar.embedded import EmbeddedPostgres
 from sidecar.errors import Conflict
 from sidecar.flusher import GROUP
-from sidecar.ledger_store import migration_files
+from sidecar.ledger_schema import migration_files
 from sidecar.outbox import UsageEvent, ledger_row
 from sidecar.reconcile import complete_money_in, rebuild_if_empty, reconcile, repair
 
@@ -132,7 +132,7 @@ async def test_a_replayed_batch_changes_nothing(svc: Services) -> None:
     flusher = svc.flusher()
     batch = await flusher.collect()
     assert batch.size == 5
-    await svc.store.insert_usage([ledger_row(f) for entries in batch.entries.values() for _, f in entries])
+    await svc.store.insert_usage([ledger_row(f, i) for entries in batch.entries.values() for i, f in entries])
     await flusher.write(batch)  # the same rows again, as after a crash between commit and ack
     assert len(await usage_rows(svc)) == 5
     assert await svc.store.ledger_sum(account) == 1_000_000 - 500

@@ -207,13 +207,13 @@ def test_an_outbox_entry_that_cannot_be_a_ledger_row_is_refused(
     fields: dict[bytes, bytes], reason: str
 ) -> None:
     with pytest.raises(BadEntry) as caught:
-        ledger_row(fields)
+        ledger_row(fields, "1700000000000-0")
     assert caught.value.reason.startswith(reason)
 
 
 @pytest.mark.parametrize("fields", [{b"d": GOOD}, {"d": GOOD.decode()}])
 def test_a_valid_outbox_entry_is_a_ledger_row(fields: dict[Any, Any]) -> None:
-    row = ledger_row(fields)
+    row = ledger_row(fields, "1700000000000-0")
     assert row[:4] == ("req_1", "acct_1", "usage", -5)
     assert row[12:14] == (10, 0)  # hold, overdraft
 
