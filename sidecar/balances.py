@@ -1,8 +1,5 @@
-"""The Redis side of money: reserve, settle, credit and expire holds, each one Lua script.
-
-The scripts live in ``lua/*.lua`` (shipped inside the package), are registered once, and are idempotent
-by an id, so redis-py's own retry of a timed-out call can never move money twice.
-"""
+"""The Redis side of money: reserve, settle, credit and expire holds, each one Lua script, in ``lua/*.lua``
+(shipped in the package), registered once, idempotent by an id: a retried call never moves money twice."""
 
 from __future__ import annotations
 
