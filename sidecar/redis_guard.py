@@ -32,10 +32,9 @@ def _value(reply: Any, name: str) -> str | None:
 async def _configs(redis: RedisClient) -> list[tuple[str, Any]]:
     """(node, its maxmemory settings) of the Redis, or of every primary of a cluster."""
     if isinstance(redis, RedisCluster):
-        return [
-            (node.name, await redis.config_get("maxmemory*", target_nodes=node))
-            for node in redis.get_primaries()
-        ]
+        await redis.initialize()  # the slot map (a no-op once read): a fresh client knows no nodes yet
+        nodes = redis.get_primaries()
+        return [(node.name, await redis.config_get("maxmemory*", target_nodes=node)) for node in nodes]
     return [("redis", await redis.config_get("maxmemory*"))]
 
 

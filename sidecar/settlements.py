@@ -50,12 +50,12 @@ class PendingSettlement:
     def ledger_row(self) -> tuple[Any, ...]:
         """The usage row the flusher would have written from the settle's outbox entry: the same event, so
         the same created_at (its settled_ms, set once before the first try) and so the same row, should
-        the settle have reached Redis after all and its entry be flushed too. It has no stream entry id:
-        an event without times is refused (BadEntry), never given one."""
+        the settle have reached Redis after all and its entry be flushed too. (An event without times,
+        which the request path never makes, gets now: its flushed entry would take its stream id's.)"""
         event = msgspec.structs.replace(
             self.event, request_id=self.request_id, account=self.account, charge=self.charge
         )
-        return ledger_row({"d": encode_event(event)}, "")
+        return ledger_row({"d": encode_event(event)}, f"{time.time_ns() // 1_000_000}-0")
 
 
 class PendingSettlements:

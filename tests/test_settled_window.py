@@ -155,7 +155,11 @@ async def test_a_settlement_past_its_window_goes_to_the_ledger_and_is_charged_on
     request_id = f"req_{uuid.uuid4().hex[:8]}"
     await svc.balances.reserve(account, request_id, 400_000, now_ms() + 60_000)
     window_end = now_ms() + WINDOW_MS
-    event = UsageEvent(route="chat", model="test-model", hold=400_000, outcome="ok")
+    # As the request path makes it (settle.ledger_entry): its times fix the ledger row's created_at, so
+    # the row written here and the outbox entry flushed later are one row.
+    event = UsageEvent(
+        route="chat", model="test-model", hold=400_000, outcome="ok", started_ms=now_ms(), settled_ms=now_ms()
+    )
     if reached:  # Redis ran the settle, but its reply was lost: the debit and the outbox entry exist
         await svc.balances.settle(account, request_id, 250_000, event, window_end_ms=window_end)
     pending = priced.client.app[PROXY].pending
