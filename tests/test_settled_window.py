@@ -29,6 +29,8 @@ from sidecar.settlements import GIVE_UP_MARGIN_MS, PendingSettlement
 from .conftest import Sidecar, SidecarFactory, Upstream, new_key_prefix
 from .support import HELLO, MODELS, post, settled
 
+pytestmark = pytest.mark.topologies  # the window is in the money scripts: on one Redis and on the cluster
+
 WINDOW_MS = 3_600_000
 
 
