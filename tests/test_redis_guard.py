@@ -14,7 +14,7 @@ from sidecar.errors import ConfigError
 from sidecar.redis_client import connect_redis
 from sidecar.redis_guard import check_redis
 
-from .conftest import Upstream, clean_env, new_key_prefix, process_env, serve_process
+from .conftest import Upstream, new_key_prefix, process_env, serve_process
 from .support import creditgate
 from .support_cluster import LocalCluster
 from .support_redis import redis_server
@@ -27,13 +27,8 @@ VOLATILE = "evicts settled markers inside their window"
 @pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random"])
 def test_serve_refuses_an_allkeys_eviction_policy(database_url: str, tmp_path: Path, policy: str) -> None:
     with redis_server(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", policy) as redis_url:
-        env = clean_env(
-            CREDITGATE_UPSTREAM_URL="http://127.0.0.1:9/v1",
-            CREDITGATE_REDIS_URL=redis_url,
-            CREDITGATE_DATABASE_URL=database_url,
-            CREDITGATE_KEY_PREFIX=new_key_prefix(),
-            CREDITGATE_PORT="0",
-            CREDITGATE_LOG_LEVEL="ERROR",
+        env = process_env(
+            redis_url, database_url, new_key_prefix(), "http://127.0.0.1:9/v1", CREDITGATE_LOG_LEVEL="ERROR"
         )
         run = creditgate(env, "serve", cwd=tmp_path)
     assert run.returncode == 2, run.stderr
