@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from redis.exceptions import ResponseError
 
+from .balances import load_lua
 from .batches import Batch, FlushStats, Item, is_data_error
 from .keys import KeySpace, as_text
 from .ledger_store import LedgerStore
@@ -39,6 +40,8 @@ log = logging.getLogger("creditgate.flusher")
 
 GROUP = "ledger-flusher"
 POLL = 0.05  # seconds between reads of an idle outbox
+# Sent as EVAL (Redis caches it by its digest): a Redis restarted or flushed never answers NOSCRIPT.
+ACK_ENTRIES = load_lua("ack_entries")
 
 
 # Every flusher of this process, so that a drain can wait for the batches any of them has in flight.
@@ -170,10 +173,8 @@ class Flusher:
                     self.dead_letter_streams[item.stream],
                     {"entry": item.entry_id, "reason": item.reason[:500], "d": data},
                 )
-            for stream, entries in batch.entries.items():
-                ids = [entry_id for entry_id, _ in entries]
-                pipe.xack(stream, GROUP, *ids)
-                pipe.xdel(stream, *ids)
+            for stream, entries in batch.entries.items():  # one argument per stream: see ack_entries.lua
+                pipe.eval(ACK_ENTRIES, 1, stream, GROUP, " ".join(entry_id for entry_id, _ in entries))
             await pipe.execute()
         for item in dead:
             log.error("outbox entry %s parked as a dead letter: %s", item.entry_id, item.reason)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sidecar.flusher import GROUP
+from sidecar.flusher import ACK_ENTRIES, GROUP
 from sidecar.keys import KeySpace
 from sidecar.outbox import UsageEvent
 from sidecar.reconcile import reconcile
@@ -145,3 +145,22 @@ async def test_reconcile_sees_no_drift_while_every_partition_flushes(svc: Servic
     finally:
         flusher.stop()
         await loop
+
+
+async def test_acknowledging_a_batch_deletes_just_its_entries_and_can_run_twice(svc: Services) -> None:
+    """The ack script takes a batch's ids as one argument and works through them in chunks: more ids than
+    one chunk, sent twice, delete exactly those entries; an entry read but not in the batch stays pending."""
+    stream = svc.keys.outbox(3)
+    await svc.flusher().ensure_groups()
+    ids = [await svc.redis.xadd(stream, {"d": b"x"}) for _ in range(1_203)]
+    await svc.redis.xreadgroup(GROUP, "c", {stream: ">"}, count=2_000)
+    batch, kept = [i.decode() if isinstance(i, bytes) else i for i in ids[:-1]], ids[-1]
+    for expected in (1_202, 0):  # the second run finds nothing left to delete
+        assert await svc.redis.eval(ACK_ENTRIES, 1, stream, GROUP, " ".join(batch)) == expected
+    assert await svc.redis.xlen(stream) == 1
+    pending = await svc.redis.xpending(stream, GROUP)
+    assert pending["pending"] == 1
+    left = await svc.redis.xrange(stream)
+    assert left is not None
+    assert [entry_id for entry_id, _ in left] == [kept]
+    await svc.redis.delete(stream)
