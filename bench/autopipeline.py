@@ -107,7 +107,7 @@ async def open_client(client: str, url: str, concurrency: int) -> Any:
         else:
             config = glide.GlideClientConfiguration(addresses, request_timeout=5000, database_id=_db(url))
             glide_client = await glide.GlideClient.create(config)
-        script = glide.Script(SCRIPT)  # type: ignore[no-untyped-call]  # glide's __init__ has no annotation
+        script = glide.Script(SCRIPT)
         try:
             yield lambda key: glide_client.invoke_script(script, keys=[key], args=["x"])
         finally:

@@ -19,7 +19,7 @@ from .balances import Balances
 from .errors import BadRequest, Conflict, Forbidden, NotFound, NotInitialized, Unauthorized
 from .ledger_store import LedgerStore
 from .money import MAX_GRANT, MICRO, format_credits
-from .reconcile import rebuild_if_empty
+from .rebuild import rebuild_if_empty
 
 
 class GrantBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -114,7 +114,10 @@ class AdminOps:
                     # the ledger's, this row included), then credit; if another process is rebuilding,
                     # the row stays "not applied" and the reconciler completes it.
                     if attempt == 0:
-                        await rebuild_if_empty(self.balances.redis, self.balances.keys, self.store)
+                        b = self.balances
+                        await rebuild_if_empty(
+                            b.redis, b.keys, self.store, settled_marker_ms=b.settled_marker_ms
+                        )
                         continue
                     break
                 await self.store.mark_applied([ledger_id])

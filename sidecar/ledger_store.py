@@ -269,6 +269,24 @@ class LedgerStore:
         )
         return {r["idempotency_id"] for r in rows}
 
+    @staticmethod
+    async def recent_debits(
+        conn: LedgerConnection, since_ms: int
+    ) -> AsyncIterator[tuple[str, str, int, int]]:
+        """(account, request id, charge, created ms) of every usage row that charged something from
+        `since_ms` on, read through a cursor (the rebuild's settled markers; the BRIN index on created_at
+        keeps it to the recent blocks of the recent partitions)."""
+        since = dt.datetime.fromtimestamp(since_ms / 1000, dt.UTC)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            async for r in conn.cursor(
+                "SELECT account_id, idempotency_id, -amount AS charge,"
+                " floor(extract(epoch FROM created_at) * 1000)::bigint AS ms"
+                " FROM ledger WHERE kind = 'usage' AND amount < 0 AND created_at >= $1",
+                since,
+                prefetch=2_000,
+            ):
+                yield r["account_id"], r["idempotency_id"], int(r["charge"]), int(r["ms"])
+
     async def ledger_sum(self, account: str) -> int:
         return int(
             await self.pool.fetchval(

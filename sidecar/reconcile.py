@@ -1,5 +1,5 @@
 """Keeping Redis (the hot copy) true to Postgres (the ledger): complete half-done money in, measure
-drift, repair it, and rebuild Redis from the ledger when it comes up empty.
+drift and repair it (rebuilding a lost Redis from the ledger is ``rebuild``'s).
 
 For every account, Redis' balance should equal
 
@@ -14,7 +14,6 @@ meanwhile; they are either in the Redis snapshot and its outbox, or in neither.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -75,7 +74,7 @@ async def complete_money_in(store: LedgerStore, balances: Balances, older_than_s
     return len(done)
 
 
-async def _snapshot(
+async def redis_snapshot(
     redis: RedisClient,
     keys: KeySpace,
     store: LedgerStore,
@@ -135,7 +134,9 @@ async def reconcile(redis: RedisClient, keys: KeySpace, store: LedgerStore) -> l
     grant between its two steps) counts as applied: its credit marker is read with the balance."""
     async with store.barrier() as conn:
         ledger_view, unapplied = await store.ledger_view(conn)
-        views, unflushed, credited = await _snapshot(redis, keys, store, conn, list(ledger_view), unapplied)
+        views, unflushed, credited = await redis_snapshot(
+            redis, keys, store, conn, list(ledger_view), unapplied
+        )
     waiting: dict[str, int] = defaultdict(int)  # money in not yet in Redis, per account
     for idempotency_id, account, amount in unapplied:
         if idempotency_id not in credited:
@@ -177,95 +178,3 @@ async def repair(redis: RedisClient, keys: KeySpace, store: LedgerStore, balance
             before, after = await balances.fix_held(drift.account)
             log.warning("repaired %s: held %d -> %d (the sum of its holds)", drift.account, before, after)
     return drifts
-
-
-async def partitions_to_rebuild(redis: RedisClient, keys: KeySpace) -> list[int]:
-    """Every partition when Redis holds nothing of ours; else those that lost their ready marker: on a
-    Redis Cluster one shard can lose its data (a master restarted without persistence, no replica to
-    take over) while the others, and the ``initialized`` marker, survive. A Redis initialised with no
-    ready marker at all is a deployment from before the markers existed: it gets them, nothing is
-    rebuilt."""
-    if not await redis.exists(keys.initialized):
-        return list(range(keys.partitions))
-    async with redis.pipeline(transaction=False) as pipe:  # one key per command: split by node
-        for partition in range(keys.partitions):
-            pipe.exists(keys.ready(partition))
-        present = await pipe.execute()
-    missing = [partition for partition, found in enumerate(present) if not found]
-    if len(missing) < keys.partitions:
-        return missing
-    async with redis.pipeline(transaction=False) as pipe:
-        for partition in range(keys.partitions):
-            pipe.set(keys.ready(partition), "1", nx=True)  # never overwritten
-        await pipe.execute()
-    return []
-
-
-async def rebuild_if_empty(redis: RedisClient, keys: KeySpace, store: LedgerStore) -> bool:
-    """When Redis holds nothing of ours (first start, or Redis was lost), or some partitions lost their
-    keys (a cluster shard lost), load accounts, balances and active keys from the ledger for those
-    partitions. One process does it (a lock); returns True when this one did.
-
-    Balances are *set* to the ledger's figures (never added to), partition by partition in one
-    transaction each, together with the partition's ready marker. Until that marker exists the credit
-    script refuses money in, so no credit can land in Redis and then be counted again by the rebuild;
-    a grant refused meanwhile stays "not applied" and is completed afterwards. Running the writes twice
-    (a retry) leaves the same state. Partitions that kept their marker are not written."""
-    if not await partitions_to_rebuild(redis, keys):
-        return False
-    if not await redis.set(keys.rebuild_lock, "1", nx=True, px=120_000):
-        return False
-    try:
-        todo = set(await partitions_to_rebuild(redis, keys))  # again, under the lock
-        if not todo:
-            return False
-        async with store.barrier() as conn:
-            ledger_view, unapplied = await store.ledger_view(conn)
-            _, unflushed, _ = await _snapshot(redis, keys, store, conn, list(ledger_view), [])
-            keys_rows = await conn.fetch(
-                "SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL"
-            )
-            now = int(time.time())
-            by_partition: dict[int, list[str]] = defaultdict(list)
-            for account in ledger_view:
-                by_partition[keys.partition_of(account)].append(account)
-            unapplied_by_partition: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
-            for pending in unapplied:
-                unapplied_by_partition[keys.partition_of(pending[1])].append(pending)
-            for partition in sorted(todo):
-                async with redis.pipeline(transaction=True) as pipe:  # one slot: the partition's
-                    for account in by_partition.get(partition, []):
-                        k = keys.account(account)
-                        # The ledger's balance less the debits still in this Redis' outbox (they are
-                        # already out of a surviving balance, and will reach the ledger).
-                        balance = ledger_view[account][0] - unflushed.get(account, 0)
-                        pipe.hset(k.balance, "balance", str(balance))
-                        pipe.hsetnx(k.balance, "held", 0)
-                        pipe.hsetnx(k.balance, "created_at", now)
-                    # The balances include the money in still on its way: its grant must not credit again.
-                    for idempotency_id, account, amount in unapplied_by_partition.get(partition, []):
-                        pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")
-                    pipe.set(keys.ready(partition), "1")
-                    await pipe.execute()
-            async with redis.pipeline(transaction=False) as pipe:  # each is set, never added: idempotent
-                if ledger_view:
-                    pipe.sadd(keys.accounts, *ledger_view)
-                for row in keys_rows:
-                    pipe.hset(
-                        keys.api_key(row["key_hash"]), mapping={"account": row["account_id"], "id": row["id"]}
-                    )
-                    pipe.set(keys.api_key_id(row["id"]), row["key_hash"])
-                    pipe.sadd(keys.account(row["account_id"]).api_keys, row["id"])
-                pipe.set(keys.initialized, now)
-                await pipe.execute()
-        # Money in the rebuilt balances already count; in partitions left alone it is still pending.
-        await store.mark_applied([p[0] for p in unapplied if keys.partition_of(p[1]) in todo])
-        log.warning(
-            "rebuilt Redis from the ledger: %d accounts in %d of %d partitions",
-            sum(len(by_partition.get(p, [])) for p in todo),
-            len(todo),
-            keys.partitions,
-        )
-        return True
-    finally:
-        await redis.delete(keys.rebuild_lock)

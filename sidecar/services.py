@@ -19,7 +19,7 @@ from .config import Settings
 from .flusher import Flusher
 from .keys import KeySpace
 from .ledger_store import LedgerStore
-from .reconcile import rebuild_if_empty
+from .rebuild import rebuild_if_empty
 from .redis_client import REDIS_RETRIES as REDIS_RETRIES
 from .redis_client import RedisClient
 from .redis_client import connect_redis as connect_redis
@@ -120,7 +120,9 @@ async def _prepare_ledger(svc: Services) -> None:
         if svc.settings.migrate_on_start:
             await svc.store.migrate()
         await _add_partitions(svc)
-        await rebuild_if_empty(svc.redis, svc.keys, svc.store)
+        await rebuild_if_empty(
+            svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+        )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         if not await svc.redis.exists(svc.keys.initialized):
             raise

@@ -21,7 +21,8 @@ from sidecar.errors import Conflict
 from sidecar.flusher import GROUP
 from sidecar.ledger_schema import migration_files
 from sidecar.outbox import UsageEvent, ledger_row
-from sidecar.reconcile import complete_money_in, rebuild_if_empty, reconcile, repair
+from sidecar.rebuild import rebuild_if_empty
+from sidecar.reconcile import complete_money_in, reconcile, repair
 
 from .conftest import Sidecar, SidecarFactory, Upstream, clean_env, make_settings
 
@@ -295,8 +296,12 @@ async def test_redis_lost_is_rebuilt_from_the_ledger(make_sidecar: SidecarFactor
     # Redis is lost: every key of this deployment disappears.
     names = [n async for n in svc.redis.scan_iter(match=f"{svc.keys.prefix}*")]
     await svc.redis.delete(*names)
-    assert await rebuild_if_empty(svc.redis, svc.keys, svc.store)
-    assert not await rebuild_if_empty(svc.redis, svc.keys, svc.store)
+    assert await rebuild_if_empty(
+        svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+    )
+    assert not await rebuild_if_empty(
+        svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+    )
     assert (await sc.balance(account))["balance"] == 2_000_000 - charge
     assert (await sc.balance(other))["balance"] == 500_000
     status = await sc.admin("GET", "/ledger")

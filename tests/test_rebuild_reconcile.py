@@ -6,6 +6,7 @@ Real Redis and Postgres; the races are real concurrent runs.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -13,8 +14,10 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from sidecar.app import FLUSHER, services
+from sidecar.balances import ReserveStatus
 from sidecar.outbox import UsageEvent
-from sidecar.reconcile import rebuild_if_empty, reconcile, repair
+from sidecar.rebuild import MARKER_SLACK_MS, rebuild_if_empty
+from sidecar.reconcile import reconcile, repair
 
 from .conftest import Sidecar
 
@@ -56,10 +59,14 @@ async def test_a_rebuild_written_twice_leaves_the_same_balances(sidecar: Sidecar
     for _ in range(2):
         await _lose_redis(sidecar)
         await svc.redis.delete(svc.keys.initialized)
-        assert await rebuild_if_empty(svc.redis, svc.keys, svc.store)
+        assert await rebuild_if_empty(
+            svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+        )
     # And once more without losing anything first: the write step over a live Redis changes nothing.
     await svc.redis.delete(svc.keys.initialized)
-    assert await rebuild_if_empty(svc.redis, svc.keys, svc.store)
+    assert await rebuild_if_empty(
+        svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+    )
     assert (await sidecar.balance(account))["balance"] == 3_000_000
     assert await reconcile(svc.redis, svc.keys, svc.store) == []
 
@@ -75,7 +82,9 @@ async def test_money_in_waits_while_redis_is_not_rebuilt(sidecar: Sidecar) -> No
     assert result["credited"] is True
     assert await svc.store.unapplied() != []
     await svc.redis.delete(svc.keys.rebuild_lock)
-    assert await rebuild_if_empty(svc.redis, svc.keys, svc.store)
+    assert await rebuild_if_empty(
+        svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+    )
     assert (await sidecar.balance(account))["balance"] == 3_000_000
     assert await svc.store.unapplied() == []
 
@@ -165,7 +174,9 @@ async def test_a_shard_lost_while_initialized_survives_is_rebuilt_and_money_in_c
     victim = found[min(lost)]
     await _grant(sidecar, victim, 500_000)  # the credit finds no ready marker: the rebuild runs first
     assert (await sidecar.balance(victim))["balance"] == 1_500_000
-    assert not await rebuild_if_empty(svc.redis, svc.keys, svc.store)  # every partition is ready again
+    assert not await rebuild_if_empty(
+        svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+    )  # every partition is ready again
     for account in found.values():
         expected = 1_500_000 if account == victim else 1_000_000
         assert (await svc.balances.balance(account)).balance == expected
@@ -176,3 +187,53 @@ async def test_a_shard_lost_while_initialized_survives_is_rebuilt_and_money_in_c
     async with asyncio.timeout(30):
         await sidecar.client.app[FLUSHER].wait_for_rows(1)
     assert await svc.store.ledger_sum(victim) == 1_500_000 - 70
+
+
+async def test_a_settle_retried_after_redis_was_lost_and_rebuilt_charges_once(sidecar: Sidecar) -> None:
+    """Found by the money model (tests/test_money_model.py), its shrunk steps: a settle, flushed; Redis lost
+    and rebuilt; the settle sent again. The rebuild loaded the balance but not the settled marker, so the
+    retry charged a second time (Redis 2 micro-credits down, the ledger 1), and a late reserve of the same
+    request took a new hold. The rebuild now writes the markers of the window's debits back."""
+    account, _ = await sidecar.account(1_000)
+    svc = sidecar.services
+    lease = 4_000_000_000_000
+    await svc.balances.reserve(account, "req_a", 10, lease)
+    assert (await svc.balances.settle(account, "req_a", 7, UsageEvent(route="chat"))).first
+    await svc.balances.reserve(account, "req_b", 10, lease)
+    await svc.balances.settle(account, "req_b", 0)  # a release: nothing charged, no ledger row
+    await svc.flusher().drain()  # (the sidecar's own flusher may have written it already)
+    assert await svc.store.ledger_sum(account) == 993
+    await _lose_redis(sidecar)
+    assert await rebuild_if_empty(
+        svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+    )
+    again = await svc.balances.settle(account, "req_a", 7, UsageEvent(route="chat"))
+    assert (again.first, again.charged) == (False, 7)
+    assert (await svc.balances.reserve(account, "req_a", 10, lease)).status == ReserveStatus.ALREADY_SETTLED
+    # The release's retry finds no marker; it moves nothing all the same.
+    released = await svc.balances.settle(account, "req_b", 0)
+    assert (released.first, released.charged, released.released) == (True, 0, 0)
+    assert (await sidecar.balance(account))["balance"] == 993
+    assert await svc.store.ledger_sum(account) == 993
+    assert await reconcile(svc.redis, svc.keys, svc.store) == []
+    # The marker expires with the request's window (plus the slack), as the settle's own would.
+    ttl = await svc.redis.pttl(svc.keys.account(account).settled("req_a"))
+    assert 0 < ttl <= svc.balances.settled_marker_ms + MARKER_SLACK_MS
+
+
+async def test_the_rebuild_writes_no_marker_for_a_debit_older_than_the_window(sidecar: Sidecar) -> None:
+    """Only a request still inside its window can be retried: older debits get no marker back."""
+    account, _ = await sidecar.account(1_000)
+    svc = sidecar.services
+    old_ms = int(time.time() * 1000) - svc.balances.settled_marker_ms - MARKER_SLACK_MS - 1_000
+    await svc.balances.settle(account, "req_old", 5, UsageEvent(route="chat", settled_ms=old_ms))
+    await svc.balances.settle(account, "req_new", 5, UsageEvent(route="chat"))
+    await svc.flusher().drain()
+    assert await svc.store.ledger_sum(account) == 990
+    await _lose_redis(sidecar)
+    assert await rebuild_if_empty(
+        svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+    )
+    k = svc.keys.account(account)
+    assert await svc.redis.exists(k.settled("req_new")) == 1
+    assert await svc.redis.exists(k.settled("req_old")) == 0

@@ -1,0 +1,472 @@
+"""The money operations against a model: a hypothesis state machine drives the real Redis (one node and the
+cluster) and the real Postgres ledger through reserve, settle, release, retries, lease expiry on a
+controlled clock, grants and their retries, cache stores and hits, flushes, a flusher killed mid-batch,
+reconcile, and Redis lost and rebuilt from the ledger, and compares everything with an in-memory model
+after every step.
+
+Invariants, for every account after every step: Redis' balance and held equal the model's; granted =
+available + held + Σ settled (less what a lost Redis took with it, unflushed); nothing held is negative
+and no balance is, except after a settle that came in after its hold was reaped (the documented
+overdraft); every request id is settled at most once; reconcile finds no drift; once flushed, the
+ledger's sum equals Redis' balance and holds one usage row per settled request id.
+
+``CREDITGATE_MODEL_EXAMPLES`` (default 200) sets the examples per topology, 30 steps each; CI runs them
+derandomized (the same examples every run), ``CREDITGATE_MODEL_RANDOM=1`` draws new ones (nightly). A
+failure prints the shrunk steps and the blob that replays it (``@reproduce_failure``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from sidecar.balances import ReserveStatus
+from sidecar.outbox import UsageEvent
+from sidecar.rebuild import rebuild_if_empty
+from sidecar.reconcile import reconcile
+from sidecar.services import Services, services
+
+from .conftest import make_settings
+
+pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
+
+T = TypeVar("T")
+EXAMPLES = int(os.environ.get("CREDITGATE_MODEL_EXAMPLES", "200"))
+STEPS = 30
+LEASE_MS = 30_000
+CLOCK_START_MS = 1_000_000_000_000  # the model's clock (lease ends and the reaper's "now"), not the wall's
+CACHE_TTL_MS = 3_600_000
+amounts = st.integers(min_value=0, max_value=5_000_000)
+
+
+@dataclass
+class Account:
+    granted: int = 0
+    balance: int = 0
+    holds: dict[str, int] = field(default_factory=dict)  # request id -> held
+    leases: dict[str, int] = field(default_factory=dict)  # request id -> lease end (model clock)
+    charges: dict[str, int] = field(default_factory=dict)  # request id -> charged, once
+    reaped: dict[str, int] = field(default_factory=dict)  # request id -> what its reaped hold was
+    lost: int = 0  # charges a lost Redis took with it before they were flushed
+    forgotten: set[str] = field(default_factory=set)  # settles a lost Redis took with it (their charges)
+    overdrawn: bool = False  # a settle after its hold was reaped may take the balance below zero
+    cache: set[str] = field(default_factory=set)
+    usage_rows: set[str] = field(default_factory=set)  # request ids the ledger should hold once flushed
+    unflushed: set[str] = field(default_factory=set)
+
+    @property
+    def held(self) -> int:
+        return sum(self.holds.values())
+
+
+@dataclass(frozen=True)
+class Request:
+    account: str
+    request_id: str
+
+
+class MoneyModel(RuleBasedStateMachine):
+    """One example: fresh key prefix, fresh Postgres schema, fresh services; the model beside them."""
+
+    loop: asyncio.AbstractEventLoop
+    svc: Services
+
+    accounts = Bundle("accounts")
+    held = Bundle("held")  # requests holding (or whose hold was reaped): they settle once
+    settled = Bundle("settled")  # requests settled: retries move nothing
+    grants = Bundle("grants")  # (account, idempotency key, amount): retries credit nothing
+    cached = Bundle("cached")  # (account, cache key) stored in the cache
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.run(self._reset())
+        self.model: dict[str, Account] = {}
+        self.clock = CLOCK_START_MS
+        self.round = 0
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    async def _reset(self) -> None:
+        """An empty Redis (our keys) and an empty ledger (every table but the migrations'), rebuilt: the
+        services are shared by the examples, their data is not."""
+        names = [n async for n in self.svc.redis.scan_iter(match=f"{self.svc.keys.prefix}*")]
+        if names:
+            await self.svc.redis.delete(*names)
+        tables = await self.svc.store.pool.fetch(
+            "SELECT c.oid::regclass::text AS name FROM pg_class c"
+            " WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')"
+            " AND NOT c.relispartition AND c.relname <> 'schema_migrations'"
+        )
+        await self.svc.store.pool.execute(f"TRUNCATE {', '.join(t['name'] for t in tables)} CASCADE")
+        await rebuild_if_empty(
+            self.svc.redis,
+            self.svc.keys,
+            self.svc.store,
+            settled_marker_ms=self.svc.balances.settled_marker_ms,
+        )
+
+    def new_id(self, kind: str) -> str:
+        self.round += 1
+        return f"{kind}_{self.round:04d}_{uuid.uuid4().hex[:6]}"
+
+    # ---- accounts and money in ----------------------------------------------------------------------
+
+    @initialize(target=accounts, amount=st.integers(min_value=1, max_value=20_000_000))
+    def first_account(self, amount: int) -> str:
+        """An account with credits to spend (a rule of its own too, but swarm testing may switch that off)."""
+        account = self._create_account()
+        self._grant(account, amount)
+        return account
+
+    @rule(target=accounts)
+    def create_account(self) -> str:
+        return self._create_account()
+
+    def _create_account(self) -> str:
+        account = self.new_id("acct")
+        self.run(self.svc.admin.create_account(account))
+        self.model[account] = Account()
+        return account
+
+    @rule(target=grants, account=accounts, amount=st.integers(min_value=1, max_value=20_000_000))
+    def grant(self, account: str, amount: int) -> tuple[str, str, int]:
+        return self._grant(account, amount)
+
+    def _grant(self, account: str, amount: int) -> tuple[str, str, int]:
+        key = self.new_id("grant")
+        result = self.run(self.svc.admin.grant(account, amount, key))
+        assert result["credited"] is True
+        self.model[account].granted += amount
+        self.model[account].balance += amount
+        return account, key, amount
+
+    @rule(grant=grants)
+    def grant_again(self, grant: tuple[str, str, int]) -> None:
+        """A retried grant (same idempotency key) credits nothing, whatever happened since."""
+        account, key, amount = grant
+        result = self.run(self.svc.admin.grant(account, amount, key))
+        assert result["credited"] is False
+
+    # ---- the request path ---------------------------------------------------------------------------
+
+    def _reserve(self, account: str, request_id: str, amount: int, cache_key: str | None = None) -> Any:
+        return self.run(
+            self.svc.balances.reserve(account, request_id, amount, self.clock + LEASE_MS, cache_key=cache_key)
+        )
+
+    @rule(target=held, account=accounts, amount=amounts)
+    def reserve(self, account: str, amount: int) -> Any:
+        acct = self.model[account]
+        if amount == 0 or acct.balance - acct.held >= amount:
+            return self._hold(account, amount)
+        reply = self._reserve(account, self.new_id("req"), amount)
+        assert reply.status == ReserveStatus.INSUFFICIENT
+        return multiple()
+
+    def _hold(self, account: str, amount: int) -> Request:
+        """A reserve the model says the account covers."""
+        acct = self.model[account]
+        request_id = self.new_id("req")
+        reply = self._reserve(account, request_id, amount)
+        assert reply.status == ReserveStatus.HELD
+        acct.holds[request_id] = amount
+        acct.leases[request_id] = self.clock + LEASE_MS
+        return Request(account, request_id)
+
+    @rule(request=held)
+    def reserve_again(self, request: Request) -> None:
+        """A reserve sent again (a lost reply): the same hold, nothing more; once reaped it holds anew
+        only if the account still covers it."""
+        acct = self.model[request.account]
+        amount = acct.holds.get(request.request_id, acct.reaped.get(request.request_id, 0))
+        reply = self._reserve(request.account, request.request_id, amount)
+        if request.request_id in acct.holds:
+            assert reply.status == ReserveStatus.HELD
+        elif amount == 0 or acct.balance - acct.held >= amount:
+            assert reply.status == ReserveStatus.HELD
+            acct.holds[request.request_id] = amount
+            acct.leases[request.request_id] = self.clock + LEASE_MS
+            acct.reaped.pop(request.request_id)
+        else:
+            assert reply.status == ReserveStatus.INSUFFICIENT
+
+    @rule(target=settled, request=consumes(held), data=st.data())
+    def settle(self, request: Request, data: st.DataObject) -> Request:
+        """Settle at most what was held (the request path's bound); a hold already reaped still pays."""
+        acct = self.model[request.account]
+        bound = acct.holds.get(request.request_id, acct.reaped.get(request.request_id, 0))
+        self._settle(request, data.draw(st.integers(min_value=0, max_value=bound), label="charge"))
+        return request
+
+    @rule(target=settled, account=accounts, amount=amounts, data=st.data())
+    def request(self, account: str, amount: int, data: st.DataObject) -> Any:
+        """A whole request: its hold, then its settle at most that."""
+        acct = self.model[account]
+        if amount > 0 and acct.balance - acct.held < amount:
+            reply = self._reserve(account, self.new_id("req"), amount)
+            assert reply.status == ReserveStatus.INSUFFICIENT
+            return multiple()
+        request = self._hold(account, amount)
+        self._settle(request, data.draw(st.integers(min_value=0, max_value=amount), label="charge"))
+        return request
+
+    def _settle(self, request: Request, charge: int) -> None:
+        acct = self.model[request.account]
+        rid = request.request_id
+        result = self.run(
+            self.svc.balances.settle(request.account, rid, charge, UsageEvent(route="chat", model="m"))
+        )
+        assert result.first
+        assert result.charged == charge
+        assert result.released == acct.holds.pop(rid, 0)
+        acct.leases.pop(rid, None)
+        if rid in acct.reaped:
+            acct.reaped.pop(rid)
+            acct.overdrawn = acct.overdrawn or charge > 0
+        acct.balance -= charge
+        acct.charges[rid] = charge
+        if charge:
+            acct.usage_rows.add(rid)
+            acct.unflushed.add(rid)
+
+    @rule(request=settled, charge=amounts)
+    def settle_again(self, request: Request, charge: int) -> None:
+        """A retried settle, even with another charge, returns the first and moves nothing."""
+        self._settle_retry(request.account, request.request_id, charge)
+
+    @precondition(lambda self: any(acct.charges for acct in self.model.values()))
+    @rule()
+    def retry_every_settle(self) -> None:
+        """Every settle sent again with the charge it was sent with (as pending settlements are retried),
+        whatever happened since: flushed, Redis lost and rebuilt, its hold reaped."""
+        for account, acct in self.model.items():
+            for rid, charge in list(acct.charges.items()):
+                self._settle_retry(account, rid, charge)
+
+    def _settle_retry(self, account: str, rid: str, charge: int) -> None:
+        """A settle sent again returns the first charge and moves nothing, unless a lost Redis took the
+        first with it: then it is the settle (sent with the charge the request path priced)."""
+        acct = self.model[account]
+        if rid in acct.forgotten:
+            charge = acct.charges[rid]
+        result = self.run(self.svc.balances.settle(account, rid, charge, UsageEvent(route="chat")))
+        if rid not in acct.forgotten:
+            assert not result.first, rid
+            assert result.charged == acct.charges[rid], rid
+            return
+        assert result.first, rid
+        assert result.released == acct.holds.pop(rid, 0)
+        acct.leases.pop(rid, None)
+        acct.forgotten.remove(rid)
+        acct.overdrawn = acct.overdrawn or charge > 0
+        if rid not in acct.usage_rows:  # its charge was lost with Redis: this one restores it
+            acct.lost -= charge
+            acct.balance -= charge
+            if charge:
+                acct.usage_rows.add(rid)
+                acct.unflushed.add(rid)
+
+    @rule(request=settled)
+    def reserve_after_settle(self, request: Request) -> None:
+        """A reserve arriving after its request settled holds nothing (unless that settle was lost)."""
+        acct = self.model[request.account]
+        rid = request.request_id
+        reply = self._reserve(request.account, rid, 1)
+        if rid not in acct.forgotten:
+            assert reply.status == ReserveStatus.ALREADY_SETTLED
+        elif rid in acct.holds:
+            assert reply.status == ReserveStatus.HELD
+        elif acct.balance - acct.held >= 1:
+            assert reply.status == ReserveStatus.HELD
+            acct.holds[rid] = 1
+            acct.leases[rid] = self.clock + LEASE_MS
+        else:
+            assert reply.status == ReserveStatus.INSUFFICIENT
+
+    @rule(ms=st.integers(min_value=1, max_value=2 * LEASE_MS))
+    def reap(self, ms: int) -> None:
+        """The clock moves on and the reaper releases every hold whose lease ended."""
+        self.clock += ms
+        released = self.run(self.svc.balances.expire_holds(self.clock))
+        expected = 0
+        for acct in self.model.values():
+            for rid, end in list(acct.leases.items()):
+                if end <= self.clock:
+                    expected += acct.holds[rid]
+                    acct.reaped[rid] = acct.holds.pop(rid)
+                    acct.leases.pop(rid)
+        assert released == expected
+
+    @rule(target=cached, account=accounts, charge=st.integers(min_value=0, max_value=1_000))
+    def store_in_cache(self, account: str, charge: int) -> Any:
+        """A miss that stores its answer in the account's cache as it settles."""
+        acct = self.model[account]
+        request_id, cache_key = self.new_id("req"), self.svc.keys.account(account).cache(self.new_id("c"))
+        reply = self._reserve(account, request_id, charge, cache_key)
+        if charge > 0 and acct.balance - acct.held < charge:
+            assert reply.status == ReserveStatus.INSUFFICIENT
+            return multiple()
+        assert reply.status == ReserveStatus.HELD
+        result = self.run(
+            self.svc.balances.settle(
+                account,
+                request_id,
+                charge,
+                UsageEvent(route="chat"),
+                cache_entry=(cache_key, b"answer", CACHE_TTL_MS),
+            )
+        )
+        assert result.first
+        acct.balance -= charge
+        acct.charges[request_id] = charge
+        if charge:
+            acct.usage_rows.add(request_id)
+            acct.unflushed.add(request_id)
+        acct.cache.add(cache_key)
+        return account, cache_key
+
+    @rule(entry=cached)
+    def cache_hit(self, entry: tuple[str, str]) -> None:
+        """A hit holds nothing and is recorded (a zero usage row), however poor the account is."""
+        account, cache_key = entry
+        acct = self.model[account]
+        request_id = self.new_id("hit")
+        reply = self._reserve(account, request_id, 10**9, cache_key)
+        if cache_key not in acct.cache:  # lost with Redis
+            assert reply.status in (ReserveStatus.HELD, ReserveStatus.INSUFFICIENT)
+            if reply.status == ReserveStatus.HELD:
+                self.run(self.svc.balances.settle(account, request_id, 0))
+            return
+        assert reply.status == ReserveStatus.CACHED
+        assert reply.cached == b"answer"
+        result = self.run(
+            self.svc.balances.settle(account, request_id, 0, UsageEvent(route="chat"), record=True)
+        )
+        assert result.first
+        acct.usage_rows.add(request_id)
+        acct.unflushed.add(request_id)
+
+    # ---- the ledger side ----------------------------------------------------------------------------
+
+    @rule()
+    def flush(self) -> None:
+        self.run(self.svc.flusher(consumer=self.new_id("f")).drain())
+        for acct in self.model.values():
+            acct.unflushed.clear()
+        self.check_ledger()
+
+    @rule()
+    def kill_flusher(self) -> None:
+        """A flusher reads a batch and dies before writing it: the entries stay pending, for the next."""
+        self.run(self.svc.flusher(consumer=self.new_id("dead")).collect())
+
+    @rule()
+    def reconcile_finds_nothing(self) -> None:
+        assert self.run(reconcile(self.svc.redis, self.svc.keys, self.svc.store)) == []
+
+    @rule()
+    def lose_redis(self) -> None:
+        """Redis is lost (every key of ours) and rebuilt from the ledger: what was not flushed is gone with
+        it (the documented loss of a Redis without persistence), holds and cache entries too."""
+
+        async def lose() -> None:
+            names = [n async for n in self.svc.redis.scan_iter(match=f"{self.svc.keys.prefix}*")]
+            if names:
+                await self.svc.redis.delete(*names)
+            assert await rebuild_if_empty(
+                self.svc.redis,
+                self.svc.keys,
+                self.svc.store,
+                settled_marker_ms=self.svc.balances.settled_marker_ms,
+            )
+
+        self.run(lose())
+        for acct in self.model.values():
+            flushed = acct.usage_rows - acct.unflushed
+            for rid in acct.unflushed:
+                charge = acct.charges.get(rid, 0)
+                acct.lost += charge
+                acct.balance += charge
+                acct.usage_rows.discard(rid)
+            # A settle the ledger has is still known as settled; any other (unflushed, or a release that
+            # wrote no row) is forgotten: its retry settles again, with the charge it was sent with.
+            acct.forgotten |= {rid for rid in acct.charges if rid not in flushed}
+            acct.unflushed.clear()
+            acct.reaped.update(acct.holds)  # gone: a settle still pays, a retried reserve holds anew
+            acct.holds.clear()
+            acct.leases.clear()
+            acct.cache.clear()
+
+    # ---- what must hold after every step ------------------------------------------------------------
+
+    def check_ledger(self) -> None:
+        async def read() -> None:
+            for account, acct in self.model.items():
+                assert await self.svc.store.ledger_sum(account) == acct.balance, account
+                rows = await self.svc.store.pool.fetch(
+                    "SELECT idempotency_id FROM ledger WHERE account_id = $1 AND kind = 'usage'", account
+                )
+                ids = [r["idempotency_id"] for r in rows]
+                assert sorted(ids) == sorted(acct.usage_rows), account
+
+        self.run(read())
+
+    @invariant()
+    def redis_matches_the_model(self) -> None:
+        for account, acct in self.model.items():
+            view = self.run(self.svc.balances.balance(account))
+            assert (view.balance, view.held) == (acct.balance, acct.held), account
+            assert {h.request_id: h.amount for h in view.holds} == acct.holds, account
+            assert acct.granted == view.available + view.held + sum(acct.charges.values()) - acct.lost
+            assert view.held >= 0
+            assert acct.overdrawn or view.balance >= 0, account
+
+
+def test_money_operations_agree_with_the_model(redis_url: str, database_url: str) -> None:
+    loop = asyncio.new_event_loop()
+    settings_ = make_settings(
+        redis_url,
+        database_url,
+        partitions=4,
+        flush_claim_idle_seconds=0,
+        flush_interval_seconds=0.01,  # a killed flusher's read waits no longer than that
+        ledger_partitions_ahead=0,
+    )
+    opened = services(settings_)
+    MoneyModel.loop, MoneyModel.svc = loop, loop.run_until_complete(opened.__aenter__())
+    try:
+        run_state_machine_as_test(
+            MoneyModel,
+            settings=settings(
+                max_examples=EXAMPLES,
+                stateful_step_count=STEPS,
+                deadline=None,
+                derandomize=os.environ.get("CREDITGATE_MODEL_RANDOM") != "1",
+                database=None,
+                print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            ),
+        )
+    finally:
+        loop.run_until_complete(opened.__aexit__(None, None, None))
+        loop.close()
