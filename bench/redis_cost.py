@@ -325,6 +325,8 @@ async def drive_requests(
                 f"{fmt(others, n) or '0'} | {fmt(dict(monitor.lua), n)} | "
                 f"{sum(calls.values()) / n:.2f} | {cpu / n * 1e6:.0f} |"
             )
+        clients = int(sync.info("clients")["connected_clients"]) - 1  # less this bench's own
+        print(f"\nRedis connections of the sidecar process after these requests: {clients}")
         await background(app, url, sync, settings, n)
 
 
