@@ -338,7 +338,7 @@ def idle_cpu(client: redis.Redis, seconds: float = 3.0) -> float:
 
 
 def fmt(counts: dict[str, int], n: int) -> str:
-    return ", ".join(f"{c.upper()} {k / n:.2f}" for c, k in sorted(counts.items(), key=lambda item: -item[1]))
+    return ", ".join(f"{c.upper()} {k / n:.3g}" for c, k in sorted(counts.items(), key=lambda item: -item[1]))
 
 
 async def background(app: Any, url: str, sync: redis.Redis, settings: Settings, n: int) -> None:
