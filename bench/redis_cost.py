@@ -328,6 +328,11 @@ async def drive_requests(
         clients = int(sync.info("clients")["connected_clients"]) - 1  # less this bench's own
         print(f"\nRedis connections of the sidecar process after these requests: {clients}")
         await background(app, url, sync, settings, n)
+        pool = app[SERVICES].store.pool
+        print(
+            f"\nPostgres connections of the sidecar process after the drain: {pool.get_size()} "
+            f"(pool max_size {pool.get_max_size()})"
+        )
 
 
 def idle_cpu(client: redis.Redis, seconds: float = 3.0) -> float:
@@ -428,10 +433,20 @@ async def _cpu_worker(
                 await balances.reserve(account, rid, 20_000, lease, window_end_ms=window)
             if mode in ("settle", "pair"):
                 await balances.settle(account, rid, 7_500, event, window_end_ms=window)
+            if mode == "hit":  # the entry exists: the reserve returns it, a record-only settle follows
+                cached = await balances.reserve(
+                    account, rid, 20_000, lease, cache_key=hit_key(keys, account), window_end_ms=window
+                )
+                assert cached.cached is not None
+                await balances.settle(account, rid, 0, event, record=True, window_end_ms=window)
 
     await asyncio.gather(*(run() for _ in range(concurrency)))
     await pipeline.aclose()
     await r.aclose()
+
+
+def hit_key(keys: KeySpace, account: str) -> str:
+    return keys.account(account).cache("0" * 64)
 
 
 def cpu_run(
@@ -471,6 +486,10 @@ def cpu_part(url: str, pairs: int, procs: int, concurrency: int) -> None:
     for i in range(accounts):
         pipe.hset(keys.account(f"acct_{i:06d}").balance, mapping={"balance": 10**15, "held": 0})
     pipe.execute()
+    entry = b"x" * 1065  # the size of a 1 KB answer's entry (the scripts do not read it)
+    for i in range(accounts):
+        pipe.set(hit_key(keys, f"acct_{i:06d}"), entry, px=3600_000)
+    pipe.execute()
     print(
         f"\n## Redis CPU per script ({pairs:,} calls per run, {procs} client processes × {concurrency} "
         f"in flight, {accounts:,} accounts)\n"
@@ -483,15 +502,20 @@ def cpu_part(url: str, pairs: int, procs: int, concurrency: int) -> None:
     results: dict[str, float] = {}
     for attempt in range(2):
         ids = ["req_" + secrets.token_hex(16) for _ in range(pairs)]
-        for mode, these in (("reserve", ids), ("settle", ids), ("pair", None)):
+        for mode, these in (("reserve", ids), ("settle", ids), ("pair", None), ("hit", None)):
             run_ids = these if these is not None else ["req_" + secrets.token_hex(16) for _ in range(pairs)]
             load = loadavg()
             cpu, wall, calls = cpu_run(url, mode, run_ids, procs, accounts, concurrency)
             scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
             per = cpu / pairs
             results[f"{mode}{attempt}"] = per
-            title = {"reserve": "reserve", "settle": "settle (of those holds)", "pair": "reserve + settle"}
-            unit = "pair" if mode == "pair" else "call"
+            title = {
+                "reserve": "reserve",
+                "settle": "settle (of those holds)",
+                "pair": "reserve + settle",
+                "hit": "cache hit: reserve finding the entry + record-only settle",
+            }
+            unit = "pair" if mode in ("pair", "hit") else "call"
             print(
                 f"| {title[mode]}, run {attempt + 1} | {load} | {cpu:.2f} s ({cpu / wall:.0%}) | "
                 f"{per * 1e6:.1f} per {unit} | "
