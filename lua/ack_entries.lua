@@ -11,7 +11,11 @@ end
 local deleted = 0
 local chunk = 500 -- unpack() puts every argument on Lua's C stack, which holds a few thousand
 for first = 1, #ids, chunk do
-  local part = {unpack(ids, first, math.min(first + chunk - 1, #ids))}
+  local last = first + chunk - 1
+  if last > #ids then
+    last = #ids
+  end
+  local part = {unpack(ids, first, last)}
   redis.call('XACK', KEYS[1], ARGV[1], unpack(part))
   deleted = deleted + redis.call('XDEL', KEYS[1], unpack(part))
 end
