@@ -156,11 +156,48 @@ class _Connection(asyncio.Protocol):
 
 class AutoPipeline:
     def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 5.0) -> None:
+        self.url = url
         self.params = parse_url(url)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._connection: _Connection | None = None
         self._opening: asyncio.Lock | None = None
+        self._lane: AutoPipeline | None = None
+        self._waiting: asyncio.Lock | None = None
+        self._waits_sent = 0
+        self._last_wait: tuple[int | None, BaseException | None] = (None, None)
+
+    @property
+    def lane(self) -> AutoPipeline:
+        """A second pipelined connection to the same server, for writes followed by ``WAIT``: a WAIT
+        blocks its connection until the replicas answer (or its timeout), and must not hold up the
+        reserves on this one."""
+        if self._lane is None:
+            self._lane = AutoPipeline(self.url, timeout=self.timeout, connect_timeout=self.connect_timeout)
+        return self._lane
+
+    async def wait_replicas(self, replicas: int, timeout_ms: int) -> int:
+        """``WAIT replicas timeout_ms`` on this connection: how many replicas acknowledged every write
+        this connection had sent when the call began. Coalesced: at most one WAIT is in flight, and every
+        caller that arrived before the next one is sent shares its answer (a WAIT covers all the writes
+        before it on its connection), so a slow replica costs one timeout per batch, not per call."""
+        if self._waiting is None:
+            self._waiting = asyncio.Lock()
+        joined = self._waits_sent
+        async with self._waiting:  # FIFO: the callers queued behind one WAIT share the next
+            if self._waits_sent > joined:  # one was sent after this caller arrived, and has answered
+                acked, error = self._last_wait
+            else:
+                self._waits_sent += 1
+                try:
+                    acked, error = int(await self.execute("WAIT", replicas, timeout_ms)), None
+                except rx.RedisError as exc:
+                    acked, error = None, exc
+                self._last_wait = (acked, error)
+        if error is not None:
+            raise error
+        assert acked is not None
+        return acked
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command; its reply (a reply error raises)."""
@@ -233,7 +270,20 @@ class AutoPipeline:
             raise
         return connection
 
+    async def evalsha_replicated(
+        self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int | None]:
+        """Run a script on the write lane, then WAIT there: (its reply, how many replicas acknowledged
+        it, or None when the WAIT itself failed: unknown)."""
+        reply = await self.lane.evalsha(sha, script, keys, args)
+        try:
+            return reply, await self.lane.wait_replicas(replicas, timeout_ms)
+        except rx.RedisError:
+            return reply, None
+
     async def aclose(self) -> None:
+        if self._lane is not None:
+            await self._lane.aclose()
         if self._connection is not None:
             self._connection.close()
             self._connection = None

@@ -14,6 +14,10 @@ answers (the URL's nodes, then every node seen since). Redirects and outages:
   map is read again and the command resent, with backoff (50 ms doubling), ``MAX_ATTEMPTS`` tries in all.
   A timeout is not resent here: the caller's retries decide (as on one node).
 
+With ``settle_wait_replicas`` the settle script goes to its master's second connection (its *write
+lane*) and is followed there by ``WAIT``, which has no key: ``evalsha_replicated`` sends it to the very
+connection that ran the script.
+
 Resending is safe for the same reason as on one node: every money script is idempotent by an id.
 """
 
@@ -82,13 +86,38 @@ class ClusterAutoPipeline:
 
     async def evalsha(self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run a Lua script by its SHA-1 on the node of its keys' slot (EVAL when that node lacks it)."""
+        return (await self._script(sha, script, keys, args, lane=False))[1]
+
+    async def evalsha_replicated(
+        self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int | None]:
+        """Run a script on the write lane of its slot's master (``AutoPipeline.lane``), then WAIT on that
+        same connection (WAIT has no key: it goes to the node that ran the script, even if the map
+        changed meanwhile): (its reply, how many replicas acknowledged it, or None when the WAIT itself
+        failed, the master gone say: unknown)."""
+        node, reply = await self._script(sha, script, keys, args, lane=True)
+        try:
+            return reply, await node.wait_replicas(replicas, timeout_ms)
+        except rx.RedisError:
+            return reply, None
+
+    async def _script(
+        self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg], *, lane: bool
+    ) -> tuple[AutoPipeline, Any]:
         slot = key_slot(_as_bytes(keys[0])) if keys else None
         try:
-            return await self._routed(slot, ("EVALSHA", sha, len(keys), *keys, *args))
+            return await self._routed_on(slot, ("EVALSHA", sha, len(keys), *keys, *args), lane)
         except rx.NoScriptError:
-            return await self._routed(slot, ("EVAL", script, len(keys), *keys, *args))
+            return await self._routed_on(slot, ("EVAL", script, len(keys), *keys, *args), lane)
 
     async def _routed(self, slot: int | None, command: Sequence[Arg]) -> Any:
+        return (await self._routed_on(slot, command, False))[1]
+
+    async def _routed_on(
+        self, slot: int | None, command: Sequence[Arg], lane: bool
+    ) -> tuple[AutoPipeline, Any]:
+        """Send `command` to its slot's node (its write lane with `lane`), following redirects: the
+        connection that answered, and the reply."""
         asking: AutoPipeline | None = None
         delay = 0.05
         failure: rx.RedisError | None = None
@@ -96,9 +125,11 @@ class ClusterAutoPipeline:
             seen = self.generation
             try:
                 if asking is not None:
-                    target, asking = asking, None
-                    return await target.execute_asking(*command)
-                return await (await self._owner(slot)).execute(*command)
+                    target, asking = asking.lane if lane else asking, None
+                    return target, await target.execute_asking(*command)
+                node = await self._owner(slot)
+                node = node.lane if lane else node
+                return node, await node.execute(*command)
             except rx.NoScriptError:
                 raise
             except rx.ResponseError as exc:
