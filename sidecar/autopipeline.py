@@ -84,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.deadlines: collections.deque[float] = collections.deque()  # one per waiting future
         self.outgoing: list[bytes] = []
+        self.sent = 0  # commands sent so far: a command's place in this connection's order
         self.watchdog: asyncio.TimerHandle | None = None
         self.closed: Exception | None = None
 
@@ -107,6 +108,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(command)
         self.waiting.append(future)
         self.deadlines.append(deadline)
+        self.sent += 1
         if self.watchdog is None:
             self.watchdog = self.loop.call_at(deadline, self._watch)
         return future
@@ -154,6 +156,9 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+Mark = tuple[_Connection, int]  # where a command went: its connection, its place in that one's order
+
+
 class AutoPipeline:
     def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 5.0) -> None:
         self.url = url
@@ -164,8 +169,8 @@ class AutoPipeline:
         self._opening: asyncio.Lock | None = None
         self._lane: AutoPipeline | None = None
         self._waiting: asyncio.Lock | None = None
-        self._waits_sent = 0
-        self._last_wait: tuple[int | None, BaseException | None] = (None, None)
+        self._last_wait: tuple[_Connection, int, int] | None = None  # connection, place, replicas acked
+        self.waits = 0  # WAITs sent
 
     @property
     def lane(self) -> AutoPipeline:
@@ -176,28 +181,27 @@ class AutoPipeline:
             self._lane = AutoPipeline(self.url, timeout=self.timeout, connect_timeout=self.connect_timeout)
         return self._lane
 
-    async def wait_replicas(self, replicas: int, timeout_ms: int) -> int:
-        """``WAIT replicas timeout_ms`` on this connection: how many replicas acknowledged every write
-        this connection had sent when the call began. Coalesced: at most one WAIT is in flight, and every
-        caller that arrived before the next one is sent shares its answer (a WAIT covers all the writes
-        before it on its connection), so a slow replica costs one timeout per batch, not per call."""
+    async def acknowledged(self, mark: Mark | None, replicas: int, timeout_ms: int) -> int | None:
+        """How many replicas acknowledged the write at `mark` (a connection and a place in its order,
+        from `execute_marked`; None: everything sent so far): a ``WAIT`` sent after it on its connection
+        says. None when that cannot be known (the WAIT failed, the connection is gone). Coalesced: one
+        WAIT in flight, and a write sent before the last WAIT shares its answer (a WAIT covers every
+        write before it on its connection): a slow replica costs a batch one timeout, not one each."""
         if self._waiting is None:
             self._waiting = asyncio.Lock()
-        joined = self._waits_sent
-        async with self._waiting:  # FIFO: the callers queued behind one WAIT share the next
-            if self._waits_sent > joined:  # one was sent after this caller arrived, and has answered
-                acked, error = self._last_wait
-            else:
-                self._waits_sent += 1
-                try:
-                    acked, error = int(await self.execute("WAIT", replicas, timeout_ms)), None
-                except rx.RedisError as exc:
-                    acked, error = None, exc
-                self._last_wait = (acked, error)
-        if error is not None:
-            raise error
-        assert acked is not None
-        return acked
+        async with self._waiting:
+            last = self._last_wait
+            if mark is not None and last is not None and last[0] is mark[0] and last[1] > mark[1]:
+                return last[2]
+            if mark is not None and mark[0].closed is not None:
+                return None  # a WAIT on another connection would not cover it
+            self.waits += 1
+            try:
+                (connection, place), acked = await self.execute_marked("WAIT", replicas, timeout_ms)
+            except rx.RedisError:
+                return None
+            self._last_wait = (connection, place, int(acked))
+            return int(acked)
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command; its reply (a reply error raises)."""
@@ -208,6 +212,18 @@ class AutoPipeline:
         if type(reply) is hiredis.ReplyError:
             raise reply_error(reply)
         return reply
+
+    async def execute_marked(self, *args: Arg) -> tuple[Mark, Any]:
+        """`execute`, and where the command went: its connection and its place in that one's order."""
+        connection = self._connection
+        if connection is None or connection.closed is not None:
+            connection = await self._open()
+        future = connection.send(pack(args))
+        mark = (connection, connection.sent)
+        reply = await future
+        if type(reply) is hiredis.ReplyError:
+            raise reply_error(reply)
+        return mark, reply
 
     async def execute_asking(self, *args: Arg) -> Any:
         """Send ASKING and then the command, back to back on the connection (a cluster's ASK redirect:
@@ -274,12 +290,13 @@ class AutoPipeline:
         self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg], replicas: int, timeout_ms: int
     ) -> tuple[Any, int | None]:
         """Run a script on the write lane, then WAIT there: (its reply, how many replicas acknowledged
-        it, or None when the WAIT itself failed: unknown)."""
-        reply = await self.lane.evalsha(sha, script, keys, args)
+        it, or None when that cannot be known)."""
+        lane = self.lane
         try:
-            return reply, await self.lane.wait_replicas(replicas, timeout_ms)
-        except rx.RedisError:
-            return reply, None
+            mark, reply = await lane.execute_marked("EVALSHA", sha, len(keys), *keys, *args)
+        except rx.NoScriptError:
+            mark, reply = await lane.execute_marked("EVAL", script, len(keys), *keys, *args)
+        return reply, await lane.acknowledged(mark, replicas, timeout_ms)
 
     async def aclose(self) -> None:
         if self._lane is not None:

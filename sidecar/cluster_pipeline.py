@@ -30,7 +30,7 @@ from typing import Any
 from redis import exceptions as rx
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from .autopipeline import Arg, AutoPipeline
+from .autopipeline import Arg, AutoPipeline, Mark
 from .redis_urls import is_cluster_url, parse_cluster_url
 
 MAX_ATTEMPTS = 5
@@ -86,50 +86,48 @@ class ClusterAutoPipeline:
 
     async def evalsha(self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run a Lua script by its SHA-1 on the node of its keys' slot (EVAL when that node lacks it)."""
-        return (await self._script(sha, script, keys, args, lane=False))[1]
+        slot = key_slot(_as_bytes(keys[0])) if keys else None
+        try:
+            return await self._routed(slot, ("EVALSHA", sha, len(keys), *keys, *args))
+        except rx.NoScriptError:
+            return await self._routed(slot, ("EVAL", script, len(keys), *keys, *args))
 
     async def evalsha_replicated(
         self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg], replicas: int, timeout_ms: int
     ) -> tuple[Any, int | None]:
         """Run a script on the write lane of its slot's master (``AutoPipeline.lane``), then WAIT on that
-        same connection (WAIT has no key: it goes to the node that ran the script, even if the map
-        changed meanwhile): (its reply, how many replicas acknowledged it, or None when the WAIT itself
-        failed, the master gone say: unknown)."""
-        node, reply = await self._script(sha, script, keys, args, lane=True)
-        try:
-            return reply, await node.wait_replicas(replicas, timeout_ms)
-        except rx.RedisError:
-            return reply, None
-
-    async def _script(
-        self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg], *, lane: bool
-    ) -> tuple[AutoPipeline, Any]:
+        same connection (WAIT has no key: it goes to the connection that ran the script, even if the map
+        changed meanwhile): (its reply, how many replicas acknowledged it, or None when that cannot be
+        known: the WAIT failed, the master is gone)."""
         slot = key_slot(_as_bytes(keys[0])) if keys else None
         try:
-            return await self._routed_on(slot, ("EVALSHA", sha, len(keys), *keys, *args), lane)
+            lane, mark, reply = await self._routed_on(slot, ("EVALSHA", sha, len(keys), *keys, *args), True)
         except rx.NoScriptError:
-            return await self._routed_on(slot, ("EVAL", script, len(keys), *keys, *args), lane)
+            lane, mark, reply = await self._routed_on(slot, ("EVAL", script, len(keys), *keys, *args), True)
+        return reply, await lane.acknowledged(mark, replicas, timeout_ms)
 
     async def _routed(self, slot: int | None, command: Sequence[Arg]) -> Any:
-        return (await self._routed_on(slot, command, False))[1]
+        return (await self._routed_on(slot, command, False))[2]
 
     async def _routed_on(
         self, slot: int | None, command: Sequence[Arg], lane: bool
-    ) -> tuple[AutoPipeline, Any]:
-        """Send `command` to its slot's node (its write lane with `lane`), following redirects: the
-        connection that answered, and the reply."""
+    ) -> tuple[AutoPipeline, Mark | None, Any]:
+        """Send `command` to its slot's node (on its write lane with `lane`, marked), following
+        redirects: the connection that answered, where the command went on it (with `lane`), the reply."""
         asking: AutoPipeline | None = None
         delay = 0.05
         failure: rx.RedisError | None = None
         for _ in range(MAX_ATTEMPTS):
             seen = self.generation
             try:
-                if asking is not None:
+                if asking is not None:  # (unmarked: a WAIT sent after the reply covers it)
                     target, asking = asking.lane if lane else asking, None
-                    return target, await target.execute_asking(*command)
+                    return target, None, await target.execute_asking(*command)
                 node = await self._owner(slot)
-                node = node.lane if lane else node
-                return node, await node.execute(*command)
+                if not lane:
+                    return node, None, await node.execute(*command)
+                mark, reply = await node.lane.execute_marked(*command)
+                return node.lane, mark, reply
             except rx.NoScriptError:
                 raise
             except rx.ResponseError as exc:

@@ -7,6 +7,7 @@ reconcile makes of it (docs/scaling.md, *Failover*)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 import subprocess
@@ -312,16 +313,24 @@ async def test_wait_after_settle_counts_the_settles_no_replica_acknowledged(
     assert sc.balances.replicas.short == 1
 
 
-async def test_concurrent_waits_share_one_wait_in_flight(single_redis_url: str) -> None:
-    """Twenty settles' WAITs at once on one connection: the first is sent, the other nineteen share the
-    next one (a WAIT covers every write before it on its connection), so two WAITs are sent, not 20."""
+async def test_writes_sent_before_a_wait_share_its_answer(single_redis_url: str) -> None:
+    """Twenty scripts sent at once on the write lane, each then asking how many replicas have it: one
+    WAIT is sent (it covers every write before it on its connection) and all twenty share its answer;
+    a write sent after that WAIT needs a WAIT of its own."""
     pipeline = AutoPipeline(single_redis_url)
     key = f"{new_key_prefix()}w"
+    script = "return redis.call('INCR', KEYS[1])"
+    sha = hashlib.sha1(script.encode()).hexdigest()
     try:
-        await pipeline.execute("SET", key, "1")
-        acked = await asyncio.gather(*(pipeline.wait_replicas(1, 20) for _ in range(20)))
-        assert acked == [0] * 20  # the shared Redis has no replica: each WAIT times out with 0
-        assert pipeline._waits_sent == 2
+        await pipeline.lane.execute("SCRIPT", "LOAD", script)  # the lane's connection open
+        results = await asyncio.gather(
+            *(pipeline.evalsha_replicated(sha, script, [key], [], 1, 20) for _ in range(20))
+        )
+        assert sorted(reply for reply, _ in results) == list(range(1, 21))
+        assert [acked for _, acked in results] == [0] * 20  # the shared Redis has no replica
+        assert pipeline.lane.waits == 1
+        assert await pipeline.evalsha_replicated(sha, script, [key], [], 1, 20) == (21, 0)
+        assert pipeline.lane.waits == 2
     finally:
         await pipeline.execute("DEL", key)
         await pipeline.aclose()
