@@ -202,7 +202,7 @@ def check_answer(status: int, body: Any) -> None:
     if status == 503:  # OpenAI's error shape, nothing else
         assert set(body) == {"error"}, body
         assert {"message", "type", "code"} <= set(body["error"]), body
-        assert body["error"]["type"], body
+        assert (body["error"]["type"], body["error"]["code"]) == ("server_error", "service_unavailable")
 
 
 async def ledger_rows(sc: Sidecar, account: str) -> dict[str, int]:
