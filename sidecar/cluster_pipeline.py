@@ -7,12 +7,13 @@ batching per event-loop turn is kept, per node. The map is read with ``CLUSTER S
 answers (the URL's nodes, then every node seen since). Redirects and outages:
 
 - ``MOVED <slot> <host:port>``: the slot moved for good: the map is read again, and the command sent to
-  the new owner.
+  the new owner (the redirect wins over a map read from a node that has not heard of the move yet).
 - ``ASK <slot> <host:port>``: the slot is being migrated and the key is already on the target: the command
   is sent once to the target right after ``ASKING``; the map is left alone.
 - ``CLUSTERDOWN`` / ``TRYAGAIN`` replies and a lost connection to a node (a master failing over): the
   map is read again and the command resent, with backoff (50 ms doubling), ``MAX_ATTEMPTS`` tries in all.
-  A timeout is not resent here: the caller's retries decide (as on one node).
+  A timeout is not resent here: the caller's retries decide (as on one node). A command still redirected
+  after ``MAX_ATTEMPTS`` tries fails with ``ClusterError`` (a RedisError: the request path's 503).
 
 With ``settle_wait_replicas`` the settle script goes to its master's second connection (its *write
 lane*) and is followed there by ``WAIT``, which has no key: ``evalsha_replicated`` sends it to the very
@@ -134,11 +135,16 @@ class ClusterAutoPipeline:
                 kind, _, rest = str(exc).partition(" ")
                 if kind == "ASK":
                     asking = self._node(*_address(rest.split()[1], self.cluster.nodes[0][0]))
+                    failure = rx.ClusterError(f"still redirected after {MAX_ATTEMPTS} tries: {exc}")
                     continue
                 if kind == "MOVED":
                     slot_text, where = rest.split()
-                    self.slots[int(slot_text)] = self._node(*_address(where, self.cluster.nodes[0][0]))
+                    target = self._node(*_address(where, self.cluster.nodes[0][0]))
                     await self._refresh(seen)
+                    # The redirect wins over a map read from a node that has not heard of it yet (during
+                    # a failover the nodes learn the new owner one by one, by gossip).
+                    self.slots[int(slot_text)] = target
+                    failure = rx.ClusterError(f"still redirected after {MAX_ATTEMPTS} tries: {exc}")
                     continue
                 if kind not in ("CLUSTERDOWN", "TRYAGAIN"):
                     raise

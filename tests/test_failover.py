@@ -138,14 +138,13 @@ async def poll(condition: Callable[[], bool], what: str, deadline: float = DEADL
         await asyncio.sleep(0.05)  # a poll interval, not a stand-in for synchronisation
 
 
-def account_on(cluster: LocalCluster, sc: Sidecar, master: int | None = None) -> tuple[str, int]:
-    """A new account id whose slot a master serves (`master`, or any that has a live replica): (id, slot)."""
+def account_on(cluster: LocalCluster, sc: Sidecar) -> tuple[str, int]:
+    """A new account id whose slot a master with a live replica serves: (id, slot)."""
     keys = KeySpace(sc.settings.key_prefix, sc.settings.partitions)
     while True:
         account = f"a{uuid.uuid4().hex[:8]}"
         slot = key_slot(keys.account(account).balance.encode())
-        owner = owner_of(cluster, slot)
-        if (master is None and replica_of(cluster, owner) is not None) or owner == master:
+        if replica_of(cluster, owner_of(cluster, slot)) is not None:
             return account, slot
 
 
