@@ -279,7 +279,7 @@ async def test_wait_after_settle_counts_the_settles_no_replica_acknowledged(
     """settle_wait_replicas 1: with the account's replica up, every settle is acknowledged (none
     counted); with it stopped (SIGSTOP), the request is still a 200 and charged, and its settle is
     counted and logged (request and account, no key)."""
-    sc = await make_sidecar(settle_wait_replicas=1, settle_wait_timeout_ms=100)
+    sc = await make_sidecar(settle_wait_replicas=1, settle_wait_timeout_ms=1000)  # ample for a busy host
     account, slot = account_on(failover_cluster, sc)
     _, key = await sc.account(GRANT, account)
     for _ in range(3):
@@ -361,7 +361,9 @@ async def test_a_failover_under_load_answers_200_or_503_and_charges_once(
     and the grant = balance + held + Σ charges, with the ledger equal to Redis. The killed case runs
     with settle_wait_replicas 1 (a settle the replica acknowledged survives the promotion)."""
     wait = {"settle_wait_replicas": 1} if how == "killed" else {}
-    sc = await make_sidecar(**wait)
+    # Entries the flusher had read when their master died stay pending until claimed (after this idle
+    # time; 30 s by default): sooner here.
+    sc = await make_sidecar(flush_claim_idle_seconds=1, **wait)
     account, slot = account_on(failover_cluster, sc)
     _, key = await sc.account(GRANT, account)
     master = owner_of(failover_cluster, slot)
