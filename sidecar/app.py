@@ -81,6 +81,9 @@ def create_app(
             metrics.sources.flush_failures = lambda: flusher.stats.failures
             metrics.sources.dead_letters = lambda: flusher.stats.dead_letters
             metrics.sources.settlements_expired = lambda: proxy.pending.expired
+            metrics.sources.settle_unreplicated = lambda: (
+                svc.balances.replicas.short if svc.balances.replicas else 0
+            )
             metrics.sources.drift = lambda: (drift.accounts, drift.total)
             metrics.sources.backlog = flusher.backlog
 

@@ -84,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.deadlines: collections.deque[float] = collections.deque()  # one per waiting future
         self.outgoing: list[bytes] = []
+        self.sent = 0  # commands sent so far: a command's place in this connection's order
         self.watchdog: asyncio.TimerHandle | None = None
         self.closed: Exception | None = None
 
@@ -107,6 +108,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(command)
         self.waiting.append(future)
         self.deadlines.append(deadline)
+        self.sent += 1
         if self.watchdog is None:
             self.watchdog = self.loop.call_at(deadline, self._watch)
         return future
@@ -154,13 +156,52 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+Mark = tuple[_Connection, int]  # where a command went: its connection, its place in that one's order
+
+
 class AutoPipeline:
     def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 5.0) -> None:
+        self.url = url
         self.params = parse_url(url)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._connection: _Connection | None = None
         self._opening: asyncio.Lock | None = None
+        self._lane: AutoPipeline | None = None
+        self._waiting: asyncio.Lock | None = None
+        self._last_wait: tuple[_Connection, int, int] | None = None  # connection, place, replicas acked
+        self.waits = 0  # WAITs sent
+
+    @property
+    def lane(self) -> AutoPipeline:
+        """A second pipelined connection to the same server, for writes followed by ``WAIT``: a WAIT
+        blocks its connection until the replicas answer (or its timeout), and must not hold up the
+        reserves on this one."""
+        if self._lane is None:
+            self._lane = AutoPipeline(self.url, timeout=self.timeout, connect_timeout=self.connect_timeout)
+        return self._lane
+
+    async def acknowledged(self, mark: Mark | None, replicas: int, timeout_ms: int) -> int | None:
+        """How many replicas acknowledged the write at `mark` (a connection and a place in its order,
+        from `execute_marked`; None: everything sent so far): a ``WAIT`` sent after it on its connection
+        says. None when that cannot be known (the WAIT failed, the connection is gone). Coalesced: one
+        WAIT in flight, and a write sent before the last WAIT shares its answer (a WAIT covers every
+        write before it on its connection): a slow replica costs a batch one timeout, not one each."""
+        if self._waiting is None:
+            self._waiting = asyncio.Lock()
+        async with self._waiting:
+            last = self._last_wait
+            if mark is not None and last is not None and last[0] is mark[0] and last[1] > mark[1]:
+                return last[2]
+            if mark is not None and mark[0].closed is not None:
+                return None  # a WAIT on another connection would not cover it
+            self.waits += 1
+            try:
+                (connection, place), acked = await self.execute_marked("WAIT", replicas, timeout_ms)
+            except rx.RedisError:
+                return None
+            self._last_wait = (connection, place, int(acked))
+            return int(acked)
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command; its reply (a reply error raises)."""
@@ -171,6 +212,18 @@ class AutoPipeline:
         if type(reply) is hiredis.ReplyError:
             raise reply_error(reply)
         return reply
+
+    async def execute_marked(self, *args: Arg) -> tuple[Mark, Any]:
+        """`execute`, and where the command went: its connection and its place in that one's order."""
+        connection = self._connection
+        if connection is None or connection.closed is not None:
+            connection = await self._open()
+        future = connection.send(pack(args))
+        mark = (connection, connection.sent)
+        reply = await future
+        if type(reply) is hiredis.ReplyError:
+            raise reply_error(reply)
+        return mark, reply
 
     async def execute_asking(self, *args: Arg) -> Any:
         """Send ASKING and then the command, back to back on the connection (a cluster's ASK redirect:
@@ -233,7 +286,21 @@ class AutoPipeline:
             raise
         return connection
 
+    async def evalsha_replicated(
+        self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int | None]:
+        """Run a script on the write lane, then WAIT there: (its reply, how many replicas acknowledged
+        it, or None when that cannot be known)."""
+        lane = self.lane
+        try:
+            mark, reply = await lane.execute_marked("EVALSHA", sha, len(keys), *keys, *args)
+        except rx.NoScriptError:
+            mark, reply = await lane.execute_marked("EVAL", script, len(keys), *keys, *args)
+        return reply, await lane.acknowledged(mark, replicas, timeout_ms)
+
     async def aclose(self) -> None:
+        if self._lane is not None:
+            await self._lane.aclose()
         if self._connection is not None:
             self._connection.close()
             self._connection = None

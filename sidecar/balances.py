@@ -14,12 +14,15 @@ import msgspec
 from redis.commands.core import AsyncScript
 
 from .autopipeline import AutoPipeline
+from .balance_views import AccountBalance as AccountBalance
+from .balance_views import HoldView as HoldView
 from .cluster_pipeline import ClusterAutoPipeline
 from .errors import IdempotencyConflict, NotInitialized, UnknownAccount, WindowClosed
 from .keys import KeySpace, as_text
 from .money import MAX_CHARGE
 from .outbox import UsageEvent, encode_event
 from .redis_client import RedisClient
+from .replicas import ReplicaWait
 
 
 def load_lua(name: str) -> str:
@@ -51,25 +54,6 @@ class Settlement:
     charged: int
 
 
-@dataclass(frozen=True, slots=True)
-class HoldView:
-    request_id: str
-    amount: int
-    lease_end_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class AccountBalance:
-    account: str
-    balance: int
-    held: int
-    holds: list[HoldView]
-
-    @property
-    def available(self) -> int:
-        return self.balance - self.held
-
-
 class Balances:
     def __init__(
         self,
@@ -78,12 +62,15 @@ class Balances:
         *,
         settled_marker_ms: int,
         pipeline: AutoPipeline | ClusterAutoPipeline | None = None,
+        replicas: ReplicaWait | None = None,
     ) -> None:
         """`pipeline`, when given, carries the script calls (the request path's); `redis` the rest.
         `settled_marker_ms`: the window of a reserve (from its request's start) and of a settle (from
-        its first try), the most a settled marker lives; see `window_end`."""
+        its first try), the most a settled marker lives; see `window_end`. `replicas`: WAIT after each
+        settle on the pipeline (replicas.py)."""
         self.redis = redis
         self.pipeline = pipeline
+        self.replicas = replicas
         self.keys = keys
         self.settled_marker_ms = settled_marker_ms
         self._reserve = redis.register_script(load_lua("reserve"))
@@ -95,17 +82,30 @@ class Balances:
         self.on_script: Callable[[str, int], None] = _ignore
 
     async def _call(
-        self, name: str, script: AsyncScript, keys: list[Any], args: list[Any], *, retried: bool = False
+        self,
+        name: str,
+        script: AsyncScript,
+        keys: list[Any],
+        args: list[Any],
+        *,
+        retried: bool = False,
+        wait: ReplicaWait | None = None,
+        account: str = "",
     ) -> Any:
-        """Run a script: on the request path's pipeline when there is one, or with `retried` on redis-py,
-        whose retry policy sends it again when its reply is lost (for the admin's money in, which has no
-        retry of its own)."""
+        """Run a script: on the request path's pipeline when there is one (then WAIT, with `wait`), or with
+        `retried` on redis-py, which resends it when its reply is lost (the admin's money in has no retry)."""
         started = time.perf_counter_ns()
         try:
             if self.pipeline is not None and not retried:
                 text = script.script
                 text = text if isinstance(text, str | bytes) else bytes(text)
-                return await self.pipeline.evalsha(script.sha, text, keys, args)
+                if wait is None:
+                    return await self.pipeline.evalsha(script.sha, text, keys, args)
+                reply, acked = await self.pipeline.evalsha_replicated(
+                    script.sha, text, keys, args, wait.replicas, wait.timeout_ms
+                )
+                wait.check(acked, str(args[0]), account)
+                return reply
             return await script(keys=keys, args=args)
         finally:
             self.on_script(name, time.perf_counter_ns() - started)
@@ -199,7 +199,8 @@ class Balances:
         if cache_entry is not None:
             keys.append(cache_entry[0])
             args += [cache_entry[1], cache_entry[2]]
-        status, balance, released, charged = await self._call("settle", self._settle, keys, args)
+        reply = await self._call("settle", self._settle, keys, args, wait=self.replicas, account=account)
+        status, balance, released, charged = reply
         if status == -1:
             raise UnknownAccount(account)
         if status == -3:

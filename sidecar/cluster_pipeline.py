@@ -7,12 +7,17 @@ batching per event-loop turn is kept, per node. The map is read with ``CLUSTER S
 answers (the URL's nodes, then every node seen since). Redirects and outages:
 
 - ``MOVED <slot> <host:port>``: the slot moved for good: the map is read again, and the command sent to
-  the new owner.
+  the new owner (the redirect wins over a map read from a node that has not heard of the move yet).
 - ``ASK <slot> <host:port>``: the slot is being migrated and the key is already on the target: the command
   is sent once to the target right after ``ASKING``; the map is left alone.
 - ``CLUSTERDOWN`` / ``TRYAGAIN`` replies and a lost connection to a node (a master failing over): the
   map is read again and the command resent, with backoff (50 ms doubling), ``MAX_ATTEMPTS`` tries in all.
-  A timeout is not resent here: the caller's retries decide (as on one node).
+  A timeout is not resent here: the caller's retries decide (as on one node). A command still redirected
+  after ``MAX_ATTEMPTS`` tries fails with ``ClusterError`` (a RedisError: the request path's 503).
+
+With ``settle_wait_replicas`` the settle script goes to its master's second connection (its *write
+lane*) and is followed there by ``WAIT``, which has no key: ``evalsha_replicated`` sends it to the very
+connection that ran the script.
 
 Resending is safe for the same reason as on one node: every money script is idempotent by an id.
 """
@@ -26,7 +31,7 @@ from typing import Any
 from redis import exceptions as rx
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from .autopipeline import Arg, AutoPipeline
+from .autopipeline import Arg, AutoPipeline, Mark
 from .redis_urls import is_cluster_url, parse_cluster_url
 
 MAX_ATTEMPTS = 5
@@ -88,28 +93,58 @@ class ClusterAutoPipeline:
         except rx.NoScriptError:
             return await self._routed(slot, ("EVAL", script, len(keys), *keys, *args))
 
+    async def evalsha_replicated(
+        self, sha: str, script: Arg, keys: Sequence[Arg], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int | None]:
+        """Run a script on the write lane of its slot's master (``AutoPipeline.lane``), then WAIT on that
+        same connection (WAIT has no key: it goes to the connection that ran the script, even if the map
+        changed meanwhile): (its reply, how many replicas acknowledged it, or None when that cannot be
+        known: the WAIT failed, the master is gone)."""
+        slot = key_slot(_as_bytes(keys[0])) if keys else None
+        try:
+            lane, mark, reply = await self._routed_on(slot, ("EVALSHA", sha, len(keys), *keys, *args), True)
+        except rx.NoScriptError:
+            lane, mark, reply = await self._routed_on(slot, ("EVAL", script, len(keys), *keys, *args), True)
+        return reply, await lane.acknowledged(mark, replicas, timeout_ms)
+
     async def _routed(self, slot: int | None, command: Sequence[Arg]) -> Any:
+        return (await self._routed_on(slot, command, False))[2]
+
+    async def _routed_on(
+        self, slot: int | None, command: Sequence[Arg], lane: bool
+    ) -> tuple[AutoPipeline, Mark | None, Any]:
+        """Send `command` to its slot's node (on its write lane with `lane`, marked), following
+        redirects: the connection that answered, where the command went on it (with `lane`), the reply."""
         asking: AutoPipeline | None = None
         delay = 0.05
         failure: rx.RedisError | None = None
         for _ in range(MAX_ATTEMPTS):
             seen = self.generation
             try:
-                if asking is not None:
-                    target, asking = asking, None
-                    return await target.execute_asking(*command)
-                return await (await self._owner(slot)).execute(*command)
+                if asking is not None:  # (unmarked: a WAIT sent after the reply covers it)
+                    target, asking = asking.lane if lane else asking, None
+                    return target, None, await target.execute_asking(*command)
+                node = await self._owner(slot)
+                if not lane:
+                    return node, None, await node.execute(*command)
+                mark, reply = await node.lane.execute_marked(*command)
+                return node.lane, mark, reply
             except rx.NoScriptError:
                 raise
             except rx.ResponseError as exc:
                 kind, _, rest = str(exc).partition(" ")
                 if kind == "ASK":
                     asking = self._node(*_address(rest.split()[1], self.cluster.nodes[0][0]))
+                    failure = rx.ClusterError(f"still redirected after {MAX_ATTEMPTS} tries: {exc}")
                     continue
                 if kind == "MOVED":
                     slot_text, where = rest.split()
-                    self.slots[int(slot_text)] = self._node(*_address(where, self.cluster.nodes[0][0]))
+                    target = self._node(*_address(where, self.cluster.nodes[0][0]))
                     await self._refresh(seen)
+                    # The redirect wins over a map read from a node that has not heard of it yet (during
+                    # a failover the nodes learn the new owner one by one, by gossip).
+                    self.slots[int(slot_text)] = target
+                    failure = rx.ClusterError(f"still redirected after {MAX_ATTEMPTS} tries: {exc}")
                     continue
                 if kind not in ("CLUSTERDOWN", "TRYAGAIN"):
                     raise

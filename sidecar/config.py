@@ -125,6 +125,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A request's window: its reserve, and its settle (from the first try), may land in Redis this long;
     # a settled marker lives as long, later arrivals are refused, a settle still waiting goes to the ledger.
     settled_marker_seconds: Annotated[int, msgspec.Meta(ge=60)] = 3600
+    # After a settle, WAIT for this many replicas (0: off), at most the timeout (below redis_timeout_seconds).
+    settle_wait_replicas: Annotated[int, msgspec.Meta(ge=0, le=16)] = 0
+    settle_wait_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
     disconnect_drain_seconds: PositiveSeconds = 60.0
     # Upstream HTTP.
     upstream_connect_timeout_seconds: PositiveSeconds = 10.0
@@ -162,8 +165,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     @property
     def ops_listen_port(self) -> int | None:
-        """The ops listener's port (`ops_port`, else 9090 in sidecar mode), or None: no ops listener, the
-        API listener serves /healthz, /readyz and /metrics itself."""
+        """The ops listener's port: `ops_port`, else 9090 in sidecar mode, else None (the API's serves)."""
         if self.ops_port is not None:
             return self.ops_port
         return OPS_PORT_SIDECAR if self.mode == "sidecar" else None

@@ -57,6 +57,7 @@ class Sources:
     flush_failures: Callable[[], int] = lambda: 0
     dead_letters: Callable[[], int] = lambda: 0
     settlements_expired: Callable[[], int] = lambda: 0
+    settle_unreplicated: Callable[[], int] = lambda: 0
     drift: Callable[[], tuple[int, int]] = lambda: (0, 0)
     backlog: Callable[[], Awaitable[tuple[int, float]]] | None = None  # refreshed on each scrape
 
@@ -80,6 +81,11 @@ class _StatsCollector(Collector):
                 "creditgate_settlements_expired",
                 "Settlements Redis did not take within their window, written to the ledger instead.",
                 value=self.sources.settlements_expired(),
+            )
+            yield CounterMetricFamily(
+                "creditgate_settle_unreplicated",
+                "Settles fewer replicas acknowledged than settle_wait_replicas asked (the debit stands).",
+                value=self.sources.settle_unreplicated(),
             )
             yield from self._drift()
 

@@ -23,6 +23,7 @@ from .rebuild import rebuild_if_empty
 from .redis_client import REDIS_RETRIES as REDIS_RETRIES
 from .redis_client import RedisClient
 from .redis_client import connect_redis as connect_redis
+from .replicas import ReplicaWait
 
 log = logging.getLogger("creditgate.services")
 
@@ -92,6 +93,9 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
             timeout=settings.redis_timeout_seconds,
             connect_timeout=settings.redis_timeout_seconds,
         ),
+        replicas=ReplicaWait(settings.settle_wait_replicas, settings.settle_wait_timeout_ms)
+        if settings.settle_wait_replicas
+        else None,
     )
     accounts = AccountDirectory(redis, keys, cache_seconds=settings.auth_cache_seconds)
     svc = Services(settings, redis, store, keys, balances, accounts)

@@ -131,6 +131,42 @@ async def test_the_pipeline_follows_moved_to_the_owner(redis_cluster: LocalClust
         await pipeline.aclose()
 
 
+async def test_a_moved_redirect_wins_over_a_stale_map_and_endless_redirects_fail_as_redis_errors(
+    redis_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a failover the nodes learn the new owner one by one: a map read after a MOVED may still
+    name the old owner. The redirect is kept over it (the command reaches the owner on the next try);
+    a command redirected on every try fails with a RedisError (a 503 upstream), not an internal error."""
+    pipeline = ClusterAutoPipeline(redis_cluster.url)
+    key = f"{new_key_prefix()}{{p3}}:k"
+    slot = key_slot(key.encode())
+    try:
+        await pipeline.execute("PING")
+        owner = pipeline.slots[slot]
+        wrong = next(n for n in pipeline.slots if n is not None and n is not owner)
+
+        async def stale(seen: int) -> None:  # every map read names the wrong node
+            pipeline.slots = [wrong] * len(pipeline.slots)
+            pipeline.generation += 1
+
+        monkeypatch.setattr(pipeline, "_refresh", stale)
+        await stale(0)
+        assert await pipeline.evalsha(SHA, SCRIPT, [key], ["v"]) == b"v"  # MOVED, then the owner
+        assert pipeline.slots[slot] is owner
+        moved_to_wrong = f"MOVED {slot} {next(h for h, n in pipeline.nodes.items() if n is wrong)[0]}:"
+        moved_to_wrong += str(next(p for (_, p), n in pipeline.nodes.items() if n is wrong))
+        assert owner is not None
+
+        async def redirects(*args: Any) -> Any:
+            raise redis.ResponseError(moved_to_wrong)
+
+        monkeypatch.setattr(owner, "execute", redirects)  # owner and wrong node send it to each other
+        with pytest.raises(redis.RedisError, match="still redirected after 5 tries"):
+            await pipeline.evalsha(SHA, SCRIPT, [key], ["v"])
+    finally:
+        await pipeline.aclose()
+
+
 async def test_the_pipeline_follows_ask_during_a_migration(redis_cluster: LocalCluster) -> None:
     """A slot migrating from one master to another: a key not on the source is answered ASK, and the
     command is sent once to the target after ASKING (the key lands there); the map is unchanged."""
