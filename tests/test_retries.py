@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from sidecar.app import FLUSHER, PROXY, create_app
+from sidecar.flusher import ACK_ENTRIES
 
 from .conftest import Sidecar, SidecarFactory, Upstream, make_settings
 from .support_faults import RedisFaultProxy, command, fault_proxy, script
@@ -115,16 +116,16 @@ async def test_a_grant_whose_credit_reply_is_lost_completes_and_credits_once(
     assert [(r["amount"], r["applied"]) for r in applied] == [(700, True)]
 
 
-@pytest.mark.parametrize("lost", ["XREADGROUP", "XACK"])
+@pytest.mark.parametrize("lost", [("XREADGROUP",), ("EVAL", ACK_ENTRIES)], ids=["read", "acknowledge"])
 async def test_a_flush_whose_reply_is_lost_completes_and_writes_once(
-    through_faults: SidecarFactory, faults: RedisFaultProxy, lost: str
+    through_faults: SidecarFactory, faults: RedisFaultProxy, lost: tuple[str, ...]
 ) -> None:
     # A read whose reply is lost leaves its entries pending on this consumer (XREADGROUP is not
     # idempotent: sent again, it reads the next ones): they are taken over once idle this long.
     sc = await through_faults(flush_claim_idle_seconds=1)
     account, key = await sc.account(10_000_000)
     await faults.wait_for(lambda: faults.count(command("XREADGROUP")) > 0)  # the flusher polls
-    faults.lose_replies(1, command(lost))
+    faults.lose_replies(1, command(*lost))  # the read, or the acknowledgement (ack_entries.lua)
     resp = await post(sc, {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 200
     rows = await usage_rows(sc, account)
