@@ -57,6 +57,7 @@ from .conftest import (
     new_key_prefix,
     process_env,
 )
+from .support import creditgate
 
 DEADLINE = 60  # seconds: a guard that fails the test, never a timing assertion
 LEASE_SECONDS = 1  # hold_lease_seconds (its least value): a killed request's hold outlives it by this
@@ -263,13 +264,19 @@ async def ledger_of(pg: asyncpg.Connection, account: str) -> LedgerView:
     return LedgerView(int(row["total"]), int(row["charged"]), int(row["rows"]), int(row["ids"]))
 
 
-async def ledger_equals_redis(svc: Services, pg: asyncpg.Connection, accounts: list[str]) -> None:
-    """After a drain: the ledger's sum is Redis' balance, nothing is held, reconcile finds nothing."""
+async def ledger_equals_redis(
+    svc: Services, pg: asyncpg.Connection, accounts: list[str], proc: Restartable
+) -> None:
+    """After a drain: the ledger's sum is Redis' balance, nothing is held, and reconcile finds nothing,
+    called here and as `creditgate reconcile` (a process of its own, with the killed one's settings)."""
     assert await drained(svc.redis, svc.keys), await outbox(svc.redis, svc.keys)
     for account in accounts:
         assert (await ledger_of(pg, account)).total == (await balance_of(svc.redis, svc.keys, account))[0]
         assert await holds_of(svc.redis, svc.keys, account) == {}
     assert await reconcile(svc.redis, svc.keys, svc.store) == []
+    done = await asyncio.to_thread(creditgate, proc.env, "reconcile", cwd=proc.cwd)
+    assert done.returncode == 0, done.stderr
+    assert msgspec.json.decode(done.stdout) == {"drifting": []}
 
 
 # ---- the Postgres hook: a trigger on the ledger that waits on the test's advisory lock -----------------
@@ -447,7 +454,7 @@ async def test_sigkill_during_a_request_leaves_no_hold_and_charges_at_most_once(
                     raise
         assert await proc.stop() == 0
         assert await drained(svc.redis, keys)
-        await ledger_equals_redis(svc, world.pg, [account])
+        await ledger_equals_redis(svc, world.pg, [account], proc)
         ledger = await ledger_of(world.pg, account)
         assert ledger.usage_rows == ledger.usage_ids  # no request id charged twice
     finally:
@@ -565,7 +572,7 @@ async def test_sigkill_during_a_flush_batch_writes_every_row_once(
                 with_seed("flush", seed, exc, f"{entries} entries, stopped at row {nth}, writer {rollback}")
                 raise
         assert await proc.stop() == 0
-        await ledger_equals_redis(svc, world.pg, [account])
+        await ledger_equals_redis(svc, world.pg, [account], proc)
     finally:
         await proc.close()
 
@@ -614,7 +621,7 @@ async def test_sigkill_during_a_grant_credits_it_once(world: World, redis_url: s
                     with_seed("grant", seed, exc, how + (", reconciler first" if reconciler else ""))
                     raise
         assert await proc.stop() == 0
-        await ledger_equals_redis(svc, world.pg, [account])
+        await ledger_equals_redis(svc, world.pg, [account], proc)
     finally:
         await proc.close()
 
