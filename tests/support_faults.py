@@ -1,5 +1,9 @@
 """A TCP fault proxy for Redis: an asyncio proxy on loopback between creditgate and Redis that, on the
-test's command, loses replies, holds them back, or cuts connections.
+test's command, loses replies, delivers them late, cuts them in half, holds them back, cuts connections,
+or refuses connections (stops listening) and accepts them again.
+
+It speaks to one Redis server (host and port, or a unix socket): on a Redis Cluster the client follows
+the slot map to the nodes' own addresses, around any proxy, so faults through it are one-node only.
 
 Deterministic, driven by the test: a fault is armed for the next N commands that match a predicate; each
 such command still reaches Redis and runs there, but its reply never comes back (as when a link dies
@@ -82,8 +86,10 @@ class _Link:
     commands: collections.deque[Command] = field(default_factory=collections.deque)
     dead: bool = False  # a reply was lost here: nothing more is delivered
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # the link was closed (by either side)
 
     def close(self) -> None:
+        self.gone.set()
         for writer in (self.client, self.server):
             writer.close()
 
@@ -95,23 +101,29 @@ class RedisFaultProxy:
         self.server: asyncio.Server | None = None
         self.links: set[_Link] = set()
         self.faults: list[_Fault] = []
+        self.delays: list[_Fault] = []
+        self.halves: list[_Fault] = []
         self.seen: list[Command] = []  # every command sent through, in order
         self.lost: list[Command] = []  # the commands whose reply a fault swallowed
+        self.late: list[Command] = []  # the commands whose reply was held until the client gave up
+        self.halved: list[Command] = []  # the commands whose reply was cut in the middle
+        self.port = 0
         self._changed = asyncio.Condition()
         self._flowing = asyncio.Event()  # cleared by hold_replies()
         self._flowing.set()
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        port = self.server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/{self.db}"
+        assert self.port
+        return f"redis://127.0.0.1:{self.port}/{self.db}"
 
     async def start(self) -> RedisFaultProxy:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
         return self
 
     async def close(self) -> None:
+        self._flowing.set()
         if self.server is not None:
             self.server.close()
         for link in list(self.links):
@@ -126,6 +138,30 @@ class RedisFaultProxy:
     def lose_replies(self, times: int, when: Predicate) -> None:
         """The next `times` commands matching `when` run in Redis, but their replies are lost."""
         self.faults.append(_Fault(when, times))
+
+    def delay_replies(self, times: int, when: Predicate) -> None:
+        """The next `times` commands matching `when` run in Redis, but their reply (and every later one on
+        that connection) is held back until the client gives up on the connection (its timeout), and
+        only then written: a reply arriving after the client's timeout, on a connection it has closed."""
+        self.delays.append(_Fault(when, times))
+
+    def cut_mid_reply(self, times: int, when: Predicate) -> None:
+        """The next `times` commands matching `when` run in Redis; the first half of the reply's bytes is
+        delivered, then the connection is cut."""
+        self.halves.append(_Fault(when, times))
+
+    async def refuse(self) -> None:
+        """Stop listening (new connections are refused, as by a Redis that is down) and cut every open
+        connection."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        self.cut()
+
+    async def accept(self) -> None:
+        """Listen again, on the same port."""
+        if self.server is None:
+            await self.start()
 
     def hold_replies(self) -> None:
         """Hold back every reply (a slow Redis) until release_replies()."""
@@ -194,6 +230,7 @@ class RedisFaultProxy:
             pass
         finally:
             link.close()
+            await self._notify()
 
     async def _replies(self, link: _Link, reader: asyncio.StreamReader) -> None:
         buf = bytearray()
@@ -207,9 +244,23 @@ class RedisFaultProxy:
                     cmd = link.commands.popleft()
                     if link.dead:
                         continue
-                    if self._lose(cmd):
+                    if _take(self.faults, cmd):
                         link.dead = True
                         self.lost.append(cmd)
+                        continue
+                    if _take(self.halves, cmd):
+                        link.client.write(bytes(out) + reply[: len(reply) // 2])
+                        self.halved.append(cmd)
+                        link.close()
+                        return
+                    if _take(self.delays, cmd):  # sent late, once the client has left
+                        link.client.write(bytes(out))
+                        async with asyncio.timeout(30):
+                            await link.gone.wait()
+                        self.late.append(cmd)
+                        await self._notify()
+                        link.dead = True
+                        link.client.write(reply)  # onto a closed connection: nobody reads it
                         continue
                     out += reply
                 if out:  # the replies before a lost one still arrive
@@ -222,12 +273,14 @@ class RedisFaultProxy:
         finally:
             link.close()
 
-    def _lose(self, cmd: Command) -> bool:
-        for fault in self.faults:
-            if fault.remaining > 0 and fault.when(cmd):
-                fault.remaining -= 1
-                return True
-        return False
+
+def _take(faults: list[_Fault], cmd: Command) -> bool:
+    """Whether an armed fault matches `cmd` (and, if so, one fewer is left of it)."""
+    for fault in faults:
+        if fault.remaining > 0 and fault.when(cmd):
+            fault.remaining -= 1
+            return True
+    return False
 
 
 @contextlib.asynccontextmanager

@@ -73,3 +73,62 @@ def redis_server(directory: Path, *options: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+class OwnRedis:
+    """A redis-server of the test's own that the test can kill (SIGKILL: no shutdown save) and start
+    again on the same port and data directory: it comes back with what its RDB snapshot (``SAVE``) or its
+    AOF held, and with an empty script cache."""
+
+    def __init__(self, directory: Path, *options: str) -> None:
+        self.directory = directory
+        self.options = options
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OwnRedis:
+        self.proc = subprocess.Popen(
+            [
+                redis_server_binary(),
+                *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)),
+                *("--save", "", "--appendonly", "no", *self.options),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        deadline = time.monotonic() + 20
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return self
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                    time.sleep(0.02)  # polling a condition (the server answers) with a deadline
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: whatever was written since the last snapshot (or not yet fsynced) is lost."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@contextlib.contextmanager
+def own_redis(directory: Path, *options: str) -> Iterator[OwnRedis]:
+    server = OwnRedis(directory, *options).start()
+    try:
+        yield server
+    finally:
+        server.stop()
