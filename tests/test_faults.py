@@ -265,26 +265,34 @@ async def test_a_redis_restart_from_an_older_snapshot_loses_what_the_readme_says
     """README, "Eviction, persistence": RDB only (or AOF with ``appendfsync no``, whose loss needs the
     OS to crash, not just Redis: an RDB snapshot stands in for it here). After the restart: a debit
     already flushed is in the ledger and no longer in Redis (reconcile reports it), and its settle retried
-    charges Redis once again and the ledger not at all; a debit not flushed is lost from both (reconcile
-    cannot see it) and its hold is back until the reaper releases it; a hold taken after the snapshot is
-    gone; a grant's Redis step is lost while its ledger row says applied: complete_money_in and a retried
-    grant leave it, reconcile reports it and repair credits it, once."""
+    charges Redis once again and the ledger not at all; an outbox entry flushed after the snapshot comes
+    back (the ledger has it: no drift, and written again it is skipped); a debit not flushed is lost from
+    both (reconcile cannot see it) and its hold is back until the reaper releases it; a hold taken after
+    the snapshot is gone; a grant's Redis step lost before its ledger row was marked applied is completed
+    by complete_money_in, once; one lost after: complete_money_in and a retried grant leave it,
+    reconcile reports it and repair credits it, once."""
     sc = await sidecar_on(own.url, flusher_enabled=False)
     svc, b = sc.services, sc.balances
-    flushed, unflushed, granted = [(await sc.account(1_000_000))[0] for _ in range(3)]
+    flushed, unflushed, granted, half = [(await sc.account(1_000_000))[0] for _ in range(4)]
     lease = int(time.time() * 1000) + 3_600_000
     await b.reserve(unflushed, "req_back", 300_000, lease)
+    before = UsageEvent(started_ms=lease - 3_600_000, settled_ms=lease - 3_600_000)
+    await b.reserve(flushed, "req_before", 150_000, lease)
+    await b.settle(flushed, "req_before", 100_000, before)  # in the snapshot's outbox, flushed after it
     sync = redis.Redis.from_url(own.url)
     sync.save()  # ---- the snapshot; everything below is lost with the restart ----
     now = int(time.time() * 1000)
     event, window = UsageEvent(started_ms=now, settled_ms=now), b.window_end(now)
     await b.reserve(flushed, "req_flushed", 300_000, lease)
     assert (await b.settle(flushed, "req_flushed", 200_000, event, window_end_ms=window)).first
-    assert await svc.flusher().drain() == 1  # in the ledger before the crash
+    assert await svc.flusher().drain() == 2  # both in the ledger (and deleted from Redis) before the crash
     await b.settle(unflushed, "req_back", 250_000, event, window_end_ms=window)  # still in the outbox
     grant_key = uuid.uuid4().hex
     await sc.admin("POST", f"/accounts/{granted}/grants", {"amount": 700}, **{"Idempotency-Key": grant_key})
     await b.reserve(flushed, "req_gone", 100_000, lease)
+    # a grant stopped between its two steps: ledger row written, Redis credited, not yet marked applied
+    await svc.store.record_money_in("in:half", half, "grant", 500, None)
+    assert await b.credit(half, "in:half", 500) == (True, 1_000_500)
     sync.close()
     own.kill()
     own.start()
@@ -293,33 +301,40 @@ async def test_a_redis_restart_from_an_older_snapshot_loses_what_the_readme_says
         state = await sc.balance(account)
         return state["balance"], state["held"], [h["request_id"] for h in state["holds"]]
 
-    assert await redis_view(flushed) == (1_000_000, 0, [])  # its debit and both its holds: gone
+    assert await redis_view(flushed) == (900_000, 0, [])  # the later debit and both later holds: gone
     assert await redis_view(unflushed) == (1_000_000, 300_000, ["req_back"])  # the hold is back
     assert await redis_view(granted) == (1_000_000, 0, [])
-    assert [await svc.store.ledger_sum(a) for a in (flushed, unflushed, granted)] == [
-        800_000,
+    assert await redis_view(half) == (1_000_000, 0, [])
+    assert [await svc.store.ledger_sum(a) for a in (flushed, unflushed, granted, half)] == [
+        700_000,
         1_000_000,
         1_000_700,
+        1_000_500,
     ]
     drifts = {d.account: d.amount for d in await reconcile(svc.redis, svc.keys, svc.store)}
-    assert drifts == {flushed: 200_000, granted: -700}  # the unflushed debit is invisible: in neither
+    # req_before's entry is back in the outbox, but the ledger has it: not counted as waiting. The
+    # unflushed debit is invisible: in neither.
+    assert drifts == {flushed: 200_000, granted: -700}
 
     # No double effect on retry: the settle sent again (its marker was lost) debits this Redis once, and
     # its entry, the same event, is the same ledger row: skipped.
     again = await b.settle(flushed, "req_flushed", 200_000, event, window_end_ms=window)
-    assert (again.first, again.balance) == (True, 800_000)
+    assert (again.first, again.balance) == (True, 700_000)
     assert not (await b.settle(flushed, "req_flushed", 200_000, event, window_end_ms=window)).first
     await svc.flusher().drain()
     ids = await svc.store.pool.fetch("SELECT idempotency_id FROM ledger WHERE kind = 'usage'")
-    assert [r["idempotency_id"] for r in ids] == ["req_flushed"]
-    assert await svc.store.ledger_sum(flushed) == 800_000
+    assert sorted(r["idempotency_id"] for r in ids) == ["req_before", "req_flushed"]  # each once
+    assert await svc.store.ledger_sum(flushed) == 700_000
 
     # The hold that came back is released by the reaper once its lease ends; its charge is lost.
     assert await b.expire_holds(lease + 1) == 300_000
     assert await redis_view(unflushed) == (1_000_000, 0, [])
 
-    # The grant: its row is applied, so neither the reconciler's completion nor a retry credits it.
+    # The half-done grant: completed by the reconciler, once. The whole one: its row is applied, so
+    # neither the reconciler's completion nor a retry credits it.
+    assert await complete_money_in(svc.store, b) == 1
     assert await complete_money_in(svc.store, b) == 0
+    assert await redis_view(half) == (1_000_500, 0, [])
     retried = await sc.admin(
         "POST", f"/accounts/{granted}/grants", {"amount": 700}, **{"Idempotency-Key": grant_key}
     )
@@ -327,7 +342,7 @@ async def test_a_redis_restart_from_an_older_snapshot_loses_what_the_readme_says
     repaired = await repair(svc.redis, svc.keys, svc.store, b)
     assert {d.account: d.amount for d in repaired} == {granted: -700}
     assert await reconcile(svc.redis, svc.keys, svc.store) == []
-    for account in (flushed, unflushed, granted):
+    for account in (flushed, unflushed, granted, half):
         assert (await sc.balance(account))["balance"] == await svc.store.ledger_sum(account)
 
 
