@@ -1,5 +1,6 @@
 """Helpers the test modules share: the price table most tests use, request helpers, the /metrics
-scraper, the OpenAI SDK client, and a sidecar behind the listener `serve` uses with raw clients of it.
+scraper, the OpenAI SDK client, a sidecar behind the listener `serve` uses with raw clients of it, an
+upstream that answers when the test says, and a ledger read.
 (Fixtures live in conftest.py.)"""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import openai
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.app import PROXY, create_app
+from sidecar.app import FLUSHER, PROXY, create_app
 from sidecar.config import Settings
 from sidecar.connections import ListenerLimits
 from sidecar.serve import _site
@@ -195,3 +196,35 @@ async def admin_balance(host: str, port: int, account: str) -> Any:
     url = f"http://{host}:{port}/admin/accounts/{account}"
     async with aiohttp.ClientSession(headers=ADMIN) as session, session.get(url) as resp:
         return await resp.json()
+
+
+async def usage_rows(sc: Sidecar, account: str) -> list[Any]:
+    """The account's usage rows in Postgres, once the flusher wrote at least one."""
+    async with asyncio.timeout(30):
+        await sc.client.app[FLUSHER].wait_for_rows(1)
+    return list(
+        await sc.services.store.pool.fetch(
+            "SELECT * FROM ledger WHERE kind = 'usage' AND account_id = $1", account
+        )
+    )
+
+
+def held_upstream() -> tuple[web.Application, asyncio.Event, asyncio.Event]:
+    """An upstream that answers a chat request only once the test sets `release`."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def chat(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app, arrived, release

@@ -36,12 +36,14 @@ from sidecar.pipeline.retry import Retry
 from sidecar.reconcile import complete_money_in, reconcile, repair
 
 from .conftest import Sidecar, Upstream, make_settings
+from .support import HELLO, MODELS, held_upstream, pooled, post, usage_rows
 from .support_cluster import LocalCluster
 from .support_faults import Command, RedisFaultProxy, fault_proxy, script
 from .support_pg_faults import PgFaultProxy, commit_of, pg_fault_proxy, statement
 from .support_redis import OwnRedis, own_redis
-from .test_retries import CHARGE, HELLO, MODELS, held_upstream, post, usage_rows
 
+CHARGE = pooled(5 * 1000 + 16 * 2000)  # the demo's 5 prompt and 16 completion tokens
+CHAT = "/v1/chat/completions"
 FAST = 0.3  # redis_timeout_seconds: how soon a late or lost reply is given up on
 BATCH = statement("INSERT INTO ledger_balance_deltas")  # a usage batch (both forms of the statement)
 Factory = Callable[..., Awaitable[Sidecar]]
@@ -96,7 +98,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 async def chat(sc: Sidecar, key: str) -> str:
     """One request, answered and charged CHARGE; returns its request id."""
-    resp = await post(sc, {"model": "test-model", "messages": HELLO}, key)
+    resp = await post(sc, CHAT, {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 200, await resp.text()
     assert resp.headers["x-creditgate-charged"] == str(CHARGE)
     return resp.headers["x-request-id"]
@@ -169,7 +171,7 @@ async def test_while_redis_refuses_connects_a_request_gets_503_and_holds_nothing
     sc = await sidecar_on(faults.url, reserve_retry_seconds=0.5)
     account, key = await sc.account(10_000_000)
     await faults.refuse()
-    resp = await post(sc, {"model": "test-model", "messages": HELLO}, key)
+    resp = await post(sc, CHAT, {"model": "test-model", "messages": HELLO}, key)
     assert resp.status == 503
     await faults.accept()
     state = await sc.balance(account)
@@ -187,7 +189,7 @@ async def test_a_settle_while_redis_refuses_connects_waits_and_is_settled_once_w
     gateway = sc.client.app[PROXY]
     monkeypatch.setattr(gateway.settler, "retry", Retry((0.01, 0.01)))  # ride out less than ~6 s
     account, key = await sc.account(10_000_000)
-    answer = asyncio.create_task(post(sc, {"model": "test-model", "messages": HELLO}, key))
+    answer = asyncio.create_task(post(sc, CHAT, {"model": "test-model", "messages": HELLO}, key))
     await arrived.wait()  # held: its hold is taken
     await faults.refuse()
     release.set()

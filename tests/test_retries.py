@@ -15,12 +15,12 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 
 from sidecar.app import FLUSHER, PROXY, create_app
 from sidecar.flusher import ACK_ENTRIES
 
 from .conftest import Sidecar, SidecarFactory, Upstream, make_settings
+from .support import held_upstream, usage_rows
 from .support_faults import RedisFaultProxy, command, fault_proxy, script
 
 MODELS = {"test-model": {"prompt": "1", "completion": "2", "max_output_tokens": 100}}
@@ -53,17 +53,6 @@ async def through_faults(
 async def post(sc: Sidecar, body: dict[str, Any], key: str) -> aiohttp.ClientResponse:
     return await sc.client.post(
         "/v1/chat/completions", data=msgspec.json.encode(body), headers={"Authorization": f"Bearer {key}"}
-    )
-
-
-async def usage_rows(sc: Sidecar, account: str) -> list[Any]:
-    """The account's usage rows in Postgres, once the flusher wrote at least one."""
-    async with asyncio.timeout(30):
-        await sc.client.app[FLUSHER].wait_for_rows(1)
-    return list(
-        await sc.services.store.pool.fetch(
-            "SELECT * FROM ledger WHERE kind = 'usage' AND account_id = $1", account
-        )
     )
 
 
@@ -134,27 +123,6 @@ async def test_a_flush_whose_reply_is_lost_completes_and_writes_once(
     flusher = sc.client.app[FLUSHER]
     assert flusher.stats.failures == 0
     assert (await flusher.backlog())[0] == 0  # acknowledged and deleted: nothing left to write again
-
-
-def held_upstream() -> tuple[web.Application, asyncio.Event, asyncio.Event]:
-    """An upstream that answers a chat request only once the test sets `release`."""
-    arrived, release = asyncio.Event(), asyncio.Event()
-
-    async def chat(request: web.Request) -> web.Response:
-        arrived.set()
-        await release.wait()
-        return web.json_response(
-            {
-                "id": "c1",
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21},
-            }
-        )
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app, arrived, release
 
 
 class Counting:
