@@ -64,7 +64,7 @@ class PendingSettlements:
         self.limit = limit
         self.pending: dict[str, PendingSettlement] = {}
         self.settled = 0  # taken by Redis on a later try
-        self.dropped = 0  # refused for good: the account is gone, or the backlog was full
+        self.dropped = 0  # refused for good: the backlog was full
         self.expired = 0  # gave up on Redis after the window: written to the ledger instead
         # Writes an expired settlement's usage row to the ledger (the app points it at the ledger store);
         # until it is set, or while it fails, the settlement stays waiting.
@@ -102,10 +102,10 @@ class PendingSettlements:
             except WindowClosed:  # Redis says the window ended (its clock ahead of ours)
                 await self._give_up(item)
                 continue
-            except UnknownAccount:
-                self.dropped += 1
-                del self.pending[request_id]
-                log.error("settlement of %s: account %s no longer exists", request_id, item.account)
+            except UnknownAccount:  # never deleted: Redis lost it; it waits for the rebuild (or its window)
+                log.warning(
+                    "settlement of %s waits: account %s is missing from Redis", request_id, item.account
+                )
                 continue
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("%d settlements still wait for Redis (%r)", len(self.pending), exc)

@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from sidecar.app import FLUSHER, services
+from sidecar.app import FLUSHER, PROXY, services
 from sidecar.balances import ReserveStatus
 from sidecar.outbox import UsageEvent
 from sidecar.rebuild import MARKER_SLACK_MS, rebuild_if_empty
 from sidecar.reconcile import reconcile, repair
 
-from .conftest import Sidecar
+from .conftest import Sidecar, SidecarFactory
+from .support import HELLO, MODELS, held_upstream, pooled, post, settled, usage_rows
 
 pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
 
@@ -237,3 +238,39 @@ async def test_the_rebuild_writes_no_marker_for_a_debit_older_than_the_window(si
     k = svc.keys.account(account)
     assert await svc.redis.exists(k.settled("req_new")) == 1
     assert await svc.redis.exists(k.settled("req_old")) == 0
+
+
+async def test_a_request_whose_account_redis_lost_meanwhile_is_charged_once_after_the_rebuild(
+    make_sidecar: SidecarFactory, aiohttp_server: Any
+) -> None:
+    """Seen before (the fault suite): Redis lost (and not yet rebuilt) while a request ran, so its settle
+    found no account and was dropped as "no longer exists": the answer was served, the charge lost.
+    Accounts are never deleted, so it now waits in the settlement queue and lands once after the rebuild
+    (or, if no rebuild comes within its window, goes to the ledger directly)."""
+    app, arrived, release = held_upstream()
+    server = await aiohttp_server(app)
+    sc = await make_sidecar(models=MODELS, upstream_url=str(server.make_url("/v1")))
+    account, key = await sc.account(10_000_000)
+    svc = sc.services
+    request = asyncio.create_task(
+        post(sc, "/v1/chat/completions", {"model": "test-model", "messages": HELLO}, key)
+    )
+    await arrived.wait()
+    await _lose_redis(sc)  # every key of ours, the account and the hold too
+    release.set()
+    resp = await request
+    assert resp.status == 200
+    await settled(sc)
+    pending = sc.client.app[PROXY].pending
+    assert len(pending.pending) == 1  # kept, not dropped
+    assert pending.dropped == 0
+    assert await rebuild_if_empty(
+        svc.redis, svc.keys, svc.store, settled_marker_ms=svc.balances.settled_marker_ms
+    )
+    assert await pending.retry() == 1
+    charge = pooled(5 * 1000 + 16 * 2000)  # the answer's usage at test-model's prices, on the pooled key
+    assert (await sc.balance(account))["balance"] == 10_000_000 - charge
+    rows = await usage_rows(sc, account)  # the sidecar's flusher, its consumer group made again
+    assert [r["amount"] for r in rows] == [-charge]
+    assert await svc.store.ledger_sum(account) == 10_000_000 - charge
+    assert await reconcile(svc.redis, svc.keys, svc.store) == []

@@ -85,7 +85,6 @@ class Settler:
         if stored is not None and adm.cache is not None and adm.cache.colocated:
             store = (adm.cache.key, stored.encoded, self.cache_ttl_ms)
         settlement = None
-        account_gone = False
         # one window end for every try, here and in the background: from the first try (never before the
         # request's start, whose window its reserve carried), so the marker outlives each try's window
         window_end_ms = self.balances.window_end(max(int(time.time() * 1000), adm.started_ms))
@@ -108,24 +107,26 @@ class Settler:
                 break
             except RedisError as exc:  # idempotent by request id: retrying cannot charge twice
                 log.warning("settle of %s failed (attempt %d): %r", adm.request_id, tries, exc)
-            except UnknownAccount:  # deleted while its request ran: there is nothing left to debit
-                log.error("settle of %s: account %s no longer exists", adm.request_id, adm.account)
-                account_gone = True
+            except UnknownAccount:  # accounts are never deleted: Redis lost it, and is not rebuilt yet
+                log.error(
+                    "settle of %s: account %s is missing from Redis (lost?); kept until it is rebuilt",
+                    adm.request_id,
+                    adm.account,
+                )
                 break
             pause = self.retry.pause(tries, started, time.monotonic())
             if pause is None:
                 break
             await asyncio.sleep(pause)
-        if settlement is None:
-            if not account_gone:  # kept, and sent again in the background until Redis takes it
-                log.error(
-                    "settle of %s (%d micro-credits) failed; kept and retried in the background",
-                    adm.request_id,
-                    verdict.charge,
-                )
-                self.pending.add(
-                    PendingSettlement(adm.account, adm.request_id, verdict.charge, event, window_end_ms)
-                )
+        if settlement is None:  # kept, and sent again in the background until Redis takes it
+            log.error(
+                "settle of %s (%d micro-credits) failed; kept and retried in the background",
+                adm.request_id,
+                verdict.charge,
+            )
+            self.pending.add(
+                PendingSettlement(adm.account, adm.request_id, verdict.charge, event, window_end_ms)
+            )
             return None, None
         if stored is not None and store is None and adm.cache is not None and self.cache is not None:
             try:  # a shared-scope entry, outside the settle script's slot
