@@ -265,10 +265,8 @@ def load_settings(
     if path:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8, a NUL in the path
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # not UTF-8, a NUL, too deep
             raise ConfigError(f"Cannot read config file {path}: {exc}", param="config") from None
-        except RecursionError:
-            raise ConfigError(f"Config file {path} nests too deeply.", param="config") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of settings.", param="config")
         raw.update(loaded or {})
