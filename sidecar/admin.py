@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .accounts import AccountDirectory, check_account_id, hash_key, new_key
 from .balances import Balances
+from .config import ACCOUNT_ID
 from .errors import BadRequest, Conflict, Forbidden, NotFound, NotInitialized, Unauthorized
 from .ledger_store import LedgerStore
 from .money import MAX_GRANT, MICRO, format_credits
@@ -42,7 +43,7 @@ def grant_amount(amount: int | None, credits: str | None) -> int:
     if credits is not None:
         try:
             exact = Decimal(credits) * MICRO
-        except InvalidOperation:
+        except ArithmeticError:  # InvalidOperation, or Overflow past the decimal context ("1e999999")
             raise BadRequest(f"credits must be a decimal string, got {credits!r}.", param="credits") from None
         if not exact.is_finite() or exact != exact.to_integral_value():
             raise BadRequest(
@@ -56,6 +57,24 @@ def grant_amount(amount: int | None, credits: str | None) -> int:
 
 
 MONEY_IN_KINDS = ("grant", "purchase", "bonus", "refund")
+
+
+def storable(text: str) -> bool:
+    """Whether Postgres can store `text`: no NUL and valid UTF-8 (a header's undecodable bytes and a JSON
+    lone surrogate escape arrive as surrogates). Anything else would be refused by Postgres (a 503)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _known_account(account: str) -> None:
+    """An id no account can have (see check_account_id) names no account: a 404 before any query."""
+    if not ACCOUNT_ID.match(account):
+        raise NotFound(f"No account {account!r}.", param="account")
 
 
 class AdminOps:
@@ -77,6 +96,7 @@ class AdminOps:
         return {"id": account}
 
     async def create_key(self, account: str) -> dict[str, Any]:
+        _known_account(account)
         if not await self.store.account_exists(account):
             raise NotFound(f"No account {account!r}.", param="account")
         key = new_key(account)
@@ -85,7 +105,7 @@ class AdminOps:
         return {"id": key.key_id, "account": key.account, "key": key.api_key}
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
-        revoked = await self.store.revoke_key(key_id)
+        revoked = await self.store.revoke_key(key_id) if storable(key_id) else None
         if revoked is None:
             raise NotFound(f"No API key {key_id!r}.", param="key_id")
         account, key_hash = revoked
@@ -98,10 +118,16 @@ class AdminOps:
         """Money in, exactly once: the ledger row first (unique by idempotency key), then the Redis credit
         keyed by the same id, then the row is marked applied. A retry, or the reconciler, finishes a grant
         that stopped half-way; neither can credit twice."""
-        if not idempotency_key or len(idempotency_key) > 200:
-            raise BadRequest("A grant needs an Idempotency-Key of 1-200 characters.", param="Idempotency-Key")
+        _known_account(account)
+        if not idempotency_key or len(idempotency_key) > 200 or not storable(idempotency_key):
+            raise BadRequest(
+                "A grant needs an Idempotency-Key of 1-200 characters (UTF-8, no NUL).",
+                param="Idempotency-Key",
+            )
         if kind not in MONEY_IN_KINDS:
             raise BadRequest(f"kind must be one of {', '.join(MONEY_IN_KINDS)}.", param="kind")
+        if note is not None and not storable(note):
+            raise BadRequest("note must be UTF-8 text without NUL characters.", param="note")
         ledger_id = f"in:{account}:{idempotency_key}"  # keys are scoped to their account
         row = await self.store.record_money_in(ledger_id, account, kind, amount, note)
         if not row.applied:

@@ -29,7 +29,7 @@ T = TypeVar("T")
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 RouteKind = Literal["chat", "completions", "embeddings", "responses"]
-ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")  # \Z: `$` would let a trailing newline in
 
 
 OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port is unset
@@ -265,7 +265,7 @@ def load_settings(
     if path:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # not UTF-8, a NUL, too deep
             raise ConfigError(f"Cannot read config file {path}: {exc}", param="config") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of settings.", param="config")

@@ -60,6 +60,8 @@ def from_env(environ: Mapping[str, str], known: Collection[str]) -> dict[str, An
                 raw[field] = msgspec.json.decode(value)
             except msgspec.DecodeError as exc:
                 raise ConfigError(f"{name} must be JSON: {exc}", param=name) from None
+            except RecursionError:  # msgspec's own depth limit
+                raise ConfigError(f"{name} nests JSON too deeply.", param=name) from None
         elif field in _LISTS:
             raw[field] = [item.strip() for item in value.split(",") if item.strip()]
         else:

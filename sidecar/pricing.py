@@ -166,7 +166,27 @@ def parse_decimal(value: str, setting: str, *, allow_zero: bool = True) -> Fract
         raise ConfigError(
             f"{setting} must be a {'non-negative' if allow_zero else 'positive'} number.", param=setting
         )
+    # Bounded before it becomes a Fraction: "1e999999999" would take 10**999999999 (minutes, gigabytes).
+    if number > MAX_DECIMAL or (number and _decimals(number) > MAX_DECIMAL_PLACES):
+        raise ConfigError(
+            f"{setting} must be at most {MAX_DECIMAL} with at most {MAX_DECIMAL_PLACES} decimal places, "
+            f"got {value!r}.",
+            param=setting,
+        )
     return Fraction(number)
+
+
+# The bounds of a decimal setting (a price in credits, a multiplier): far beyond any real one.
+MAX_DECIMAL = 10**9
+MAX_DECIMAL_PLACES = 18
+
+
+def _decimals(number: Decimal) -> int:
+    """The decimal places `number` needs (trailing zeros not counted), without rounding it."""
+    _, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    return max(0, -(exponent + trailing))
 
 
 class PriceTable:

@@ -13,7 +13,7 @@ PRICE = Price("m", "default", 100, scale=1, prompt=1000, completion=2000, cached
 ONE = Multiplier(1, 1)
 USAGE = Usage(prompt_tokens=5, completion_tokens=16)
 BODY = 40  # bytes of the client's request body: 10 prompt tokens by the estimate
-HOLD = 100_000  # the worst case held (only a too-large answer's estimate is bounded by it)
+HOLD = 100_000  # the worst case held: no estimate is charged above it
 
 
 def tariff(no_usage: str = "estimate") -> Tariff:
@@ -92,6 +92,35 @@ ROWS = [
         HOLD,
     ),
     ("200 body too large, free", Ending(Phase.TOO_LARGE, 200, answer_bytes=10**6), "free", "too_large", 0),
+    # every estimate is bounded by the hold (found by test_fuzz: a 200 without usage, max_tokens 1)
+    (
+        "200 body, no usage, estimate above the hold",
+        Ending(Phase.ANSWERED, 200, answer_bytes=10**6),
+        "estimate",
+        "no_usage_estimated",
+        HOLD,
+    ),
+    (
+        "stream to its end, no usage, estimate above the hold",
+        Ending(Phase.STREAMED, 200, ran_to_end=True, relayed_events=10**6),
+        "estimate",
+        "no_usage_estimated",
+        HOLD,
+    ),
+    (
+        "client gone, no usage, estimate above the hold",
+        Ending(Phase.STREAMED, 200, client_gone=True, relayed_events=10**6),
+        "estimate",
+        "client_gone_estimated",
+        HOLD,
+    ),
+    (
+        "shutdown cuts a stream, no usage, estimate above the hold",
+        Ending(Phase.STREAMED, 200, cut=True, relayed_events=10**6),
+        "estimate",
+        "shutdown_cut_estimated",
+        HOLD,
+    ),
     ("a 500 too large", Ending(Phase.TOO_LARGE, 500, answer_bytes=10**6), "estimate", "upstream_500", 0),
     # the client disconnects mid-stream: the last usage reported, else the estimate
     (

@@ -9,15 +9,15 @@ code. Pure: `decide` takes the `Ending` the forward stage returns and gives the 
     a 200 body with usage                         ok                           its usage
     a 200 body without usage                      no_usage_estimated           the estimate (policy
                                                   no_usage                     "estimate"), else nothing
-    a 200 body over upstream_max_body_bytes       too_large_estimated          the estimate, at most the
-      (not read: its usage is in the rest)        too_large                    hold ("estimate"), else
-                                                                               nothing
+    a 200 body over upstream_max_body_bytes       too_large_estimated          the estimate ("estimate"),
+      (not read: its usage is in the rest)        too_large                    else nothing
     a stream with usage                           ok / client_gone /           its usage
                                                   shutdown_cut
     a stream without usage the client left        client_gone_estimated        the estimate
       ... or shutdown cut                         shutdown_cut_estimated       the estimate
       ... that ran to its end                     no_usage_estimated/no_usage  as a body without usage
       ... that the upstream cut                   stream_cut                   nothing
+    any estimate above the hold                   (as above)                   the hold
     any charge above MAX_CHARGE                   (as above)                   MAX_CHARGE, logged
 
 Cache hits (cache_hit, cache_collapsed) are charged nothing and do not pass here.
@@ -114,6 +114,17 @@ class Tariff:
     hold: int | None = None  # the worst case held: the most a too-large answer's estimate is charged
 
 
+# The outcomes charged by an estimate: at most the hold.
+ESTIMATED = frozenset(
+    {
+        Outcome.NO_USAGE_ESTIMATED,
+        Outcome.CLIENT_GONE_ESTIMATED,
+        Outcome.SHUTDOWN_CUT_ESTIMATED,
+        Outcome.TOO_LARGE_ESTIMATED,
+    }
+)
+
+
 def estimate(body_size: int, *, relayed_events: int = 0, answer_bytes: int | None = None) -> Usage:
     """The usage charged when none was reported: the prompt at ESTIMATE_BYTES_PER_TOKEN bytes per token,
     plus an answer body at the same rate, or one completion token per event relayed."""
@@ -125,8 +136,9 @@ def decide(ending: Ending, tariff: Tariff) -> Verdict:
     """The outcome of a request and what it is charged: the charge table above."""
     outcome, usage = _outcome(ending, tariff)
     uncapped = cost(tariff.price, usage, tariff.multiplier) if usage is not None else 0
-    if outcome is Outcome.TOO_LARGE_ESTIMATED and tariff.hold is not None:
-        uncapped = min(uncapped, tariff.hold)  # bounded by what the caller agreed to risk
+    if outcome in ESTIMATED and tariff.hold is not None:
+        # A guess, never the upstream's word: bounded by what the caller agreed to risk (its hold).
+        uncapped = min(uncapped, tariff.hold)
     return Verdict(outcome, ending.status, usage, min(uncapped, MAX_CHARGE), uncapped)
 
 
