@@ -78,6 +78,7 @@ class Balances:
         self._credit = redis.register_script(load_lua("credit"))
         self._expire = redis.register_script(load_lua("expire_hold"))
         self._fix_held = redis.register_script(load_lua("fix_held"))
+        self._repair_balance = redis.register_script(load_lua("repair_balance"))
         # (script name, integer nanoseconds) after every script call: the app's metrics.
         self.on_script: Callable[[str, int], None] = _ignore
 
@@ -126,7 +127,7 @@ class Balances:
 
     @property
     def _scripts(self) -> tuple[AsyncScript, ...]:
-        return (self._reserve, self._settle, self._credit, self._expire, self._fix_held)
+        return (self._reserve, self._settle, self._credit, self._expire, self._fix_held, self._repair_balance)
 
     async def reserve(
         self,
@@ -227,22 +228,26 @@ class Balances:
             raise NotInitialized(account)
         return status == 1, int(balance)
 
-    async def adjust(self, account: str, adjustment_id: str, delta: int) -> int:
-        """Move the Redis balance by `delta` (either sign) once per adjustment id; returns the balance.
-        Used by repair only: the ledger is the truth and this brings the hot copy back to it."""
+    async def repair_balance(self, account: str, repair_id: str, observed: int, delta: int) -> int:
+        """Move the Redis balance by `delta` (either sign), once per repair id and only while it is still
+        `observed` (the balance the delta was computed from); returns the script's status (1 moved now,
+        0 moved before by this repair id, -3 the balance moved since: nothing done). Used by repair
+        only: the ledger is the truth and this brings the hot copy back to it."""
         k = self.keys.account(account)
-        status, balance = await self._call(
-            "credit",
-            self._credit,
-            [k.balance, k.credited(adjustment_id), k.ready],
-            [delta, f"{account} {delta}"],
+        status, _ = await self._call(
+            "repair_balance",
+            self._repair_balance,
+            [k.balance, k.credited(repair_id), k.ready],
+            [str(observed), str(delta), f"{account} {delta}"],
             retried=True,
         )
         if status == -1:
             raise UnknownAccount(account)
+        if status == -2:
+            raise IdempotencyConflict(repair_id)
         if status == -4:
             raise NotInitialized(account)
-        return int(balance)
+        return int(status)
 
     async def mark_ready(self) -> None:
         """Mark every partition as holding the ledger's balances (first start, after a rebuild)."""
@@ -284,6 +289,20 @@ class Balances:
         return AccountBalance(
             account, int(balance), int(held or 0), sorted(views, key=lambda h: h.request_id)
         )
+
+    async def expire_hold(self, account: str, request_id: str, now_ms: int, *, orphan: bool = False) -> int:
+        """Release one hold whose lease ended before `now_ms` (the reaper's script); returns the amount
+        released (0: renewed, or gone already). With `orphan` (a hold with no hold-expiry member, which
+        no reaper would ever find), an expiry member ending at 0 is added first, unless one exists (ZADD
+        NX): a live hold that got a member meanwhile keeps its lease. Both steps are idempotent."""
+        k = self.keys.account(account)
+        member = k.expiry_member(request_id)
+        if orphan:
+            await self.redis.zadd(k.hold_expiry, {member: 0}, nx=True)
+        released = await self._call(
+            "expire_hold", self._expire, [k.balance, k.holds, k.hold_expiry], [request_id, member, now_ms]
+        )
+        return int(released)
 
     async def expire_holds(self, now_ms: int, limit: int = 500) -> int:
         """Release holds whose lease ended before `now_ms`; returns how many micro-credits were released."""

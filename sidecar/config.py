@@ -70,6 +70,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     flush_concurrency: Annotated[int, msgspec.Meta(ge=1, le=8)] = 3
     flush_claim_idle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     reconcile_interval_seconds: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    # The reconciler repairs what it finds (idempotent; reconcile.repair_all) instead of only reporting it.
+    reconcile_repair: bool = False
     shutdown_flush_seconds: PositiveSeconds = 10.0
     # Client connections (each listener): the request headers' deadline from their first byte, the body's
     # (metered routes), the idle limit between requests, the most connections open, and how long a
