@@ -119,12 +119,15 @@ class Snapshot:
 
 
 async def complete_money_in(store: LedgerStore, balances: Balances, older_than_seconds: float = 0) -> int:
-    """Credit Redis for ledger rows written by a grant that died before its Redis step; returns how many.
-    A row whose account Redis does not know is skipped (``repair`` adds the account) and stays pending."""
+    """Credit Redis for ledger rows written by a grant that died before its Redis step, and mark them
+    applied; returns how many this call credited (a row Redis had credited already, by the grant itself
+    or by another process completing it at once, is only marked). A row whose account Redis does not
+    know is skipped (``repair`` adds the account) and stays pending."""
     done = []
+    credited = 0
     for idempotency_id, account, amount in await store.unapplied(older_than_seconds):
         try:
-            await balances.credit(account, idempotency_id, amount)
+            now, _ = await balances.credit(account, idempotency_id, amount)
         except NotInitialized:
             log.warning("money in %s waits: Redis was not rebuilt from the ledger yet", idempotency_id)
             continue
@@ -136,8 +139,9 @@ async def complete_money_in(store: LedgerStore, balances: Balances, older_than_s
             )
             continue
         done.append(idempotency_id)
+        credited += now
     await store.mark_applied(done)
-    return len(done)
+    return credited
 
 
 async def redis_snapshot(
@@ -295,8 +299,9 @@ async def repair_all(
 ) -> Report:
     """Repair every drift ``inspect`` finds; returns what it found before repairing, with `repaired`
     counting what this call changed, per kind. Add accounts missing from Redis, complete half-done
-    money in, release orphan and stale holds through the reaper's script, then move each drifting Redis
-    balance onto the ledger's figure and set each drifting held total to the sum of its holds.
+    money in older than `grant_grace_seconds`, release orphan and stale holds through the reaper's
+    script, then move each drifting Redis balance onto the ledger's figure and set each drifting held
+    total to the sum of its holds.
 
     Idempotent, also when run twice or by two processes at once: every step either sets a value (held,
     a missing account) or is keyed by an id (money in; a release, by its hold), and a balance is moved
@@ -319,7 +324,8 @@ async def repair_all(
             await redis.hsetnx(k.balance, "balance", 0)
             await redis.hsetnx(k.balance, "held", 0)
             await redis.sadd(keys.accounts, drift.account)
-    repaired["grant_unapplied"] = await complete_money_in(store, balances)
+    # Money in younger than the grace is most likely a grant between its two steps: its own.
+    repaired["grant_unapplied"] = await complete_money_in(store, balances, grant_grace_seconds)
     for hold in found.holds:
         released = await balances.expire_hold(
             hold.account, hold.request_id, now_ms, orphan=hold.kind == "orphan_hold"
@@ -329,21 +335,33 @@ async def repair_all(
             log.warning(
                 "repaired %s: released %s %s (%d)", hold.account, hold.kind, hold.request_id, released
             )
-    for drift in await reconcile(redis, keys, store):
+    moved, fixed = await repair_accounts(balances, await reconcile(redis, keys, store))
+    repaired["balance"] += moved
+    repaired["held"] += fixed
+    found.repaired = repaired
+    return found
+
+
+async def repair_accounts(balances: Balances, drifts: list[Drift]) -> tuple[int, int]:
+    """Move each drifting balance onto its ledger figure and set each drifting held total to the sum of
+    its holds; returns (balances moved, held totals changed) by this call. A drift list applied again
+    (a retry, or another process with the same or an older snapshot) moves nothing: each move is keyed
+    by its snapshot and made only while the balance is the one that snapshot saw."""
+    moved = fixed = 0
+    for drift in drifts:
         if drift.amount:
             observed = drift.redis_balance or 0
             status = await balances.repair_balance(
                 drift.account, f"repair:{observed}:{drift.expected}", observed, -drift.amount
             )
             if status == 1:
-                repaired["balance"] += 1
+                moved += 1
                 log.warning("repaired %s: Redis balance %d -> %d", drift.account, observed, drift.expected)
             elif status == -3:
                 log.warning("repair of %s left for the next pass: its balance moved", drift.account)
         if drift.held_amount:
             before, after = await balances.fix_held(drift.account)
             if before != after:
-                repaired["held"] += 1
+                fixed += 1
                 log.warning("repaired %s: held %d -> %d (the sum of its holds)", drift.account, before, after)
-    found.repaired = repaired
-    return found
+    return moved, fixed
