@@ -187,6 +187,9 @@ def create_app(
                 "drifting_accounts": drift.accounts,
                 "drift_micro_credits": drift.total,
                 "drift_checked_at": drift.checked_at or None,
+                "drift_by_kind": {
+                    k: {"items": n, "microcredits": m} for k, (n, m) in drift.stats.drift.items()
+                },
                 "settlements_waiting_for_redis": len(pending.pending),
                 "settlements_retried": pending.settled,
                 "settlements_dropped": pending.dropped,

@@ -135,6 +135,8 @@ async def test_the_job_finds_each_kind_of_drift_and_exports_it(
     assert value(samples, "creditgate_reconcile_duration_seconds") > 0
     assert all(_drift(samples, other) == (0, 0) for other in DRIFT_KINDS if other != kind)
     assert value(samples, "creditgate_ledger_drift_accounts") == (kind in ("balance", "held"))
+    status = await sc.admin("GET", "/ledger")
+    assert status["drift_by_kind"][kind] == {"items": 1, "microcredits": micro}
     svc = sc.services
     if kind == "grant_unapplied":  # Redis can take it again: the job itself completes it
         await _ready_again(svc, account)
