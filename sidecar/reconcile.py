@@ -49,7 +49,7 @@ class Drift:
 class HoldDrift:
     """A hold nothing will release in time: `orphan_hold` (in the account's holds hash, with no member in
     the partition's hold-expiry zset, so no reaper ever finds it) or `stale_hold` (its lease ended more
-    than `stale_after_ms` ago and it is still there: the reaper is stuck or not running)."""
+    than `stale_hold_ms` ago and it is still there: the reaper is stuck or not running)."""
 
     kind: str
     account: str
