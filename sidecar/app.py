@@ -15,12 +15,14 @@ from .cache import CachePolicy, ResponseCache
 from .config import Settings
 from .flusher import Flusher
 from .health import READINESS, Readiness, ReadinessCheck, healthz, readiness_response, readyz
-from .metrics import METRICS, Metrics, ReconcileStats, metrics_handler, metrics_response
+from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
-from .reconcile import Report, complete_money_in, inspect, repair_all, stale_after_ms
+from .reconcile import Report, complete_money_in, inspect, stale_after_ms
+from .reconcile_stats import ReconcileStats
 from .redis_guard import check_redis
+from .repair import repair_all
 from .responses import error_middleware
 from .services import Services as Services
 from .services import connect_redis as connect_redis

@@ -78,7 +78,6 @@ class Balances:
         self._credit = redis.register_script(load_lua("credit"))
         self._expire = redis.register_script(load_lua("expire_hold"))
         self._fix_held = redis.register_script(load_lua("fix_held"))
-        self._repair_balance = redis.register_script(load_lua("repair_balance"))
         # (script name, integer nanoseconds) after every script call: the app's metrics.
         self.on_script: Callable[[str, int], None] = _ignore
 
@@ -127,7 +126,7 @@ class Balances:
 
     @property
     def _scripts(self) -> tuple[AsyncScript, ...]:
-        return (self._reserve, self._settle, self._credit, self._expire, self._fix_held, self._repair_balance)
+        return (self._reserve, self._settle, self._credit, self._expire, self._fix_held)
 
     async def reserve(
         self,
@@ -227,27 +226,6 @@ class Balances:
         if status == -4:
             raise NotInitialized(account)
         return status == 1, int(balance)
-
-    async def repair_balance(self, account: str, repair_id: str, observed: int, delta: int) -> int:
-        """Move the Redis balance by `delta` (either sign), once per repair id and only while it is still
-        `observed` (the balance the delta was computed from); returns the script's status (1 moved now,
-        0 moved before by this repair id, -3 the balance moved since: nothing done). Used by repair
-        only: the ledger is the truth and this brings the hot copy back to it."""
-        k = self.keys.account(account)
-        status, _ = await self._call(
-            "repair_balance",
-            self._repair_balance,
-            [k.balance, k.credited(repair_id), k.ready],
-            [str(observed), str(delta), f"{account} {delta}"],
-            retried=True,
-        )
-        if status == -1:
-            raise UnknownAccount(account)
-        if status == -2:
-            raise IdempotencyConflict(repair_id)
-        if status == -4:
-            raise NotInitialized(account)
-        return int(status)
 
     async def mark_ready(self) -> None:
         """Mark every partition as holding the ledger's balances (first start, after a rebuild)."""

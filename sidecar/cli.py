@@ -20,7 +20,8 @@ from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import ConfigError, CreditgateError
 from .flush_process import run_flush
 from .logs import configure_logging
-from .reconcile import inspect, repair_all, stale_after_ms
+from .reconcile import inspect, stale_after_ms
+from .repair import repair_all
 from .serve import CannotListen, demo_bootstrap, serve
 from .serve import run as _run
 from .workers import serve_workers

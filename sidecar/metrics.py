@@ -13,10 +13,8 @@ A process exports the series of what it does. ``Metrics(serving=False)`` (``cred
 request, hold, script or drift series; ``Metrics(flushing=False)`` (a serving process that runs no
 flusher: ``flusher_enabled: false``, or a worker other than 0) has no ``creditgate_flush_*``,
 ``creditgate_ledger_rows_written_total`` or ``creditgate_outbox_dead_letters_total``, which would read 0
-forever there; ``Metrics(reconciling=False)`` (no reconciler runs: ``reconcile_interval_seconds: 0``, or
-a worker other than 0) has no ``creditgate_reconcile_*``. All keep ``creditgate_build_info``, the outbox
-backlog gauges and ``creditgate_redis_up``: the backlog is the outbox's, read from Redis, whoever
-flushes it.
+forever there (``reconciling=False``: no ``creditgate_reconcile_*``). All keep ``creditgate_build_info``,
+the outbox backlog gauges and ``creditgate_redis_up``: the backlog is the outbox's, whoever flushes it.
 """
 
 from __future__ import annotations
@@ -24,9 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
-import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -37,7 +34,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .metric_series import Series
 from .observe import RequestRecord
-from .reconcile import DRIFT_KINDS
+from .reconcile_stats import ReconcileStats, reconcile_families
 
 log = logging.getLogger("creditgate.metrics")
 # No `*_created` series: they would double the series count and nothing reads them (process-wide).
@@ -50,18 +47,6 @@ SCRIPT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 FLUSH_ROWS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 FLUSH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BACKLOG_TIMEOUT = 1.0  # seconds the /metrics handler waits for the outbox backlog (else redis_up is 0)
-
-
-@dataclass
-class ReconcileStats:
-    """The reconciler's figures (app.py's ``DriftState`` keeps them): the last pass's drift per kind
-    (items, Σ |micro-credits|), repairs made so far per kind, and when and how long the last pass ran."""
-
-    drift: dict[str, tuple[int, int]] = field(default_factory=dict)
-    repairs: dict[str, int] = field(default_factory=dict)
-    last_run: float = 0.0  # unix time the last pass finished (0: none yet)
-    started: float = field(default_factory=time.time)  # the job's start (the timestamp until a pass ran)
-    duration: float = 0.0
 
 
 @dataclass
@@ -106,7 +91,7 @@ class _StatsCollector(Collector):
             )
             yield from self._drift()
             if self.reconciling:
-                yield from self._reconcile()
+                yield from reconcile_families(self.sources.reconcile())
 
     def _flushed(self) -> Iterator[Metric]:
         s = self.sources
@@ -133,47 +118,11 @@ class _StatsCollector(Collector):
             "creditgate_ledger_drift_microcredits", "Sum of absolute drift at the last check.", value=total
         )
 
-    def _reconcile(self) -> Iterator[Metric]:
-        stats = self.sources.reconcile()
-        items = GaugeMetricFamily(
-            "creditgate_reconcile_drift",
-            "Drift the last reconcile pass found, by kind: accounts (balance, held), holds (orphan_hold, "
-            "stale_hold) or money-in rows (grant_unapplied).",
-            labels=["kind"],
-        )
-        micro = GaugeMetricFamily(
-            "creditgate_reconcile_drift_microcredits",
-            "Sum of the absolute micro-credits of the last pass's drift, by kind.",
-            labels=["kind"],
-        )
-        repairs = CounterMetricFamily(
-            "creditgate_reconcile_repairs", "Drift items repaired by this process, by kind.", labels=["kind"]
-        )
-        for kind in DRIFT_KINDS:
-            count, total = stats.drift.get(kind, (0, 0))
-            items.add_metric([kind], count)
-            micro.add_metric([kind], total)
-            repairs.add_metric([kind], stats.repairs.get(kind, 0))
-        yield items
-        yield micro
-        yield repairs
-        yield GaugeMetricFamily(
-            "creditgate_reconcile_last_run_timestamp_seconds",
-            "When the last reconcile pass finished (unix time; the reconciler's start until one has).",
-            value=stats.last_run or stats.started,
-        )
-        yield GaugeMetricFamily(
-            "creditgate_reconcile_duration_seconds",
-            "How long the last reconcile pass took.",
-            value=stats.duration,
-        )
-
 
 class Metrics:
     def __init__(self, *, serving: bool = True, flushing: bool = True, reconciling: bool = True) -> None:
-        """`serving`: this process answers requests; `flushing`: it runs the outbox flusher;
-        `reconciling`: it runs the reconciler (``creditgate_reconcile_*``). The series of a role the
-        process does not have are not registered (their objects exist, so hooks stay valid)."""
+        """`serving` / `flushing` / `reconciling`: this process answers requests / runs the outbox flusher
+        / the reconciler. The series of a role it does not have are not registered (hooks stay valid)."""
         self.registry = registry = CollectorRegistry(auto_describe=True)
         r = registry if serving else None  # the request-path series
         f = registry if flushing else None  # the flusher's series

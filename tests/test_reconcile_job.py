@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from sidecar.app import services
-from sidecar.reconcile import DRIFT_KINDS, inspect, reconcile, repair_accounts, repair_all
+from sidecar.reconcile import DRIFT_KINDS, inspect, reconcile
+from sidecar.repair import repair_accounts, repair_all
 from sidecar.services import Services
 
 from .conftest import Sidecar, SidecarFactory
