@@ -735,6 +735,8 @@ ALERT_VALUES_NEGATIVE: list[tuple[str, dict[str, Any], str]] = [
                         "flushFailures",
                         "deadLetters",
                         "ledgerDrift",
+                        "reconcileDrift",
+                        "reconcileStalled",
                         "errorRate",
                         "redisUnavailable",
                         "paymentRequired",

@@ -1,5 +1,4 @@
--- Credit: add credits to an account exactly once per idempotency key (also used, with a negative
--- amount, for the reconciler's repairs, keyed by a repair id).
+-- Credit: add credits to an account exactly once per idempotency key.
 -- KEYS[1] account hash   KEYS[2] the idempotency marker   KEYS[3] the partition's ready marker
 -- ARGV[1] amount (micro-credits, integer string; > 0 for money in)   ARGV[2] fingerprint ("<account> <amount>")
 -- Returns {status, balance}: 1 credited now, 0 credited before with the same fingerprint,

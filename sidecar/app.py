@@ -19,8 +19,10 @@ from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
-from .reconcile import Drift, complete_money_in, reconcile
+from .reconcile import Report, complete_money_in, inspect, stale_after_ms
+from .reconcile_stats import ReconcileStats
 from .redis_guard import check_redis
+from .repair import repair_all
 from .responses import error_middleware
 from .services import Services as Services
 from .services import connect_redis as connect_redis
@@ -44,7 +46,9 @@ def create_app(
     reaper do not run here; lease renewal and settlement retry (this process's own requests) always do."""
     prices = PriceTable.from_settings(settings)
     flushing = settings.flusher_enabled and node_tasks
-    metrics = Metrics(flushing=flushing)  # no flusher series where no flusher runs (metrics.py)
+    reconciling = settings.reconcile_interval_seconds > 0 and node_tasks
+    # No flusher (reconciler) series where no flusher (reconciler) runs (metrics.py).
+    metrics = Metrics(flushing=flushing, reconciling=reconciling)
 
     def report(rec: RequestRecord) -> None:
         metrics.observe_request(rec)
@@ -85,6 +89,7 @@ def create_app(
                 svc.balances.replicas.short if svc.balances.replicas else 0
             )
             metrics.sources.drift = lambda: (drift.accounts, drift.total)
+            metrics.sources.reconcile = lambda: drift.stats
             metrics.sources.backlog = flusher.backlog
 
             async def reap() -> None:
@@ -92,9 +97,18 @@ def create_app(
                 if released:
                     log.warning("released %d micro-credits of expired holds", released)
 
+            stale_hold_ms = stale_after_ms(settings.reaper_interval_seconds)
+
             async def check_drift() -> None:
-                await complete_money_in(svc.store, svc.balances, older_than_seconds=60)
-                app[DRIFT].update(await reconcile(svc.redis, svc.keys, svc.store))
+                started = time.perf_counter()
+                if settings.reconcile_repair:
+                    report = await repair_all(
+                        svc.redis, svc.keys, svc.store, svc.balances, stale_hold_ms=stale_hold_ms
+                    )
+                else:
+                    await complete_money_in(svc.store, svc.balances, older_than_seconds=60)
+                    report = await inspect(svc.redis, svc.keys, svc.store, stale_hold_ms=stale_hold_ms)
+                app[DRIFT].update(report, time.perf_counter() - started)
 
             async def write_ledger(item: PendingSettlement) -> None:  # a settlement past its window
                 await svc.store.insert_usage([item.ledger_row()])
@@ -116,7 +130,7 @@ def create_app(
             if node_tasks:
                 tasks.every("hold-reaper", settings.reaper_interval_seconds, reap)
             tasks.every("settlement-retry", SETTLE_RETRY_SECONDS, retry_settlements)
-            if settings.reconcile_interval_seconds > 0 and node_tasks:
+            if reconciling:
                 tasks.every("reconciler", settings.reconcile_interval_seconds, check_drift)
             if flushing:
                 tasks.start("flusher", flusher.run(), on_stop=flusher.stop)
@@ -175,6 +189,9 @@ def create_app(
                 "drifting_accounts": drift.accounts,
                 "drift_micro_credits": drift.total,
                 "drift_checked_at": drift.checked_at or None,
+                "drift_by_kind": {
+                    k: {"items": n, "microcredits": m} for k, (n, m) in drift.stats.drift.items()
+                },
                 "settlements_waiting_for_redis": len(pending.pending),
                 "settlements_retried": pending.settled,
                 "settlements_dropped": pending.dropped,
@@ -230,23 +247,47 @@ async def final_flush(flusher: Flusher, seconds: float) -> None:
 
 
 class DriftState:
-    """The last reconcile pass, for monitoring."""
+    """The last reconcile pass, for monitoring (``/admin/ledger``, the ``creditgate_*drift*`` gauges)."""
 
     def __init__(self) -> None:
-        self.accounts = 0
-        self.total = 0
+        self.accounts = 0  # accounts whose balance or held total drift
+        self.total = 0  # Σ |balance drift|
         self.checked_at = 0.0
+        self.stats = ReconcileStats(repairs={})
 
-    def update(self, drifts: list[Drift]) -> None:
-        self.accounts = len(drifts)
-        self.total = sum(abs(d.amount) for d in drifts)
+    def update(self, report: Report, seconds: float) -> None:
+        self.accounts = len(report.accounts)
+        self.total = sum(abs(d.amount) for d in report.accounts)
         self.checked_at = time.time()
-        for drift in drifts:
+        stats = self.stats
+        stats.drift, stats.last_run, stats.duration = report.by_kind(), self.checked_at, seconds
+        for kind, count in report.repaired.items():
+            stats.repairs[kind] = stats.repairs.get(kind, 0) + count
+        for drift in report.accounts:
             log.warning(
-                "ledger drift on %s: Redis %s, ledger says %d",
+                "ledger drift on %s: Redis %s, ledger says %d; held %d, its holds sum to %d",
                 drift.account,
                 drift.redis_balance,
                 drift.expected,
+                drift.redis_held,
+                drift.holds_total,
+            )
+        for hold in report.holds:
+            log.warning(
+                "%s on %s: request %s holds %d (lease end %s)",
+                hold.kind,
+                hold.account,
+                hold.request_id,
+                hold.amount,
+                hold.lease_end_ms,
+            )
+        for grant in report.grants:
+            log.warning(
+                "grant_unapplied on %s: money in %s (%d) not credited to Redis after %.0f s",
+                grant.account,
+                grant.idempotency_id,
+                grant.amount,
+                grant.age_seconds,
             )
 
 

@@ -227,23 +227,6 @@ class Balances:
             raise NotInitialized(account)
         return status == 1, int(balance)
 
-    async def adjust(self, account: str, adjustment_id: str, delta: int) -> int:
-        """Move the Redis balance by `delta` (either sign) once per adjustment id; returns the balance.
-        Used by repair only: the ledger is the truth and this brings the hot copy back to it."""
-        k = self.keys.account(account)
-        status, balance = await self._call(
-            "credit",
-            self._credit,
-            [k.balance, k.credited(adjustment_id), k.ready],
-            [delta, f"{account} {delta}"],
-            retried=True,
-        )
-        if status == -1:
-            raise UnknownAccount(account)
-        if status == -4:
-            raise NotInitialized(account)
-        return int(balance)
-
     async def mark_ready(self) -> None:
         """Mark every partition as holding the ledger's balances (first start, after a rebuild)."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -284,6 +267,20 @@ class Balances:
         return AccountBalance(
             account, int(balance), int(held or 0), sorted(views, key=lambda h: h.request_id)
         )
+
+    async def expire_hold(self, account: str, request_id: str, now_ms: int, *, orphan: bool = False) -> int:
+        """Release one hold whose lease ended before `now_ms` (the reaper's script); returns the amount
+        released (0: renewed, or gone already). With `orphan` (a hold with no hold-expiry member, which
+        no reaper would ever find), an expiry member ending at 0 is added first, unless one exists (ZADD
+        NX): a live hold that got a member meanwhile keeps its lease. Both steps are idempotent."""
+        k = self.keys.account(account)
+        member = k.expiry_member(request_id)
+        if orphan:
+            await self.redis.zadd(k.hold_expiry, {member: 0}, nx=True)
+        released = await self._call(
+            "expire_hold", self._expire, [k.balance, k.holds, k.hold_expiry], [request_id, member, now_ms]
+        )
+        return int(released)
 
     async def expire_holds(self, now_ms: int, limit: int = 500) -> int:
         """Release holds whose lease ended before `now_ms`; returns how many micro-credits were released."""

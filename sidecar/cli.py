@@ -20,7 +20,8 @@ from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import ConfigError, CreditgateError
 from .flush_process import run_flush
 from .logs import configure_logging
-from .reconcile import reconcile, repair
+from .reconcile import inspect, stale_after_ms
+from .repair import repair_all
 from .serve import CannotListen, demo_bootstrap, serve
 from .serve import run as _run
 from .workers import serve_workers
@@ -54,10 +55,13 @@ async def _drain(svc: Services) -> dict[str, Any]:
 
 
 async def _reconcile(svc: Services, fix: bool) -> dict[str, Any]:
+    stale_hold_ms = stale_after_ms(svc.settings.reaper_interval_seconds)
     if fix:
-        drifts = await repair(svc.redis, svc.keys, svc.store, svc.balances)
+        report = await repair_all(svc.redis, svc.keys, svc.store, svc.balances, stale_hold_ms=stale_hold_ms)
     else:
-        drifts = await reconcile(svc.redis, svc.keys, svc.store)
+        report = await inspect(svc.redis, svc.keys, svc.store, stale_hold_ms=stale_hold_ms)
+    drifts = report.accounts
+    extra: dict[str, Any] = {"repairs": report.repaired} if fix else {}
     return {
         "repaired" if fix else "drifting": [
             {
@@ -65,9 +69,21 @@ async def _reconcile(svc: Services, fix: bool) -> dict[str, Any]:
                 "redis_balance": d.redis_balance,
                 "ledger_expects": d.expected,
                 "drift": d.amount,
+                "redis_held": d.redis_held,
+                "holds_total": d.holds_total,
             }
             for d in drifts
-        ]
+        ],
+        "holds": [
+            {"kind": h.kind, "account": h.account, "request_id": h.request_id, "amount": h.amount}
+            for h in report.holds
+        ],
+        "grants_unapplied": [
+            {"idempotency_id": g.idempotency_id, "account": g.account, "amount": g.amount}
+            for g in report.grants
+        ],
+        "drift_by_kind": {kind: {"items": n, "microcredits": m} for kind, (n, m) in report.by_kind().items()},
+        **extra,
     }
 
 
@@ -113,8 +129,12 @@ def _parser() -> argparse.ArgumentParser:
         "flush", help="run the outbox flusher as a process of its own (ops listener when ops_port is set)"
     )
     flush.add_argument("--drain", action="store_true", help="write what is waiting, then exit")
-    rec = sub.add_parser("reconcile", help="compare Redis balances with the ledger")
-    rec.add_argument("--repair", action="store_true", help="complete half-done grants and fix drift")
+    rec = sub.add_parser("reconcile", help="compare Redis balances, holds and grants with the ledger")
+    rec.add_argument(
+        "--repair",
+        action="store_true",
+        help="complete half-done grants, release orphan and stale holds, fix drift (idempotent)",
+    )
     return parser
 
 

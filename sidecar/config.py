@@ -61,8 +61,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Postgres, the durable ledger: unset starts an embedded server (the pgserver package) under data_dir.
     database_url: str | None = None
     migrate_on_start: bool = True
-    # Monthly ledger partitions created ahead of the current one (at startup, hourly while flushing, and by
-    # `creditgate migrate`).
+    # Monthly ledger partitions made ahead of the current one (at startup, hourly flushing, `migrate`).
     ledger_partitions_ahead: Annotated[int, msgspec.Meta(ge=0, le=120)] = 3
     flusher_enabled: bool = True
     flush_batch_size: PositiveInt = 2000
@@ -70,6 +69,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     flush_concurrency: Annotated[int, msgspec.Meta(ge=1, le=8)] = 3
     flush_claim_idle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     reconcile_interval_seconds: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    reconcile_repair: bool = False  # the reconciler also repairs what it finds (repair.repair_all)
     shutdown_flush_seconds: PositiveSeconds = 10.0
     # Client connections (each listener): the request headers' deadline from their first byte, the body's
     # (metered routes), the idle limit between requests, the most connections open, and how long a

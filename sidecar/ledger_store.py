@@ -253,6 +253,15 @@ class LedgerStore:
         )
 
     @staticmethod
+    async def unapplied_ages(conn: LedgerConnection) -> dict[str, float]:
+        """Money in not yet marked applied: idempotency id -> seconds since its row was written."""
+        rows = await conn.fetch(
+            "SELECT idempotency_id, extract(epoch FROM now() - created_at)::float8 AS age"
+            " FROM ledger WHERE NOT applied"
+        )
+        return {r["idempotency_id"]: float(r["age"]) for r in rows}
+
+    @staticmethod
     async def present(conn: LedgerConnection, usage: Sequence[tuple[str, str, int]]) -> set[str]:
         """Which of these (account, request id, created_ms) usage rows the ledger holds: one primary-key
         probe each, in the one partition of its time."""

@@ -13,8 +13,8 @@ A process exports the series of what it does. ``Metrics(serving=False)`` (``cred
 request, hold, script or drift series; ``Metrics(flushing=False)`` (a serving process that runs no
 flusher: ``flusher_enabled: false``, or a worker other than 0) has no ``creditgate_flush_*``,
 ``creditgate_ledger_rows_written_total`` or ``creditgate_outbox_dead_letters_total``, which would read 0
-forever there. Both keep ``creditgate_build_info``, the outbox backlog gauges and ``creditgate_redis_up``:
-the backlog is the outbox's, read from Redis, whoever flushes it.
+forever there (``reconciling=False``: no ``creditgate_reconcile_*``). All keep ``creditgate_build_info``,
+the outbox backlog gauges and ``creditgate_redis_up``: the backlog is the outbox's, whoever flushes it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .metric_series import Series
 from .observe import RequestRecord
+from .reconcile_stats import ReconcileStats, reconcile_families
 
 log = logging.getLogger("creditgate.metrics")
 # No `*_created` series: they would double the series count and nothing reads them (process-wide).
@@ -59,13 +60,14 @@ class Sources:
     settlements_expired: Callable[[], int] = lambda: 0
     settle_unreplicated: Callable[[], int] = lambda: 0
     drift: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    reconcile: Callable[[], ReconcileStats] = ReconcileStats
     backlog: Callable[[], Awaitable[tuple[int, float]]] | None = None  # refreshed on each scrape
 
 
 class _StatsCollector(Collector):
-    def __init__(self, sources: Sources, serving: bool, flushing: bool) -> None:
+    def __init__(self, sources: Sources, serving: bool, flushing: bool, reconciling: bool) -> None:
         self.sources = sources
-        self.serving, self.flushing = serving, flushing
+        self.serving, self.flushing, self.reconciling = serving, flushing, reconciling
 
     def collect(self) -> Iterator[Metric]:
         if self.serving:
@@ -88,6 +90,8 @@ class _StatsCollector(Collector):
                 value=self.sources.settle_unreplicated(),
             )
             yield from self._drift()
+            if self.reconciling:
+                yield from reconcile_families(self.sources.reconcile())
 
     def _flushed(self) -> Iterator[Metric]:
         s = self.sources
@@ -116,9 +120,9 @@ class _StatsCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, *, serving: bool = True, flushing: bool = True) -> None:
-        """`serving`: this process answers requests; `flushing`: it runs the outbox flusher. The series of
-        a role the process does not have are not registered (their objects exist, so hooks stay valid)."""
+    def __init__(self, *, serving: bool = True, flushing: bool = True, reconciling: bool = True) -> None:
+        """`serving` / `flushing` / `reconciling`: this process answers requests / runs the outbox flusher
+        / the reconciler. The series of a role it does not have are not registered (hooks stay valid)."""
         self.registry = registry = CollectorRegistry(auto_describe=True)
         r = registry if serving else None  # the request-path series
         f = registry if flushing else None  # the flusher's series
@@ -223,7 +227,7 @@ class Metrics:
             registry=r,
         )
         self._scripts: dict[str, Histogram] = {}  # bound children, by script name
-        registry.register(_StatsCollector(self.sources, serving, flushing))
+        registry.register(_StatsCollector(self.sources, serving, flushing, reconciling))
         # Bound children, so a request pays no labels() lookups: both bounded, like the labels.
         self._series: dict[tuple[str, str], Series] = {}
         self._answered: dict[tuple[str, str, str, str], Counter] = {}

@@ -72,7 +72,7 @@ async def rebuild_if_empty(
             return False
         async with store.barrier() as conn:
             ledger_view, unapplied = await store.ledger_view(conn)
-            _, unflushed, _ = await redis_snapshot(redis, keys, store, conn, list(ledger_view), [])
+            unflushed = (await redis_snapshot(redis, keys, store, conn, list(ledger_view), [])).unflushed
             markers = await restore_settled_markers(redis, keys, conn, todo, settled_marker_ms)
             keys_rows = await conn.fetch(
                 "SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL"

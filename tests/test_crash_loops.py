@@ -45,7 +45,7 @@ from sidecar.demo_answers import stream_events, whole_body
 from sidecar.flusher import GROUP
 from sidecar.keys import KeySpace, as_text
 from sidecar.outbox import UsageEvent
-from sidecar.reconcile import complete_money_in, reconcile
+from sidecar.reconcile import DRIFT_KINDS, complete_money_in, reconcile
 from sidecar.redis_client import RedisClient
 from sidecar.services import Services
 
@@ -276,7 +276,9 @@ async def ledger_equals_redis(
     assert await reconcile(svc.redis, svc.keys, svc.store) == []
     done = await asyncio.to_thread(creditgate, proc.env, "reconcile", cwd=proc.cwd)
     assert done.returncode == 0, done.stderr
-    assert msgspec.json.decode(done.stdout) == {"drifting": []}
+    report = msgspec.json.decode(done.stdout)
+    assert (report["drifting"], report["holds"], report["grants_unapplied"]) == ([], [], [])
+    assert {kind: d["items"] for kind, d in report["drift_by_kind"].items()} == dict.fromkeys(DRIFT_KINDS, 0)
 
 
 # ---- the Postgres hook: a trigger on the ledger that waits on the test's advisory lock -----------------

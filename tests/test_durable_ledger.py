@@ -22,7 +22,8 @@ from sidecar.flusher import GROUP
 from sidecar.ledger_schema import migration_files
 from sidecar.outbox import UsageEvent, ledger_row
 from sidecar.rebuild import rebuild_if_empty
-from sidecar.reconcile import complete_money_in, reconcile, repair
+from sidecar.reconcile import complete_money_in, reconcile
+from sidecar.repair import repair
 
 from .conftest import Sidecar, SidecarFactory, Upstream, clean_env, make_settings
 

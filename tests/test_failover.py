@@ -25,7 +25,8 @@ from redis.crc import key_slot
 from sidecar.app import PROXY
 from sidecar.autopipeline import AutoPipeline
 from sidecar.keys import KeySpace
-from sidecar.reconcile import reconcile, repair
+from sidecar.reconcile import reconcile
+from sidecar.repair import repair
 
 from .conftest import Sidecar, SidecarFactory, new_key_prefix
 from .support import settled

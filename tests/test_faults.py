@@ -33,7 +33,8 @@ import redis
 from sidecar.app import FLUSHER, PROXY, create_app
 from sidecar.outbox import UsageEvent
 from sidecar.pipeline.retry import Retry
-from sidecar.reconcile import complete_money_in, reconcile, repair
+from sidecar.reconcile import complete_money_in, reconcile
+from sidecar.repair import repair
 
 from .conftest import Sidecar, Upstream, make_settings
 from .support import HELLO, MODELS, held_upstream, pooled, post, usage_rows

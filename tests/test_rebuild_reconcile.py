@@ -17,7 +17,8 @@ from sidecar.app import FLUSHER, PROXY, services
 from sidecar.balances import ReserveStatus
 from sidecar.outbox import UsageEvent
 from sidecar.rebuild import MARKER_SLACK_MS, rebuild_if_empty
-from sidecar.reconcile import reconcile, repair
+from sidecar.reconcile import reconcile
+from sidecar.repair import repair
 
 from .conftest import Sidecar, SidecarFactory
 from .support import HELLO, MODELS, held_upstream, pooled, post, settled, usage_rows

@@ -23,7 +23,8 @@ from sidecar.config import load_settings
 from sidecar.errors import ConfigError, WindowClosed
 from sidecar.keys import KeySpace
 from sidecar.outbox import UsageEvent
-from sidecar.reconcile import reconcile, repair
+from sidecar.reconcile import reconcile
+from sidecar.repair import repair
 from sidecar.settlements import GIVE_UP_MARGIN_MS, PendingSettlement
 
 from .conftest import Sidecar, SidecarFactory, Upstream, new_key_prefix
