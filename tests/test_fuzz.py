@@ -522,15 +522,7 @@ def test_any_upstream_answer_is_relayed_or_mapped_and_charged_within_bounds(
     assert charge >= 0
     # The oracle: the sidecar's own planning of the hold, and its own parsers' reading of the answer.
     prices = PriceTable.from_settings(running.settings)
-    s = running.settings
-    policy = admit.AdmitPolicy(
-        s.account_header,
-        s.account_header_secret,
-        s.byok_header,
-        s.prompt_bytes_per_token,
-        s.afford_output_header,
-        s.afford_output_limit,
-    )
+    policy = admit.AdmitPolicy.from_settings(running.settings)
     identified = admit.identify(body, prices)
     hold = admit.plan("r", account, ROUTES[route], body, identified, {}, prices, policy).hold
     whole = b"".join(chunks)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..afford import affordable_output_tokens, with_output_limit
 from ..cachekey import CachePlan
-from ..config import ACCOUNT_SECRET_HEADER
+from ..config import ACCOUNT_SECRET_HEADER, Settings
 from ..errors import BadRequest, RequestTimeout, Unauthorized
 from ..pricing import Multiplier, Price, PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
 from ..wire import MeteredRequest, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
@@ -38,6 +38,17 @@ class AdmitPolicy:
     prompt_bytes_per_token: int
     afford_output_header: str
     afford_output_limit: bool
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> AdmitPolicy:
+        return cls(
+            s.account_header,
+            s.account_header_secret,
+            s.byok_header,
+            s.prompt_bytes_per_token,
+            s.afford_output_header,
+            s.afford_output_limit,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,14 +62,7 @@ class Gateway:
         self.prices, self.accounts, self.cache = prices, accounts, cache
         self.no_usage_charge = s.no_usage_charge
         self.body_read_timeout = s.body_read_timeout_seconds
-        self.admit_policy = admit.AdmitPolicy(
-            s.account_header,
-            s.account_header_secret,
-            s.byok_header,
-            s.prompt_bytes_per_token,
-            s.afford_output_header,
-            s.afford_output_limit,
-        )
+        self.admit_policy = admit.AdmitPolicy.from_settings(s)
         self.holder = Holder(
             balances,
             cache,
