@@ -31,6 +31,10 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     outcome: str | None = None
     started_ms: int | None = None
     settled_ms: int | None = None
+    # Attribution (the wallet): the API key's id, the request's OpenAI `user` field, its tags ("k=v").
+    key_id: str | None = None
+    user: str | None = None
+    tags: list[str] | None = None
 
 
 encode_event = msgspec.json.Encoder().encode

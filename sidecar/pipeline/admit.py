@@ -73,6 +73,11 @@ class Admission:
     fit_output: bool  # lower the output limit to what the balance affords instead of a 402
     cache: CachePlan | None  # None: the cache is off
     started_ms: int
+    # Attribution and spend-cap scopes: the API key's id (None in account-header mode), the request's
+    # OpenAI `user` field, its tags from the tags header ("k=v").
+    key_id: str | None = None
+    end_user: str | None = None
+    tags: tuple[str, ...] = ()
 
     @property
     def byok(self) -> bool:
