@@ -1,36 +1,49 @@
--- Settle: release a request's hold, debit its actual cost and append the debit to the partition's
--- outbox stream, atomically and exactly once.
+-- Settle: release a request's hold, debit its actual cost from the account's grants and append the debit
+-- to the partition's outbox stream, atomically and exactly once.
+-- include: wallet
 -- KEYS[1] account hash   KEYS[2] the account's holds hash   KEYS[3] the partition's hold-expiry zset
 -- KEYS[4] the request's settled marker   KEYS[5] the partition's outbox stream
+-- KEYS[6] the account's grants hash   KEYS[7] the partition's wallet-due zset   KEYS[8] its caps hash
+-- KEYS[9] its held-by-scope hash   KEYS[10] its hold-scopes hash   KEYS[11..13] its spend hashes (total,
+-- this day, this month)
 -- ARGV[1] request id   ARGV[2] charge (micro-credits, integer string, >= 0)
 -- ARGV[3] the settle's window end (ms since epoch: its first try + settled_marker_seconds, the same on
 -- every retry)   ARGV[4] expiry member ("<account> <request id>")
 -- ARGV[5] "1" to record a zero charge too (a cache hit)   ARGV[6] the outbox entry (JSON: request id,
 -- account, charge and what the ledger row records)
--- Optional KEYS[6] a response-cache entry to store (same hash tag)   ARGV[7] its value   ARGV[8] its TTL (ms)
+-- ARGV[7] a response-cache entry's value and ARGV[8] its TTL (ms), stored when KEYS[14] is given
+-- ARGV[9] account id   ARGV[10] now (ms; the wallet's clock)   ARGV[11] idle expiry (ms; 0 off)
+-- ARGV[12], ARGV[13] when the day's and the month's spend hashes may go (ms since epoch)
+-- ARGV[14..] the request's cap scopes (counted in the spend hashes when the account has caps)
+-- Optional KEYS[14] a response-cache entry to store (same hash tag)
 -- Returns {status, balance, released, charged}: 1 settled now, 0 settled before (the first charge is
 -- returned and nothing moves), -1 no such account, -3 the window ended (nothing moves).
 -- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
+-- The charge draws down the grants (wallet.lua: soonest ending, then priority, then oldest); the outbox
+-- entry carries what it drew in a second field, g. Grants that ended by now expire first.
 -- Exactly once with a bounded memory: the settled marker expires at the window end (PXAT), and from
 -- then on, by the server's clock, the script refuses this request id, so no retry can land after its
 -- marker is gone. A cache hit (ARGV[5] "1", nothing charged) leaves no marker unless it released a hold:
 -- it moved no money, and its ledger row is written once by request id.
 -- Every argument is checked before the first write, so a refused call changes nothing; amounts reach
--- redis.call as the integer strings they arrived as (negated by prefixing '-'), never as Lua numbers.
-local function whole(s, digits)
-  return type(s) == 'string' and s:match('^%d+$') ~= nil and #s <= digits
-end
+-- redis.call as the integer strings they arrived as (negated by prefixing '-'), or as w_int strings.
 -- a charge below 2^53 (16 digits at most, then compared exactly as a number below 2^53)
-if not whole(ARGV[2], 16) or tonumber(ARGV[2]) > 9007199254740991 then
+if not w_whole(ARGV[2], 16) or tonumber(ARGV[2]) > 9007199254740991 then
   return redis.error_reply('ERR settle: charge must be a non-negative integer below 2^53')
 end
-if not whole(ARGV[3], 15) or ARGV[3]:match('^0+$') then
+if not w_whole(ARGV[3], 15) or ARGV[3]:match('^0+$') then
   return redis.error_reply('ERR settle: window end must be a positive integer (ms since epoch)')
 end
-if KEYS[6] and (not whole(ARGV[8], 15) or ARGV[8]:match('^0+$')) then
+if KEYS[14] and (not w_whole(ARGV[8], 15) or ARGV[8]:match('^0+$')) then
   return redis.error_reply('ERR settle: cache entry TTL must be a positive integer (ms)')
 end
-local balance = redis.call('HGET', KEYS[1], 'balance')
+for i = 10, 13 do
+  if not w_whole(ARGV[i], 15) then
+    return redis.error_reply('ERR settle: now, the idle expiry and the spend expiries must be integers (ms)')
+  end
+end
+local meta = redis.call('HMGET', KEYS[1], 'balance', 'due', 'idle', 'active_ms')
+local balance = meta[1]
 if not balance then
   return {-1, 0, 0, 0}
 end
@@ -50,24 +63,62 @@ local hold = redis.call('HGET', KEYS[2], ARGV[1])
 if hold and not hold:match('^%d+$') then
   return redis.error_reply('ERR settle: the stored hold is not a non-negative integer')
 end
+local wall, idle_ms = tonumber(ARGV[10]), tonumber(ARGV[11])
+local active = tonumber(meta[4] or ARGV[10])
+local due = w_due(meta[2], meta[3], active, wall, idle_ms)
+local grants = nil
+if due or (ARGV[2] ~= '0' and redis.call('EXISTS', KEYS[6]) == 1) then
+  grants = w_load(KEYS[6])  -- read and checked before the first write
+end
 if hold then
   redis.call('HDEL', KEYS[2], ARGV[1])
   if hold ~= '0' then
     redis.call('HINCRBY', KEYS[1], 'held', '-' .. hold)
+    local scoped = redis.call('HGET', KEYS[10], ARGV[1])
+    if scoped then
+      for s in scoped:gmatch('[^\n]+') do
+        redis.call('HINCRBY', KEYS[9], s, '-' .. hold)
+      end
+      redis.call('HDEL', KEYS[10], ARGV[1])
+    end
   end
   redis.call('ZREM', KEYS[3], ARGV[4])
   released = tonumber(hold)
 end
+local drawn = {}
+if grants then
+  if due then
+    w_expire(KEYS[1], KEYS[6], KEYS[5], ARGV[9], grants, wall, active, idle_ms)
+  end
+  if ARGV[2] ~= '0' then
+    active = wall
+    drawn = w_draw(KEYS[6], grants, tonumber(ARGV[2]), active, idle_ms)
+  end
+  w_meta(KEYS[1], KEYS[7], ARGV[9], grants, active, idle_ms)
+end
 if ARGV[2] ~= '0' then
   balance = redis.call('HINCRBY', KEYS[1], 'balance', '-' .. ARGV[2])
+else
+  balance = redis.call('HGET', KEYS[1], 'balance')
 end
-if ARGV[2] ~= '0' or ARGV[5] == '1' then
+if #drawn > 0 then
+  redis.call('XADD', KEYS[5], '*', 'd', ARGV[6], 'g', cjson.encode(drawn))
+elseif ARGV[2] ~= '0' or ARGV[5] == '1' then
   redis.call('XADD', KEYS[5], '*', 'd', ARGV[6])
 end
 if ARGV[5] ~= '1' or ARGV[2] ~= '0' or hold then
   redis.call('SET', KEYS[4], ARGV[2], 'PXAT', ARGV[3])
 end
-if KEYS[6] then
-  redis.call('SET', KEYS[6], ARGV[7], 'PX', ARGV[8])
+if ARGV[2] ~= '0' and #ARGV >= 14 and redis.call('EXISTS', KEYS[8]) == 1 then
+  for i = 14, #ARGV do
+    redis.call('HINCRBY', KEYS[11], ARGV[i], ARGV[2])
+    redis.call('HINCRBY', KEYS[12], ARGV[i], ARGV[2])
+    redis.call('HINCRBY', KEYS[13], ARGV[i], ARGV[2])
+  end
+  redis.call('PEXPIREAT', KEYS[12], ARGV[12])
+  redis.call('PEXPIREAT', KEYS[13], ARGV[13])
+end
+if KEYS[14] then
+  redis.call('SET', KEYS[14], ARGV[7], 'PX', ARGV[8])
 end
 return {1, tonumber(balance), released, tonumber(ARGV[2])}

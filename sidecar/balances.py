@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from importlib.resources import files
 from typing import Any
 
 import msgspec
@@ -18,43 +15,19 @@ from .balance_views import AccountBalance as AccountBalance
 from .balance_views import HoldView as HoldView
 from .cluster_pipeline import ClusterAutoPipeline
 from .errors import IdempotencyConflict, NotInitialized, UnknownAccount, WindowClosed
-from .keys import KeySpace, as_text
+from .expiries import Expiries
+from .keys import AccountKeys, KeySpace, as_text
 from .money import MAX_CHARGE
 from .outbox import UsageEvent, encode_event
 from .redis_client import RedisClient
 from .replicas import ReplicaWait
+from .scripts import CapRefusal, Reservation, ReserveStatus, Settlement, load_lua
+from .wallet import GrantTerms, Periods, WalletPolicy, periods
+
+__all__ = ["Balances", "CapRefusal", "Reservation", "ReserveStatus", "Settlement", "load_lua"]
 
 
-def load_lua(name: str) -> str:
-    return files("sidecar").joinpath("lua", f"{name}.lua").read_text()
-
-
-class ReserveStatus(enum.IntEnum):
-    HELD = 1
-    INSUFFICIENT = 0
-    NO_ACCOUNT = -1
-    ALREADY_SETTLED = -2
-    WINDOW_CLOSED = -3  # reached Redis after the request's window end: refused, nothing held
-    CACHED = 2  # the response-cache entry looked up with the hold exists; nothing was held
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    status: ReserveStatus
-    balance: int
-    held: int  # the account's total active holds after this call
-    cached: bytes | None = None  # the cache entry, when status is CACHED
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    first: bool  # False: settled before; nothing moved now, `charged` is the first charge
-    balance: int
-    released: int  # the hold this settlement released (0 when it had expired)
-    charged: int
-
-
-class Balances:
+class Balances(Expiries):
     def __init__(
         self,
         redis: RedisClient,
@@ -63,6 +36,7 @@ class Balances:
         settled_marker_ms: int,
         pipeline: AutoPipeline | ClusterAutoPipeline | None = None,
         replicas: ReplicaWait | None = None,
+        wallet: WalletPolicy | None = None,
     ) -> None:
         """`pipeline`, when given, carries the script calls (the request path's); `redis` the rest.
         `settled_marker_ms`: the window of a reserve (from its request's start) and of a settle (from
@@ -73,11 +47,14 @@ class Balances:
         self.replicas = replicas
         self.keys = keys
         self.settled_marker_ms = settled_marker_ms
+        self.wallet = wallet or WalletPolicy(idle_expiry_ms=30 * 86_400_000)
+        self._zones: dict[str, str] = {}  # account -> the time zone its caps follow, learnt from Redis
         self._reserve = redis.register_script(load_lua("reserve"))
         self._settle = redis.register_script(load_lua("settle"))
         self._credit = redis.register_script(load_lua("credit"))
         self._expire = redis.register_script(load_lua("expire_hold"))
         self._fix_held = redis.register_script(load_lua("fix_held"))
+        self._expire_grants = redis.register_script(load_lua("expire_grants"))
         # (script name, integer nanoseconds) after every script call: the app's metrics.
         self.on_script: Callable[[str, int], None] = _ignore
 
@@ -126,7 +103,15 @@ class Balances:
 
     @property
     def _scripts(self) -> tuple[AsyncScript, ...]:
-        return (self._reserve, self._settle, self._credit, self._expire, self._fix_held)
+        return (self._reserve, self._settle, self._credit, self._expire, self._fix_held, self._expire_grants)
+
+    def _periods(self, account: str, now_ms: int) -> Periods:
+        return periods(now_ms, self._zones.get(account, ""))
+
+    @staticmethod
+    def _wallet_keys(k: AccountKeys, per: Periods) -> list[str]:
+        spend = [k.spend("total"), k.spend(per.day_id), k.spend(per.month_id)]
+        return [k.caps, k.cap_held, k.hold_scopes, *spend]
 
     async def reserve(
         self,
@@ -137,19 +122,40 @@ class Balances:
         *,
         cache_key: str | None = None,
         window_end_ms: int | None = None,
+        scopes: Sequence[str] = (),
     ) -> Reservation:
-        """Hold `amount` for the request. With `cache_key` (an entry in the account's slot), that entry is
-        looked up first in the same script: when it exists it is returned and nothing is held."""
+        """Hold `amount` for the request, within the balance and the spend caps of `scopes` (wallet.
+        cap_scopes). With `cache_key` (an entry in the account's slot), that entry is looked up first in
+        the same script: when it exists it is returned and nothing is held. An account whose caps follow
+        a time zone this process had not learnt costs one more call, once."""
         k = self.keys.account(account)
-        keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), *([cache_key] if cache_key else [])]
         end = str(window_end_ms or self.window_end())
-        args = [request_id, amount, lease_end_ms, k.expiry_member(request_id), end]
         name = "reserve" if cache_key is None else "lookup_reserve"
-        reply = await self._call(name, self._reserve, keys, args)
+        now = self.wallet.clock()
+        for _ in range(3):
+            per = self._periods(account, now)
+            keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id)]
+            keys += [k.grants, k.wallet_due, k.outbox, *self._wallet_keys(k, per)]
+            keys += [cache_key] if cache_key else []
+            args = [request_id, amount, lease_end_ms, k.expiry_member(request_id), end, account, now]
+            args += [self.wallet.idle_expiry_ms, per.tz, *scopes]
+            reply = await self._call(name, self._reserve, keys, args)
+            if reply[0] != -6:
+                break
+            self._learn_zone(account, as_text(reply[3]))
         if reply[0] == ReserveStatus.CACHED:
             return Reservation(ReserveStatus.CACHED, 0, 0, cached=reply[1])
-        status, balance, held = reply
+        if reply[0] == ReserveStatus.CAPPED:
+            scope, period, limit, used = (as_text(v) for v in reply[3:7])
+            cap = CapRefusal(scope, period, int(limit), int(used), per.ends_ms(period))
+            return Reservation(ReserveStatus.CAPPED, int(reply[1]), int(reply[2]), cap=cap)
+        status, balance, held = reply[:3]
         return Reservation(ReserveStatus(status), int(balance), int(held))
+
+    def _learn_zone(self, account: str, tz: str) -> None:
+        if len(self._zones) > 100_000:
+            self._zones.clear()
+        self._zones[account] = tz
 
     async def renew(self, holds: Sequence[tuple[str, str]], lease_end_ms: int) -> None:
         """Extend the leases of live holds, given as (account, request id), in one pipelined round trip
@@ -172,6 +178,7 @@ class Balances:
         record: bool = False,
         cache_entry: tuple[str, bytes, int] | None = None,
         window_end_ms: int | None = None,
+        scopes: Sequence[str] = (),
     ) -> Settlement:
         """Release the request's hold and debit `charge` (0 to just release), exactly once. A debit (or,
         with `record`, a zero charge) is appended with its `event` to the outbox in the same step.
@@ -187,7 +194,10 @@ class Balances:
         entry = msgspec.structs.replace(
             event or UsageEvent(), request_id=request_id, account=account, charge=charge
         )
-        keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox]
+        now = self.wallet.clock()
+        per = self._periods(account, now)
+        keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox, k.grants, k.wallet_due]
+        keys += self._wallet_keys(k, per) + ([cache_entry[0]] if cache_entry is not None else [])
         args: list[str | int | bytes] = [
             request_id,
             str(charge),
@@ -195,10 +205,14 @@ class Balances:
             k.expiry_member(request_id),
             "1" if record else "0",
             encode_event(entry),
+            *((cache_entry[1], cache_entry[2]) if cache_entry is not None else ("", 0)),
+            account,
+            now,
+            self.wallet.idle_expiry_ms,
+            per.day_keep_until_ms,
+            per.month_keep_until_ms,
+            *scopes,
         ]
-        if cache_entry is not None:
-            keys.append(cache_entry[0])
-            args += [cache_entry[1], cache_entry[2]]
         reply = await self._call("settle", self._settle, keys, args, wait=self.replicas, account=account)
         status, balance, released, charged = reply
         if status == -1:
@@ -207,16 +221,39 @@ class Balances:
             raise WindowClosed(request_id)
         return Settlement(status == 1, int(balance), int(released), int(charged))
 
-    async def credit(self, account: str, idempotency_key: str, amount: int) -> tuple[bool, int]:
-        """Add `amount` once per idempotency key; returns (credited now, balance)."""
+    async def credit(
+        self,
+        account: str,
+        idempotency_key: str,
+        amount: int,
+        terms: GrantTerms | None = None,
+        *,
+        grant_id: str | None = None,
+    ) -> tuple[bool, int]:
+        """Add `amount` as a grant on `terms` (its id `grant_id`, default the idempotency key), once per
+        idempotency key; returns (credited now, balance)."""
         if amount <= 0:
             raise ValueError("amount must be > 0")
+        t = terms or GrantTerms()
         k = self.keys.account(account)
+        now = self.wallet.clock()
         status, balance = await self._call(
             "credit",
             self._credit,
-            [k.balance, k.credited(idempotency_key), k.ready],
-            [amount, f"{account} {amount}"],
+            [k.balance, k.credited(idempotency_key), k.ready, k.grants, k.wallet_due, k.outbox],
+            [
+                amount,
+                f"{account} {amount}",
+                account,
+                grant_id or idempotency_key,
+                t.expires_ms,
+                t.drawn_priority,
+                t.effective_ms if t.effective_ms is not None else now,
+                "1" if t.idle_expiry else "0",
+                t.kind,
+                self.wallet.idle_expiry_ms,
+                now,
+            ],
             retried=True,
         )
         if status == -1:
@@ -267,40 +304,6 @@ class Balances:
         return AccountBalance(
             account, int(balance), int(held or 0), sorted(views, key=lambda h: h.request_id)
         )
-
-    async def expire_hold(self, account: str, request_id: str, now_ms: int, *, orphan: bool = False) -> int:
-        """Release one hold whose lease ended before `now_ms` (the reaper's script); returns the amount
-        released (0: renewed, or gone already). With `orphan` (a hold with no hold-expiry member, which
-        no reaper would ever find), an expiry member ending at 0 is added first, unless one exists (ZADD
-        NX): a live hold that got a member meanwhile keeps its lease. Both steps are idempotent."""
-        k = self.keys.account(account)
-        member = k.expiry_member(request_id)
-        if orphan:
-            await self.redis.zadd(k.hold_expiry, {member: 0}, nx=True)
-        released = await self._call(
-            "expire_hold", self._expire, [k.balance, k.holds, k.hold_expiry], [request_id, member, now_ms]
-        )
-        return int(released)
-
-    async def expire_holds(self, now_ms: int, limit: int = 500) -> int:
-        """Release holds whose lease ended before `now_ms`; returns how many micro-credits were released."""
-        released = 0
-        for partition in range(self.keys.partitions):
-            zset = self.keys.hold_expiry(partition)
-            members = await self.redis.zrangebyscore(zset, "-inf", now_ms, start=0, num=limit)
-            for member in members:
-                assert isinstance(member, bytes | str)
-                account, _, request_id = as_text(member).partition(" ")
-                k = self.keys.account(account)
-                released += int(
-                    await self._call(
-                        "expire_hold",
-                        self._expire,
-                        [k.balance, k.holds, k.hold_expiry],
-                        [request_id, as_text(member), now_ms],
-                    )
-                )
-        return released
 
 
 def _ignore(script: str, nanoseconds: int) -> None:

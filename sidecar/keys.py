@@ -25,6 +25,16 @@ class AccountKeys:
     outbox: str  # stream (partition-wide): settled debits on their way to Postgres
     ready: str  # string (partition-wide): set once the partition's balances came from the ledger
     tag: str
+    # The wallet (docs in README "Redis layout"): grants, spend caps and what counts against them.
+    grants: str  # hash: grant id -> "remaining expires_ms priority order_ms idle kind"
+    wallet_due: str  # zset (partition-wide): account scored by when one of its grants may expire next
+    caps: str  # hash: "<scope>|<period>" -> limit; "tz" -> the account's time zone
+    cap_held: str  # hash: scope -> micro-credits held by the account's live holds in that scope
+    hold_scopes: str  # hash: request id -> the scopes its hold counts in ("\n"-joined)
+
+    def spend(self, period_id: str) -> str:
+        """Hash: scope -> micro-credits settled in the period ("total", "d2026-12-07", "m2026-12")."""
+        return f"{self.tag}:spend:{self.account}:{period_id}"
 
     def settled(self, request_id: str) -> str:
         return f"{self.tag}:settled:{request_id}"
@@ -60,6 +70,10 @@ class KeySpace:
         """Stream of settled debits; the flusher moves them to Postgres and deletes them once committed."""
         return f"{self.partition_tag(partition)}:outbox"
 
+    def wallet_due(self, partition: int) -> str:
+        """Zset of accounts scored by the next time one of their grants may expire (ms): the sweeper's."""
+        return f"{self.partition_tag(partition)}:wallet-due"
+
     def ready(self, partition: int) -> str:
         """Set by the rebuild (or at first start) in the partition's own slot: money in is credited only
         once it exists, so a credit can never land before a rebuild that sets balances from the ledger."""
@@ -94,6 +108,11 @@ class KeySpace:
                 outbox=self.outbox(partition),
                 ready=self.ready(partition),
                 tag=tag,
+                grants=f"{tag}:grants:{account}",
+                wallet_due=self.wallet_due(partition),
+                caps=f"{tag}:caps:{account}",
+                cap_held=f"{tag}:cap-held:{account}",
+                hold_scopes=f"{tag}:hold-scopes:{account}",
             )
             if len(self._cache) < 100_000:
                 self._cache[account] = keys

@@ -1,0 +1,77 @@
+"""The money scripts that release what time ended: holds whose lease ran out (the reaper's) and grants
+whose date or idle expiry came (the wallet sweeper's). A mixin of `Balances`, which runs the scripts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+from .keys import AccountKeys, KeySpace, as_text
+from .redis_client import RedisClient
+from .wallet import WalletPolicy
+
+
+class Expiries:
+    redis: RedisClient
+    keys: KeySpace
+    wallet: WalletPolicy
+    _expire: AsyncScript
+    _expire_grants: AsyncScript
+
+    async def _call(self, name: str, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        raise NotImplementedError
+
+    async def expire_hold(self, account: str, request_id: str, now_ms: int, *, orphan: bool = False) -> int:
+        """Release one hold whose lease ended before `now_ms` (the reaper's script); returns the amount
+        released (0: renewed, or gone already). With `orphan` (a hold with no hold-expiry member, which
+        no reaper would ever find), an expiry member ending at 0 is added first, unless one exists (ZADD
+        NX): a live hold that got a member meanwhile keeps its lease. Both steps are idempotent."""
+        k = self.keys.account(account)
+        member = k.expiry_member(request_id)
+        if orphan:
+            await self.redis.zadd(k.hold_expiry, {member: 0}, nx=True)
+        released = await self._call(
+            "expire_hold", self._expire, self._reap_keys(k), [request_id, member, now_ms]
+        )
+        return int(released)
+
+    @staticmethod
+    def _reap_keys(k: AccountKeys) -> list[str]:
+        return [k.balance, k.holds, k.hold_expiry, k.cap_held, k.hold_scopes]
+
+    async def expire_holds(self, now_ms: int, limit: int = 500) -> int:
+        """Release holds whose lease ended before `now_ms`; returns how many micro-credits were released."""
+        released = 0
+        for partition in range(self.keys.partitions):
+            zset = self.keys.hold_expiry(partition)
+            members = await self.redis.zrangebyscore(zset, "-inf", now_ms, start=0, num=limit)
+            for member in members:
+                assert isinstance(member, bytes | str)
+                account, _, request_id = as_text(member).partition(" ")
+                k = self.keys.account(account)
+                released += int(
+                    await self._call(
+                        "expire_hold",
+                        self._expire,
+                        self._reap_keys(k),
+                        [request_id, as_text(member), now_ms],
+                    )
+                )
+        return released
+
+    async def expire_grants(self, now_ms: int | None = None, limit: int = 500) -> int:
+        """Expire the grants that ended by `now_ms` (default the wallet's clock) on every account due in
+        the wallet-due zsets; returns the micro-credits expired. Idempotent: an expired grant is gone."""
+        now = self.wallet.clock() if now_ms is None else now_ms
+        expired = 0
+        for partition in range(self.keys.partitions):
+            zset = self.keys.wallet_due(partition)
+            due = await self.redis.zrangebyscore(zset, "-inf", now, start=0, num=limit)
+            for member in due:
+                assert isinstance(member, bytes | str)
+                k = self.keys.account(as_text(member))
+                keys = [k.balance, k.grants, k.wallet_due, k.outbox]
+                args = [k.account, now, self.wallet.idle_expiry_ms]
+                expired += int(await self._call("expire_grants", self._expire_grants, keys, args))
+        return expired

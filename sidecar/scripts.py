@@ -1,0 +1,62 @@
+"""The money scripts' files and what their replies mean.
+
+A script that says ``-- include: <name>`` on a line of its own gets ``lua/<name>.lua`` spliced in there,
+so the wallet's functions are written once and every script still runs as one ``EVALSHA``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from importlib.resources import files
+
+_INCLUDE = "-- include: "
+
+
+def load_lua(name: str) -> str:
+    text = files("sidecar").joinpath("lua", f"{name}.lua").read_text()
+    lines = []
+    for line in text.splitlines():
+        if line.startswith(_INCLUDE):
+            lines.append(load_lua(line.removeprefix(_INCLUDE).strip()))
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+class ReserveStatus(enum.IntEnum):
+    HELD = 1
+    INSUFFICIENT = 0
+    NO_ACCOUNT = -1
+    ALREADY_SETTLED = -2
+    WINDOW_CLOSED = -3  # reached Redis after the request's window end: refused, nothing held
+    CAPPED = -5  # a spend cap would be overshot: refused, nothing held
+    CACHED = 2  # the response-cache entry looked up with the hold exists; nothing was held
+
+
+@dataclass(frozen=True, slots=True)
+class CapRefusal:
+    """The spend cap a hold would have overshot."""
+
+    scope: str  # account, key:<id>, model:<name>, user:<end user> or user:* (the default per user)
+    period: str  # total, day or month
+    limit: int
+    used: int  # settled in the period plus held in the scope
+    resets_ms: int | None  # when the period ends (None: a total cap never resets)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    status: ReserveStatus
+    balance: int
+    held: int  # the account's total active holds after this call
+    cached: bytes | None = None  # the cache entry, when status is CACHED
+    cap: CapRefusal | None = None  # the cap, when status is CAPPED
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    first: bool  # False: settled before; nothing moved now, `charged` is the first charge
+    balance: int
+    released: int  # the hold this settlement released (0 when it had expired)
+    charged: int
