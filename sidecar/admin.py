@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -18,16 +19,12 @@ from .accounts import AccountDirectory, check_account_id, hash_key, new_key
 from .balances import Balances
 from .config import ACCOUNT_ID
 from .errors import BadRequest, Conflict, Forbidden, NotFound, NotInitialized, Unauthorized
+from .grant_terms import GrantBody as GrantBody
+from .grant_terms import grant_terms
 from .ledger_store import LedgerStore
 from .money import MAX_GRANT, MICRO, format_credits
 from .rebuild import rebuild_if_empty
-
-
-class GrantBody(msgspec.Struct, forbid_unknown_fields=True):
-    amount: int | None = None
-    credits: str | None = None
-    kind: str = "grant"
-    note: str | None = None
+from .wallet import GRANT_KINDS, GrantTerms
 
 
 class AccountBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,7 +53,7 @@ def grant_amount(amount: int | None, credits: str | None) -> int:
     return amount
 
 
-MONEY_IN_KINDS = ("grant", "purchase", "bonus", "refund")
+MONEY_IN_KINDS = GRANT_KINDS
 
 
 def storable(text: str) -> bool:
@@ -113,7 +110,15 @@ class AdminOps:
         return {"id": key_id, "account": account, "revoked": True}
 
     async def grant(
-        self, account: str, amount: int, idempotency_key: str, kind: str = "grant", note: str | None = None
+        self,
+        account: str,
+        amount: int,
+        idempotency_key: str,
+        kind: str = "grant",
+        note: str | None = None,
+        *,
+        terms: GrantTerms | None = None,
+        payment_ref: str | None = None,
     ) -> dict[str, Any]:
         """Money in, exactly once: the ledger row first (unique by idempotency key), then the Redis credit
         keyed by the same id, then the row is marked applied. A retry, or the reconciler, finishes a grant
@@ -128,13 +133,25 @@ class AdminOps:
             raise BadRequest(f"kind must be one of {', '.join(MONEY_IN_KINDS)}.", param="kind")
         if note is not None and not storable(note):
             raise BadRequest("note must be UTF-8 text without NUL characters.", param="note")
+        if payment_ref is not None and (len(payment_ref) > 200 or not storable(payment_ref)):
+            raise BadRequest("payment_ref must be 1-200 characters of UTF-8 text.", param="payment_ref")
+        terms = terms or GrantTerms(kind=kind)
         ledger_id = f"in:{account}:{idempotency_key}"  # keys are scoped to their account
-        row = await self.store.record_money_in(ledger_id, account, kind, amount, note)
+        row = await self.store.record_money_in(
+            ledger_id,
+            account,
+            kind,
+            amount,
+            note,
+            grant_id=idempotency_key,
+            terms=terms,
+            payment_ref=payment_ref,
+        )
         if not row.applied:
             await self.accounts.add_account(account)  # no-op unless a create stopped half-way
             for attempt in range(2):
                 try:  # (an IdempotencyConflict here is ruled out by the ledger row)
-                    await self.balances.credit(account, ledger_id, amount)
+                    await self.balances.credit(account, ledger_id, amount, terms, grant_id=idempotency_key)
                 except NotInitialized:
                     # Redis was lost and not rebuilt yet: rebuild it now (the rebuild sets balances to
                     # the ledger's, this row included), then credit; if another process is rebuilding,
@@ -218,9 +235,14 @@ def admin_app(token: str | None) -> web.Application:
     async def grant(request: web.Request) -> web.Response:
         body = _decode(await request.read(), GrantBody)
         amount = grant_amount(body.amount, body.credits)
+        terms = grant_terms(body, time.time_ns() // 1_000_000)
         key = request.headers.get("Idempotency-Key", "")
         ops = request.config_dict[ADMIN_OPS]
-        return _json(await ops.grant(request.match_info["account"], amount, key, body.kind, body.note))
+        account = request.match_info["account"]
+        granted = await ops.grant(
+            account, amount, key, body.kind, body.note, terms=terms, payment_ref=body.payment_ref
+        )
+        return _json(granted)
 
     app = web.Application(middlewares=[require_token])
     app.router.add_post("/accounts", create_account)

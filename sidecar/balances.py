@@ -22,7 +22,7 @@ from .outbox import UsageEvent, encode_event
 from .redis_client import RedisClient
 from .replicas import ReplicaWait
 from .scripts import CapRefusal, Reservation, ReserveStatus, Settlement, load_lua
-from .wallet import GrantTerms, Periods, WalletPolicy, periods
+from .wallet import GrantTerms, Periods, WalletPolicy, cap_scopes, periods
 
 __all__ = ["Balances", "CapRefusal", "Reservation", "ReserveStatus", "Settlement", "load_lua"]
 
@@ -153,20 +153,8 @@ class Balances(Expiries):
         return Reservation(ReserveStatus(status), int(balance), int(held))
 
     def _learn_zone(self, account: str, tz: str) -> None:
-        if len(self._zones) > 100_000:
-            self._zones.clear()
+        self._zones = {} if len(self._zones) > 100_000 else self._zones
         self._zones[account] = tz
-
-    async def renew(self, holds: Sequence[tuple[str, str]], lease_end_ms: int) -> None:
-        """Extend the leases of live holds, given as (account, request id), in one pipelined round trip
-        (each only if it is still held, and only forward: ZADD XX GT, so running it twice is harmless)."""
-        if not holds:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for account, request_id in holds:
-                k = self.keys.account(account)
-                pipe.zadd(k.hold_expiry, {k.expiry_member(request_id): lease_end_ms}, xx=True, gt=True)
-            await pipe.execute()
 
     async def settle(
         self,
@@ -178,7 +166,7 @@ class Balances(Expiries):
         record: bool = False,
         cache_entry: tuple[str, bytes, int] | None = None,
         window_end_ms: int | None = None,
-        scopes: Sequence[str] = (),
+        scopes: Sequence[str] | None = None,
     ) -> Settlement:
         """Release the request's hold and debit `charge` (0 to just release), exactly once. A debit (or,
         with `record`, a zero charge) is appended with its `event` to the outbox in the same step.
@@ -194,6 +182,8 @@ class Balances(Expiries):
         entry = msgspec.structs.replace(
             event or UsageEvent(), request_id=request_id, account=account, charge=charge
         )
+        if scopes is None:  # the spend counts in the scopes the event names (the request's own)
+            scopes = cap_scopes(entry.key_id, entry.model, entry.user)
         now = self.wallet.clock()
         per = self._periods(account, now)
         keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox, k.grants, k.wallet_due]

@@ -7,7 +7,6 @@ given in the environment as JSON. Every error names the setting it is about.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ import yaml
 from . import environment
 from .environment import ENV_PREFIX
 from .errors import ConfigError
+from .exposure import ACCOUNT_SECRET_HEADER, check_listeners, is_loopback
 from .headers import NEVER
 from .pricing import PriceTable
 from .redis_urls import is_cluster_url, parse_cluster_url
@@ -33,8 +33,7 @@ ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")  # \Z: `$` would let a trail
 
 
 OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port is unset
-ACCOUNT_SECRET_HEADER = "x-creditgate-account-secret"
-MIN_SECRET_LENGTH = 16
+__all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -118,6 +117,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     afford_output_limit: bool = False
     afford_min_output_tokens: PositiveInt = 16
     afford_output_header: str = "x-creditgate-fit-output"
+    # The wallet: free credits (starter, promotion, bonus) without a date of their own expire once the
+    # account was idle this many days (0: never); a starter grant on account creation (credits, decimal;
+    # unset: none) and its expiry in days (unset: the idle rule); how often the sweeper expires grants.
+    free_credit_idle_days: Annotated[int, msgspec.Meta(ge=0, le=36500)] = 30
+    starter_credits: str | None = None
+    starter_expiry_days: Annotated[int, msgspec.Meta(ge=1, le=36500)] | None = None
+    wallet_sweep_interval_seconds: PositiveSeconds = 60.0
     # Holds and settlement.
     hold_lease_seconds: PositiveInt = 900
     reserve_retry_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3.0
@@ -188,42 +194,8 @@ def service_links(environ: Mapping[str, str] | None = None) -> list[str]:
     return environment.service_links(os.environ if environ is None else environ, Settings.__struct_fields__)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether a listen address is reachable from this host only: 127.0.0.0/8, ::1 or localhost."""
-    bare = host.strip().strip("[]").lower()
-    if bare == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(bare).is_loopback
-    except ValueError:
-        return False  # another name, or "" (all addresses): may be reachable from elsewhere
-
-
-def check_listeners(settings: Settings) -> None:
-    """What is exposed where: a trusted account header on a reachable listener needs its secret."""
-    secret = settings.account_header_secret
-    if secret is not None and len(secret) < MIN_SECRET_LENGTH:
-        raise ConfigError(
-            f"account_header_secret must be at least {MIN_SECRET_LENGTH} characters.",
-            param="account_header_secret",
-        )
-    if settings.account_header and not secret and not is_loopback(settings.host):
-        raise ConfigError(
-            f"account_header is set and host {settings.host!r} is not a loopback address, so anything "
-            "that reaches the listener could bill any account with one header: set account_header_secret "
-            f"(requests naming an account must then carry it in {ACCOUNT_SECRET_HEADER}), or set host to "
-            "127.0.0.1.",
-            param="account_header",
-        )
-    ops = settings.ops_listen_port
-    if ops is not None and ops != 0 and ops == settings.port:
-        raise ConfigError(
-            f"ops_port and port are both {ops}: the ops listener needs a port of its own.", param="ops_port"
-        )
-
-
 def _check(settings: Settings) -> None:
-    check_listeners(settings)
+    check_listeners(settings, settings.ops_listen_port)
     if settings.redis_url is not None and is_cluster_url(settings.redis_url):
         try:
             parse_cluster_url(settings.redis_url)

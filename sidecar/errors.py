@@ -96,6 +96,28 @@ class InsufficientCredits(CreditgateError):
         return body
 
 
+class SpendCapExceeded(CreditgateError):
+    """A spend cap the request's worst case would overshoot (what is settled in the cap's period plus what
+    live holds hold in its scope)."""
+
+    type = "insufficient_quota"
+    default_code = "spend_cap_exceeded"
+
+    def __init__(self, scope: str, period: str, limit: int, used: int, resets_at: str | None) -> None:
+        what = {"total": "total", "day": "daily", "month": "monthly"}.get(period, period)
+        when = f"; it resets at {resets_at}" if resets_at else "; it does not reset"
+        super().__init__(
+            f"Spend cap exceeded: the {what} cap of {format_credits(limit)} credits on {scope} has "
+            f"{format_credits(max(limit - used, 0))} credits left, less than this request may cost{when}."
+        )
+        self.cap = {"scope": scope, "period": period, "limit": limit, "used": used, "resets_at": resets_at}
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["cap"] = self.cap
+        return body
+
+
 class Forbidden(CreditgateError):
     type = "invalid_request_error"
     default_code = "forbidden"

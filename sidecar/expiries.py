@@ -3,6 +3,7 @@ whose date or idle expiry came (the wallet sweeper's). A mixin of `Balances`, wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from redis.commands.core import AsyncScript
@@ -18,6 +19,17 @@ class Expiries:
     wallet: WalletPolicy
     _expire: AsyncScript
     _expire_grants: AsyncScript
+
+    async def renew(self, holds: Sequence[tuple[str, str]], lease_end_ms: int) -> None:
+        """Extend the leases of live holds, given as (account, request id), in one pipelined round trip
+        (each only if it is still held, and only forward: ZADD XX GT, so running it twice is harmless)."""
+        if not holds:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for account, request_id in holds:
+                k = self.keys.account(account)
+                pipe.zadd(k.hold_expiry, {k.expiry_member(request_id): lease_end_ms}, xx=True, gt=True)
+            await pipe.execute()
 
     async def _call(self, name: str, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         raise NotImplementedError

@@ -12,26 +12,17 @@ import logging
 import operator
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from .errors import IdempotencyConflict, UnknownAccount
 from .ledger_schema import LedgerConnection as LedgerConnection
 from .ledger_schema import add_partitions, migrate
 from .ledger_sql import FOLD_BALANCES, INSERT_NEW_USAGE, INSERT_USAGE, LEDGER_BARRIER
+from .money_in_store import MoneyIn as MoneyIn
+from .money_in_store import MoneyInStore
 
 log = logging.getLogger("creditgate.store")
-
-
-@dataclass(frozen=True, slots=True)
-class MoneyIn:
-    idempotency_id: str
-    account: str
-    amount: int
-    applied: bool
-    created: bool  # False: the row existed (a retry)
 
 
 _ACCOUNT_THEN_ID = operator.itemgetter(1, 0)  # a batch row's (account, request id)
@@ -39,7 +30,7 @@ FOLD_SECONDS = 1.0  # how often a flushing store folds the balance deltas (see l
 PARTITIONS_SECONDS = 3600.0  # how often a flushing store makes sure the partitions ahead exist
 
 
-class LedgerStore:
+class LedgerStore(MoneyInStore):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         # Monthly partitions ahead, kept by the flushing store (hourly) once set; None: not by this one.
@@ -101,70 +92,6 @@ class LedgerStore:
     async def active_keys(self) -> list[tuple[str, str, str]]:
         rows = await self.pool.fetch("SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
         return [(r["id"], r["account_id"], r["key_hash"]) for r in rows]
-
-    # ---- money in --------------------------------------------------------------------------------
-
-    async def record_money_in(
-        self, idempotency_id: str, account: str, kind: str, amount: int, note: str | None
-    ) -> MoneyIn:
-        """Write a credit row once per idempotency id (not yet applied to Redis); a retry returns the row."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Shared barrier: a reconcile reads the rows not yet applied and then Redis; no new one may
-            # appear between the two reads.
-            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", LEDGER_BARRIER)
-            if not await conn.fetchval("SELECT true FROM accounts WHERE id = $1", account):
-                raise UnknownAccount(account)
-            # The key is unique by (account, id) alone; the ledger row it names is partitioned by the
-            # time of the first attempt, which a retry reads back from here.
-            created_at = await conn.fetchval(
-                "INSERT INTO money_in_keys (account_id, idempotency_id, created_at) VALUES ($1, $2, now())"
-                " ON CONFLICT DO NOTHING RETURNING created_at",
-                account,
-                idempotency_id,
-            )
-            if created_at is not None:
-                await conn.execute(
-                    "INSERT INTO ledger (idempotency_id, account_id, kind, amount, applied, note, created_at)"
-                    " VALUES ($1, $2, $3, $4, false, $5, $6)",
-                    idempotency_id,
-                    account,
-                    kind,
-                    amount,
-                    note,
-                    created_at,
-                )
-                await conn.execute(
-                    "UPDATE accounts SET balance = balance + $2 WHERE id = $1", account, amount
-                )
-                return MoneyIn(idempotency_id, account, amount, applied=False, created=True)
-            existing = await conn.fetchrow(
-                "SELECT l.account_id, l.kind, l.amount, l.applied FROM money_in_keys k JOIN ledger l"
-                " ON (l.account_id, l.created_at, l.idempotency_id) = (k.account_id, k.created_at,"
-                " k.idempotency_id) WHERE k.account_id = $1 AND k.idempotency_id = $2",
-                account,
-                idempotency_id,
-            )
-        assert existing is not None
-        if (existing["account_id"], existing["kind"], existing["amount"]) != (account, kind, amount):
-            raise IdempotencyConflict(idempotency_id)
-        return MoneyIn(idempotency_id, account, amount, applied=existing["applied"], created=False)
-
-    async def mark_applied(self, idempotency_ids: Sequence[str]) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", LEDGER_BARRIER)
-            await conn.execute(
-                "UPDATE ledger SET applied = true WHERE idempotency_id = ANY($1::text[]) AND NOT applied",
-                list(idempotency_ids),
-            )
-
-    async def unapplied(self, older_than_seconds: float = 0) -> list[tuple[str, str, int]]:
-        """Money-in rows whose Redis credit may not have happened: (idempotency id, account, amount)."""
-        rows = await self.pool.fetch(
-            "SELECT idempotency_id, account_id, amount FROM ledger WHERE NOT applied"
-            " AND created_at <= now() - make_interval(secs => $1) ORDER BY created_at, idempotency_id",
-            older_than_seconds,
-        )
-        return [(r["idempotency_id"], r["account_id"], r["amount"]) for r in rows]
 
     # ---- usage (the flusher) -----------------------------------------------------------------------
 

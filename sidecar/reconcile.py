@@ -125,9 +125,12 @@ async def complete_money_in(store: LedgerStore, balances: Balances, older_than_s
     know is skipped (``repair`` adds the account) and stays pending."""
     done = []
     credited = 0
-    for idempotency_id, account, amount in await store.unapplied(older_than_seconds):
+    for pending in await store.unapplied_grants(older_than_seconds):
+        idempotency_id, account = pending.idempotency_id, pending.account
         try:
-            now, _ = await balances.credit(account, idempotency_id, amount)
+            now, _ = await balances.credit(
+                account, idempotency_id, pending.amount, pending.terms, grant_id=pending.grant_id
+            )
         except NotInitialized:
             log.warning("money in %s waits: Redis was not rebuilt from the ledger yet", idempotency_id)
             continue

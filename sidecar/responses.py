@@ -25,6 +25,7 @@ from .errors import (
     NotFound,
     RequestTimeout,
     ServiceUnavailable,
+    SpendCapExceeded,
     Unauthorized,
     UpstreamUnavailable,
 )
@@ -40,6 +41,7 @@ STATUS: dict[type[CreditgateError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
     InsufficientCredits: 402,
+    SpendCapExceeded: 402,
     Forbidden: 403,
     NotFound: 404,
     RequestTimeout: 408,
@@ -48,7 +50,10 @@ STATUS: dict[type[CreditgateError], int] = {
     ServiceUnavailable: 503,
 }
 # Headers an error class adds: a 402 tells the OpenAI SDKs not to retry it.
-HEADERS: dict[type[CreditgateError], dict[str, str]] = {InsufficientCredits: {"x-should-retry": "false"}}
+HEADERS: dict[type[CreditgateError], dict[str, str]] = {
+    InsufficientCredits: {"x-should-retry": "false"},
+    SpendCapExceeded: {"x-should-retry": "false"},
+}
 
 
 def status_of(err: CreditgateError) -> int:

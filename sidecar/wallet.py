@@ -6,6 +6,7 @@ the reference the tests hold the scripts to.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 import zoneinfo
@@ -154,10 +155,9 @@ def periods(now_ms: int, tz: str = "") -> Periods:
     """The day and month containing `now_ms` in time zone `tz` (IANA name; "" is UTC)."""
     zone: dt.tzinfo = dt.UTC
     if tz:
-        try:
+        # validated where it is set; one that is not follows UTC (and still matches the script's)
+        with contextlib.suppress(zoneinfo.ZoneInfoNotFoundError, ValueError):
             zone = zoneinfo.ZoneInfo(tz)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            pass  # validated where it is set; one that is not follows UTC (and still matches the script)
     local = dt.datetime.fromtimestamp(now_ms / 1000, zone)
     day = local.date()
     next_day = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import logging
 import time
 from collections.abc import Mapping
@@ -22,7 +23,15 @@ from redis.exceptions import RedisError
 from ..balances import Balances, Reservation, ReserveStatus
 from ..cache import CachedResponse, ResponseCache
 from ..cachekey import BYPASS
-from ..errors import Conflict, InsufficientCredits, Unauthorized, UnknownAccount, WindowClosed
+from ..errors import (
+    Conflict,
+    InsufficientCredits,
+    SpendCapExceeded,
+    Unauthorized,
+    UnknownAccount,
+    WindowClosed,
+)
+from ..wallet import cap_scopes
 from .admit import Admission
 from .retry import Retry
 
@@ -165,6 +174,10 @@ class Holder:
                 reservation = await self._reserve(adm, None)
         if reservation.status is ReserveStatus.INSUFFICIENT:
             raise self._insufficient(adm, reservation.balance - reservation.held)
+        if reservation.status is ReserveStatus.CAPPED and reservation.cap is not None:
+            cap = reservation.cap
+            resets = None if cap.resets_ms is None else _iso(cap.resets_ms)
+            raise SpendCapExceeded(cap.scope, cap.period, cap.limit, cap.used, resets)
         if reservation.status is ReserveStatus.NO_ACCOUNT:
             raise Unauthorized("The account behind this key no longer exists.")
         if reservation.status is ReserveStatus.ALREADY_SETTLED:
@@ -218,6 +231,7 @@ class Holder:
                     lease_end_ms,
                     cache_key=cache_key,
                     window_end_ms=window_end_ms,
+                    scopes=cap_scopes(adm.key_id, adm.price.model, adm.end_user),
                 )
             except RedisError as exc:
                 pause = self.policy.retry.pause(tries, started, time.monotonic())
@@ -232,3 +246,8 @@ class Holder:
                     raise
                 log.warning("reserve of %s failed (attempt %d, %r); retrying", adm.request_id, tries, exc)
             await asyncio.sleep(pause)
+
+
+def _iso(ms: int) -> str:
+    """A time as ISO 8601 in UTC, to the second."""
+    return dt.datetime.fromtimestamp(ms // 1000, dt.UTC).isoformat().replace("+00:00", "Z")
