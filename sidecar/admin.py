@@ -20,7 +20,7 @@ from .balances import Balances
 from .config import ACCOUNT_ID
 from .errors import BadRequest, Conflict, Forbidden, NotFound, NotInitialized, Unauthorized
 from .grant_terms import GrantBody as GrantBody
-from .grant_terms import grant_terms
+from .grant_terms import Starter, grant_terms
 from .ledger_store import LedgerStore
 from .money import MAX_GRANT, MICRO, format_credits
 from .rebuild import rebuild_if_empty
@@ -77,10 +77,17 @@ def _known_account(account: str) -> None:
 class AdminOps:
     """Operator actions. Postgres is written first (the truth), then Redis (the hot copy)."""
 
-    def __init__(self, accounts: AccountDirectory, balances: Balances, store: LedgerStore) -> None:
+    def __init__(
+        self,
+        accounts: AccountDirectory,
+        balances: Balances,
+        store: LedgerStore,
+        starter: Starter | None = None,
+    ) -> None:
         self.accounts = accounts
         self.balances = balances
         self.store = store
+        self.starter = starter
 
     async def create_account(self, account: str | None = None) -> dict[str, Any]:
         account = f"acct_{secrets.token_hex(8)}" if account is None else account
@@ -88,6 +95,10 @@ class AdminOps:
         created = await self.store.create_account(account)
         # Also on a conflict: a create that died between Postgres and Redis is finished by its retry.
         await self.accounts.add_account(account)
+        if self.starter is not None:  # once per account (its idempotency key), also when retried
+            s = self.starter
+            terms = s.terms(self.balances.wallet.clock())
+            await self.grant(account, s.amount, s.IDEMPOTENCY_KEY, "starter", terms=terms)
         if not created:
             raise Conflict(f"Account {account!r} already exists.", param="id")
         return {"id": account}

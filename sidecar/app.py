@@ -97,6 +97,11 @@ def create_app(
                 if released:
                     log.warning("released %d micro-credits of expired holds", released)
 
+            async def sweep_grants() -> None:
+                expired = await svc.balances.expire_grants()
+                if expired:
+                    log.info("expired %d micro-credits of grants", expired)
+
             stale_hold_ms = stale_after_ms(settings.reaper_interval_seconds)
 
             async def check_drift() -> None:
@@ -129,6 +134,7 @@ def create_app(
             tasks.every("lease-renewal", settings.hold_lease_seconds / 3, renew_leases)
             if node_tasks:
                 tasks.every("hold-reaper", settings.reaper_interval_seconds, reap)
+                tasks.every("wallet-sweeper", settings.wallet_sweep_interval_seconds, sweep_grants)
             tasks.every("settlement-retry", SETTLE_RETRY_SECONDS, retry_settlements)
             if reconciling:
                 tasks.every("reconciler", settings.reconcile_interval_seconds, check_drift)

@@ -20,6 +20,7 @@ from . import environment
 from .environment import ENV_PREFIX
 from .errors import ConfigError
 from .exposure import ACCOUNT_SECRET_HEADER, check_listeners, is_loopback
+from .grant_terms import starter_of
 from .headers import NEVER
 from .pricing import PriceTable
 from .redis_urls import is_cluster_url, parse_cluster_url
@@ -196,6 +197,7 @@ def service_links(environ: Mapping[str, str] | None = None) -> list[str]:
 
 def _check(settings: Settings) -> None:
     check_listeners(settings, settings.ops_listen_port)
+    starter_of(settings.starter_credits, settings.starter_expiry_days)
     if settings.redis_url is not None and is_cluster_url(settings.redis_url):
         try:
             parse_cluster_url(settings.redis_url)

@@ -4,10 +4,14 @@ when it took effect, its payment reference. Checked here; every error names its 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import ClassVar
 
 import msgspec
 
-from .errors import BadRequest
+from .errors import BadRequest, ConfigError
+from .money import MAX_GRANT, MICRO
 from .wallet import DAY_MS, GRANT_KINDS, GrantTerms
 
 MAX_PRIORITY = 1_000_000
@@ -63,3 +67,35 @@ def grant_terms(body: GrantBody, now_ms: int) -> GrantTerms:
         if effective_ms <= 0:
             raise BadRequest("effective_at must be after 1970.", param="effective_at")
     return GrantTerms(body.kind, body.priority, expires_ms, body.idle_expiry, effective_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Starter:
+    """The grant every new account gets (settings starter_credits, starter_expiry_days)."""
+
+    amount: int
+    expiry_days: int | None
+
+    IDEMPOTENCY_KEY: ClassVar[str] = "starter"
+
+    def terms(self, now_ms: int) -> GrantTerms:
+        expires_ms = 0 if self.expiry_days is None else now_ms + self.expiry_days * DAY_MS
+        return GrantTerms("starter", None, expires_ms)
+
+
+def starter_of(credits: str | None, expiry_days: int | None) -> Starter | None:
+    """The starter grant of the settings, or None; a ConfigError naming starter_credits if it is not an
+    exact positive number of credits."""
+    if credits is None:
+        return None
+    try:
+        exact = Decimal(credits) * MICRO
+    except ArithmeticError:
+        exact = Decimal("NaN")
+    if not exact.is_finite() or exact != exact.to_integral_value() or not 0 < exact <= MAX_GRANT:
+        raise ConfigError(
+            "starter_credits must be a decimal number of credits above 0 (6 decimals at most), "
+            f"got {credits!r}.",
+            param="starter_credits",
+        )
+    return Starter(int(exact), expiry_days)

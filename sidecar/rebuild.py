@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from typing import Any
 
-from .keys import KeySpace
+from .keys import AccountKeys, KeySpace
 from .ledger_store import LedgerConnection, LedgerStore
 from .reconcile import redis_snapshot
 from .redis_client import RedisClient
+from .wallet import Grant
 
 log = logging.getLogger("creditgate.rebuild")
 
@@ -74,6 +76,7 @@ async def rebuild_if_empty(
             ledger_view, unapplied = await store.ledger_view(conn)
             unflushed = (await redis_snapshot(redis, keys, store, conn, list(ledger_view), [])).unflushed
             markers = await restore_settled_markers(redis, keys, conn, todo, settled_marker_ms)
+            grants = await store.grant_remainders(conn)
             keys_rows = await conn.fetch(
                 "SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL"
             )
@@ -94,6 +97,7 @@ async def rebuild_if_empty(
                         pipe.hset(k.balance, "balance", str(balance))
                         pipe.hsetnx(k.balance, "held", 0)
                         pipe.hsetnx(k.balance, "created_at", now)
+                        restore_grants(pipe, k, grants.get(account, []), now * 1000)
                     # The balances include the money in still on its way: its grant must not credit again.
                     for idempotency_id, account, amount in unapplied_by_partition.get(partition, []):
                         pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")
@@ -122,6 +126,25 @@ async def rebuild_if_empty(
         return True
     finally:
         await redis.delete(keys.rebuild_lock)
+
+
+def restore_grants(pipe: Any, k: AccountKeys, grants: list[Grant], now_ms: int) -> None:
+    """Queue the writes that give an account the ledger's grants (what flushed usage, expiries and payoffs
+    left of each) and the wallet's summary fields; its last activity is taken as now (the rebuild lost it:
+    an idle expiry restarts)."""
+    pipe.delete(k.grants)
+    due = 0
+    idle = False
+    for g in grants:
+        value = f"{g.remaining} {g.expires_ms} {g.priority} {g.order_ms} {int(g.idle)} {g.kind}"
+        pipe.hset(k.grants, g.grant_id, value)
+        due = g.expires_ms if g.expires_ms and (due == 0 or g.expires_ms < due) else due
+        idle = idle or g.idle
+    pipe.hset(k.balance, mapping={"due": str(due), "idle": "1" if idle else "0", "active_ms": str(now_ms)})
+    if due or idle:  # the sweeper looks at it by then; it expires nothing before a grant ends
+        pipe.zadd(k.wallet_due, {k.account: due or now_ms})
+    else:
+        pipe.zrem(k.wallet_due, k.account)
 
 
 async def restore_settled_markers(

@@ -17,6 +17,7 @@ from .balances import Balances
 from .cluster_pipeline import pipeline_for
 from .config import Settings
 from .flusher import Flusher
+from .grant_terms import starter_of
 from .keys import KeySpace
 from .ledger_store import LedgerStore
 from .rebuild import rebuild_if_empty
@@ -24,6 +25,7 @@ from .redis_client import REDIS_RETRIES as REDIS_RETRIES
 from .redis_client import RedisClient
 from .redis_client import connect_redis as connect_redis
 from .replicas import ReplicaWait
+from .wallet import DAY_MS, WalletPolicy
 
 log = logging.getLogger("creditgate.services")
 
@@ -41,7 +43,9 @@ class Services:
 
     @property
     def admin(self) -> AdminOps:
-        return AdminOps(self.accounts, self.balances, self.store)
+        s = self.settings
+        starter = starter_of(s.starter_credits, s.starter_expiry_days)
+        return AdminOps(self.accounts, self.balances, self.store, starter)
 
     def flusher(self, consumer: str | None = None) -> Flusher:
         s = self.settings
@@ -96,6 +100,7 @@ async def services(settings: Settings, *, prepare: bool = True) -> AsyncIterator
         replicas=ReplicaWait(settings.settle_wait_replicas, settings.settle_wait_timeout_ms)
         if settings.settle_wait_replicas
         else None,
+        wallet=WalletPolicy(idle_expiry_ms=settings.free_credit_idle_days * DAY_MS),
     )
     accounts = AccountDirectory(redis, keys, cache_seconds=settings.auth_cache_seconds)
     svc = Services(settings, redis, store, keys, balances, accounts)
