@@ -66,7 +66,7 @@ async def grants(b: Balances, account: str) -> dict[str, Grant]:
 async def outbox(b: Balances, account: str) -> list[dict[str, Any]]:
     """The outbox entries of the account's partition (the test's own prefix: this account's), each as
     {field: decoded JSON}."""
-    entries = await b.redis.xrange(b.keys.account(account).outbox)
+    entries: list[Any] = await b.redis.xrange(b.keys.account(account).outbox)
     return [{as_text(k): json.loads(v) for k, v in fields.items()} for _, fields in entries]
 
 
@@ -179,7 +179,8 @@ async def test_free_credits_expire_after_the_account_is_idle_and_activity_moves_
     assert await b.expire_grants() == 0
     assert (await b.balance(account)).balance == 0
     [expiry] = [e["x"] for e in await outbox(b, account) if "x" in e]
-    assert expiry["amount"] == "600" and expiry["at"] == str(T0 + 2 * IDLE_MS - 1)
+    assert expiry["amount"] == "600"
+    assert expiry["at"] == str(T0 + 2 * IDLE_MS - 1)
 
 
 async def test_a_reserve_does_not_count_credits_that_ended(balances: Balances, clock: Clock) -> None:
@@ -216,7 +217,8 @@ async def test_older_balances_without_grants_are_drawn_after_every_grant(balance
     await b.credit(account, "promo", 100, GrantTerms("promotion"))
     await charge(b, account, "r1", 150)
     assert (await outbox(b, account))[-1]["g"] == [["promo", "100"]]
-    assert (await b.balance(account)).balance == 950 and await grants(b, account) == {}
+    assert (await b.balance(account)).balance == 950
+    assert await grants(b, account) == {}
 
 
 # ---- spend caps -----------------------------------------------------------------------------------
@@ -242,7 +244,8 @@ async def test_200_concurrent_reserves_never_overshoot_a_cap(
     capped = [r for r in replies if r.status is ReserveStatus.CAPPED]
     assert (len(held), len(capped)) == (137, 63)
     cap = capped[0].cap
-    assert cap is not None and (cap.scope, cap.period, cap.limit) == (scope, "day", 1370)
+    assert cap is not None
+    assert (cap.scope, cap.period, cap.limit) == (scope, "day", 1370)
     assert cap.resets_ms == periods(T0).day_ends_ms
     # Settling releases the holds and counts the charges: the cap stays spent for the day, not the next.
     for i, r in enumerate(replies):
@@ -282,7 +285,8 @@ async def test_a_user_cap_of_its_own_wins_over_the_default_and_others_get_the_de
         s = cap_scopes(None, None, user)
         assert (await b.reserve(account, f"{user}1", fits, T0 + 1000, scopes=s)).status is ReserveStatus.HELD
         over = await b.reserve(account, f"{user}2", 101, T0 + 1000, scopes=s)
-        assert over.status is ReserveStatus.CAPPED and over.cap is not None
+        assert over.status is ReserveStatus.CAPPED
+        assert over.cap is not None
         assert over.cap.scope == ("user:vip" if user == "vip" else "user:*")
 
 
@@ -296,7 +300,8 @@ async def test_caps_follow_the_accounts_time_zone(balances: Balances, clock: Clo
     await b.settle(account, "r1", 100)
     assert await b.redis.hget(b.keys.account(account).spend("d2027-01-16"), "account") == b"100"
     refused = await b.reserve(account, "r2", 1, T0 + DAY_MS, scopes=["account"])
-    assert refused.status is ReserveStatus.CAPPED and refused.cap is not None
+    assert refused.status is ReserveStatus.CAPPED
+    assert refused.cap is not None
     assert refused.cap.resets_ms == periods(clock.now, "Asia/Tokyo").day_ends_ms  # Tokyo's midnight
     clock.now = T0 + 16 * 3_600_000  # 2027-01-16T00:00Z, still the 16th in Tokyo (09:00)
     assert (await b.reserve(account, "r3", 1, T0 + DAY_MS, scopes=["account"])).status is ReserveStatus.CAPPED
