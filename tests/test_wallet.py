@@ -66,7 +66,7 @@ async def grants(b: Balances, account: str) -> dict[str, Grant]:
 async def outbox(b: Balances, account: str) -> list[dict[str, Any]]:
     """The outbox entries of the account's partition (the test's own prefix: this account's), each as
     {field: decoded JSON}."""
-    entries: list[Any] = await b.redis.xrange(b.keys.account(account).outbox)
+    entries: Any = await b.redis.xrange(b.keys.account(account).outbox)
     return [{as_text(k): json.loads(v) for k, v in fields.items()} for _, fields in entries]
 
 
