@@ -47,8 +47,13 @@ for _, g in ipairs(grants) do
 end
 local before = tonumber(redis.call('HGET', KEYS[1], 'balance'))
 local amount = tonumber(ARGV[1])
-local debt = math.max(0, sum - before)
-local payoff = math.min(amount, debt)
+local payoff = 0  -- what pays back the debt: the balance's shortfall below the remainders, at most amount
+if sum > before then
+  payoff = sum - before
+end
+if payoff > amount then
+  payoff = amount
+end
 redis.call('HINCRBY', KEYS[1], 'balance', ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
 if payoff > 0 then

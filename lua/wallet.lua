@@ -83,13 +83,15 @@ local function w_draw(gkey, list, charge, active, idle_ms)
   local live = {}
   for _, g in ipairs(list) do
     if not g.gone and g.rem > 0 then
-      local e = w_ends(g, active, idle_ms)
-      g.sortend = e == 0 and math.huge or e
+      g.sortend = w_ends(g, active, idle_ms)  -- 0: never, which sorts last
       live[#live + 1] = g
     end
   end
   table.sort(live, function(a, b)
-    if a.sortend ~= b.sortend then return a.sortend < b.sortend end
+    if a.sortend ~= b.sortend then
+      if a.sortend == 0 or b.sortend == 0 then return b.sortend == 0 end
+      return a.sortend < b.sortend
+    end
     if a.pri ~= b.pri then return a.pri < b.pri end
     if a.ord ~= b.ord then return a.ord < b.ord end
     return a.id < b.id
@@ -99,7 +101,10 @@ local function w_draw(gkey, list, charge, active, idle_ms)
     if left <= 0 then
       break
     end
-    local take = math.min(g.rem, left)
+    local take = g.rem
+    if take > left then
+      take = left
+    end
     g.rem = g.rem - take
     left = left - take
     drawn[#drawn + 1] = {g.id, w_int(take)}

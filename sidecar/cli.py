@@ -19,6 +19,7 @@ from .config import Settings, load_settings
 from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import ConfigError, CreditgateError
 from .flush_process import run_flush
+from .grant_terms import GrantBody, grant_terms
 from .logs import configure_logging
 from .reconcile import inspect, stale_after_ms
 from .repair import repair_all
@@ -121,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--idempotency-key", required=True)
     grant.add_argument("--kind", default="grant", choices=MONEY_IN_KINDS)
     grant.add_argument("--note")
+    grant.add_argument("--priority", type=int, help="lower is drawn first (default by kind)")
+    ends = grant.add_mutually_exclusive_group()
+    ends.add_argument("--expires-at", help="ISO 8601 with an offset, e.g. 2027-01-31T00:00:00Z")
+    ends.add_argument("--expires-in-days", type=int)
+    grant.add_argument("--idle-expiry", action=argparse.BooleanOptionalAction, default=None)
+    grant.add_argument("--effective-at", help="ISO 8601, not in the future")
+    grant.add_argument("--payment-ref")
     sub.add_parser(
         "migrate",
         help="apply the Postgres migrations and create the ledger partitions ahead (safe to run twice)",
@@ -216,13 +224,33 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         ("account", "balance"): lambda svc: svc.admin.balance(args.id),
         ("key", "create"): lambda svc: svc.admin.create_key(args.account),
         ("key", "revoke"): lambda svc: svc.admin.revoke_key(args.key_id),
-        ("grant", None): lambda svc: svc.admin.grant(
-            args.account, grant_amount(args.amount, args.credits), args.idempotency_key, args.kind, args.note
-        ),
+        ("grant", None): lambda svc: _grant(svc, args),
     }
     result = _run(_with_services(settings, calls[verb]))
     print(json.dumps(result, indent=2))
     return 0
+
+
+async def _grant(svc: Services, args: argparse.Namespace) -> dict[str, Any]:
+    body = GrantBody(
+        kind=args.kind,
+        priority=args.priority,
+        expires_at=args.expires_at,
+        expires_in_days=args.expires_in_days,
+        idle_expiry=args.idle_expiry,
+        effective_at=args.effective_at,
+    )
+    terms = grant_terms(body, svc.balances.wallet.clock())
+    amount = grant_amount(args.amount, args.credits)
+    return await svc.admin.grant(
+        args.account,
+        amount,
+        args.idempotency_key,
+        args.kind,
+        args.note,
+        terms=terms,
+        payment_ref=args.payment_ref,
+    )
 
 
 async def _migrate(svc: Services) -> dict[str, Any]:

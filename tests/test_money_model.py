@@ -40,10 +40,12 @@ from hypothesis.stateful import (
 )
 
 from sidecar.balances import ReserveStatus
+from sidecar.keys import as_text
 from sidecar.outbox import UsageEvent
 from sidecar.rebuild import rebuild_if_empty
 from sidecar.reconcile import reconcile
 from sidecar.services import Services, services
+from sidecar.wallet import PERIODS, WalletPolicy, cap_scopes, periods
 
 from .conftest import make_settings
 
@@ -53,9 +55,15 @@ T = TypeVar("T")
 EXAMPLES = int(os.environ.get("CREDITGATE_MODEL_EXAMPLES", "200"))
 STEPS = 30
 LEASE_MS = 30_000
-CLOCK_START_MS = 1_000_000_000_000  # the model's clock (lease ends and the reaper's "now"), not the wall's
+# The model's clock (lease ends, the reaper's "now", the wallet's periods and grant ends), not the wall's:
+# 2030-03-17, after the wall's, so that the spend counts' expiry (a day after their period) is ahead.
+CLOCK_START_MS = 1_900_000_000_000
 CACHE_TTL_MS = 3_600_000
 amounts = st.integers(min_value=0, max_value=5_000_000)
+# Who a request is for: (API key id, end user); its model is always "m".
+CALLERS = [("k1", "u1"), ("k1", None), ("k2", "u2"), (None, None)]
+CAP_SCOPES = ["account", "key:k1", "key:k2", "model:m", "user:u1", "user:*"]
+callers = st.sampled_from(CALLERS)
 
 
 @dataclass
@@ -72,6 +80,44 @@ class Account:
     cache: set[str] = field(default_factory=set)
     usage_rows: set[str] = field(default_factory=set)  # request ids the ledger should hold once flushed
     unflushed: set[str] = field(default_factory=set)
+    # Spend caps: (scope, period) -> limit; what live holds hold per scope and which scopes each hold
+    # counts in; what was settled per (period, scope) since the account had caps.
+    caps: dict[tuple[str, str], int] = field(default_factory=dict)
+    cap_held: dict[str, int] = field(default_factory=dict)
+    hold_scopes: dict[str, list[str]] = field(default_factory=dict)
+    spend: dict[tuple[str, str], int] = field(default_factory=dict)
+    who: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # request id -> (key, user)
+
+    def cap_over(self, scopes: list[str], amount: int) -> tuple[str, str] | None:
+        """The (scope, period) of a cap this hold would overshoot, or None (the reserve script's rule)."""
+        if not self.caps or amount == 0:
+            return None
+        for scope in scopes:
+            for period in PERIODS:
+                limit = self.caps.get((scope, period))
+                named = scope
+                if limit is None and scope.startswith("user:"):
+                    limit, named = self.caps.get(("user:*", period)), "user:*"
+                used = self.spend.get((period, scope), 0) + self.cap_held.get(scope, 0)
+                if limit is not None and used + amount > limit:
+                    return named, period
+        return None
+
+    def take_caps(self, request_id: str, scopes: list[str], amount: int) -> None:
+        if self.caps and amount > 0:
+            for scope in scopes:
+                self.cap_held[scope] = self.cap_held.get(scope, 0) + amount
+            self.hold_scopes[request_id] = scopes
+
+    def release_caps(self, request_id: str, hold: int) -> None:
+        for scope in self.hold_scopes.pop(request_id, []):
+            self.cap_held[scope] -= hold
+
+    def count_spend(self, scopes: list[str], charge: int) -> None:
+        if self.caps and charge > 0:
+            for scope in scopes:
+                for period in PERIODS:
+                    self.spend[(period, scope)] = self.spend.get((period, scope), 0) + charge
 
     @property
     def held(self) -> int:
@@ -102,6 +148,8 @@ class MoneyModel(RuleBasedStateMachine):
         self.model: dict[str, Account] = {}
         self.clock = CLOCK_START_MS
         self.round = 0
+        # the wallet's clock is the model's: spend caps' periods, grant expiry
+        self.svc.balances.wallet = WalletPolicy(30 * 86_400_000, clock=lambda: self.clock)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -169,46 +217,86 @@ class MoneyModel(RuleBasedStateMachine):
 
     # ---- the request path ---------------------------------------------------------------------------
 
-    def _reserve(self, account: str, request_id: str, amount: int, cache_key: str | None = None) -> Any:
+    def _reserve(
+        self,
+        account: str,
+        request_id: str,
+        amount: int,
+        cache_key: str | None = None,
+        caller: tuple[str | None, str | None] = (None, None),
+    ) -> Any:
+        scopes = cap_scopes(caller[0], "m", caller[1])
+        lease_end = self.clock + LEASE_MS
         return self.run(
-            self.svc.balances.reserve(account, request_id, amount, self.clock + LEASE_MS, cache_key=cache_key)
+            self.svc.balances.reserve(
+                account, request_id, amount, lease_end, cache_key=cache_key, scopes=scopes
+            )
         )
 
-    @rule(target=held, account=accounts, amount=amounts)
-    def reserve(self, account: str, amount: int) -> Any:
+    def _expected(self, account: str, amount: int, caller: tuple[str | None, str | None]) -> ReserveStatus:
+        """What the reserve of a new hold must answer: the balance first, then the spend caps."""
         acct = self.model[account]
-        if amount == 0 or acct.balance - acct.held >= amount:
-            return self._hold(account, amount)
-        reply = self._reserve(account, self.new_id("req"), amount)
-        assert reply.status == ReserveStatus.INSUFFICIENT
+        if amount > 0 and acct.balance - acct.held < amount:
+            return ReserveStatus.INSUFFICIENT
+        if acct.cap_over(cap_scopes(caller[0], "m", caller[1]), amount):
+            return ReserveStatus.CAPPED
+        return ReserveStatus.HELD
+
+    def _refused(
+        self, account: str, amount: int, caller: tuple[str | None, str | None], expected: Any
+    ) -> None:
+        reply = self._reserve(account, self.new_id("req"), amount, caller=caller)
+        assert reply.status == expected, (reply, expected)
+        if expected == ReserveStatus.CAPPED:
+            over = self.model[account].cap_over(cap_scopes(caller[0], "m", caller[1]), amount)
+            assert reply.cap is not None
+            assert over == (reply.cap.scope, reply.cap.period)
+
+    @rule(target=held, account=accounts, amount=amounts, caller=callers)
+    def reserve(self, account: str, amount: int, caller: tuple[str | None, str | None]) -> Any:
+        expected = self._expected(account, amount, caller)
+        if expected == ReserveStatus.HELD:
+            return self._hold(account, amount, caller)
+        self._refused(account, amount, caller, expected)
         return multiple()
 
-    def _hold(self, account: str, amount: int) -> Request:
-        """A reserve the model says the account covers."""
+    def _hold(
+        self, account: str, amount: int, caller: tuple[str | None, str | None] = (None, None)
+    ) -> Request:
+        """A reserve the model says the account covers, within its caps."""
         acct = self.model[account]
         request_id = self.new_id("req")
-        reply = self._reserve(account, request_id, amount)
+        reply = self._reserve(account, request_id, amount, caller=caller)
         assert reply.status == ReserveStatus.HELD
-        acct.holds[request_id] = amount
-        acct.leases[request_id] = self.clock + LEASE_MS
+        self._held(acct, request_id, amount, caller)
         return Request(account, request_id)
+
+    def _held(self, acct: Account, rid: str, amount: int, caller: tuple[str | None, str | None]) -> None:
+        acct.holds[rid] = amount
+        acct.leases[rid] = self.clock + LEASE_MS
+        acct.who[rid] = caller
+        acct.take_caps(rid, cap_scopes(caller[0], "m", caller[1]), amount)
+
+    def _event(self, acct: Account, rid: str) -> UsageEvent:
+        key_id, user = acct.who.get(rid, (None, None))
+        return UsageEvent(route="chat", model="m", key_id=key_id, user=user)
 
     @rule(request=held)
     def reserve_again(self, request: Request) -> None:
         """A reserve sent again (a lost reply): the same hold, nothing more; once reaped it holds anew
         only if the account still covers it."""
         acct = self.model[request.account]
-        amount = acct.holds.get(request.request_id, acct.reaped.get(request.request_id, 0))
-        reply = self._reserve(request.account, request.request_id, amount)
-        if request.request_id in acct.holds:
-            assert reply.status == ReserveStatus.HELD
-        elif amount == 0 or acct.balance - acct.held >= amount:
-            assert reply.status == ReserveStatus.HELD
-            acct.holds[request.request_id] = amount
-            acct.leases[request.request_id] = self.clock + LEASE_MS
-            acct.reaped.pop(request.request_id)
-        else:
-            assert reply.status == ReserveStatus.INSUFFICIENT
+        rid = request.request_id
+        amount = acct.holds.get(rid, acct.reaped.get(rid, 0))
+        caller = acct.who.get(rid, (None, None))
+        expected = (
+            ReserveStatus.HELD if rid in acct.holds else self._expected(request.account, amount, caller)
+        )
+        reply = self._reserve(request.account, rid, amount, caller=caller)
+        assert reply.status == expected
+        if expected == ReserveStatus.HELD and rid not in acct.holds:
+            self._held(acct, rid, amount, caller)
+            acct.reaped.pop(rid)
 
     @rule(target=settled, request=consumes(held), data=st.data())
     def settle(self, request: Request, data: st.DataObject) -> Request:
@@ -218,27 +306,29 @@ class MoneyModel(RuleBasedStateMachine):
         self._settle(request, data.draw(st.integers(min_value=0, max_value=bound), label="charge"))
         return request
 
-    @rule(target=settled, account=accounts, amount=amounts, data=st.data())
-    def request(self, account: str, amount: int, data: st.DataObject) -> Any:
+    @rule(target=settled, account=accounts, amount=amounts, caller=callers, data=st.data())
+    def request(
+        self, account: str, amount: int, caller: tuple[str | None, str | None], data: st.DataObject
+    ) -> Any:
         """A whole request: its hold, then its settle at most that."""
-        acct = self.model[account]
-        if amount > 0 and acct.balance - acct.held < amount:
-            reply = self._reserve(account, self.new_id("req"), amount)
-            assert reply.status == ReserveStatus.INSUFFICIENT
+        expected = self._expected(account, amount, caller)
+        if expected != ReserveStatus.HELD:
+            self._refused(account, amount, caller, expected)
             return multiple()
-        request = self._hold(account, amount)
+        request = self._hold(account, amount, caller)
         self._settle(request, data.draw(st.integers(min_value=0, max_value=amount), label="charge"))
         return request
 
     def _settle(self, request: Request, charge: int) -> None:
         acct = self.model[request.account]
         rid = request.request_id
-        result = self.run(
-            self.svc.balances.settle(request.account, rid, charge, UsageEvent(route="chat", model="m"))
-        )
+        result = self.run(self.svc.balances.settle(request.account, rid, charge, self._event(acct, rid)))
         assert result.first
         assert result.charged == charge
-        assert result.released == acct.holds.pop(rid, 0)
+        released = acct.holds.pop(rid, 0)
+        assert result.released == released
+        acct.release_caps(rid, released)
+        acct.count_spend(cap_scopes(*self._caller_scopes(acct, rid)), charge)
         acct.leases.pop(rid, None)
         if rid in acct.reaped:
             acct.reaped.pop(rid)
@@ -269,13 +359,16 @@ class MoneyModel(RuleBasedStateMachine):
         acct = self.model[account]
         if rid in acct.forgotten:
             charge = acct.charges[rid]
-        result = self.run(self.svc.balances.settle(account, rid, charge, UsageEvent(route="chat")))
+        result = self.run(self.svc.balances.settle(account, rid, charge, self._event(acct, rid)))
         if rid not in acct.forgotten:
             assert not result.first, rid
             assert result.charged == acct.charges[rid], rid
             return
         assert result.first, rid
-        assert result.released == acct.holds.pop(rid, 0)
+        released = acct.holds.pop(rid, 0)
+        assert result.released == released
+        acct.release_caps(rid, released)
+        acct.count_spend(cap_scopes(*self._caller_scopes(acct, rid)), charge)
         acct.leases.pop(rid, None)
         acct.forgotten.remove(rid)
         acct.overdrawn = acct.overdrawn or charge > 0
@@ -291,17 +384,17 @@ class MoneyModel(RuleBasedStateMachine):
         """A reserve arriving after its request settled holds nothing (unless that settle was lost)."""
         acct = self.model[request.account]
         rid = request.request_id
-        reply = self._reserve(request.account, rid, 1)
+        caller = acct.who.get(rid, (None, None))
         if rid not in acct.forgotten:
-            assert reply.status == ReserveStatus.ALREADY_SETTLED
+            expected = ReserveStatus.ALREADY_SETTLED
         elif rid in acct.holds:
-            assert reply.status == ReserveStatus.HELD
-        elif acct.balance - acct.held >= 1:
-            assert reply.status == ReserveStatus.HELD
-            acct.holds[rid] = 1
-            acct.leases[rid] = self.clock + LEASE_MS
+            expected = ReserveStatus.HELD
         else:
-            assert reply.status == ReserveStatus.INSUFFICIENT
+            expected = self._expected(request.account, 1, caller)
+        reply = self._reserve(request.account, rid, 1, caller=caller)
+        assert reply.status == expected
+        if expected == ReserveStatus.HELD and rid not in acct.holds:
+            self._held(acct, rid, 1, caller)
 
     @rule(ms=st.integers(min_value=1, max_value=2 * LEASE_MS))
     def reap(self, ms: int) -> None:
@@ -314,6 +407,7 @@ class MoneyModel(RuleBasedStateMachine):
                 if end <= self.clock:
                     expected += acct.holds[rid]
                     acct.reaped[rid] = acct.holds.pop(rid)
+                    acct.release_caps(rid, acct.reaped[rid])
                     acct.leases.pop(rid)
         assert released == expected
 
@@ -322,21 +416,27 @@ class MoneyModel(RuleBasedStateMachine):
         """A miss that stores its answer in the account's cache as it settles."""
         acct = self.model[account]
         request_id, cache_key = self.new_id("req"), self.svc.keys.account(account).cache(self.new_id("c"))
-        reply = self._reserve(account, request_id, charge, cache_key)
-        if charge > 0 and acct.balance - acct.held < charge:
-            assert reply.status == ReserveStatus.INSUFFICIENT
+        caller = CALLERS[0]
+        expected = self._expected(account, charge, caller)
+        reply = self._reserve(account, request_id, charge, cache_key, caller)
+        assert reply.status == expected
+        if expected != ReserveStatus.HELD:
             return multiple()
-        assert reply.status == ReserveStatus.HELD
+        self._held(acct, request_id, charge, caller)
         result = self.run(
             self.svc.balances.settle(
                 account,
                 request_id,
                 charge,
-                UsageEvent(route="chat"),
+                self._event(acct, request_id),
                 cache_entry=(cache_key, b"answer", CACHE_TTL_MS),
             )
         )
         assert result.first
+        acct.holds.pop(request_id)
+        acct.leases.pop(request_id)
+        acct.release_caps(request_id, charge)
+        acct.count_spend(cap_scopes(*self._caller_scopes(acct, request_id)), charge)
         acct.balance -= charge
         acct.charges[request_id] = charge
         if charge:
@@ -353,7 +453,7 @@ class MoneyModel(RuleBasedStateMachine):
         request_id = self.new_id("hit")
         reply = self._reserve(account, request_id, 10**9, cache_key)
         if cache_key not in acct.cache:  # lost with Redis
-            assert reply.status in (ReserveStatus.HELD, ReserveStatus.INSUFFICIENT)
+            assert reply.status in (ReserveStatus.HELD, ReserveStatus.INSUFFICIENT, ReserveStatus.CAPPED)
             if reply.status == ReserveStatus.HELD:
                 self.run(self.svc.balances.settle(account, request_id, 0))
             return
@@ -365,6 +465,46 @@ class MoneyModel(RuleBasedStateMachine):
         assert result.first
         acct.usage_rows.add(request_id)
         acct.unflushed.add(request_id)
+
+    def _caller_scopes(self, acct: Account, rid: str) -> tuple[str | None, str | None, str | None]:
+        key_id, user = acct.who.get(rid, (None, None))
+        return key_id, "m", user
+
+    @rule(
+        account=accounts,
+        scope=st.sampled_from(CAP_SCOPES),
+        period=st.sampled_from(PERIODS),
+        limit=st.integers(min_value=0, max_value=20_000_000),
+    )
+    def set_cap(self, account: str, scope: str, period: str, limit: int) -> None:
+        """A spend cap (possibly below what is already spent or held: it then refuses every new hold)."""
+
+        async def write() -> None:
+            await self.svc.redis.hset(self.svc.keys.account(account).caps, f"{scope}|{period}", str(limit))
+
+        self.run(write())
+        self.model[account].caps[(scope, period)] = limit
+
+    @precondition(lambda self: any(acct.caps for acct in self.model.values()))
+    @rule(target=held, data=st.data(), caller=callers)
+    def reserve_up_to_a_cap(self, data: st.DataObject, caller: tuple[str | None, str | None]) -> Any:
+        """A hold of exactly a cap's headroom fits (if nothing else is tighter), one micro-credit more not."""
+        account = data.draw(st.sampled_from(sorted(a for a, acct in self.model.items() if acct.caps)))
+        acct = self.model[account]
+        scope, period = data.draw(st.sampled_from(sorted(acct.caps)))
+        used = acct.spend.get((period, scope), 0) + acct.cap_held.get(scope, 0)
+        headroom = acct.caps[(scope, period)] - used
+        if headroom <= 0:
+            return multiple()
+        over = self._expected(account, headroom + 1, caller)
+        if over == ReserveStatus.HELD:  # the cap is not among the caller's scopes
+            return multiple()
+        self._refused(account, headroom + 1, caller, over)
+        expected = self._expected(account, headroom, caller)
+        if expected != ReserveStatus.HELD:
+            self._refused(account, headroom, caller, expected)
+            return multiple()
+        return self._hold(account, headroom, caller)
 
     # ---- the ledger side ----------------------------------------------------------------------------
 
@@ -416,6 +556,10 @@ class MoneyModel(RuleBasedStateMachine):
             acct.holds.clear()
             acct.leases.clear()
             acct.cache.clear()
+            acct.caps.clear()  # caps, what holds held in them and the spend counts: Redis' own
+            acct.cap_held.clear()
+            acct.hold_scopes.clear()
+            acct.spend.clear()
 
     # ---- what must hold after every step ------------------------------------------------------------
 
@@ -440,6 +584,25 @@ class MoneyModel(RuleBasedStateMachine):
             assert acct.granted == view.available + view.held + sum(acct.charges.values()) - acct.lost
             assert view.held >= 0
             assert acct.overdrawn or view.balance >= 0, account
+            self.check_caps(account, acct)
+
+    def check_caps(self, account: str, acct: Account) -> None:
+        """Redis' held-by-scope and spend counts equal the model's."""
+        k = self.svc.keys.account(account)
+        per = periods(self.clock)
+        ids = {"total": "total", "day": per.day_id, "month": per.month_id}
+
+        async def read() -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+            held = await self.svc.redis.hgetall(k.cap_held)
+            spend = {}
+            for period, pid in ids.items():
+                for scope, value in (await self.svc.redis.hgetall(k.spend(pid))).items():
+                    spend[(period, as_text(scope))] = int(value)
+            return {as_text(s): int(v) for s, v in held.items() if int(v)}, spend
+
+        held, spend = self.run(read())
+        assert held == {s: v for s, v in acct.cap_held.items() if v}, account
+        assert spend == acct.spend, account
 
 
 def test_money_operations_agree_with_the_model(redis_url: str, database_url: str) -> None:
