@@ -7,6 +7,7 @@ keys, is rebuilt partition by partition; see ``rebuild_if_empty``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -16,7 +17,7 @@ from .keys import AccountKeys, KeySpace
 from .ledger_store import LedgerConnection, LedgerStore
 from .reconcile import redis_snapshot
 from .redis_client import RedisClient
-from .wallet import Grant
+from .wallet import Grant, draw
 
 log = logging.getLogger("creditgate.rebuild")
 
@@ -97,7 +98,7 @@ async def rebuild_if_empty(
                         pipe.hset(k.balance, "balance", str(balance))
                         pipe.hsetnx(k.balance, "held", 0)
                         pipe.hsetnx(k.balance, "created_at", now)
-                        restore_grants(pipe, k, grants.get(account, []), now * 1000)
+                        restore_grants(pipe, k, within(grants.get(account, []), balance), now * 1000)
                     # The balances include the money in still on its way: its grant must not credit again.
                     for idempotency_id, account, amount in unapplied_by_partition.get(partition, []):
                         pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")
@@ -128,6 +129,16 @@ async def rebuild_if_empty(
         await redis.delete(keys.rebuild_lock)
 
 
+def within(grants: list[Grant], balance: int) -> list[Grant]:
+    """The grants, their remainders lowered (in draw order) until they sum to at most the balance: a
+    payoff of a negative balance that Redis made and lost before the ledger had it is made again."""
+    excess = sum(g.remaining for g in grants) - max(balance, 0)
+    if excess <= 0:
+        return grants
+    taken = dict(draw(grants, excess, 0, 0))
+    return [dataclasses.replace(g, remaining=g.remaining - taken.get(g.grant_id, 0)) for g in grants]
+
+
 def restore_grants(pipe: Any, k: AccountKeys, grants: list[Grant], now_ms: int) -> None:
     """Queue the writes that give an account the ledger's grants (what flushed usage, expiries and payoffs
     left of each) and the wallet's summary fields; its last activity is taken as now (the rebuild lost it:
@@ -136,6 +147,8 @@ def restore_grants(pipe: Any, k: AccountKeys, grants: list[Grant], now_ms: int) 
     due = 0
     idle = False
     for g in grants:
+        if g.remaining <= 0:
+            continue
         value = f"{g.remaining} {g.expires_ms} {g.priority} {g.order_ms} {int(g.idle)} {g.kind}"
         pipe.hset(k.grants, g.grant_id, value)
         due = g.expires_ms if g.expires_ms and (due == 0 or g.expires_ms < due) else due

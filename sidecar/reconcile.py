@@ -17,6 +17,9 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
 
 from .balances import Balances
 from .errors import NotInitialized, UnknownAccount
@@ -196,6 +199,12 @@ async def redis_snapshot(
             if exists:
                 credited.add(idempotency_id)
         for entry_id, fields in outbox:
+            expired = _expiry(fields)
+            if expired is not None:  # a grant's remainder leaving: a debit too, until its row is in
+                debits.append(expired)
+                continue
+            if b"p" in fields or "p" in fields:  # a payoff moves no balance
+                continue
             entry = decode_entry(fields)
             debits.append((entry.account, entry.request_id, entry.charge, ledger_time_ms(entry, entry_id)))
     flushed = await store.present(conn, [(account, rid, ms) for account, rid, _, ms in debits])
@@ -204,6 +213,18 @@ async def redis_snapshot(
         if rid not in flushed:
             unflushed[account] += charge
     return Snapshot(views, unflushed, credited, leases)
+
+
+def _expiry(fields: dict[Any, Any]) -> tuple[str, str, int, int] | None:
+    """An expiry outbox entry as (account, its ledger id, amount, time ms); None for any other entry."""
+    data = fields.get(b"x", fields.get("x"))
+    if data is None:
+        return None
+    try:
+        x = msgspec.json.decode(data, type=dict[str, str])
+        return x["account"], f"expiry:{x['account']}:{x['grant']}", int(x["amount"]), int(x["at"])
+    except (msgspec.MsgspecError, KeyError, ValueError):
+        return None
 
 
 # A lease that ended this long ago should have been reaped: two reaper intervals, plus slack for the
