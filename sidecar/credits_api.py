@@ -5,11 +5,12 @@ from Postgres: the roll-ups the flusher maintains, the ledger by its primary key
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -27,6 +28,7 @@ from .wallet import DAY_MS, Grant
 
 SUMMARY_TOP = 20  # values per dimension in the summary (the usage endpoint lists them all)
 MONEY_FIELDS = ("charge", "saved")
+LAST_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z, the last instant ISO 8601 dates name
 CSV_COLUMNS = ("created_at", "id", "kind", "amount", "amount_credits", "model", "key_id", "user", "tags")
 
 
@@ -64,11 +66,11 @@ class CreditReads:
         self.pool: asyncpg.Pool = svc.store.pool
 
     async def summary(self, account: str, now_ms: int) -> dict[str, Any]:
-        k = self.svc.keys.account(account)
-        async with self.svc.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(k.balance, ["balance", "held", "active_ms"])
-            pipe.hgetall(k.grants)
-            (balance, held, active), raw_grants = await pipe.execute()
+        today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+        # Redis and Postgres at once: the summary waits for the slower of the two, not for both.
+        (balance, held, active), raw_grants, rows = await asyncio.gather(
+            *self._live(account), statements.summary_usage(self.pool, account, today, SUMMARY_TOP)
+        )
         if balance is None:
             raise NotFound(f"No account {account!r}.", param="account")
         balance, held = int(balance), int(held or 0)
@@ -77,12 +79,13 @@ class CreditReads:
         _money(out, "held", held)
         _money(out, "available", balance - held)
         out.update(await self._grants(account, raw_grants, int(active or 0)))
-        today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
-        rows = await statements.summary_usage(self.pool, account, today)
+        by_dim: dict[str, list[Any]] = {}
+        for r in rows:
+            by_dim.setdefault(r["dim"], []).append(r)
         for period in ("today", "month"):
             usage: dict[str, Any] = {}
             for dim in ("total", "model", "key", "user", "tag"):
-                found = [r for r in rows if r["dim"] == dim and r[f"{period}_requests"]]
+                found = [r for r in by_dim.get(dim, ()) if r[f"{period}_requests"]]
                 if dim == "total":
                     zero = dict.fromkeys((f"{period}_{f}" for f in statements.USAGE_FIELDS), 0)
                     usage.update(_sums(found[0] if found else zero, f"{period}_"))
@@ -95,6 +98,13 @@ class CreditReads:
         week = next((int(r["week_charge"]) for r in rows if r["dim"] == "total"), 0)
         out["forecast"] = self._forecast(balance - held, week, now_ms)
         return out
+
+    def _live(self, account: str) -> tuple[Awaitable[Any], Awaitable[Any]]:
+        """The account hash's figures and its grants (one slot: one connection, pipelined)."""
+        k = self.svc.keys.account(account)
+        return self.svc.redis.hmget(k.balance, ["balance", "held", "active_ms"]), self.svc.redis.hgetall(
+            k.grants
+        )
 
     async def _grants(self, account: str, raw: dict[Any, Any], active_ms: int) -> dict[str, Any]:
         """Credits by grant kind and what ends when: Redis' grants, else (none there) the ledger's."""
@@ -134,7 +144,8 @@ class CreditReads:
             out.update(run_out_at=None, days_left=None)
             return out
         left_ms = max(0, available) * 7 * DAY_MS // week_charge
-        out.update(run_out_at=_ms_iso(now_ms + left_ms), days_left=left_ms // DAY_MS)
+        at = _ms_iso(now_ms + left_ms) if now_ms + left_ms < LAST_MS else None  # None: past year 9999
+        out.update(run_out_at=at, days_left=left_ms // DAY_MS)
         return out
 
     async def usage(self, account: str, q: UsageQuery) -> dict[str, Any]:

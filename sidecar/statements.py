@@ -19,15 +19,31 @@ _SUMS = (
 )
 USAGE_FIELDS = ("requests", "charge", "saved", "prompt_tokens", "completion_tokens")
 
+
+def _period(condition: str, prefix: str) -> str:
+    return ", ".join(
+        f"coalesce(sum({f}) FILTER (WHERE {condition}), 0)::bigint AS {prefix}_{f}" for f in USAGE_FIELDS
+    )
+
+
 # The summary's usage in one pass over the account's roll-ups of this month (and the last 7 days): per
-# dimension and value, today's and the month's sums; the 7 days' charge comes with the 'total' row.
+# dimension and value, today's and the month's sums, only the top $4 values of each dimension by today's or
+# the month's charge (ranked in SQL: an account with thousands of end users sends back a few rows); the
+# 7 days' charge comes with the 'total' row.
 _SUMMARY = f"""
-SELECT dim, value,
-    {", ".join(f"coalesce(sum({f}) FILTER (WHERE day = $2), 0)::bigint AS today_{f}" for f in USAGE_FIELDS)},
-    {", ".join(f"coalesce(sum({f}) FILTER (WHERE day >= $3), 0)::bigint AS month_{f}" for f in USAGE_FIELDS)},
-    coalesce(sum(charge) FILTER (WHERE day > $2 - 7), 0)::bigint AS week_charge
-FROM usage_rollup WHERE account_id = $1 AND day >= least($3, $2 - 6) AND day <= $2
-GROUP BY dim, value
+WITH sums AS (
+    SELECT dim, value,
+        {_period("day = $2", "today")},
+        {_period("day >= $3", "month")},
+        coalesce(sum(charge) FILTER (WHERE day > $2 - 7), 0)::bigint AS week_charge
+    FROM usage_rollup WHERE account_id = $1 AND day >= least($3, $2 - 6) AND day <= $2
+    GROUP BY dim, value
+), ranked AS (
+    SELECT *, row_number() OVER (PARTITION BY dim ORDER BY today_charge DESC, value) AS by_today,
+        row_number() OVER (PARTITION BY dim ORDER BY month_charge DESC, value) AS by_month
+    FROM sums
+)
+SELECT * FROM ranked WHERE dim = 'total' OR by_today <= $4 OR by_month <= $4
 """
 
 _HISTORY_COLUMNS = (
@@ -50,9 +66,9 @@ FROM grants g WHERE g.account_id = $1
 """
 
 
-async def summary_usage(pool: asyncpg.Pool, account: str, today: dt.date) -> list[asyncpg.Record]:
+async def summary_usage(pool: asyncpg.Pool, account: str, today: dt.date, top: int) -> list[asyncpg.Record]:
     month = today.replace(day=1)
-    return list(await pool.fetch(_SUMMARY, account, today, month))
+    return list(await pool.fetch(_SUMMARY, account, today, month, top))
 
 
 async def usage(pool: asyncpg.Pool, account: str, q: UsageQuery) -> list[asyncpg.Record]:
