@@ -16,6 +16,7 @@ import pytest
 
 from sidecar.outbox import UsageEvent, encode_event, ledger_row
 from sidecar.services import Services, services
+from sidecar.wallet import GrantTerms, WalletPolicy
 
 from .conftest import make_settings
 
@@ -256,3 +257,32 @@ async def full_scan(svc: Services, account: str) -> dict[tuple[Any, ...], tuple[
             c.update(r=1, c=-r["amount"], s=r["saved"] or 0, p=r["prompt_tokens"] or 0,
                      o=r["completion_tokens"] or 0)  # fmt: skip
     return {k: (c["r"], c["c"], c["s"], c["p"], c["o"]) for k, c in sums.items()}
+
+
+async def test_the_scripts_expiry_and_payoff_entries_reach_the_ledger(svc: Services) -> None:
+    """The entries the credit and expiry scripts append themselves (not by hand) become the same rows."""
+    now = [int(dt.datetime.now(dt.UTC).timestamp() * 1000)]
+    svc.balances.wallet = WalletPolicy(svc.balances.wallet.idle_expiry_ms, lambda: now[0])
+    account: str = (await svc.admin.create_account())["id"]
+    ends = now[0] + 60_000
+    terms = GrantTerms(kind="promotion", expires_ms=ends)
+    await svc.admin.grant(account, 1_000, "promo", "promotion", terms=terms)
+    await svc.balances.reserve(account, "req_1", 1_500, LEASE)
+    await svc.balances.settle(account, "req_1", 1_400, UsageEvent(model="m"))  # 400 below zero
+    await svc.admin.grant(account, 2_000, "buy", "purchase")  # pays the 400 back
+    now[0] = ends + 1
+    assert await svc.balances.expire_grants() == 0  # the promotion was used up: nothing left to expire
+    await svc.admin.grant(
+        account, 500, "promo2", "promotion", terms=GrantTerms(kind="promotion", expires_ms=ends + 10)
+    )
+    now[0] = ends + 20
+    assert await svc.balances.expire_grants() == 500
+    await svc.flusher().drain()
+    found = await rows(svc, "SELECT idempotency_id, kind, amount FROM ledger WHERE account_id = $1"
+                       " AND kind IN ('expiry', 'adjustment') ORDER BY kind", account)  # fmt: skip
+    assert found == [
+        {"idempotency_id": f"payoff:{account}:buy", "kind": "adjustment", "amount": 0},
+        {"idempotency_id": f"expiry:{account}:promo2", "kind": "expiry", "amount": -500},
+    ]
+    assert await draws(svc, account) == {"promo": 1_000, "buy": 400, "promo2": 500}
+    assert await svc.store.ledger_sum(account) == (await svc.balances.balance(account)).balance
