@@ -105,6 +105,12 @@ async def measure(base: str, calls: int) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{base}/admin/accounts/{ACCOUNT}/keys", headers=admin) as resp:
             key = (await resp.json())["key"]
+        grant = {"amount": 1_000_000_000, "kind": "purchase"}  # grants in Redis, as a real account has
+        headers = {**admin, "Idempotency-Key": "bench-purchase"}
+        async with session.post(
+            f"{base}/admin/accounts/{ACCOUNT}/grants", json=grant, headers=headers
+        ) as resp:
+            assert resp.status == 200, await resp.text()
         auth = {"Authorization": f"Bearer {key}"}
         today = dt.datetime.now(dt.UTC).date()
         urls = {
