@@ -41,26 +41,33 @@ from sidecar.ledger_sql import BARE_INSERT, BATCH_FIELDS
 from sidecar.outbox import UsageEvent, encode_event, ledger_row
 
 LEASE = 4_000_000_000_000
-_TYPES = dict.fromkeys(BATCH_FIELDS, "bigint") | dict.fromkeys(
-    (
-        "idempotency_id",
-        "account_id",
-        "kind",
-        "route",
-        "model",
-        "provider",
-        "key_source",
-        "multiplier",
-        "outcome",
-    ),
-    "text",
+_TYPES = (
+    dict.fromkeys(BATCH_FIELDS, "bigint")
+    | dict.fromkeys(
+        (
+            "idempotency_id",
+            "account_id",
+            "kind",
+            "route",
+            "model",
+            "provider",
+            "key_source",
+            "multiplier",
+            "outcome",
+            "key_id",
+            "end_user",
+            "tags",  # a text[] per row: sent as its text form here (the bench's rows have none)
+        ),
+        "text",
+    )
+    | {"drawn": "jsonb"}
 )
 # The same insert with one array per column (the flusher's encoding before ledger_usage_row).
 PER_COLUMN = BARE_INSERT.replace(
     "unnest($1::ledger_usage_row[]) AS b",
     f"unnest({', '.join(f'${i + 1}::{_TYPES[c]}[]' for i, c in enumerate(BATCH_FIELDS))})"
     f" AS b({', '.join(BATCH_FIELDS)})",
-)
+).replace("b.tags,", "b.tags::text[],")
 REDIS = os.environ.get("CREDITGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
 SERVER = os.environ.get("CREDITGATE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 EVENT = UsageEvent(

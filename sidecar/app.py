@@ -13,6 +13,7 @@ from aiohttp import web
 from .admin import ADMIN_OPS, admin_app
 from .cache import CachePolicy, ResponseCache
 from .config import Settings
+from .credits_api import credit_routes
 from .flusher import Flusher
 from .health import READINESS, Readiness, ReadinessCheck, healthz, readiness_response, readyz
 from .metrics import METRICS, Metrics, metrics_handler, metrics_response
@@ -210,8 +211,10 @@ def create_app(
         total, letters = await request.config_dict[FLUSHER].dead_letters()
         return web.json_response({"total": total, "dead_letters": letters})
 
+    credit_routes(app, SERVICES, PROXY)  # /v1/credits/*, and under /admin/accounts/{id}/credits/
     if settings.admin_api:
         admin = admin_app(settings.admin_token)
+        credit_routes(admin, SERVICES, PROXY, admin=True)
         admin.router.add_get("/ledger", ledger_status)
         admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
         app.add_subapp("/admin/", admin)

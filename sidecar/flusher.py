@@ -32,7 +32,7 @@ from .balances import load_lua
 from .batches import Batch, FlushStats, Item, is_data_error
 from .keys import KeySpace, as_text
 from .ledger_store import LedgerStore
-from .outbox import BadEntry, ledger_row
+from .outbox import BadEntry, entry_data, ledger_row
 from .outbox_view import backlog, dead_letters
 from .redis_client import RedisClient, read_group
 
@@ -168,10 +168,10 @@ class Flusher:
         dead += await self._insert([item for item in items if item.row is not None])
         async with self.redis.pipeline(transaction=False) as pipe:
             for item in dead:  # parked before acknowledged: a crash between parks it twice, never loses it
-                data = item.fields.get(b"d", item.fields.get("d", b""))
+                data = entry_data(item.fields)
                 pipe.xadd(
                     self.dead_letter_streams[item.stream],
-                    {"entry": item.entry_id, "reason": item.reason[:500], "d": data},
+                    {"entry": item.entry_id, "reason": item.reason[:500], **data},
                 )
             for stream, entries in batch.entries.items():  # one argument per stream: see ack_entries.lua
                 pipe.eval(ACK_ENTRIES, 1, stream, GROUP, " ".join(entry_id for entry_id, _ in entries))

@@ -18,7 +18,14 @@ import asyncpg
 
 from .ledger_schema import LedgerConnection as LedgerConnection
 from .ledger_schema import add_partitions, migrate
-from .ledger_sql import FOLD_BALANCES, INSERT_NEW_USAGE, INSERT_USAGE, LEDGER_BARRIER
+from .ledger_sql import (
+    COMPACT_ROLLUPS,
+    FOLD_BALANCES,
+    FOLD_GRANT_DRAWS,
+    INSERT_NEW_USAGE,
+    INSERT_USAGE,
+    LEDGER_BARRIER,
+)
 from .money_in_store import MoneyIn as MoneyIn
 from .money_in_store import MoneyInStore
 
@@ -26,7 +33,8 @@ log = logging.getLogger("creditgate.store")
 
 
 _ACCOUNT_THEN_ID = operator.itemgetter(1, 0)  # a batch row's (account, request id)
-FOLD_SECONDS = 1.0  # how often a flushing store folds the balance deltas (see ledger_sql)
+FOLD_SECONDS = 1.0  # how often a flushing store folds the balance deltas and grant draws (see ledger_sql)
+COMPACT_SECONDS = 60.0  # how often a flushing store compacts the usage roll-ups
 PARTITIONS_SECONDS = 3600.0  # how often a flushing store makes sure the partitions ahead exist
 
 
@@ -37,6 +45,7 @@ class LedgerStore(MoneyInStore):
         self.partitions_ahead: int | None = None
         self._next_fold = 0.0
         self._next_partitions = time.monotonic() + PARTITIONS_SECONDS
+        self._next_compact = time.monotonic() + COMPACT_SECONDS
         self._folding = False
 
     @classmethod
@@ -53,6 +62,14 @@ class LedgerStore(MoneyInStore):
     async def fold_balances(self) -> None:
         """Fold the usage batches' balance deltas into accounts.balance (a no-op while another folds)."""
         await self.pool.execute(FOLD_BALANCES)
+
+    async def fold_grant_draws(self) -> None:
+        """Fold the batches' grant draws into grants.drawn (a no-op while another folds)."""
+        await self.pool.execute(FOLD_GRANT_DRAWS)
+
+    async def compact_rollups(self) -> None:
+        """Merge the roll-up rows batches appended into one row per account, day, dimension and value."""
+        await self.pool.execute(COMPACT_ROLLUPS)
 
     async def migrate(self) -> list[str]:
         async with self.pool.acquire() as conn:
@@ -116,14 +133,19 @@ class LedgerStore(MoneyInStore):
         await self._upkeep()
 
     async def _upkeep(self) -> None:
-        """After a batch, now and then: fold the balance deltas; hourly, the partitions ahead (a sidecar
-        running for months still has its months' partitions). One at a time per store."""
+        """After a batch, now and then: fold the balance deltas and grant draws; every minute, compact the
+        roll-ups; hourly, the partitions ahead (a sidecar running for months still has its months'
+        partitions). One at a time per store."""
         now = time.monotonic()
         if self._folding or now < self._next_fold:
             return
         self._next_fold, self._folding = now + FOLD_SECONDS, True
         try:
             await self.fold_balances()
+            await self.fold_grant_draws()
+            if now >= self._next_compact:
+                self._next_compact = now + COMPACT_SECONDS
+                await self.compact_rollups()
             if self.partitions_ahead is not None and now >= self._next_partitions:
                 self._next_partitions = now + PARTITIONS_SECONDS
                 await self.add_partitions(self.partitions_ahead)

@@ -1,8 +1,15 @@
 """The outbox entry a settlement appends, and its conversion to a ledger row. Pure: no I/O.
 
-The settle script appends one field, ``d``: this entry as JSON, built by the caller with the same request
-id, account and charge it passes the script, in the same atomic step as the debit. One field keeps the
-stream compact and the flusher's parsing cheap.
+Each entry is one of three kinds (README "Outbox entries"):
+- usage: field ``d``, the UsageEvent as JSON, built by the caller with the same request id, account and
+  charge it passes the settle script, in the same atomic step as the debit; with an optional ``g``, the
+  grants the debit drew from: ``[["<grant id>", "<micro>"], ...]`` (integer strings);
+- expiry: field ``x``, ``{"account", "grant", "amount", "at"}`` (integer strings): a grant's remainder that
+  left the balance when it ended, a ledger row ``expiry:<account>:<grant>`` of -amount at ``at`` (ms);
+- payoff: field ``p``, the same shape: a new grant paid part of a negative balance. Its money-in row
+  counted the whole amount already, so its ledger row ``payoff:<account>:<grant>`` is an 'adjustment' of 0
+  that only records the draw on the grant (and makes it once).
+Every row carries the grants it drew from (``drawn``), which the flusher appends to grant_draws.
 """
 
 from __future__ import annotations
@@ -96,8 +103,12 @@ def ledger_row(fields: dict[Any, Any], entry_id: str | bytes) -> tuple[Any, ...]
     """One outbox entry (its fields and stream entry id) as a batch row for ``LedgerStore.insert_usage``;
     usage amounts are negative. Raises BadEntry for an entry that must never be written (see
     ``checked_event``)."""
+    moved = move_row(fields)
+    if moved is not None:
+        return moved
     event = checked_event(fields)
     overdraft = max(0, event.charge - event.hold) if event.hold is not None else None
+    drawn = _drawn(fields, event.charge)
     return (
         event.request_id,
         event.account,
@@ -118,4 +129,84 @@ def ledger_row(fields: dict[Any, Any], entry_id: str | bytes) -> tuple[Any, ...]
         event.started_ms,
         event.settled_ms,
         ledger_time_ms(event, entry_id),
+        event.key_id,
+        event.user,
+        event.tags,
+        drawn,
     )
+
+
+DATA_FIELDS = ("d", "g", "x", "p")
+
+
+def entry_data(fields: dict[Any, Any]) -> dict[Any, Any]:
+    """The entry's data fields (what a dead letter keeps of it)."""
+    found = {name: fields.get(name.encode(), fields.get(name)) for name in DATA_FIELDS}
+    return {name: data for name, data in found.items() if data is not None}
+
+
+def _field(fields: dict[Any, Any], name: str) -> Any:
+    return fields.get(name.encode(), fields.get(name))
+
+
+def _micro(text: str, what: str, low: int = 1) -> int:
+    if not (isinstance(text, str) and text.isascii() and text.isdigit()) or not low <= int(text) <= MAX_MICRO:
+        raise BadEntry(f"{what} {text!r} is not an integer string in {low}..{MAX_MICRO}")
+    return int(text)
+
+
+_decode_draws = msgspec.json.Decoder(list[tuple[str, str]]).decode
+
+
+def _drawn(fields: dict[Any, Any], charge: int) -> str | None:
+    """The ``g`` field as the row's drawn jsonb ({"<grant id>": micro, ...}), None without one."""
+    data = _field(fields, "g")
+    if data is None:
+        return None
+    try:
+        pairs = _decode_draws(data)
+    except msgspec.MsgspecError as exc:
+        raise BadEntry(f"g undecodable: {exc}") from None
+    drawn: dict[str, int] = {}
+    for grant, amount in pairs:
+        if not grant:
+            raise BadEntry("g names an empty grant id")
+        drawn[grant] = drawn.get(grant, 0) + _micro(amount, "g amount")
+    if sum(drawn.values()) > charge:
+        raise BadEntry(f"g draws {sum(drawn.values())}, more than the charge {charge}")
+    return encode_json(drawn).decode() if drawn else None
+
+
+class GrantMove(msgspec.Struct, forbid_unknown_fields=False):
+    """An expiry (``x``) or payoff (``p``) entry."""
+
+    account: str
+    grant: str
+    amount: str
+    at: str
+
+
+_decode_move = msgspec.json.Decoder(GrantMove).decode
+encode_json = msgspec.json.Encoder().encode
+_MOVE_KINDS = {"x": ("expiry", "expiry", -1), "p": ("payoff", "adjustment", 0)}
+
+
+def move_row(fields: dict[Any, Any]) -> tuple[Any, ...] | None:
+    """The batch row of an expiry or payoff entry, None for a usage entry."""
+    for field, (prefix, kind, sign) in _MOVE_KINDS.items():
+        data = _field(fields, field)
+        if data is None:
+            continue
+        try:
+            move = _decode_move(data)
+        except msgspec.MsgspecError as exc:
+            raise BadEntry(f"{field} undecodable: {exc}") from None
+        if not move.account or not move.grant:
+            raise BadEntry(f"{field} without an account or grant")
+        amount = _micro(move.amount, f"{field} amount")
+        at = _micro(move.at, f"{field} at", low=0)
+        none = (None,) * 14  # route .. settled_ms
+        drawn = encode_json({move.grant: amount}).decode()
+        return (f"{prefix}:{move.account}:{move.grant}", move.account, kind, sign * amount, *none, at,
+                None, None, None, drawn)  # fmt: skip
+    return None

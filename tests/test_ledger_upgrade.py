@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sidecar.ledger_schema import LedgerConnection, add_partitions, migrate
+from sidecar.ledger_schema import LedgerConnection, add_partitions, migrate, migration_files
 from sidecar.ledger_store import LedgerStore
 
 UTC = dt.UTC
@@ -57,7 +57,7 @@ async def test_the_upgrade_keeps_every_row_in_its_months_partition(database_url:
     try:
         await old_ledger(conn)
         before = [dict(r) for r in await conn.fetch(f"SELECT {COLUMNS} FROM ledger ORDER BY 1")]
-        assert await migrate(conn) == ["002_partitioned_ledger", "003_ledger_time_index", "004_wallet"]
+        assert await migrate(conn) == [v for v, _ in migration_files()][1:]  # 002 on
         after = await conn.fetch(
             f"SELECT {COLUMNS}, created_at, tableoid::regclass::text AS part FROM ledger ORDER BY 1"
         )
@@ -102,7 +102,10 @@ async def test_after_the_upgrade_a_redelivered_entry_and_a_retried_grant_change_
     await store.migrate()
     # req_1, flushed before the upgrade (committed, not acknowledged), comes again: the same row.
     columns = [None] * 12
-    await store.insert_usage([("req_1", "acct_a", "usage", -300, *columns, ms(DEC), ms(DEC), ms(DEC))])
+    attribution = [None] * 4
+    await store.insert_usage(
+        [("req_1", "acct_a", "usage", -300, *columns, ms(DEC), ms(DEC), ms(DEC), *attribution)]
+    )
     again = await store.record_money_in("in:acct_a:seed", "acct_a", "grant", 2000, "seed")
     assert (again.created, again.applied) == (False, True)
     assert await store.ledger_sum("acct_a") == 1700
@@ -127,7 +130,7 @@ async def test_per_account_reads_use_the_primary_key_of_the_months_they_ask_for(
     start = ms(dt.datetime(2026, 11, 1, tzinfo=UTC))
     span = ms(dt.datetime(2027, 2, 1, tzinfo=UTC)) - start
     rows = [
-        (f"req_{i}", accounts[i % 200], "usage", -1, *[None] * 12, None, None, start + i * span // 30_000)
+        (f"req_{i}", accounts[i % 200], "usage", -1, *[None] * 14, start + i * span // 30_000, *[None] * 4)
         for i in range(30_000)
     ]
     await store.insert_usage(rows)
@@ -154,7 +157,7 @@ async def test_per_account_reads_use_the_primary_key_of_the_months_they_ask_for(
 async def test_the_upgrade_of_an_empty_ledger_then_partitions_ahead(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        assert await migrate(conn) == ["001_ledger", "002_partitioned_ledger", "003_ledger_time_index", "004_wallet"]
+        assert await migrate(conn) == [v for v, _ in migration_files()]
         assert (
             await conn.fetchval("SELECT count(*) FROM pg_inherits WHERE inhparent = 'ledger'::regclass") == 1
         )

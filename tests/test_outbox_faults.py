@@ -188,7 +188,8 @@ GOOD = b'{"request_id":"req_1","account":"acct_1","charge":5,"hold":10}'
     ("fields", "reason"),
     [
         ({}, "no d field"),
-        ({b"x": GOOD}, "no d field"),
+        ({b"q": GOOD}, "no d field"),  # x and p are expiry and payoff entries
+        ({b"x": GOOD}, "x undecodable"),
         ({b"d": b""}, "undecodable"),
         ({b"d": b"{not json"}, "undecodable"),
         ({b"d": b"[]"}, "undecodable"),
