@@ -128,7 +128,9 @@ async def test_two_workers_answer_on_one_port_and_only_one_flushes(
             if r["msg"].startswith("background tasks:")
         }
         assert tasks == {  # the node's flusher, reconciler and hold reaper: in worker 0 only
-            started[0][0]: "lease-renewal, hold-reaper, wallet-sweeper, settlement-retry, reconciler, flusher",
+            started[0][0]: (
+                "lease-renewal, hold-reaper, wallet-sweeper, settlement-retry, reconciler, flusher"
+            ),
             started[1][0]: "lease-renewal, settlement-retry",
         }
         assert await served.stop() == 0, served.log
