@@ -30,6 +30,7 @@ from .services import services as services
 from .settlements import PendingSettlement
 from .supervisor import Supervisor
 from .upstream import create_session, upstreams_from
+from .wallet_api import WALLET_OPS, WalletOps, add_admin_routes, add_routes
 from .wire import ROUTES
 
 log = logging.getLogger("creditgate.app")
@@ -72,6 +73,10 @@ def create_app(
             )
             proxy = Gateway(settings, prices, svc.balances, svc.accounts, upstreams, session, cache)
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
+            # keys, caps, estimates (wallet_api.py)
+            app[WALLET_OPS] = WalletOps(
+                svc.redis, svc.keys, svc.accounts, svc.store.pool, prices, proxy.admit_policy
+            )
             flusher = svc.flusher()
             app[FLUSHER] = flusher
             drift = app[DRIFT] = DriftState()
@@ -176,6 +181,7 @@ def create_app(
         app.router.add_post(path, metered)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{id}", models)
+    add_routes(app)  # /v1/credits: keys, caps, time zone, estimate (wallet_api.py)
     if settings.ops_listen_port is None:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
@@ -214,6 +220,7 @@ def create_app(
         admin = admin_app(settings.admin_token)
         admin.router.add_get("/ledger", ledger_status)
         admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
+        add_admin_routes(admin)  # keys, caps, time zone (wallet_api.py)
         app.add_subapp("/admin/", admin)
     return app
 

@@ -23,7 +23,7 @@ async def quiet(make_sidecar: SidecarFactory) -> Sidecar:
 
 async def outbox_events(sc: Sidecar, account: str) -> list[Any]:
     keys = sc.services.keys
-    entries = await sc.services.redis.xrange(keys.account(account).outbox)
+    entries: Any = await sc.services.redis.xrange(keys.account(account).outbox)
     return [e for e in (decode_entry(fields) for _, fields in entries) if e.account == account]
 
 
