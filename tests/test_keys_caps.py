@@ -303,3 +303,21 @@ async def test_credit_endpoints_need_a_key(sc: Sidecar) -> None:
     for method, path in (("GET", "/keys"), ("GET", "/caps"), ("POST", "/estimate"), ("PUT", "/time-zone")):
         resp = await sc.client.request(method, f"/v1/credits{path}")
         assert resp.status == 401, path
+
+
+async def test_last_use_is_written_at_most_once_a_minute(sc: Sidecar) -> None:
+    account, key = await sc.account(1_000_000)
+    svc = sc.services
+    (row,) = await svc.store.pool.fetch("SELECT key_hash FROM api_keys WHERE account_id = $1", account)
+    record = svc.keys.api_key(row["key_hash"])
+    assert await svc.redis.hget(record, "used_ms") is None
+    assert (await client(sc, "GET", "/keys", key))[0] == 200
+    first = int(await svc.redis.hget(record, "used_ms") or 0)
+    assert first > 0
+    recent = first - 30_000  # used half a minute ago: not written again
+    await svc.redis.hset(record, "used_ms", recent)
+    await client(sc, "GET", "/keys", key)
+    assert int(await svc.redis.hget(record, "used_ms") or 0) == recent
+    await svc.redis.hset(record, "used_ms", first - 61_000)  # over a minute ago: written
+    await client(sc, "GET", "/keys", key)
+    assert int(await svc.redis.hget(record, "used_ms") or 0) >= first
