@@ -17,6 +17,8 @@ import msgspec
 from .accounts import AccountDirectory
 from .errors import BadRequest, NotFound
 from .grant_terms import _instant
+from .keys import KeySpace
+from .redis_client import RedisClient
 from .wallet_store import KeyRow, WalletStore, at_ms
 
 MAX_NAME_CHARS = 100
@@ -132,3 +134,18 @@ class KeyOps:
             if c.scope == f"key:{key_id}"
         ]
         return {"account": row.account, **self._view(row, used, caps)}
+
+
+async def restore_key_expiries(redis: RedisClient, keys: KeySpace, store: Any) -> int:
+    """Write every live key's expiry from Postgres into its Redis record (for the rebuild, which writes
+    the records without it: an expired key must stay refused after Redis was lost). `store`: anything
+    with the Postgres `pool`. Returns how many keys have an expiry."""
+    rows = await store.pool.fetch(
+        "SELECT key_hash, expires_at FROM api_keys WHERE revoked_at IS NULL AND expires_at IS NOT NULL"
+    )
+    for start in range(0, len(rows), 1000):
+        async with redis.pipeline(transaction=False) as pipe:
+            for r in rows[start : start + 1000]:
+                pipe.hset(keys.api_key(r["key_hash"]), "expires_ms", int(r["expires_at"].timestamp() * 1000))
+            await pipe.execute()
+    return len(rows)

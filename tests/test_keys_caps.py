@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from sidecar.caps import restore_caps
+from sidecar.keys_api import restore_key_expiries
 
 from .conftest import Sidecar, SidecarFactory
 from .support import HELLO, MODELS, hold_for, post
@@ -321,3 +322,18 @@ async def test_last_use_is_written_at_most_once_a_minute(sc: Sidecar) -> None:
     await svc.redis.hset(record, "used_ms", first - 61_000)  # over a minute ago: written
     await client(sc, "GET", "/keys", key)
     assert int(await svc.redis.hget(record, "used_ms") or 0) >= first
+
+
+async def test_key_expiries_restored_from_postgres(sc: Sidecar) -> None:
+    """After Redis lost a key's record's expiry (a rebuild writes records without it), the restore puts it
+    back and the expired key is refused again."""
+    account, key = await sc.account(1_000_000)
+    svc = sc.services
+    (row,) = await svc.store.pool.fetch("SELECT id, key_hash FROM api_keys WHERE account_id = $1", account)
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).isoformat()
+    assert (await admin(sc, "PATCH", f"/keys/{row['id']}", {"expires_at": past}))[0] == 200
+    assert (await client(sc, "GET", "/keys", key))[0] == 401
+    await svc.redis.hdel(svc.keys.api_key(row["key_hash"]), "expires_ms")
+    assert (await client(sc, "GET", "/keys", key))[0] == 200  # what a rebuild without it would do
+    assert await restore_key_expiries(svc.redis, svc.keys, svc.store) == 1
+    assert (await client(sc, "GET", "/keys", key))[0] == 401
