@@ -57,7 +57,12 @@ async def test_the_upgrade_keeps_every_row_in_its_months_partition(database_url:
     try:
         await old_ledger(conn)
         before = [dict(r) for r in await conn.fetch(f"SELECT {COLUMNS} FROM ledger ORDER BY 1")]
-        assert await migrate(conn) == ["002_partitioned_ledger", "003_ledger_time_index"]
+        assert await migrate(conn) == [
+            "002_partitioned_ledger",
+            "003_ledger_time_index",
+            "004_wallet",
+            "005_key_prefix",
+        ]
         after = await conn.fetch(
             f"SELECT {COLUMNS}, created_at, tableoid::regclass::text AS part FROM ledger ORDER BY 1"
         )
@@ -154,7 +159,13 @@ async def test_per_account_reads_use_the_primary_key_of_the_months_they_ask_for(
 async def test_the_upgrade_of_an_empty_ledger_then_partitions_ahead(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        assert await migrate(conn) == ["001_ledger", "002_partitioned_ledger", "003_ledger_time_index"]
+        assert await migrate(conn) == [
+            "001_ledger",
+            "002_partitioned_ledger",
+            "003_ledger_time_index",
+            "004_wallet",
+            "005_key_prefix",
+        ]
         assert (
             await conn.fetchval("SELECT count(*) FROM pg_inherits WHERE inhparent = 'ledger'::regclass") == 1
         )
