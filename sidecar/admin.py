@@ -21,10 +21,12 @@ from .config import ACCOUNT_ID
 from .errors import BadRequest, Conflict, Forbidden, NotFound, NotInitialized, Unauthorized
 from .grant_terms import GrantBody as GrantBody
 from .grant_terms import Starter, grant_terms
+from .keys_api import KeyBody, new_key_terms
 from .ledger_store import LedgerStore
 from .money import MAX_GRANT, MICRO, format_credits
 from .rebuild import rebuild_if_empty
 from .wallet import GRANT_KINDS, GrantTerms
+from .wallet_store import WalletStore, at_ms
 
 
 class AccountBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -103,20 +105,34 @@ class AdminOps:
             raise Conflict(f"Account {account!r} already exists.", param="id")
         return {"id": account}
 
-    async def create_key(self, account: str) -> dict[str, Any]:
+    async def create_key(self, account: str, name: str | None = None, expires_ms: int = 0) -> dict[str, Any]:
+        """A new key (its terms checked by keys_api.new_key_terms), shown once."""
         _known_account(account)
         if not await self.store.account_exists(account):
             raise NotFound(f"No account {account!r}.", param="account")
-        key = new_key(account)
-        await self.store.add_key(key.key_id, account, hash_key(key.api_key))
+        key = new_key(account, expires_ms)
+        expires_at = at_ms(expires_ms)
+        prefix = key.display_prefix
+        await self.store.add_key(
+            key.key_id, account, hash_key(key.api_key), name=name, expires_at=expires_at, prefix=prefix
+        )
         await self.accounts.add_key(key)
-        return {"id": key.key_id, "account": key.account, "key": key.api_key}
+        return {
+            "id": key.key_id,
+            "account": key.account,
+            "key": key.api_key,
+            "name": name,
+            "prefix": prefix,
+            "expires_at": expires_at.isoformat().replace("+00:00", "Z") if expires_at else None,
+        }
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
         revoked = await self.store.revoke_key(key_id) if storable(key_id) else None
         if revoked is None:
             raise NotFound(f"No API key {key_id!r}.", param="key_id")
         account, key_hash = revoked
+        (used_ms,) = await self.accounts.last_used_ms([key_hash])  # kept in Postgres as the record goes
+        await WalletStore(self.store.pool).note_last_used(key_id, used_ms)
         await self.accounts.remove_key(key_id, account, key_hash)
         return {"id": key_id, "account": account, "revoked": True}
 
@@ -236,9 +252,9 @@ def admin_app(token: str | None) -> web.Application:
         return _json(await request.config_dict[ADMIN_OPS].balance(request.match_info["account"]))
 
     async def create_key(request: web.Request) -> web.Response:
-        return _json(
-            await request.config_dict[ADMIN_OPS].create_key(request.match_info["account"]), status=201
-        )
+        name, expires_ms = new_key_terms(_decode(await request.read(), KeyBody), time.time_ns() // 1_000_000)
+        ops = request.config_dict[ADMIN_OPS]
+        return _json(await ops.create_key(request.match_info["account"], name, expires_ms), status=201)
 
     async def revoke_key(request: web.Request) -> web.Response:
         return _json(await request.config_dict[ADMIN_OPS].revoke_key(request.match_info["key_id"]))

@@ -31,6 +31,7 @@ from .services import services as services
 from .settlements import PendingSettlement
 from .supervisor import Supervisor
 from .upstream import create_session, upstreams_from
+from .wallet_api import WALLET_OPS, WalletOps, add_admin_routes, add_routes
 from .wire import ROUTES
 
 log = logging.getLogger("creditgate.app")
@@ -73,6 +74,10 @@ def create_app(
             )
             proxy = Gateway(settings, prices, svc.balances, svc.accounts, upstreams, session, cache)
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
+            # keys, caps, estimates (wallet_api.py)
+            app[WALLET_OPS] = WalletOps(
+                svc.redis, svc.keys, svc.accounts, svc.store.pool, prices, proxy.admit_policy
+            )
             flusher = svc.flusher()
             app[FLUSHER] = flusher
             drift = app[DRIFT] = DriftState()
@@ -97,11 +102,6 @@ def create_app(
                 released = await svc.balances.expire_holds(int(time.time() * 1000))
                 if released:
                     log.warning("released %d micro-credits of expired holds", released)
-
-            async def sweep_grants() -> None:
-                expired = await svc.balances.expire_grants()
-                if expired:
-                    log.info("expired %d micro-credits of grants", expired)
 
             stale_hold_ms = stale_after_ms(settings.reaper_interval_seconds)
 
@@ -135,7 +135,7 @@ def create_app(
             tasks.every("lease-renewal", settings.hold_lease_seconds / 3, renew_leases)
             if node_tasks:
                 tasks.every("hold-reaper", settings.reaper_interval_seconds, reap)
-                tasks.every("wallet-sweeper", settings.wallet_sweep_interval_seconds, sweep_grants)
+                tasks.every("wallet-sweeper", settings.wallet_sweep_interval_seconds, svc.balances.sweep)
             tasks.every("settlement-retry", SETTLE_RETRY_SECONDS, retry_settlements)
             if reconciling:
                 tasks.every("reconciler", settings.reconcile_interval_seconds, check_drift)
@@ -177,6 +177,7 @@ def create_app(
         app.router.add_post(path, metered)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{id}", models)
+    add_routes(app)  # /v1/credits: keys, caps, time zone, estimate (wallet_api.py)
     if settings.ops_listen_port is None:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
@@ -217,6 +218,7 @@ def create_app(
         credit_routes(admin, SERVICES, PROXY, admin=True)
         admin.router.add_get("/ledger", ledger_status)
         admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
+        add_admin_routes(admin)  # keys, caps, time zone (wallet_api.py)
         app.add_subapp("/admin/", admin)
     return app
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from . import __version__
+from . import __version__, wallet_cli
 from .admin import MONEY_IN_KINDS, grant_amount
 from .app import Services, services
 from .config import Settings, load_settings
@@ -114,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     key_create.add_argument("account")
     key_revoke = key.add_parser("revoke", help="revoke a key by its id")
     key_revoke.add_argument("key_id")
+    wallet_cli.add_parsers(sub, key, key_create)  # key list|update, caps, time-zone
     grant = sub.add_parser("grant", help="add credits to an account, once per idempotency key")
     grant.add_argument("account")
     amount = grant.add_mutually_exclusive_group(required=True)
@@ -222,9 +223,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         ("reconcile", None): lambda svc: _reconcile(svc, args.repair),
         ("account", "create"): lambda svc: svc.admin.create_account(getattr(args, "id", None)),
         ("account", "balance"): lambda svc: svc.admin.balance(args.id),
-        ("key", "create"): lambda svc: svc.admin.create_key(args.account),
         ("key", "revoke"): lambda svc: svc.admin.revoke_key(args.key_id),
         ("grant", None): lambda svc: _grant(svc, args),
+        **wallet_cli.calls(args),
     }
     result = _run(_with_services(settings, calls[verb]))
     print(json.dumps(result, indent=2))

@@ -118,6 +118,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     afford_output_limit: bool = False
     afford_min_output_tokens: PositiveInt = 16
     afford_output_header: str = "x-creditgate-fit-output"
+    tags_header: str = "x-creditgate-tags"  # a request's tags ("k=v,k=v"), recorded with its usage
     # The wallet: free credits (starter, promotion, bonus) without a date of their own expire once the
     # account was idle this many days (0: never); a starter grant on account creation (credits, decimal;
     # unset: none) and its expiry in days (unset: the idle rule); how often the sweeper expires grants.

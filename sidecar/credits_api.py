@@ -254,8 +254,8 @@ def credit_routes(
     async def account_of(request: web.Request) -> str:
         if not admin:
             gateway = request.config_dict[proxy]
-            found: str = await admit.authenticate(request.headers, gateway.accounts, gateway.admit_policy)
-            return found
+            caller = await admit.authenticate(request.headers, gateway.accounts, gateway.admit_policy)
+            return caller.account
         account = request.match_info["account"]
         svc = request.config_dict[services]
         if not (0 < len(account) <= 200) or not await svc.store.account_exists(account):

@@ -3,6 +3,7 @@ whose date or idle expiry came (the wallet sweeper's). A mixin of `Balances`, wh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,8 @@ from redis.commands.core import AsyncScript
 from .keys import AccountKeys, KeySpace, as_text
 from .redis_client import RedisClient
 from .wallet import WalletPolicy
+
+log = logging.getLogger("creditgate.expiries")
 
 
 class Expiries:
@@ -87,3 +90,9 @@ class Expiries:
                 args = [k.account, now, self.wallet.idle_expiry_ms]
                 expired += int(await self._call("expire_grants", self._expire_grants, keys, args))
         return expired
+
+    async def sweep(self) -> None:
+        """The wallet sweeper's step (a background task): expire what ended, and say how much."""
+        expired = await self.expire_grants()
+        if expired:
+            log.info("expired %d micro-credits of grants", expired)

@@ -92,9 +92,25 @@ class LedgerStore(MoneyInStore):
     async def account_exists(self, account: str) -> bool:
         return bool(await self.pool.fetchval("SELECT true FROM accounts WHERE id = $1", account))
 
-    async def add_key(self, key_id: str, account: str, key_hash: str) -> None:
+    async def add_key(
+        self,
+        key_id: str,
+        account: str,
+        key_hash: str,
+        *,
+        name: str | None = None,
+        expires_at: dt.datetime | None = None,
+        prefix: str | None = None,
+    ) -> None:
         await self.pool.execute(
-            "INSERT INTO api_keys (id, account_id, key_hash) VALUES ($1, $2, $3)", key_id, account, key_hash
+            "INSERT INTO api_keys (id, account_id, key_hash, name, expires_at, display_prefix)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            key_id,
+            account,
+            key_hash,
+            name,
+            expires_at,
+            prefix,
         )
 
     async def revoke_key(self, key_id: str) -> tuple[str, str] | None:

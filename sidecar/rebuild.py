@@ -13,7 +13,9 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from .caps import restore_caps
 from .keys import AccountKeys, KeySpace
+from .keys_api import restore_key_expiries
 from .ledger_store import LedgerConnection, LedgerStore
 from .reconcile import redis_snapshot
 from .redis_client import RedisClient
@@ -115,6 +117,9 @@ async def rebuild_if_empty(
                     pipe.sadd(keys.account(row["account_id"]).api_keys, row["id"])
                 pipe.set(keys.initialized, now)
                 await pipe.execute()
+        # The caps, the time zones and the keys' expiries, from Postgres (the spend counts start again).
+        await restore_caps(redis, keys, store)
+        await restore_key_expiries(redis, keys, store)
         # Money in the rebuilt balances already count; in partitions left alone it is still pending.
         await store.mark_applied([p[0] for p in unapplied if keys.partition_of(p[1]) in todo])
         log.warning(

@@ -37,6 +37,7 @@ class MeteredRequest(msgspec.Struct, kw_only=True):
     max_completion_tokens: TokenLimit | None = None
     max_output_tokens: TokenLimit | None = None
     temperature: float | None = None  # read for cacheability, never for money
+    user: msgspec.Raw = msgspec.Raw()  # the end user, for attribution and caps (a string; else ignored)
 
     @property
     def output_limit(self) -> int | None:

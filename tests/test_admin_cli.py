@@ -132,7 +132,8 @@ async def test_create_key_is_shown_once_and_stored_hashed(sidecar: Sidecar, redi
     account, _ = await sidecar.account(1_000_000)
     status, created = await admin_call(sidecar, "POST", f"/accounts/{account}/keys")
     assert status == 201
-    assert set(created) == {"id", "account", "key"}
+    assert set(created) == {"id", "account", "key", "name", "prefix", "expires_at"}
+    assert created["prefix"] == created["key"][:12]  # the display prefix: 8 characters past "cgk-"
     key = created["key"]
     assert key.startswith("cgk-")
     assert len(key) > 40
@@ -314,7 +315,7 @@ async def test_cli_account_key_grant_balance_revoke(
     assert json.loads(again.stderr)["error"]["code"] == "conflict"
 
     key = (await creditgate(cli_env, "key", "create", account, cwd=tmp_path)).json()
-    assert set(key) == {"id", "account", "key"}
+    assert set(key) == {"id", "account", "key", "name", "prefix", "expires_at"}
     assert key["account"] == account
     assert key["key"].startswith("cgk-")
 

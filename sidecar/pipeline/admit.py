@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from ..afford import affordable_output_tokens, with_output_limit
 from ..cachekey import CachePlan
+from ..caller import Caller
 from ..config import ACCOUNT_SECRET_HEADER, Settings
 from ..errors import BadRequest, RequestTimeout, Unauthorized
 from ..pricing import Multiplier, Price, PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
@@ -38,6 +42,7 @@ class AdmitPolicy:
     prompt_bytes_per_token: int
     afford_output_header: str
     afford_output_limit: bool
+    tags_header: str = "x-creditgate-tags"
 
     @classmethod
     def from_settings(cls, s: Settings) -> AdmitPolicy:
@@ -48,6 +53,7 @@ class AdmitPolicy:
             s.prompt_bytes_per_token,
             s.afford_output_header,
             s.afford_output_limit,
+            s.tags_header,
         )
 
 
@@ -104,25 +110,79 @@ class Admission:
         )
 
 
-async def authenticate(headers: Mapping[str, str], accounts: AccountDirectory, policy: AdmitPolicy) -> str:
-    """The account a request acts for: the trusted account header (sidecar mode), else its API key."""
+async def authenticate(headers: Mapping[str, str], accounts: AccountDirectory, policy: AdmitPolicy) -> Caller:
+    """Who a request acts for: the account in the trusted account header (sidecar mode; no key id), else
+    the account and id of its API key."""
     header = policy.account_header
     if header:
         account = headers.get(header)
         if account:
             _check_account_secret(headers, header, policy.account_header_secret)
         if account and await accounts.exists(account):
-            return account
+            return Caller(account)
         if account:
             raise Unauthorized(f"Unknown account in the {header} header.")
     auth = headers.get("Authorization", "")
     scheme, _, api_key = auth.partition(" ")
     if scheme.lower() != "bearer" or not api_key.strip():
         raise Unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
-    found = await accounts.account_for_key(api_key.strip(), time.monotonic())
+    found = await accounts.caller_for_key(api_key.strip(), time.monotonic())
     if found is None:
-        raise Unauthorized("Incorrect or revoked API key.")
+        raise Unauthorized("Incorrect, revoked or expired API key.")
     return found
+
+
+MAX_TAGS = 8
+MAX_USER_CHARS = 256
+_TAG_PART = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+_text = msgspec.json.Decoder(str)
+
+
+def tags_of(headers: Mapping[str, str], header: str) -> tuple[str, ...]:
+    """The tags header's "k=v,k=v" (at most MAX_TAGS, keys unique, each part 1-64 of A-Z a-z 0-9 _ . : -),
+    as "k=v" strings; a malformed header is a 400 naming it."""
+    raw = headers.get(header, "").strip()
+    if not raw:
+        return ()
+    tags: list[str] = []
+    seen: set[str] = set()
+    for item in raw.split(","):
+        key, eq, value = item.strip().partition("=")
+        if not eq or not _TAG_PART.match(key) or not _TAG_PART.match(value) or key in seen:
+            raise BadRequest(
+                f"The {header} header takes up to {MAX_TAGS} comma-separated key=value tags, each key "
+                "(unique) and value 1-64 characters of A-Z a-z 0-9 _ . : -.",
+                param=header,
+            )
+        seen.add(key)
+        tags.append(f"{key}={value}")
+    if len(tags) > MAX_TAGS:
+        raise BadRequest(f"The {header} header has {len(tags)} tags; at most {MAX_TAGS}.", param=header)
+    return tuple(tags)
+
+
+def end_user_of(request: MeteredRequest) -> str | None:
+    """The OpenAI `user` field when it is a string (another type is the upstream's to refuse): at most
+    MAX_USER_CHARS characters of text Postgres can store, else a 400 naming `user`."""
+    raw = bytes(request.user)
+    if not raw.startswith(b'"'):
+        return None
+    user = _text.decode(raw)
+    if not user:
+        return None
+    if len(user) > MAX_USER_CHARS or "\x00" in user or "\n" in user or not _encodable(user):
+        raise BadRequest(
+            f"user must be at most {MAX_USER_CHARS} characters of text (no NUL or newline).", param="user"
+        )
+    return user
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a JSON lone-surrogate escape
+        return False
+    return True
 
 
 def _check_account_secret(headers: Mapping[str, str], header: str, secret: str | None) -> None:
@@ -169,6 +229,8 @@ def plan(
     headers: Mapping[str, str],
     prices: PriceTable,
     policy: AdmitPolicy,
+    *,
+    key_id: str | None = None,
 ) -> Admission:
     """Everything the later stages act on but the cache's part (its key may take the key worker: the
     hold stage plans it, `Holder.plan_cache`); raises BadRequest naming the offending field."""
@@ -201,6 +263,7 @@ def plan(
         and not (parsed.stream_options and parsed.stream_options.include_usage)
     )
     fit = headers.get(policy.afford_output_header, "").lower() in ("1", "true")
+    tags, end_user = tags_of(headers, policy.tags_header), end_user_of(parsed)
     return Admission(
         request_id=request_id,
         account=account,
@@ -218,4 +281,7 @@ def plan(
         fit_output=fit or policy.afford_output_limit,
         cache=None,
         started_ms=int(time.time() * 1000),
+        key_id=key_id,
+        end_user=end_user,
+        tags=tags,
     )

@@ -74,7 +74,12 @@ class Gateway:
             ),
         )
         self.relayed = HeaderNames.of(s.relay_response_headers)
-        drop = (s.byok_header, s.afford_output_header, *([s.account_header] if s.account_header else []))
+        drop = (
+            s.byok_header,
+            s.afford_output_header,
+            s.tags_header,
+            *([s.account_header] if s.account_header else []),
+        )
         stream = StreamPolicy(drain_seconds=s.disconnect_drain_seconds, capture_bytes=s.cache_max_entry_bytes)
         self.forwarder = Forwarder(
             session,
@@ -96,12 +101,21 @@ class Gateway:
         route = ROUTES[request.path]
         rec = request.get(RECORD) or RequestRecord(route.kind, time.perf_counter())
         rec.request_id = request_id
-        rec.account = account = await admit.authenticate(request.headers, self.accounts, self.admit_policy)
+        caller = await admit.authenticate(request.headers, self.accounts, self.admit_policy)
+        rec.account = account = caller.account
         body = await admit.read_body(request, self.body_read_timeout)
         identified = admit.identify(body, self.prices)
         record.identified(rec, identified[1], identified[0])
         adm = admit.plan(
-            request_id, account, route, body, identified, request.headers, self.prices, self.admit_policy
+            request_id,
+            account,
+            route,
+            body,
+            identified,
+            request.headers,
+            self.prices,
+            self.admit_policy,
+            key_id=caller.key_id,
         )
         adm = await self.holder.plan_cache(adm, body, request.headers)
         record.admitted(rec, adm)
@@ -267,7 +281,7 @@ class Gateway:
         request[REQUEST_ID] = "req_" + secrets.token_hex(16)
         rec = request.get(RECORD) or RequestRecord("models", time.perf_counter())
         rec.request_id = request[REQUEST_ID]
-        rec.account = await admit.authenticate(request.headers, self.accounts, self.admit_policy)
+        rec.account = (await admit.authenticate(request.headers, self.accounts, self.admit_policy)).account
         listed = self.prices.listing()
         headers = {"x-request-id": request[REQUEST_ID]}
         model_id = request.match_info.get("id")

@@ -55,6 +55,9 @@ def ledger_entry(
         outcome=outcome,
         started_ms=adm.started_ms,
         settled_ms=int(time.time() * 1000),
+        key_id=adm.key_id,
+        user=adm.end_user,
+        tags=list(adm.tags) or None,
     )
 
 
