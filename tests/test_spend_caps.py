@@ -13,9 +13,9 @@ import pytest
 
 from .conftest import Sidecar, SidecarFactory, Upstream
 from .support import HELLO, MODELS, hold_for
-from .test_concurrency import ArrivalGate, Outcome, fetch, gated
+from .support_gate import ArrivalGate, Outcome, fetch, gated
 
-__all__ = ["gated"]  # the gated upstream fixture, shared with test_concurrency
+__all__ = ["gated"]  # the fixture
 
 pytestmark = pytest.mark.topologies
 
