@@ -52,7 +52,12 @@ async def partitions_to_rebuild(redis: RedisClient, keys: KeySpace) -> list[int]
 
 
 async def rebuild_if_empty(
-    redis: RedisClient, keys: KeySpace, store: LedgerStore, *, settled_marker_ms: int
+    redis: RedisClient,
+    keys: KeySpace,
+    store: LedgerStore,
+    *,
+    settled_marker_ms: int,
+    now_ms: int | None = None,
 ) -> bool:
     """When Redis holds nothing of ours (first start, or Redis was lost), or some partitions lost their
     keys (a cluster shard lost), load accounts, balances and active keys from the ledger for those
@@ -66,7 +71,8 @@ async def rebuild_if_empty(
 
     Before the balances, the settled markers of the ledger's debits from the last `settled_marker_ms`
     (the request window) are written again: a settle retried after the rebuild, or a reserve arriving
-    late, then finds its request settled instead of charging it twice (see ``restore_settled_markers``)."""
+    late, then finds its request settled instead of charging it twice (see ``restore_settled_markers``).
+    The grants are the ledger's (`restore_grants`), their last activity `now_ms` (the wallet's clock)."""
     if not await partitions_to_rebuild(redis, keys):
         return False
     if not await redis.set(keys.rebuild_lock, "1", nx=True, px=120_000):
@@ -100,7 +106,8 @@ async def rebuild_if_empty(
                         pipe.hset(k.balance, "balance", str(balance))
                         pipe.hsetnx(k.balance, "held", 0)
                         pipe.hsetnx(k.balance, "created_at", now)
-                        restore_grants(pipe, k, within(grants.get(account, []), balance), now * 1000)
+                        active = now * 1000 if now_ms is None else now_ms  # the wallet's clock, if given
+                        restore_grants(pipe, k, within(grants.get(account, []), balance), active)
                     # The balances include the money in still on its way: its grant must not credit again.
                     for idempotency_id, account, amount in unapplied_by_partition.get(partition, []):
                         pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")

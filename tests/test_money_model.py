@@ -18,6 +18,7 @@ failure prints the shrunk steps and the blob that replays it (``@reproduce_failu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import Coroutine
@@ -45,7 +46,7 @@ from sidecar.outbox import UsageEvent
 from sidecar.rebuild import rebuild_if_empty
 from sidecar.reconcile import reconcile
 from sidecar.services import Services, services
-from sidecar.wallet import PERIODS, WalletPolicy, cap_scopes, periods
+from sidecar.wallet import PERIODS, Grant, GrantTerms, WalletPolicy, cap_scopes, draw, periods
 
 from .conftest import make_settings
 
@@ -59,6 +60,8 @@ LEASE_MS = 30_000
 # 2030-03-17, after the wall's, so that the spend counts' expiry (a day after their period) is ahead.
 CLOCK_START_MS = 1_900_000_000_000
 CACHE_TTL_MS = 3_600_000
+IDLE_MS = 4 * LEASE_MS  # free credits expire after 2 minutes of the model's clock without activity
+GRANT_KINDS = ["purchase", "promotion", "bonus", "starter", "subscription"]
 amounts = st.integers(min_value=0, max_value=5_000_000)
 # Who a request is for: (API key id, end user); its model is always "m".
 CALLERS = [("k1", "u1"), ("k1", None), ("k2", "u2"), (None, None)]
@@ -87,6 +90,34 @@ class Account:
     hold_scopes: dict[str, list[str]] = field(default_factory=dict)
     spend: dict[tuple[str, str], int] = field(default_factory=dict)
     who: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # request id -> (key, user)
+    # The wallet: grants by id (what is left, what the ledger knows is left), the last activity, and what
+    # expired (in all; as the ledger knows it).
+    grants: dict[str, Grant] = field(default_factory=dict)
+    flushed_grants: dict[str, int] = field(default_factory=dict)
+    active_ms: int = 0
+    expired: int = 0
+    expired_flushed: int = 0
+
+    def live_grants(self) -> list[Grant]:
+        return [g for g in self.grants.values() if g.remaining > 0]
+
+    def expire_due(self, now_ms: int) -> int:
+        """Expire every grant that ended by now (what the scripts do first); returns the amount."""
+        total = 0
+        for g in self.live_grants():
+            end = g.ends_ms(self.active_ms, IDLE_MS)
+            if 0 < end <= now_ms:
+                total += g.remaining
+                self.grants[g.grant_id] = dataclasses.replace(g, remaining=0)
+        self.balance -= total
+        self.expired += total
+        return total
+
+    def draw(self, charge: int, now_ms: int) -> None:
+        self.active_ms = now_ms
+        for grant_id, taken in draw(self.live_grants(), charge, self.active_ms, IDLE_MS):
+            g = self.grants[grant_id]
+            self.grants[grant_id] = dataclasses.replace(g, remaining=g.remaining - taken)
 
     def cap_over(self, scopes: list[str], amount: int) -> tuple[str, str] | None:
         """The (scope, period) of a cap this hold would overshoot, or None (the reserve script's rule)."""
@@ -149,7 +180,7 @@ class MoneyModel(RuleBasedStateMachine):
         self.clock = CLOCK_START_MS
         self.round = 0
         # the wallet's clock is the model's: spend caps' periods, grant expiry
-        self.svc.balances.wallet = WalletPolicy(30 * 86_400_000, clock=lambda: self.clock)
+        self.svc.balances.wallet = WalletPolicy(IDLE_MS, clock=lambda: self.clock)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -196,24 +227,57 @@ class MoneyModel(RuleBasedStateMachine):
         self.model[account] = Account()
         return account
 
-    @rule(target=grants, account=accounts, amount=st.integers(min_value=1, max_value=20_000_000))
-    def grant(self, account: str, amount: int) -> tuple[str, str, int]:
-        return self._grant(account, amount)
+    @rule(
+        target=grants,
+        account=accounts,
+        amount=st.integers(min_value=1, max_value=20_000_000),
+        kind=st.sampled_from(GRANT_KINDS),
+        ends_in=st.none() | st.integers(min_value=1, max_value=3 * LEASE_MS),
+        priority=st.none() | st.integers(min_value=0, max_value=3),
+    )
+    def grant(
+        self, account: str, amount: int, kind: str, ends_in: int | None, priority: int | None
+    ) -> tuple[str, str, int, str]:
+        """A grant of any kind: a fixed end or none (free kinds then expire when the account is idle)."""
+        terms = GrantTerms(kind, priority, 0 if ends_in is None else self.clock + ends_in)
+        return self._grant(account, amount, terms)
 
-    def _grant(self, account: str, amount: int) -> tuple[str, str, int]:
+    def _grant(self, account: str, amount: int, terms: GrantTerms | None = None) -> tuple[str, str, int, str]:
+        terms = terms or GrantTerms("purchase")
         key = self.new_id("grant")
-        result = self.run(self.svc.admin.grant(account, amount, key))
+        result = self.run(self.svc.admin.grant(account, amount, key, terms.kind, terms=terms))
         assert result["credited"] is True
-        self.model[account].granted += amount
-        self.model[account].balance += amount
-        return account, key, amount
+        acct = self.model[account]
+        acct.expire_due(self.clock)
+        debt = max(0, sum(g.remaining for g in acct.live_grants()) - acct.balance)
+        acct.granted += amount
+        acct.balance += amount
+        acct.active_ms = self.clock
+        grant = Grant(
+            key,
+            amount - min(amount, debt),
+            terms.expires_ms,
+            terms.drawn_priority,
+            self.clock,
+            terms.idle_expiry,
+            terms.kind,
+        )
+        acct.grants[key] = grant
+        acct.flushed_grants[key] = amount  # the ledger has the grant, not yet its payoff
+        return account, key, amount, terms.kind
 
     @rule(grant=grants)
-    def grant_again(self, grant: tuple[str, str, int]) -> None:
+    def grant_again(self, grant: tuple[str, str, int, str]) -> None:
         """A retried grant (same idempotency key) credits nothing, whatever happened since."""
-        account, key, amount = grant
-        result = self.run(self.svc.admin.grant(account, amount, key))
+        account, key, amount, kind = grant
+        result = self.run(self.svc.admin.grant(account, amount, key, kind))
         assert result["credited"] is False
+
+    @rule()
+    def sweep(self) -> None:
+        """The wallet sweeper expires what ended by now, on every account, once."""
+        expired = self.run(self.svc.balances.expire_grants(self.clock))
+        assert expired == sum(acct.expire_due(self.clock) for acct in self.model.values())
 
     # ---- the request path ---------------------------------------------------------------------------
 
@@ -236,6 +300,7 @@ class MoneyModel(RuleBasedStateMachine):
     def _expected(self, account: str, amount: int, caller: tuple[str | None, str | None]) -> ReserveStatus:
         """What the reserve of a new hold must answer: the balance first, then the spend caps."""
         acct = self.model[account]
+        acct.expire_due(self.clock)  # a new hold's reserve expires what ended first
         if amount > 0 and acct.balance - acct.held < amount:
             return ReserveStatus.INSUFFICIENT
         if acct.cap_over(cap_scopes(caller[0], "m", caller[1]), amount):
@@ -333,6 +398,9 @@ class MoneyModel(RuleBasedStateMachine):
         if rid in acct.reaped:
             acct.reaped.pop(rid)
             acct.overdrawn = acct.overdrawn or charge > 0
+        acct.expire_due(self.clock)
+        if charge:
+            acct.draw(charge, self.clock)
         acct.balance -= charge
         acct.charges[rid] = charge
         if charge:
@@ -372,7 +440,10 @@ class MoneyModel(RuleBasedStateMachine):
         acct.leases.pop(rid, None)
         acct.forgotten.remove(rid)
         acct.overdrawn = acct.overdrawn or charge > 0
+        acct.expire_due(self.clock)
         if rid not in acct.usage_rows:  # its charge was lost with Redis: this one restores it
+            if charge:
+                acct.draw(charge, self.clock)
             acct.lost -= charge
             acct.balance -= charge
             if charge:
@@ -437,6 +508,9 @@ class MoneyModel(RuleBasedStateMachine):
         acct.leases.pop(request_id)
         acct.release_caps(request_id, charge)
         acct.count_spend(cap_scopes(*self._caller_scopes(acct, request_id)), charge)
+        acct.expire_due(self.clock)
+        if charge:
+            acct.draw(charge, self.clock)
         acct.balance -= charge
         acct.charges[request_id] = charge
         if charge:
@@ -452,6 +526,7 @@ class MoneyModel(RuleBasedStateMachine):
         acct = self.model[account]
         request_id = self.new_id("hit")
         reply = self._reserve(account, request_id, 10**9, cache_key)
+        acct.expire_due(self.clock)  # the reserve (a miss) or the hit's record settle expires what ended
         if cache_key not in acct.cache:  # lost with Redis
             assert reply.status in (ReserveStatus.HELD, ReserveStatus.INSUFFICIENT, ReserveStatus.CAPPED)
             if reply.status == ReserveStatus.HELD:
@@ -513,6 +588,8 @@ class MoneyModel(RuleBasedStateMachine):
         self.run(self.svc.flusher(consumer=self.new_id("f")).drain())
         for acct in self.model.values():
             acct.unflushed.clear()
+            acct.flushed_grants = {gid: g.remaining for gid, g in acct.grants.items()}
+            acct.expired_flushed = acct.expired
         self.check_ledger()
 
     @rule()
@@ -538,6 +615,7 @@ class MoneyModel(RuleBasedStateMachine):
                 self.svc.keys,
                 self.svc.store,
                 settled_marker_ms=self.svc.balances.settled_marker_ms,
+                now_ms=self.clock,
             )
 
         self.run(lose())
@@ -556,6 +634,21 @@ class MoneyModel(RuleBasedStateMachine):
             acct.holds.clear()
             acct.leases.clear()
             acct.cache.clear()
+            # Expiries and grant draws not flushed are lost too: the grants are the ledger's, lowered to the
+            # balance in draw order (a payoff lost with Redis is made again), their last activity now.
+            acct.balance += acct.expired - acct.expired_flushed
+            acct.expired = acct.expired_flushed
+            acct.grants = {
+                gid: dataclasses.replace(g, remaining=acct.flushed_grants[gid])
+                for gid, g in acct.grants.items()
+            }
+            excess = sum(g.remaining for g in acct.live_grants()) - max(acct.balance, 0)
+            if excess > 0:
+                for gid, taken in draw(acct.live_grants(), excess, 0, 0):
+                    acct.grants[gid] = dataclasses.replace(
+                        acct.grants[gid], remaining=acct.grants[gid].remaining - taken
+                    )
+            acct.active_ms = self.clock
             acct.caps.clear()  # caps, what holds held in them and the spend counts: Redis' own
             acct.cap_held.clear()
             acct.hold_scopes.clear()
@@ -581,10 +674,26 @@ class MoneyModel(RuleBasedStateMachine):
             view = self.run(self.svc.balances.balance(account))
             assert (view.balance, view.held) == (acct.balance, acct.held), account
             assert {h.request_id: h.amount for h in view.holds} == acct.holds, account
-            assert acct.granted == view.available + view.held + sum(acct.charges.values()) - acct.lost
+            assert acct.granted == (
+                view.available + view.held + sum(acct.charges.values()) + acct.expired - acct.lost
+            ), account
+            self.check_grants(account, acct)
             assert view.held >= 0
             assert acct.overdrawn or view.balance >= 0, account
             self.check_caps(account, acct)
+
+    def check_grants(self, account: str, acct: Account) -> None:
+        """Redis' grants are the model's (what is left of each, and its terms); they sum to the balance."""
+        raw = self.run(self._grants_of(account))
+        live = {g.grant_id: g for g in acct.live_grants()}
+        assert {gid: (g.remaining, g.kind) for gid, g in raw.items()} == {
+            gid: (g.remaining, g.kind) for gid, g in live.items()
+        }, account
+        assert sum(g.remaining for g in live.values()) == max(acct.balance, 0), account
+
+    async def _grants_of(self, account: str) -> dict[str, Grant]:
+        raw = await self.svc.redis.hgetall(self.svc.keys.account(account).grants)
+        return {as_text(k): Grant.parse(as_text(k), as_text(v)) for k, v in raw.items()}
 
     def check_caps(self, account: str, acct: Account) -> None:
         """Redis' held-by-scope and spend counts equal the model's."""
