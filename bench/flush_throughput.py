@@ -147,28 +147,14 @@ async def limit(rows: int, accounts: int, batch: int, concurrency: int, per_colu
 
 async def fill(svc: Services, made: list[tuple[str, int, bytes]]) -> None:
     """The outbox, filled by the real settle script (a hold-less settle of each request)."""
-    window_end = str(svc.balances.window_end())  # the settle's window: Redis refuses it after this
+    window_end = svc.balances.window_end()  # the settle's window: Redis refuses it after this
     for first in range(0, len(made), 2000):
         async with svc.redis.pipeline(transaction=False) as pipe:
             for i in range(first, min(len(made), first + 2000)):
                 account, charge, data = made[i]
-                k = svc.keys.account(account)
                 rid = f"req_{i:09d}"
-                pipe.evalsha(
-                    svc.balances._settle.sha,
-                    5,
-                    k.balance,
-                    k.holds,
-                    k.hold_expiry,
-                    k.settled(rid),
-                    k.outbox,
-                    rid,
-                    charge,
-                    window_end,
-                    k.expiry_member(rid),
-                    "0",
-                    data,
-                )
+                keys, args = svc.balances.settle_call(account, rid, charge, data, window_end_ms=window_end)
+                pipe.evalsha(svc.balances._settle.sha, len(keys), *keys, *args)
             await pipe.execute()
 
 

@@ -544,16 +544,35 @@ def benchmark_part(url: str, n: int) -> None:
     event = encode_event(UsageEvent(route="chat", model="gpt-4o-mini", outcome="ok", request_id="r"))
     # __rand_int__ is replaced by a random 12-digit number below -r, each occurrence on its own: the
     # account exists (0 .. accounts-1), the request id, marker and holds hash are spread as many.
+    now = str(int(time.time() * 1000))
+    keep = str(int(time.time() * 1000) + 40 * 86_400_000)
+    acct, wallet = (
+        "rb:{p0}:account:__rand_int__",
+        [
+            "rb:{p0}:grants:__rand_int__",
+            "rb:{p0}:wallet-due",
+            "rb:{p0}:outbox",
+            "rb:{p0}:caps:__rand_int__",
+            "rb:{p0}:cap-held:__rand_int__",
+            "rb:{p0}:hold-scopes:__rand_int__",
+            "rb:{p0}:spend:__rand_int__:total",
+            "rb:{p0}:spend:__rand_int__:d",
+            "rb:{p0}:spend:__rand_int__:m",
+        ],
+    )
     commands = {
         "reserve.lua": [
-            "EVALSHA", reserve, "4", "rb:{p0}:account:__rand_int__", "rb:{p0}:holds:__rand_int__",
-            "rb:{p0}:hold-expiry", "rb:{p0}:settled:req___rand_int__",
-            "req___rand_int__", "20000", lease, "acct req___rand_int__", window,
+            "EVALSHA", reserve, "13", acct, "rb:{p0}:holds:__rand_int__",
+            "rb:{p0}:hold-expiry", "rb:{p0}:settled:req___rand_int__", *wallet[:3], *wallet[3:],
+            "req___rand_int__", "20000", lease, "acct req___rand_int__", window, "acct", now, "0", "",
+            "account",
         ],
         "settle.lua": [
-            "EVALSHA", settle, "5", "rb:{p0}:account:__rand_int__", "rb:{p0}:holds:__rand_int__",
-            "rb:{p0}:hold-expiry", "rb:{p0}:settled:req___rand_int__", "rb:{p0}:outbox",
-            "req___rand_int__", "7500", window, "acct req___rand_int__", "0", event.decode(),
+            "EVALSHA", settle, "13", acct, "rb:{p0}:holds:__rand_int__",
+            "rb:{p0}:hold-expiry", "rb:{p0}:settled:req___rand_int__", "rb:{p0}:outbox", *wallet[:2],
+            *wallet[3:],
+            "req___rand_int__", "7500", window, "acct req___rand_int__", "0", event.decode(), "", "0", "acct",
+            now, "0", keep, keep, "account",
         ],
     }  # fmt: skip
     print(

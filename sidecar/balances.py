@@ -178,31 +178,14 @@ class Balances(Expiries):
         were. Its marker expires at `window_end_ms` (the same on every retry); Redis then refuses it."""
         if not 0 <= charge <= MAX_CHARGE:
             raise ValueError(f"charge must be between 0 and {MAX_CHARGE} micro-credits, got {charge}")
-        k = self.keys.account(account)
         entry = msgspec.structs.replace(
             event or UsageEvent(), request_id=request_id, account=account, charge=charge
         )
         if scopes is None:  # the spend counts in the scopes the event names (the request's own)
             scopes = cap_scopes(entry.key_id, entry.model, entry.user)
-        now = self.wallet.clock()
-        per = self._periods(account, now)
-        keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox, k.grants, k.wallet_due]
-        keys += self._wallet_keys(k, per) + ([cache_entry[0]] if cache_entry is not None else [])
-        args: list[str | int | bytes] = [
-            request_id,
-            str(charge),
-            str(window_end_ms or self.window_end()),
-            k.expiry_member(request_id),
-            "1" if record else "0",
-            encode_event(entry),
-            *((cache_entry[1], cache_entry[2]) if cache_entry is not None else ("", 0)),
-            account,
-            now,
-            self.wallet.idle_expiry_ms,
-            per.day_keep_until_ms,
-            per.month_keep_until_ms,
-            *scopes,
-        ]
+        keys, args = self.settle_call(
+            account, request_id, charge, encode_event(entry), record, cache_entry, window_end_ms, scopes
+        )
         reply = await self._call("settle", self._settle, keys, args, wait=self.replicas, account=account)
         status, balance, released, charged = reply
         if status == -1:
@@ -210,6 +193,29 @@ class Balances(Expiries):
         if status == -3:
             raise WindowClosed(request_id)
         return Settlement(status == 1, int(balance), int(released), int(charged))
+
+    def settle_call(
+        self,
+        account: str,
+        request_id: str,
+        charge: int,
+        encoded: bytes,
+        record: bool = False,
+        cache_entry: tuple[str, bytes, int] | None = None,
+        window_end_ms: int | None = None,
+        scopes: Sequence[str] = ("account",),
+    ) -> tuple[list[str], list[str | int | bytes]]:
+        """The settle script's KEYS and ARGV for a settle whose outbox entry is `encoded` (see `settle`)."""
+        k = self.keys.account(account)
+        now = self.wallet.clock()
+        per = self._periods(account, now)
+        keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox, k.grants, k.wallet_due]
+        keys += self._wallet_keys(k, per) + ([cache_entry[0]] if cache_entry is not None else [])
+        cached = (cache_entry[1], cache_entry[2]) if cache_entry is not None else ("", 0)
+        args: list[str | int | bytes] = [request_id, str(charge), str(window_end_ms or self.window_end())]
+        args += [k.expiry_member(request_id), "1" if record else "0", encoded, *cached, account, now]
+        args += [self.wallet.idle_expiry_ms, per.day_keep_until_ms, per.month_keep_until_ms, *scopes]
+        return keys, args
 
     async def credit(
         self,
