@@ -17,17 +17,18 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
-
-import msgspec
 
 from .balances import Balances
 from .errors import NotInitialized, UnknownAccount
 from .keys import KeySpace, as_text
+from .ledger_sql import BATCH_FIELDS
 from .ledger_store import LedgerConnection, LedgerStore
-from .outbox import decode_entry, ledger_time_ms
+from .outbox import BadEntry, decode_entry, ledger_time_ms, move_row
 from .redis_client import RedisClient
 
+_ID, _ACCOUNT, _AMOUNT, _CREATED = (
+    BATCH_FIELDS.index(f) for f in ("idempotency_id", "account_id", "amount", "created_ms")
+)
 log = logging.getLogger("creditgate.reconcile")
 
 
@@ -199,11 +200,13 @@ async def redis_snapshot(
             if exists:
                 credited.add(idempotency_id)
         for entry_id, fields in outbox:
-            expired = _expiry(fields)
-            if expired is not None:  # a grant's remainder leaving: a debit too, until its row is in
-                debits.append(expired)
-                continue
-            if b"p" in fields or "p" in fields:  # a payoff moves no balance
+            try:
+                moved = move_row(fields)  # an expiry or a payoff, as the flusher will write it
+            except BadEntry:
+                continue  # never a ledger row (a dead letter to be): what it moved is drift
+            if moved is not None:
+                if moved[_AMOUNT]:  # an expiry, a debit until its row is in (a payoff moves no balance)
+                    debits.append((moved[_ACCOUNT], moved[_ID], -moved[_AMOUNT], moved[_CREATED]))
                 continue
             entry = decode_entry(fields)
             debits.append((entry.account, entry.request_id, entry.charge, ledger_time_ms(entry, entry_id)))
@@ -213,18 +216,6 @@ async def redis_snapshot(
         if rid not in flushed:
             unflushed[account] += charge
     return Snapshot(views, unflushed, credited, leases)
-
-
-def _expiry(fields: dict[Any, Any]) -> tuple[str, str, int, int] | None:
-    """An expiry outbox entry as (account, its ledger id, amount, time ms); None for any other entry."""
-    data = fields.get(b"x", fields.get("x"))
-    if data is None:
-        return None
-    try:
-        x = msgspec.json.decode(data, type=dict[str, str])
-        return x["account"], f"expiry:{x['account']}:{x['grant']}", int(x["amount"]), int(x["at"])
-    except (msgspec.MsgspecError, KeyError, ValueError):
-        return None
 
 
 # A lease that ended this long ago should have been reaped: two reaper intervals, plus slack for the
