@@ -90,6 +90,7 @@ async def rebuild_if_empty(
                 "SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL"
             )
             now = int(time.time())
+            active_ms = now * 1000 if now_ms is None else now_ms  # the grants' last activity
             by_partition: dict[int, list[str]] = defaultdict(list)
             for account in ledger_view:
                 by_partition[keys.partition_of(account)].append(account)
@@ -106,8 +107,7 @@ async def rebuild_if_empty(
                         pipe.hset(k.balance, "balance", str(balance))
                         pipe.hsetnx(k.balance, "held", 0)
                         pipe.hsetnx(k.balance, "created_at", now)
-                        active = now * 1000 if now_ms is None else now_ms  # the wallet's clock, if given
-                        restore_grants(pipe, k, within(grants.get(account, []), balance), active)
+                        restore_grants(pipe, k, within(grants.get(account, []), balance), active_ms)
                     # The balances include the money in still on its way: its grant must not credit again.
                     for idempotency_id, account, amount in unapplied_by_partition.get(partition, []):
                         pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")
@@ -161,8 +161,7 @@ def restore_grants(pipe: Any, k: AccountKeys, grants: list[Grant], now_ms: int) 
     for g in grants:
         if g.remaining <= 0:
             continue
-        value = f"{g.remaining} {g.expires_ms} {g.priority} {g.order_ms} {int(g.idle)} {g.kind}"
-        pipe.hset(k.grants, g.grant_id, value)
+        pipe.hset(k.grants, g.grant_id, g.encode())
         due = g.expires_ms if g.expires_ms and (due == 0 or g.expires_ms < due) else due
         idle = idle or g.idle
     pipe.hset(k.balance, mapping={"due": str(due), "idle": "1" if idle else "0", "active_ms": str(now_ms)})

@@ -79,6 +79,12 @@ class Grant:
         rem, exp, pri, order, idle, kind = value.split(" ")
         return cls(grant_id, int(rem), int(exp), int(pri), int(order), idle == "1", kind)
 
+    def encode(self) -> str:
+        """Its value in the grants hash, as `parse` reads it (and lua/wallet.lua's w_format writes it)."""
+        return (
+            f"{self.remaining} {self.expires_ms} {self.priority} {self.order_ms} {int(self.idle)} {self.kind}"
+        )
+
     def ends_ms(self, active_ms: int, idle_ms: int) -> int:
         """When it stops counting (0: never): its fixed end, or idle_ms after the last activity."""
         end = self.expires_ms
