@@ -4,7 +4,7 @@ whose date or idle expiry came (the wallet sweeper's). A mixin of `Balances`, wh
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from redis.commands.core import AsyncScript
@@ -55,24 +55,22 @@ class Expiries:
     def _reap_keys(k: AccountKeys) -> list[str]:
         return [k.balance, k.holds, k.hold_expiry, k.cap_held, k.hold_scopes]
 
+    async def _due(self, zset_of: Callable[[int], str], now_ms: int, limit: int) -> AsyncIterator[str]:
+        """The members of each partition's zset `zset_of(partition)` scored up to `now_ms` (at most `limit`
+        a partition), read a partition at a time; the scripts run on them check again."""
+        for partition in range(self.keys.partitions):
+            members = await self.redis.zrangebyscore(zset_of(partition), "-inf", now_ms, start=0, num=limit)
+            for member in members:
+                assert isinstance(member, bytes | str)
+                yield as_text(member)
+
     async def expire_holds(self, now_ms: int, limit: int = 500) -> int:
         """Release holds whose lease ended before `now_ms`; returns how many micro-credits were released."""
         released = 0
-        for partition in range(self.keys.partitions):
-            zset = self.keys.hold_expiry(partition)
-            members = await self.redis.zrangebyscore(zset, "-inf", now_ms, start=0, num=limit)
-            for member in members:
-                assert isinstance(member, bytes | str)
-                account, _, request_id = as_text(member).partition(" ")
-                k = self.keys.account(account)
-                released += int(
-                    await self._call(
-                        "expire_hold",
-                        self._expire,
-                        self._reap_keys(k),
-                        [request_id, as_text(member), now_ms],
-                    )
-                )
+        async for member in self._due(self.keys.hold_expiry, now_ms, limit):
+            account, _, request_id = member.partition(" ")
+            keys = self._reap_keys(self.keys.account(account))
+            released += int(await self._call("expire_hold", self._expire, keys, [request_id, member, now_ms]))
         return released
 
     async def expire_grants(self, now_ms: int | None = None, limit: int = 500) -> int:
@@ -80,15 +78,11 @@ class Expiries:
         the wallet-due zsets; returns the micro-credits expired. Idempotent: an expired grant is gone."""
         now = self.wallet.clock() if now_ms is None else now_ms
         expired = 0
-        for partition in range(self.keys.partitions):
-            zset = self.keys.wallet_due(partition)
-            due = await self.redis.zrangebyscore(zset, "-inf", now, start=0, num=limit)
-            for member in due:
-                assert isinstance(member, bytes | str)
-                k = self.keys.account(as_text(member))
-                keys = [k.balance, k.grants, k.wallet_due, k.outbox]
-                args = [k.account, now, self.wallet.idle_expiry_ms]
-                expired += int(await self._call("expire_grants", self._expire_grants, keys, args))
+        async for account in self._due(self.keys.wallet_due, now, limit):
+            k = self.keys.account(account)
+            keys = [k.balance, k.grants, k.wallet_due, k.outbox]
+            args = [k.account, now, self.wallet.idle_expiry_ms]
+            expired += int(await self._call("expire_grants", self._expire_grants, keys, args))
         return expired
 
     async def sweep(self) -> None:
