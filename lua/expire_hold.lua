@@ -1,4 +1,5 @@
 -- Expire one hold whose lease ran out (the sidecar that took it died or hung).
+-- include: wallet
 -- KEYS[1] account hash   KEYS[2] the account's holds hash   KEYS[3] the partition's hold-expiry zset
 -- KEYS[4] the account's held-by-scope hash   KEYS[5] its hold-scopes hash (spend caps)
 -- ARGV[1] request id   ARGV[2] expiry member   ARGV[3] now (ms since epoch)
@@ -19,12 +20,6 @@ end
 redis.call('HDEL', KEYS[2], ARGV[1])
 if hold ~= '0' then
   redis.call('HINCRBY', KEYS[1], 'held', '-' .. hold)
-  local scoped = redis.call('HGET', KEYS[5], ARGV[1])
-  if scoped then
-    for s in scoped:gmatch('[^\n]+') do
-      redis.call('HINCRBY', KEYS[4], s, '-' .. hold)
-    end
-    redis.call('HDEL', KEYS[5], ARGV[1])
-  end
+  w_release_caps(KEYS[4], KEYS[5], ARGV[1], hold)
 end
 return tonumber(hold)

@@ -74,13 +74,7 @@ if hold then
   redis.call('HDEL', KEYS[2], ARGV[1])
   if hold ~= '0' then
     redis.call('HINCRBY', KEYS[1], 'held', '-' .. hold)
-    local scoped = redis.call('HGET', KEYS[10], ARGV[1])
-    if scoped then
-      for s in scoped:gmatch('[^\n]+') do
-        redis.call('HINCRBY', KEYS[9], s, '-' .. hold)
-      end
-      redis.call('HDEL', KEYS[10], ARGV[1])
-    end
+    w_release_caps(KEYS[9], KEYS[10], ARGV[1], hold)
   end
   redis.call('ZREM', KEYS[3], ARGV[4])
   released = tonumber(hold)

@@ -187,3 +187,14 @@ local function w_cap_refusal(ckey, hkey, spend_keys, scopes, amount)
   end
   return nil
 end
+
+-- Give back what a released hold (`hold`, an integer string) held in each scope it counted in.
+local function w_release_caps(hkey, skey, request_id, hold)
+  local scoped = redis.call('HGET', skey, request_id)
+  if scoped then
+    for s in scoped:gmatch('[^\n]+') do
+      redis.call('HINCRBY', hkey, s, '-' .. hold)
+    end
+    redis.call('HDEL', skey, request_id)
+  end
+end
