@@ -59,3 +59,42 @@ def bearer(key: str) -> dict[str, str]:
 async def fetch(session: aiohttp.ClientSession, url: URL, body: bytes, key: str) -> Outcome:
     async with session.post(url, data=body, headers=bearer(key)) as resp:
         return Outcome(resp.status, dict(resp.headers), await resp.json())
+
+
+def send_all(
+    session: aiohttp.ClientSession,
+    url: URL,
+    body: bytes,
+    key: str,
+    gate: ArrivalGate,
+    requests: int,
+    fit: int,
+) -> tuple[list[asyncio.Task[Outcome]], asyncio.Event]:
+    """Send `requests` identical requests at once; the event is set once each has either parked at the
+    shut gate or come back (or more than `fit` reached the gate): nothing can change until it opens."""
+    tasks: list[asyncio.Task[Outcome]] = []
+    accounted = asyncio.Event()
+
+    def check() -> None:
+        if gate.arrived > fit or gate.arrived + sum(t.done() for t in tasks) >= requests:
+            accounted.set()
+
+    gate.listeners.append(check)
+    for _ in range(requests):
+        task = asyncio.create_task(fetch(session, url, body, key))
+        task.add_done_callback(lambda _: check())
+        tasks.append(task)
+    return tasks, accounted
+
+
+async def all_accounted(
+    accounted: asyncio.Event, gate: ArrivalGate, tasks: list[asyncio.Task[Outcome]], fit: int
+) -> None:
+    """Wait for `send_all`'s event, at most 10 s: a bound, not a synchronisation (a bug fails, never
+    hangs)."""
+    try:
+        async with asyncio.timeout(10):
+            await accounted.wait()
+    except TimeoutError:
+        done = sum(t.done() for t in tasks)
+        pytest.fail(f"{gate.arrived} requests reached the upstream ({fit} fit), {done} came back")

@@ -14,7 +14,7 @@ from sidecar.balances import ReserveStatus
 
 from .conftest import Sidecar, SidecarFactory, Upstream
 from .support import HELLO, MODELS, hold_for, pooled, settled
-from .support_gate import ArrivalGate, Outcome, fetch, gated
+from .support_gate import ArrivalGate, Outcome, all_accounted, fetch, gated, send_all
 
 __all__ = ["gated"]  # the fixture
 
@@ -49,26 +49,10 @@ async def test_200_concurrent_requests_on_50_holds(
 
     # Every request either parks at the upstream's shut gate or comes back; once all 200 have done one
     # or the other, nothing can change until the gate opens. (A 51st arrival ends the wait at once.)
-    tasks: list[asyncio.Task[Outcome]] = []
-    accounted = asyncio.Event()
-
-    def check() -> None:
-        if gate.arrived > FIT or gate.arrived + sum(t.done() for t in tasks) >= REQUESTS:
-            accounted.set()
-
-    gate.listeners.append(check)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
-        for _ in range(REQUESTS):
-            task = asyncio.create_task(fetch(session, url, body, key))
-            task.add_done_callback(lambda _: check())
-            tasks.append(task)
+        tasks, accounted = send_all(session, url, body, key, gate, REQUESTS, FIT)
         try:
-            try:
-                async with asyncio.timeout(10):  # a bound, not a synchronisation: a bug fails, never hangs
-                    await accounted.wait()
-            except TimeoutError:
-                done = sum(t.done() for t in tasks)
-                pytest.fail(f"{gate.arrived} requests reached the upstream ({FIT} fit), {done} came back")
+            await all_accounted(accounted, gate, tasks, FIT)
             rejected = [t.result() for t in tasks if t.done()]
             assert gate.arrived == upstream.calls("chat") == FIT
             assert len(rejected) == REQUESTS - FIT

@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import Sidecar, SidecarFactory, Upstream
 from .support import HELLO, MODELS, hold_for
-from .support_gate import ArrivalGate, Outcome, fetch, gated
+from .support_gate import ArrivalGate, all_accounted, gated, send_all
 
 __all__ = ["gated"]  # the fixture
 
@@ -38,23 +38,11 @@ async def test_200_concurrent_requests_never_overshoot_a_daily_cap(
     account, key = await sc.account(1000 * hold)  # the balance covers 1000: the cap is what binds
     await set_cap(sc, account, "account", "day", FIT * hold)
     url = sc.client.make_url("/v1/chat/completions")
-    tasks: list[asyncio.Task[Outcome]] = []
-    accounted = asyncio.Event()
-
-    def check() -> None:
-        if gate.arrived > FIT or gate.arrived + sum(t.done() for t in tasks) >= REQUESTS:
-            accounted.set()
-
-    gate.listeners.append(check)
     before = _tomorrow()
     async with aiohttp.ClientSession() as session:
-        for _ in range(REQUESTS):
-            task = asyncio.create_task(fetch(session, url, body, key))
-            task.add_done_callback(lambda _: check())
-            tasks.append(task)
+        tasks, accounted = send_all(session, url, body, key, gate, REQUESTS, FIT)
         try:
-            async with asyncio.timeout(10):  # a bound, not a synchronisation: a bug fails, never hangs
-                await accounted.wait()
+            await all_accounted(accounted, gate, tasks, FIT)
             refused = [t.result() for t in tasks if t.done()]
             assert gate.arrived == FIT
             assert len(refused) == REQUESTS - FIT
