@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .exposure import ACCOUNT_SECRET_HEADER, check_listeners, is_loopback
 from .grant_terms import starter_of
 from .headers import NEVER
+from .payments.settings import PackageConfig, PaymentSettings, WebhookProviderConfig
 from .pricing import PriceTable
 from .redis_urls import is_cluster_url, parse_cluster_url
 from .tables import ModelConfig, PositiveInt, UpstreamConfig, default_models
@@ -37,7 +38,8 @@ OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port
 __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
-class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Settings(PaymentSettings, kw_only=True, forbid_unknown_fields=True):
+    # (the payment settings are inherited: payments/settings.py)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -250,7 +252,8 @@ def load_settings(
     # Tables are converted entry by entry so that an error names the entry (msgspec elides dict keys).
     tables = {name: raw.pop(name) for name in environment.STRUCTURED if name in raw}
     settings = _convert(raw, Settings, "")
-    for table, entry_type in (("models", ModelConfig), ("upstreams", UpstreamConfig)):
+    structured = (("models", ModelConfig), ("upstreams", UpstreamConfig), ("packages", PackageConfig))
+    for table, entry_type in (*structured, ("payment_webhooks", WebhookProviderConfig)):
         if table in tables:
             entries = tables[table]
             if not isinstance(entries, dict):

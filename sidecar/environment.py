@@ -13,9 +13,15 @@ import msgspec
 from .errors import ConfigError
 
 ENV_PREFIX = "CREDITGATE_"
-STRUCTURED = {"models", "upstreams"}
+STRUCTURED = {"models", "upstreams", "packages", "payment_webhooks"}
 # From the environment: comma-separated, or JSON.
-_LISTS = {"cache_routes", "forward_request_headers", "relay_response_headers"}
+_LISTS = {
+    "cache_routes",
+    "forward_request_headers",
+    "relay_response_headers",
+    "stripe_webhook_secrets",
+    "top_up_amounts",
+}
 
 
 # Kubernetes injects docker-style "service links" into every pod for each Service in the namespace: for a
