@@ -14,14 +14,16 @@ from .admin import ADMIN_OPS, admin_app
 from .cache import CachePolicy, ResponseCache
 from .config import Settings
 from .credits_api import credit_routes
+from .drift import DriftState
 from .flusher import Flusher
 from .health import READINESS, Readiness, ReadinessCheck, healthz, readiness_response, readyz
 from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
+from .payments.landing import PAYMENTS, Payments
+from .payments.orders import OrderStore
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
-from .reconcile import Report, complete_money_in, inspect, stale_after_ms
-from .reconcile_stats import ReconcileStats
+from .reconcile import complete_money_in, inspect, stale_after_ms
 from .redis_guard import check_redis
 from .repair import repair_all
 from .responses import error_middleware
@@ -74,6 +76,7 @@ def create_app(
             )
             proxy = Gateway(settings, prices, svc.balances, svc.accounts, upstreams, session, cache)
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
+            app[PAYMENTS] = Payments(OrderStore(svc.store.pool), app[ADMIN_OPS], svc.balances)
             # keys, caps, estimates (wallet_api.py)
             app[WALLET_OPS] = WalletOps(
                 svc.redis, svc.keys, svc.accounts, svc.store.pool, prices, proxy.admit_policy
@@ -255,51 +258,6 @@ async def final_flush(flusher: Flusher, seconds: float) -> None:
         log.info("final flush wrote %d ledger rows", written)
     except Exception as exc:
         log.error("final flush incomplete (%r); the rest waits in Redis for the next flusher", exc)
-
-
-class DriftState:
-    """The last reconcile pass, for monitoring (``/admin/ledger``, the ``creditgate_*drift*`` gauges)."""
-
-    def __init__(self) -> None:
-        self.accounts = 0  # accounts whose balance or held total drift
-        self.total = 0  # Σ |balance drift|
-        self.checked_at = 0.0
-        self.stats = ReconcileStats(repairs={})
-
-    def update(self, report: Report, seconds: float) -> None:
-        self.accounts = len(report.accounts)
-        self.total = sum(abs(d.amount) for d in report.accounts)
-        self.checked_at = time.time()
-        stats = self.stats
-        stats.drift, stats.last_run, stats.duration = report.by_kind(), self.checked_at, seconds
-        for kind, count in report.repaired.items():
-            stats.repairs[kind] = stats.repairs.get(kind, 0) + count
-        for drift in report.accounts:
-            log.warning(
-                "ledger drift on %s: Redis %s, ledger says %d; held %d, its holds sum to %d",
-                drift.account,
-                drift.redis_balance,
-                drift.expected,
-                drift.redis_held,
-                drift.holds_total,
-            )
-        for hold in report.holds:
-            log.warning(
-                "%s on %s: request %s holds %d (lease end %s)",
-                hold.kind,
-                hold.account,
-                hold.request_id,
-                hold.amount,
-                hold.lease_end_ms,
-            )
-        for grant in report.grants:
-            log.warning(
-                "grant_unapplied on %s: money in %s (%d) not credited to Redis after %.0f s",
-                grant.account,
-                grant.idempotency_id,
-                grant.amount,
-                grant.age_seconds,
-            )
 
 
 PROXY = web.AppKey("proxy", Gateway)

@@ -14,6 +14,7 @@ from .autopipeline import AutoPipeline
 from .balance_views import AccountBalance as AccountBalance
 from .balance_views import HoldView as HoldView
 from .cluster_pipeline import ClusterAutoPipeline
+from .debits import Debits
 from .errors import IdempotencyConflict, NotInitialized, UnknownAccount, WindowClosed
 from .expiries import Expiries
 from .keys import AccountKeys, KeySpace, as_text
@@ -27,7 +28,7 @@ from .wallet import GrantTerms, Periods, WalletPolicy, cap_scopes, periods
 __all__ = ["Balances", "CapRefusal", "Reservation", "ReserveStatus", "Settlement", "load_lua"]
 
 
-class Balances(Expiries):
+class Balances(Expiries, Debits):
     def __init__(
         self,
         redis: RedisClient,
@@ -55,6 +56,7 @@ class Balances(Expiries):
         self._expire = redis.register_script(load_lua("expire_hold"))
         self._fix_held = redis.register_script(load_lua("fix_held"))
         self._expire_grants = redis.register_script(load_lua("expire_grants"))
+        self._debit = redis.register_script(load_lua("debit"))
         # (script name, integer nanoseconds) after every script call: the app's metrics.
         self.on_script: Callable[[str, int], None] = _ignore
 
@@ -103,7 +105,8 @@ class Balances(Expiries):
 
     @property
     def _scripts(self) -> tuple[AsyncScript, ...]:
-        return (self._reserve, self._settle, self._credit, self._expire, self._fix_held, self._expire_grants)
+        return (self._reserve, self._settle, self._credit, self._expire, self._fix_held, self._expire_grants,
+                self._debit)  # fmt: skip
 
     def _periods(self, account: str, now_ms: int) -> Periods:
         return periods(now_ms, self._zones.get(account, ""))

@@ -42,6 +42,10 @@ class AccountKeys:
     def credited(self, idempotency_key: str) -> str:
         return f"{self.tag}:credited:{self.account}:{idempotency_key}"
 
+    def debited(self, debit_id: str) -> str:
+        """What the debit script took back for this id (micro-credits, an integer string)."""
+        return f"{self.tag}:debited:{self.account}:{debit_id}"
+
     def expiry_member(self, request_id: str) -> str:
         return f"{self.account} {request_id}"
 

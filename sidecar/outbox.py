@@ -1,6 +1,6 @@
 """The outbox entry a settlement appends, and its conversion to a ledger row. Pure: no I/O.
 
-Each entry is one of three kinds (README "Outbox entries"):
+Each entry is one of four kinds (README "Outbox entries"):
 - usage: field ``d``, the UsageEvent as JSON, built by the caller with the same request id, account and
   charge it passes the settle script, in the same atomic step as the debit; with an optional ``g``, the
   grants the debit drew from: ``[["<grant id>", "<micro>"], ...]`` (integer strings);
@@ -8,7 +8,9 @@ Each entry is one of three kinds (README "Outbox entries"):
   left the balance when it ended, a ledger row ``expiry:<account>:<grant>`` of -amount at ``at`` (ms);
 - payoff: field ``p``, the same shape: a new grant paid part of a negative balance. Its money-in row
   counted the whole amount already, so its ledger row ``payoff:<account>:<grant>`` is an 'adjustment' of 0
-  that only records the draw on the grant (and makes it once).
+  that only records the draw on the grant (and makes it once);
+- reversal: field ``r``, ``{"account", "id", "amount", "at"}`` with the grants drawn in ``g``: credits the
+  debit script took back (a refund, a dispute), a ledger row ``reversal:<account>:<id>`` of -amount.
 Every row carries the grants it drew from (``drawn``), which the flusher appends to grant_draws.
 """
 
@@ -136,7 +138,7 @@ def ledger_row(fields: dict[Any, Any], entry_id: str | bytes) -> tuple[Any, ...]
     )
 
 
-DATA_FIELDS = ("d", "g", "x", "p")
+DATA_FIELDS = ("d", "g", "x", "p", "r")
 
 
 def entry_data(fields: dict[Any, Any]) -> dict[Any, Any]:
@@ -191,8 +193,34 @@ encode_json = msgspec.json.Encoder().encode
 _MOVE_KINDS = {"x": ("expiry", "expiry", -1), "p": ("payoff", "adjustment", 0)}
 
 
+class Taken(msgspec.Struct, forbid_unknown_fields=False):
+    """A reversal (``r``) entry: what the debit script took back."""
+
+    account: str
+    id: str
+    amount: str
+    at: str
+
+
+_decode_taken = msgspec.json.Decoder(Taken).decode
+_NONE = (None,) * 14  # a row's route .. settled_ms
+
+
 def move_row(fields: dict[Any, Any]) -> tuple[Any, ...] | None:
-    """The batch row of an expiry or payoff entry, None for a usage entry."""
+    """The batch row of an expiry, payoff or reversal entry, None for a usage entry."""
+    data = _field(fields, "r")
+    if data is not None:
+        try:
+            taken = _decode_taken(data)
+        except msgspec.MsgspecError as exc:
+            raise BadEntry(f"r undecodable: {exc}") from None
+        if not taken.account or not taken.id:
+            raise BadEntry("r without an account or id")
+        amount = _micro(taken.amount, "r amount")
+        at = _micro(taken.at, "r at", low=0)
+        drawn = _drawn(fields, amount)
+        return (f"reversal:{taken.account}:{taken.id}", taken.account, "reversal", -amount, *_NONE, at,
+                None, None, None, drawn)  # fmt: skip
     for field, (prefix, kind, sign) in _MOVE_KINDS.items():
         data = _field(fields, field)
         if data is None:
@@ -205,8 +233,7 @@ def move_row(fields: dict[Any, Any]) -> tuple[Any, ...] | None:
             raise BadEntry(f"{field} without an account or grant")
         amount = _micro(move.amount, f"{field} amount")
         at = _micro(move.at, f"{field} at", low=0)
-        none = (None,) * 14  # route .. settled_ms
         drawn = encode_json({move.grant: amount}).decode()
-        return (f"{prefix}:{move.account}:{move.grant}", move.account, kind, sign * amount, *none, at,
+        return (f"{prefix}:{move.account}:{move.grant}", move.account, kind, sign * amount, *_NONE, at,
                 None, None, None, drawn)  # fmt: skip
     return None

@@ -13,7 +13,7 @@ from .reconcile import DRIFT_KINDS
 
 @dataclass
 class ReconcileStats:
-    """The reconciler's figures (app.py's ``DriftState`` keeps them): the last pass's drift per kind
+    """The reconciler's figures (drift.py's ``DriftState`` keeps them): the last pass's drift per kind
     (items, Σ |micro-credits|), repairs made so far per kind, and when and how long the last pass ran."""
 
     drift: dict[str, tuple[int, int]] = field(default_factory=dict)

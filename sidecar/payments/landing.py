@@ -1,0 +1,86 @@
+"""How a paid order lands (a purchase grant, once) and how money that went back leaves again (a reversal,
+once). Every provider's path (Stripe, x402, manual settlement, a generic webhook) ends in `Payments.land`
+or `Payments.reverse`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..admin import AdminOps
+from ..balances import Balances
+from ..wallet import GrantTerms
+from .orders import Order, OrderStore, ReversalReason
+
+
+@dataclass(frozen=True, slots=True)
+class Reversal:
+    taken: int  # micro-credits the debit took back
+    created: bool  # False: this reversal id was applied before
+
+
+PurchaseHook = Callable[[Order], Awaitable[None]]
+
+
+class Payments:
+    """Where every payment lands and every reversal leaves."""
+
+    def __init__(self, orders: OrderStore, ops: AdminOps, balances: Balances) -> None:
+        self.orders = orders
+        self.ops = ops
+        self.balances = balances
+        # Run after each landing of a purchase (again on a retried one: each must be idempotent).
+        self.on_purchase: list[PurchaseHook] = []
+
+    async def land(self, order: Order, payment_ref: str | None = None) -> dict[str, Any]:
+        """The order's purchase grant, once (its grant id is the order id): the ledger row first, then
+        Redis, then applied (AdminOps.grant); then the order is marked paid and the hooks run."""
+        ref = payment_ref or order.payment_ref
+        granted = await self.ops.grant(
+            order.account,
+            order.credits,
+            order.order_id,
+            "purchase",
+            f"order {order.order_id} ({order.provider})",
+            terms=GrantTerms(kind="purchase"),
+            payment_ref=ref,
+        )
+        await self.orders.mark_paid(order.order_id, ref)
+        paid = await self.orders.get(order.order_id)
+        assert paid is not None
+        for hook in self.on_purchase:
+            await hook(paid)
+        return {**granted, "order": paid.view()}
+
+    async def reverse(
+        self,
+        order: Order,
+        reversal_id: str,
+        reason: ReversalReason,
+        credits: int,
+        *,
+        only_grant: bool = False,
+        amount_minor: int = 0,
+    ) -> Reversal:
+        """Take back up to `credits` micro-credits of the order's account because its money went back,
+        once per `reversal_id`: recorded pending in Postgres, then the debit script (from the order's
+        grant first; with `only_grant` only from it; never below a zero balance), then recorded taken.
+        A retry after a crash between the two finds the pending row and the debit's marker."""
+        if credits <= 0:
+            return Reversal(0, created=False)
+        status, asked, taken = await self.orders.open_reversal(
+            order, reversal_id, reason, credits, amount_minor
+        )
+        if status != "pending":
+            return Reversal(taken, created=False)
+        debit = await self.balances.debit(
+            order.account, reversal_id, asked, grant_id=order.order_id, only_grant=only_grant
+        )
+        await self.orders.close_reversal(reversal_id, order.order_id, debit.taken)
+        return Reversal(debit.taken, created=debit.now)
+
+
+PAYMENTS = web.AppKey("payments", Payments)
