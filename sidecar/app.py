@@ -21,6 +21,7 @@ from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .payments.landing import PAYMENTS, Payments
 from .payments.orders import OrderStore
+from .payments.routes import admin_payment_routes, payment_routes
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
 from .reconcile import complete_money_in, inspect, stale_after_ms
@@ -216,12 +217,14 @@ def create_app(
         return web.json_response({"total": total, "dead_letters": letters})
 
     credit_routes(app, SERVICES, PROXY)  # /v1/credits/*, and under /admin/accounts/{id}/credits/
+    payment_routes(app, settings)  # packages, checkout, /webhooks/* (payments/routes.py)
     if settings.admin_api:
         admin = admin_app(settings.admin_token)
         credit_routes(admin, SERVICES, PROXY, admin=True)
         admin.router.add_get("/ledger", ledger_status)
         admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
         add_admin_routes(admin)  # keys, caps, time zone (wallet_api.py)
+        admin_payment_routes(admin)  # refunds of orders
         app.add_subapp("/admin/", admin)
     return app
 

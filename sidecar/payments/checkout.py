@@ -1,0 +1,65 @@
+"""`GET /v1/credits/packages` (what credits cost) and `POST /v1/credits/checkout` (buy them with Stripe
+Checkout), for a client key on its own account. A checkout records a pending order, then the hosted
+session (its id the order's provider_ref); nothing is credited here, nor on the success redirect: the
+order lands when Stripe's signed webhook says it was paid (webhooks.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from aiohttp import web
+
+from ..errors import BadRequest
+from ..money import format_credits
+from ..wallet_api import WALLET_OPS
+from .context import PAYMENT_CONTEXT
+from .landing import PAYMENTS
+from .packages import catalog, purchase_of
+
+
+class CheckoutBody(msgspec.Struct, forbid_unknown_fields=True):
+    package: str | None = None
+    amount: Annotated[int, msgspec.Meta(ge=0)] | None = None  # minor units
+
+
+async def packages(request: web.Request) -> web.Response:
+    await request.config_dict[WALLET_OPS].caller(request)
+    return web.json_response(catalog(request.config_dict[PAYMENT_CONTEXT].settings))
+
+
+async def checkout(request: web.Request) -> web.Response:
+    caller = await request.config_dict[WALLET_OPS].caller(request)
+    ctx = request.config_dict[PAYMENT_CONTEXT]
+    stripe = ctx.stripe_on()
+    try:
+        body = msgspec.json.decode(await request.read() or b"{}", type=CheckoutBody)
+    except msgspec.MsgspecError as exc:
+        raise BadRequest(f"Invalid request body: {exc}") from None
+    settings = ctx.settings
+    purchase = purchase_of(settings, body.package, body.amount)
+    orders = request.config_dict[PAYMENTS].orders
+    order = await orders.create(
+        caller.account,
+        "stripe",
+        credits=purchase.credits,
+        amount_minor=purchase.amount_minor,
+        currency=settings.currency,
+        package=purchase.package,
+    )
+    session = await stripe.create_session(
+        order, purchase.name, settings.checkout_success_url, settings.checkout_cancel_url
+    )
+    await orders.set_provider_ref(order.order_id, session.session_id)
+    return web.json_response(
+        {
+            "order_id": order.order_id,
+            "url": session.url,
+            "session_id": session.session_id,
+            "credits": format_credits(order.credits),
+            "credits_micro": order.credits,
+            "amount_minor": order.amount_minor,
+            "currency": order.currency,
+        },
+        status=201,
+    )

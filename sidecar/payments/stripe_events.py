@@ -1,0 +1,174 @@
+"""What a verified Stripe event does (webhooks.py checks its signature first). Each lands or reverses through
+`Payments`, whose grant and reversal ids make a repeated or concurrent event change nothing more:
+
+- `checkout.session.completed` (payment_status 'paid') and `checkout.session.async_payment_succeeded`:
+  the order (metadata.order_id, else client_reference_id; its session id must match) lands, when the
+  session's amount_total and currency are the order's (else 'amount_mismatch', nothing credited);
+- `checkout.session.expired` / `checkout.session.async_payment_failed`: a pending order ends;
+- `charge.refunded`: each refund of the charge takes back its share of the order's credits, once per
+  refund ('stripe:<refund id>'; an operator's refund carries its own reversal id in metadata);
+- `charge.dispute.created`: the disputed share is taken back ('stripe:<dispute id>').
+
+Anything else, or an order that is not ours, is an outcome to record, never an error."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from ..errors import BadRequest
+from .landing import Payments
+from .orders import Order
+from .stripe_adapter import RefundSeen, StripeAdapter
+
+PROVIDER = "stripe"
+Outcome = tuple[str | None, str]  # (the order id, what happened)
+
+
+class Session(msgspec.Struct):
+    id: str
+    client_reference_id: str | None = None
+    metadata: dict[str, str] = {}
+    payment_status: str | None = None
+    payment_intent: str | None = None
+    amount_total: int | None = None
+    currency: str | None = None
+
+
+class Refund(msgspec.Struct):
+    id: str
+    amount: int
+    metadata: dict[str, str] = {}
+
+
+class RefundList(msgspec.Struct):
+    data: list[Refund] = []
+    has_more: bool = False
+
+
+class Charge(msgspec.Struct):
+    id: str
+    payment_intent: str | None = None
+    refunds: RefundList | None = None
+
+
+class Dispute(msgspec.Struct):
+    id: str
+    amount: int
+    payment_intent: str | None = None
+
+
+class EventData(msgspec.Struct):
+    object: msgspec.Raw
+
+
+class Event(msgspec.Struct):
+    id: str
+    type: str
+    data: EventData
+
+
+def decode_event(body: bytes) -> Event:
+    try:
+        return msgspec.json.decode(body, type=Event)
+    except msgspec.MsgspecError as exc:
+        raise BadRequest(f"Invalid Stripe event: {exc}", param="body") from None
+
+
+def share(order: Order, amount_minor: int) -> int:
+    """The micro-credits `amount_minor` of the order's price bought (rounded down, at most all of them)."""
+    if order.amount_minor <= 0 or amount_minor <= 0:
+        return 0
+    return min(order.credits, order.credits * amount_minor // order.amount_minor)
+
+
+class StripeEvents:
+    def __init__(self, payments: Payments, adapter: StripeAdapter | None) -> None:
+        self.payments = payments
+        self.orders = payments.orders
+        self.adapter = adapter
+        self.handlers: dict[str, Callable[[msgspec.Raw], Awaitable[Outcome]]] = {
+            "checkout.session.completed": lambda raw: self._paid(raw, paid_only=True),
+            "checkout.session.async_payment_succeeded": lambda raw: self._paid(raw, paid_only=False),
+            "checkout.session.expired": lambda raw: self._ended(raw, "expired"),
+            "checkout.session.async_payment_failed": lambda raw: self._ended(raw, "failed"),
+            "charge.refunded": self._refunded,
+            "charge.dispute.created": self._disputed,
+        }
+
+    async def apply(self, event: Event) -> Outcome:
+        handler = self.handlers.get(event.type)
+        if handler is None:
+            return None, "ignored"
+        try:
+            return await handler(event.data.object)
+        except msgspec.MsgspecError as exc:
+            raise BadRequest(f"Invalid {event.type} object: {exc}", param="data.object") from None
+
+    async def _session_order(self, s: Session) -> tuple[Order | None, Outcome]:
+        claimed = s.metadata.get("order_id") or s.client_reference_id
+        if claimed is None:
+            return None, (None, "unknown_order")
+        if s.client_reference_id not in (None, claimed):
+            return None, (claimed, "order_mismatch")
+        order = await self.orders.get(claimed) if len(claimed) <= 200 else None
+        if order is None or order.provider != PROVIDER:
+            return None, (claimed, "unknown_order")
+        if order.provider_ref is None:  # the session was made but its id not stored (a crash between)
+            await self.orders.set_provider_ref(order.order_id, s.id)
+        elif order.provider_ref != s.id:
+            return None, (order.order_id, "session_mismatch")
+        return order, (order.order_id, "")
+
+    async def _paid(self, raw: msgspec.Raw, *, paid_only: bool) -> Outcome:
+        s = msgspec.json.decode(raw, type=Session)
+        order, outcome = await self._session_order(s)
+        if order is None:
+            return outcome
+        if paid_only and s.payment_status != "paid":
+            return order.order_id, "awaiting_payment"  # an async method: its _succeeded event lands it
+        if s.amount_total != order.amount_minor or (s.currency or "").lower() != order.currency:
+            return order.order_id, "amount_mismatch"
+        landed = await self.payments.land(order, s.payment_intent)
+        return order.order_id, "landed" if landed["credited"] else "already_landed"
+
+    async def _ended(self, raw: msgspec.Raw, status: str) -> Outcome:
+        order, outcome = await self._session_order(msgspec.json.decode(raw, type=Session))
+        if order is None:
+            return outcome
+        ended = await self.orders.set_status(order.order_id, "expired" if status == "expired" else "failed")
+        return order.order_id, status if ended else f"{status}_ignored"
+
+    async def _payment_order(self, payment_intent: str | None) -> Order | None:
+        if payment_intent is None or len(payment_intent) > 200:
+            return None
+        return await self.orders.by_payment_ref(PROVIDER, payment_intent)
+
+    async def _refunded(self, raw: msgspec.Raw) -> Outcome:
+        charge = msgspec.json.decode(raw, type=Charge)
+        order = await self._payment_order(charge.payment_intent)
+        if order is None:
+            return None, "unknown_order"
+        listed = charge.refunds
+        if listed is not None and not listed.has_more:
+            refunds = [RefundSeen(r.id, r.amount, r.metadata.get("reversal_id")) for r in listed.data]
+        elif self.adapter is not None:  # newer API versions do not list a charge's refunds in the event
+            refunds = await self.adapter.refunds_of(charge.id)
+        else:
+            return order.order_id, "refunds_unlisted"
+        ours = f"operator:{order.order_id}:"
+        for refund in refunds:
+            # An operator's refund was taken back already, under its own id: never twice.
+            mine = refund.reversal_id if (refund.reversal_id or "").startswith(ours) else None
+            reversal_id = mine or f"stripe:{refund.refund_id}"
+            await self.payments.reverse(order, reversal_id, "refund", share(order, refund.amount))
+        return order.order_id, "reversed"
+
+    async def _disputed(self, raw: msgspec.Raw) -> Outcome:
+        dispute = msgspec.json.decode(raw, type=Dispute)
+        order = await self._payment_order(dispute.payment_intent)
+        if order is None:
+            return None, "unknown_order"
+        await self.payments.reverse(order, f"stripe:{dispute.id}", "dispute", share(order, dispute.amount))
+        return order.order_id, "reversed"
