@@ -61,7 +61,8 @@ async def test_a_package_checkout_makes_an_order_and_a_session(
         "pro",
     )
     assert (order.provider_ref, order.credits, order.amount_minor) == (body["session_id"], 5000 * C, 5000)
-    assert STRIPE_KEY not in caplog.text and STRIPE_KEY not in str(body)
+    assert STRIPE_KEY not in caplog.text
+    assert STRIPE_KEY not in str(body)
 
 
 async def test_an_amount_checkout_buys_its_exact_credits(shop: Sidecar, fake_stripe: FakeStripe) -> None:
@@ -70,9 +71,14 @@ async def test_an_amount_checkout_buys_its_exact_credits(shop: Sidecar, fake_str
     assert status == 201, body
     assert (body["credits"], body["amount_minor"]) == ("1234", 1234)
     assert fake_stripe.calls[-1].form["line_items"]["0"]["price_data"]["unit_amount"] == "1234"
-    for bad, param in [({"amount": 499}, "amount"), ({"amount": 2_000_000}, "amount"),
-                       ({"package": "gold"}, "package"), ({}, "package"),
-                       ({"package": "pro", "amount": 1000}, "package")]:  # fmt: skip
+    bad_bodies: list[tuple[dict[str, Any], str]] = [
+        ({"amount": 499}, "amount"),
+        ({"amount": 2_000_000}, "amount"),
+        ({"package": "gold"}, "package"),
+        ({}, "package"),
+        ({"package": "pro", "amount": 1000}, "package"),
+    ]
+    for bad, param in bad_bodies:
         status, err = await buy(shop, key, bad)
         assert (status, err["error"]["param"]) == (400, param), bad
     assert len(fake_stripe.calls) == 1  # nothing made for the refused ones
@@ -111,7 +117,8 @@ async def test_only_the_webhook_credits_never_the_success_redirect(
     )
     assert (await shop.balance(account))["balance"] == 0
     order = await shop.client.app[PAYMENTS].orders.get(body["order_id"])
-    assert order is not None and order.status == "pending"
+    assert order is not None
+    assert order.status == "pending"
     status, done = await post_event(shop.client, event("checkout.session.completed", session))
     assert (status, done["outcome"]) == (200, "landed")
     assert (await shop.balance(account))["balance"] == 1000 * C

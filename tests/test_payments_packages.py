@@ -80,7 +80,8 @@ async def test_the_packages_route_lists_packages_and_tiers(sidecar: Sidecar) -> 
     resp = await sidecar.client.get("/v1/credits/packages", headers={"Authorization": f"Bearer {key}"})
     assert resp.status == 200
     body = await resp.json()
-    assert body["currency"] == "usd" and body["credit_price"] == "0.01"
+    assert body["currency"] == "usd"
+    assert body["credit_price"] == "0.01"
     assert body["packages"][0] == {
         "id": "starter", "name": "Starter", "credits": "1000", "credits_micro": 1000 * C,
         "price_minor": 1000, "currency": "usd",

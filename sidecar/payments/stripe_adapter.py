@@ -88,10 +88,10 @@ class StripeAdapter:
         params: Any = {"charge": charge, "limit": 100}
         async with _calling("list refunds"):
             page = await self.client.v1.refunds.list_async(params)
-        return [refund_seen(r) for r in page.data]
+        return [refund_seen(r.to_dict()) for r in page.data]
 
 
-def refund_seen(raw: Any) -> RefundSeen:
+def refund_seen(raw: dict[str, Any]) -> RefundSeen:
     metadata = raw.get("metadata") or {}
     reversal = metadata.get("reversal_id")
     return RefundSeen(str(raw["id"]), int(raw["amount"]), str(reversal) if reversal else None)
