@@ -20,6 +20,9 @@ MONEY_MODULES = [
     "usage.py",
     "keys.py",
     "pipeline/outcome.py",
+    "payments/packages.py",
+    "payments/stripe_events.py",
+    "payments/refunds.py",
 ]
 LUA_SCRIPTS = sorted(p.name for p in Path(str(files("sidecar") / "lua")).glob("*.lua"))
 

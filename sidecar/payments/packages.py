@@ -68,14 +68,16 @@ def credit_price_of(settings: PaymentSettings) -> Decimal:
 
 def price_minor(credits: int, credit_price: Decimal, currency: str) -> int | None:
     """`credits` micro-credits × `credit_price` in minor units; None when it is not a whole number."""
-    exact = Decimal(credits) * credit_price * (10 ** minor_digits(currency)) / MICRO
-    return int(exact) if exact == exact.to_integral_value() else None
+    num, den = credit_price.as_integer_ratio()
+    whole, rest = divmod(credits * num * 10 ** minor_digits(currency), den * MICRO)
+    return None if rest else whole
 
 
 def credits_for(amount_minor: int, credit_price: Decimal, currency: str) -> int | None:
     """The micro-credits `amount_minor` buys at `credit_price`; None when it is not a whole number."""
-    exact = Decimal(amount_minor) * MICRO / (credit_price * (10 ** minor_digits(currency)))
-    return int(exact) if exact == exact.to_integral_value() else None
+    num, den = credit_price.as_integer_ratio()
+    whole, rest = divmod(amount_minor * MICRO * den, num * 10 ** minor_digits(currency))
+    return None if rest else whole
 
 
 def packages_of(settings: PaymentSettings) -> dict[str, Package]:

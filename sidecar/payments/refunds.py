@@ -19,7 +19,9 @@ from aiohttp import web
 
 from ..admin import grant_amount, storable
 from ..errors import BadRequest, Conflict, NotFound
+from ..keys import as_text
 from ..money import format_credits
+from ..wallet import Grant
 from .context import PAYMENT_CONTEXT
 from .landing import PAYMENTS, Payments
 from .orders import Order
@@ -72,6 +74,13 @@ async def reversal_state(payments: Payments, reversal_id: str) -> ReversalState 
     return None if row is None else ReversalState(row[0], row[1], row[2], row[3])
 
 
+async def unused(payments: Payments, order: Order) -> int:
+    """What is left of the order's grant in Redis (0: spent, or gone)."""
+    b = payments.balances
+    raw = await b.redis.hget(b.keys.account(order.account).grants, order.order_id)
+    return 0 if raw is None else Grant.parse(order.order_id, as_text(raw)).remaining
+
+
 async def operator_refund(
     payments: Payments,
     stripe: StripeAdapter,
@@ -90,7 +99,13 @@ async def operator_refund(
     reversal_id = f"operator:{order.order_id}:{key}"
     state = await reversal_state(payments, reversal_id)
     # The first time only: a retry finishes what its key started, whatever the window or the balance.
-    credits = order.credits if state else refundable(order, asked, now=now, window_days=window_days)
+    credits = order.credits
+    if state is None:
+        credits = min(
+            refundable(order, asked, now=now, window_days=window_days), await unused(payments, order)
+        )
+        if credits <= 0:  # asking for nothing would still use up what the order's reversals may ask
+            raise Conflict(f"Order {order.order_id}'s credits are all used.", param="order_id")
     reversal = await payments.reverse(order, reversal_id, "operator_refund", credits, only_grant=True)
     money = reversal.taken * order.amount_minor // order.credits
     state = await reversal_state(payments, reversal_id)
