@@ -4,7 +4,10 @@ the charge.refunded webhook that follows takes nothing more."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +17,8 @@ from sidecar.payments.landing import PAYMENTS
 from sidecar.payments.orders import Order
 from sidecar.payments.refunds import refundable
 
-from .conftest import ADMIN_TOKEN, Sidecar, SidecarFactory
+from .conftest import ADMIN_TOKEN, Sidecar, SidecarFactory, clean_env
+from .support import creditgate
 from .support_stripe import STRIPE_KEY, FakeStripe, event, post_event, stripe_settings
 from .support_stripe import fake_stripe as fake_stripe  # the fixture
 
@@ -160,3 +164,31 @@ async def test_refunds_need_stripe_and_the_admin_token(sidecar: Sidecar) -> None
     assert (status, body["error"]["param"]) == (503, "stripe_api_key")
     resp = await sidecar.client.post(f"/admin/orders/{order.order_id}/refund", json={})
     assert resp.status == 401
+
+
+async def test_the_cli_refunds_an_order(shop: Sidecar, fake_stripe: FakeStripe, tmp_path: Path) -> None:
+    account, order_id, _pi = await bought(shop, fake_stripe)
+    s = shop.settings
+    assert s.redis_url is not None
+    assert s.database_url is not None
+    env = clean_env(
+        CREDITGATE_REDIS_URL=s.redis_url,
+        CREDITGATE_DATABASE_URL=s.database_url,
+        CREDITGATE_KEY_PREFIX=s.key_prefix,
+        CREDITGATE_STRIPE_API_KEY=STRIPE_KEY,
+        CREDITGATE_STRIPE_API_BASE=fake_stripe.url,
+    )
+    args = ("order", "refund", order_id, "--idempotency-key", "cli-1", "--credits", "100")
+    for _ in range(2):  # in a thread: the fake Stripe answers on this loop meanwhile
+        run = await asyncio.to_thread(creditgate, env, *args, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        done = json.loads(run.stdout)
+        assert (done["credits"], done["amount_minor"]) == ("100", 100)
+    assert STRIPE_KEY not in run.stdout + run.stderr
+    assert len([c for c in fake_stripe.calls if c.path == "/v1/refunds"]) == 1
+    assert (await shop.balance(account))["balance"] == 900 * C
+    off = await asyncio.to_thread(
+        creditgate, clean_env(**{**env, "CREDITGATE_STRIPE_API_KEY": ""}), *args, cwd=tmp_path
+    )
+    assert off.returncode == 1
+    assert "stripe_api_key" in off.stdout + off.stderr

@@ -45,12 +45,17 @@ class PaymentContext:
 
     def stripe_on(self) -> StripeAdapter:
         if self.stripe is None:
-            raise ServiceUnavailable(
-                "Stripe checkout is off: set stripe_api_key to turn it on.",
-                param="stripe_api_key",
-                code="checkout_disabled",
-            )
+            raise stripe_off()
         return self.stripe
+
+
+def stripe_off() -> ServiceUnavailable:
+    """The error of a Stripe route when `stripe_api_key` is unset."""
+    return ServiceUnavailable(
+        "Stripe checkout is off: set stripe_api_key to turn it on.",
+        param="stripe_api_key",
+        code="checkout_disabled",
+    )
 
 
 PAYMENT_CONTEXT = web.AppKey("payment_context", PaymentContext)
