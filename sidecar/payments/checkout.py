@@ -10,7 +10,7 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
-from ..errors import BadRequest
+from ..admin import _decode as decode_body  # the admin API's body decoder
 from ..money import format_credits
 from ..wallet_api import WALLET_OPS
 from .context import PAYMENT_CONTEXT
@@ -32,10 +32,7 @@ async def checkout(request: web.Request) -> web.Response:
     caller = await request.config_dict[WALLET_OPS].caller(request)
     ctx = request.config_dict[PAYMENT_CONTEXT]
     stripe = ctx.stripe_on()
-    try:
-        body = msgspec.json.decode(await request.read() or b"{}", type=CheckoutBody)
-    except msgspec.MsgspecError as exc:
-        raise BadRequest(f"Invalid request body: {exc}") from None
+    body: CheckoutBody = decode_body(await request.read(), CheckoutBody)
     settings = ctx.settings
     purchase = purchase_of(settings, body.package, body.amount)
     orders = request.config_dict[PAYMENTS].orders

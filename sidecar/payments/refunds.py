@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from ..admin import _decode as decode_body  # the admin API's body decoder
 from ..admin import grant_amount, storable
 from ..errors import BadRequest, Conflict, NotFound
 from ..keys import as_text
@@ -129,10 +130,7 @@ async def operator_refund(
 async def refund_route(request: web.Request) -> web.Response:
     ctx = request.config_dict[PAYMENT_CONTEXT]
     stripe = ctx.stripe_on()
-    try:
-        body = msgspec.json.decode(await request.read() or b"{}", type=RefundBody)
-    except msgspec.MsgspecError as exc:
-        raise BadRequest(f"Invalid request body: {exc}") from None
+    body: RefundBody = decode_body(await request.read(), RefundBody)
     asked = None if body.credits is None else grant_amount(None, body.credits)
     done = await operator_refund(
         request.config_dict[PAYMENTS],
