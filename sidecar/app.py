@@ -21,6 +21,7 @@ from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .payments.landing import PAYMENTS, Payments
 from .payments.orders import OrderStore
+from .payments.x402_topup import add_x402_routes
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
 from .reconcile import complete_money_in, inspect, stale_after_ms
@@ -216,6 +217,7 @@ def create_app(
         return web.json_response({"total": total, "dead_letters": letters})
 
     credit_routes(app, SERVICES, PROXY)  # /v1/credits/*, and under /admin/accounts/{id}/credits/
+    add_x402_routes(app, settings, PROXY)  # POST /v1/credits/topup (payments/x402_topup.py)
     if settings.admin_api:
         admin = admin_app(settings.admin_token)
         credit_routes(admin, SERVICES, PROXY, admin=True)
