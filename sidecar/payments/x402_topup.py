@@ -16,9 +16,11 @@ from fractions import Fraction
 from typing import Any
 
 import aiohttp
+import asyncpg
 import msgspec
 from aiohttp import web
 
+from ..config import Settings
 from ..errors import BadRequest, Conflict, Forbidden, NotFound
 from ..money import MAX_GRANT, format_credits
 from ..pipeline import admit
@@ -41,6 +43,7 @@ from .x402_wire import (
 )
 
 PROVIDER = "x402"
+LOCK_CONNECTIONS = 8  # payments of one process settling (or waiting for their order's lock) at once
 
 
 class TopUpBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -73,11 +76,13 @@ def micro_credits(amount: int, credit_price: str) -> int:
 
 
 class X402TopUps:
-    def __init__(self, settings: PaymentSettings, payments: Payments, facilitator: Facilitator) -> None:
+    def __init__(
+        self, settings: PaymentSettings, payments: Payments, facilitator: Facilitator, store: X402Orders
+    ) -> None:
         self.settings = settings
         self.payments = payments
         self.facilitator = facilitator
-        self.store = X402Orders(payments.orders.pool)
+        self.store = store
 
     def offer(self, amount: int, resource: str) -> Offer:
         s = self.settings
@@ -85,6 +90,8 @@ class X402TopUps:
             raise BadRequest(
                 f"amount must be {s.x402_min_amount}..{s.x402_max_amount} USDC atomic units.", param="amount"
             )
+        if micro_credits(amount, s.credit_price) > MAX_GRANT:
+            raise BadRequest("amount buys more credits than one grant may hold.", param="amount")
         assert s.x402_pay_to is not None
         return Offer(s.x402_network, s.x402_asset, s.x402_pay_to, amount, resource, s.x402_timeout_seconds)
 
@@ -95,9 +102,7 @@ class X402TopUps:
         why = offer.mismatch(payment)
         if why is not None:
             raise PaymentRequired(f"The payment does not match the requirements: {why}.")
-        micro = micro_credits(offer.amount, self.settings.credit_price)
-        if micro > MAX_GRANT:
-            raise BadRequest("amount buys more credits than one grant may hold.", param="amount")
+        micro = micro_credits(offer.amount, self.settings.credit_price)  # checked by offer()
         ref = f"{payment.network}:{payment.payer.lower()}:{payment.nonce.lower()}"
         order, _ = await self.payments.orders.claim_ref(
             account, PROVIDER, ref, credits=micro, amount_minor=offer.amount, currency="usdc",
@@ -161,7 +166,7 @@ def _required(offer: Offer, err: PaymentRequired, payment: Payment | None) -> we
     )  # fmt: skip
 
 
-def add_x402_routes(app: web.Application, settings: PaymentSettings, proxy: web.AppKey[Any]) -> None:
+def add_x402_routes(app: web.Application, settings: Settings, proxy: web.AppKey[Any]) -> None:
     """POST /v1/credits/topup on `app` (the API app); `proxy` is the gateway's key (the caller's key)."""
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -169,10 +174,19 @@ def add_x402_routes(app: web.Application, settings: PaymentSettings, proxy: web.
         if url is None or settings.x402_pay_to is None:
             yield
             return
+        assert settings.database_url is not None
+        # The order locks' own connections (see X402Orders.locked): a payment waiting for its order's lock
+        # never takes a connection the lock's holder needs to land it.
+        locks = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=LOCK_CONNECTIONS)
         async with aiohttp.ClientSession() as session:
             facilitator = Facilitator(session, url, settings.x402_facilitator_timeout_seconds)
-            app[X402] = X402TopUps(settings, app[PAYMENTS], facilitator)
-            yield
+            app[X402] = X402TopUps(
+                settings, app[PAYMENTS], facilitator, X402Orders(app[PAYMENTS].orders.pool, locks)
+            )
+            try:
+                yield
+            finally:
+                await locks.close()
 
     async def topup(request: web.Request) -> web.Response:
         gateway = request.config_dict[proxy]
