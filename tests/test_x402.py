@@ -185,10 +185,13 @@ async def test_the_same_payment_at_once_settles_and_credits_once(
     await facilitator.settle_entered.wait()  # the first holds the order's lock, inside /settle
     others = [asyncio.ensure_future(topup(sc, key, USD, **{"X-PAYMENT": header})) for _ in range(6)]
     pool = sc.services.store.pool
-    while (  # noqa: ASYNC110
-        await pool.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") < 6
-    ):
-        await asyncio.sleep(0.01)  # until all six wait for the lock
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    for _ in range(1000):  # until all six wait for the order's lock (or fail, if none does)
+        if await pool.fetchval(waiting) >= 6:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the same payment presented at once did not wait for the order's lock")
     facilitator.settle_gate.set()
     answers = [await r for r in [first, *others]]
     assert [r.status for r in answers] == [200] * 7
