@@ -144,6 +144,7 @@ async def test_a_failed_settle_fails_the_order_and_a_new_payment_still_works(
     failed = decoded(resp.headers["X-PAYMENT-RESPONSE"])
     assert failed["success"] is False
     assert failed["errorReason"] == "invalid_transaction_state"
+    assert failed["transaction"] == ""
     assert (await order_of(sc, account))["status"] == "failed"
     facilitator.settle_reason = None
     again = await topup(sc, key, USD, **{"X-PAYMENT": header})  # the same, failed payment
@@ -239,14 +240,30 @@ async def test_another_accounts_payment_is_refused(
     assert facilitator.settles == 1
 
 
+async def test_the_same_nonce_for_another_amount_is_a_409(
+    make_sidecar: SidecarFactory, facilitator: FakeFacilitator
+) -> None:
+    sc = await x402_sidecar(make_sidecar, facilitator)
+    account, key = await sc.account(0)
+    nonce = "0x" + "11" * 32
+    assert (await topup(sc, key, USD, **{"X-PAYMENT": payment_v1(USD, nonce=nonce)})).status == 200
+    resp = await topup(sc, key, 2 * USD, **{"X-PAYMENT": payment_v1(2 * USD, nonce=nonce)})
+    assert resp.status == 409
+    assert await balance(sc, account) == 100 * C
+
+
 @pytest.mark.parametrize("name", ["X-PAYMENT", "PAYMENT-SIGNATURE"])
-@pytest.mark.parametrize("value", ["not base64!", "bm90IGpzb24=", "WzFd", "eyJ4NDAyVmVyc2lvbiI6IDd9"])
+@pytest.mark.parametrize(
+    "value",
+    ["not base64!", "bm90IGpzb24=", "WzFd", "eyJ4NDAyVmVyc2lvbiI6IDd9", payment_v1(USD, nonce="0x12")],
+)
 async def test_a_bad_payment_header_is_a_400_naming_it(
     make_sidecar: SidecarFactory, facilitator: FakeFacilitator, name: str, value: str
 ) -> None:
     sc = await x402_sidecar(make_sidecar, facilitator)
     account, key = await sc.account(0)
-    resp = await topup(sc, key, USD, **{name: value})  # not base64; not JSON; not an object; version 7
+    # not base64; not JSON; not an object; version 7; a nonce that is not 32 bytes
+    resp = await topup(sc, key, USD, **{name: value})
     assert resp.status == 400
     assert (await resp.json())["error"]["param"] == name
     assert facilitator.verifies == 0

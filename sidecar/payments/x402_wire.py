@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
 
 import msgspec
@@ -20,6 +21,10 @@ from ..errors import BadRequest
 X_PAYMENT, PAYMENT_SIGNATURE = "X-PAYMENT", "PAYMENT-SIGNATURE"  # client -> server, v1 and v2
 X_PAYMENT_RESPONSE, PAYMENT_RESPONSE = "X-PAYMENT-RESPONSE", "PAYMENT-RESPONSE"  # server -> client
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"  # v2: the PaymentRequired object of a 402
+NONCE, ADDRESS = (
+    re.compile(r"0x[0-9a-fA-F]{64}"),
+    re.compile(r"0x[0-9a-fA-F]{40}"),
+)  # EIP-3009's bytes32, address
 USDC_EXTRA = {"name": "USDC", "version": "2"}  # the EIP-712 domain of USDC (`extra` of the exact scheme)
 # v1 network names -> CAIP-2 (v2), as python/x402/mechanisms/evm/v1/constants.py maps them.
 CHAIN_IDS = {
@@ -80,12 +85,12 @@ class VerifyResponse(msgspec.Struct, rename="camel"):
     payer: str | None = None
 
 
-class SettleResponse(msgspec.Struct, rename="camel", omit_defaults=True):
+class SettleResponse(msgspec.Struct, rename="camel"):
     success: bool
-    transaction: str = ""
+    transaction: str = ""  # v1: required, "" when settling failed
     network: str = ""
-    payer: str | None = None
-    error_reason: str | None = None
+    payer: str | msgspec.UnsetType = msgspec.UNSET  # (unset fields are left out of the JSON)
+    error_reason: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Payment(msgspec.Struct, frozen=True):
@@ -128,8 +133,13 @@ def decode_payment(header: str, value: str) -> Payment:
                 raise ValueError("its authorization does not pay what it says it accepted")
     except (msgspec.ValidationError, ValueError) as exc:
         raise BadRequest(f"{header} is not an exact-scheme PaymentPayload: {exc}.", param=header) from None
-    if not auth.value.isdigit() or not auth.nonce:
-        raise BadRequest(f"{header}: authorization value must be atomic units, nonce set.", param=header)
+    if not (auth.value.isascii() and auth.value.isdigit()) or not NONCE.fullmatch(auth.nonce):
+        raise BadRequest(
+            f"{header}: the authorization's value must be atomic units, its nonce 32 bytes of hex.",
+            param=header,
+        )
+    if not (ADDRESS.fullmatch(auth.from_) and ADDRESS.fullmatch(auth.to)):
+        raise BadRequest(f"{header}: the authorization's from and to must be EVM addresses.", param=header)
     return Payment(version, header, scheme, network, asset, auth.to, auth.value, auth.from_, auth.nonce, raw)
 
 
