@@ -175,6 +175,20 @@ async def test_a_replayed_payment_credits_once_and_answers_the_same(
     assert await balance(sc, account) == 100 * C
 
 
+async def test_the_same_authorization_as_v1_and_as_v2_is_one_payment(
+    make_sidecar: SidecarFactory, facilitator: FakeFacilitator
+) -> None:
+    sc = await x402_sidecar(make_sidecar, facilitator)
+    account, key = await sc.account(0)
+    nonce = "0x" + "22" * 32
+    first = await topup(sc, key, USD, **{"X-PAYMENT": payment_v1(USD, nonce=nonce)})
+    second = await topup(sc, key, USD, **{"PAYMENT-SIGNATURE": payment_v2(USD, nonce=nonce)})
+    assert (first.status, second.status) == (200, 200)
+    assert (await second.json())["credited"] is False
+    assert facilitator.settles == 1
+    assert await balance(sc, account) == 100 * C
+
+
 async def test_the_same_payment_at_once_settles_and_credits_once(
     make_sidecar: SidecarFactory, facilitator: FakeFacilitator
 ) -> None:

@@ -5,8 +5,8 @@ payment header the answer is 402 with the requirements (the v1 body, and the v2 
 With X-PAYMENT (v1) or PAYMENT-SIGNATURE (v2) the payment is checked against those requirements, then
 verified and settled by the facilitator, and lands once as a purchase grant of ``amount / credit_price``
 micro-credits (USDC at $1; an amount that would give a fraction of a micro-credit is refused, 400). A
-payment is its network, payer and EIP-3009 nonce (the nonce is the payer's, on chain): the order of that
-ref is claimed once; the same payment presented again credits nothing more and answers the same 200."""
+payment is its network (CAIP-2), payer and EIP-3009 nonce (the nonce is the payer's, on chain): the order
+of that ref is claimed once; the same payment presented again credits nothing more and answers the same 200."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from .x402_wire import (
     Offer,
     Payment,
     SettleResponse,
+    caip2,
     decode_payment,
     encode_header,
 )
@@ -103,7 +104,8 @@ class X402TopUps:
         if why is not None:
             raise PaymentRequired(f"The payment does not match the requirements: {why}.")
         micro = micro_credits(offer.amount, self.settings.credit_price)  # checked by offer()
-        ref = f"{payment.network}:{payment.payer.lower()}:{payment.nonce.lower()}"
+        # The same authorization sent as v1 and as v2 is one payment: its network in one (CAIP-2) form.
+        ref = f"{caip2(payment.network)}:{payment.payer.lower()}:{payment.nonce.lower()}"
         order, _ = await self.payments.orders.claim_ref(
             account, PROVIDER, ref, credits=micro, amount_minor=offer.amount, currency="usdc",
             note=f"x402 v{payment.version} from {payment.payer}",
