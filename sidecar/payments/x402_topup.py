@@ -5,8 +5,9 @@ payment header the answer is 402 with the requirements (the v1 body, and the v2 
 With X-PAYMENT (v1) or PAYMENT-SIGNATURE (v2) the payment is checked against those requirements, then
 verified and settled by the facilitator, and lands once as a purchase grant of ``amount / credit_price``
 micro-credits (USDC at $1; an amount that would give a fraction of a micro-credit is refused, 400). A
-payment is its network (CAIP-2), payer and EIP-3009 nonce (the nonce is the payer's, on chain): the order
-of that ref is claimed once; the same payment presented again credits nothing more and answers the same 200."""
+payment is its network (CAIP-2), payer and EIP-3009 nonce (the nonce is the payer's, on chain): the
+order of that ref is claimed once; the same payment presented again credits nothing more, answers the
+same 200."""
 
 from __future__ import annotations
 
