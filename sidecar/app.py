@@ -22,6 +22,7 @@ from .observe import RequestRecord, log_request, request_observer
 from .payments.landing import PAYMENTS, Payments
 from .payments.orders import OrderStore
 from .payments.routes import admin_payment_routes, payment_routes
+from .payments.x402_topup import add_x402_routes
 from .pipeline.handler import Gateway
 from .pricing import PriceTable
 from .reconcile import complete_money_in, inspect, stale_after_ms
@@ -219,6 +220,7 @@ def create_app(
 
     credit_routes(app, SERVICES, PROXY)  # /v1/credits/*, and under /admin/accounts/{id}/credits/
     payment_routes(app, settings)  # packages, checkout, /webhooks/* (payments/routes.py)
+    add_x402_routes(app, settings, PROXY)  # POST /v1/credits/topup (payments/x402_topup.py)
     if settings.admin_api:
         admin = admin_app(settings.admin_token)
         credit_routes(admin, SERVICES, PROXY, admin=True)

@@ -195,3 +195,20 @@ async def test_the_reconciler_finishes_landings_and_reversals_that_stopped_half_
     assert (await svc.balances.available(account)) == 6 * C
     assert await pay.complete(older_than_seconds=0) == 0  # nothing twice
     assert (await svc.balances.available(account)) == 6 * C
+
+
+async def test_the_reconciler_lands_an_x402_payment_that_settled_before_its_landing_died(
+    svc: Services,
+) -> None:
+    pay = payments_of(svc)
+    account = (await svc.admin.create_account())["id"]
+    order, made = await pay.orders.claim_ref(
+        account, "x402", "eip155:84532:0xpayer:0xnonce", credits=3 * C, amount_minor=3, currency="usdc"
+    )
+    assert made
+    await svc.store.pool.execute(  # what the top-up records once the facilitator settled
+        "UPDATE payment_orders SET payment_ref = '0xtx' WHERE order_id = $1", order.order_id
+    )
+    assert await pay.complete(older_than_seconds=0) == 1
+    assert (await svc.balances.available(account)) == 3 * C
+    assert await pay.complete(older_than_seconds=0) == 0

@@ -235,13 +235,15 @@ class OrderStore:
 
     async def stuck(self, older_than_seconds: float) -> tuple[list[Order], list[tuple[str, Order, str, int]]]:
         """What stopped half-way over `older_than_seconds` ago: orders still pending whose purchase grant
-        is in the ledger (a landing that died before marking them paid), and reversals still pending
+        is in the ledger (a landing that died before marking them paid) or whose x402 payment settled
+        (its transaction recorded, the landing not done), and reversals still pending
         (reversal id, order, reason, asked: one that died around its debit)."""
         since = "now() - make_interval(secs => $1)"
         orders = await self.pool.fetch(
-            f"SELECT {_ORDER_COLUMNS} FROM payment_orders o WHERE status = 'pending' AND EXISTS (SELECT 1"
+            f"SELECT {_ORDER_COLUMNS} FROM payment_orders o WHERE status = 'pending' AND (EXISTS (SELECT 1"
             f" FROM grants g WHERE g.account_id = o.account_id AND g.grant_id = o.order_id"
-            f" AND g.created_at <= {since})",
+            f" AND g.created_at <= {since}) OR (provider = 'x402' AND payment_ref IS NOT NULL"
+            f" AND created_at <= {since}))",
             older_than_seconds,
         )
         reversals = await self.pool.fetch(

@@ -60,7 +60,8 @@ class PaymentSettings(msgspec.Struct, kw_only=True):
     refund_window_days: Annotated[int, msgspec.Meta(ge=0, le=3650)] = 30
     # x402 (USDC) top-ups at POST /v1/credits/topup: the facilitator (unset: off), where the USDC goes,
     # the network and the asset (the USDC contract), the amounts a payment may carry (minor units of
-    # USDC: 6 decimals), and how long a payment requirement is good for.
+    # USDC: 6 decimals), how long a payment requirement is good for, and how long the facilitator may take
+    # to answer one /verify or /settle.
     x402_facilitator_url: str | None = None
     x402_pay_to: str | None = None
     x402_network: str = "base-sepolia"
@@ -68,6 +69,7 @@ class PaymentSettings(msgspec.Struct, kw_only=True):
     x402_min_amount: Annotated[int, msgspec.Meta(gt=0)] = 1_000_000
     x402_max_amount: Annotated[int, msgspec.Meta(gt=0)] = 1_000_000_000
     x402_timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 300
+    x402_facilitator_timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=300)] = 30
     # Referrals: the codes' prefix, how many each account has, how often one code may be used, and the
     # bonus (credits, decimal) its owner earns when a referred account's first purchase lands.
     referral_code_prefix: str = "STR-"
