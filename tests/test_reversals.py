@@ -212,3 +212,17 @@ async def test_the_reconciler_lands_an_x402_payment_that_settled_before_its_land
     assert await pay.complete(older_than_seconds=0) == 1
     assert (await svc.balances.available(account)) == 3 * C
     assert await pay.complete(older_than_seconds=0) == 0
+
+
+async def test_an_operator_refund_finished_by_the_reconciler_takes_only_from_its_order(svc: Services) -> None:
+    pay = payments_of(svc)
+    account = (await svc.admin.create_account())["id"]
+    order = await pay.orders.create(account, "stripe", credits=4 * C, amount_minor=400, currency="usd")
+    await pay.land(order, "pi_1")
+    await svc.admin.grant(account, 10 * C, "other", "purchase")
+    await svc.balances.debit(account, "spent", 3 * C, grant_id=order.order_id)  # 1 left of the order's
+    paid = await pay.orders.get(order.order_id)
+    assert paid is not None
+    await pay.orders.open_reversal(paid, "operator:x", "operator_refund", 4 * C, 0)  # then it died
+    assert await pay.complete(older_than_seconds=0) == 1
+    assert (await svc.balances.available(account)) == 10 * C  # the other purchase is untouched

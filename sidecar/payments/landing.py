@@ -90,7 +90,9 @@ class Payments:
         for order in orders:
             await self.land(order)
         for reversal_id, order, reason, asked in reversals:
-            await self.reverse(order, reversal_id, reason, asked)  # type: ignore[arg-type]
+            # an operator's refund takes only from the order's grant, also when finished here
+            only = reason == "operator_refund"
+            await self.reverse(order, reversal_id, reason, asked, only_grant=only)  # type: ignore[arg-type]
         return len(orders) + len(reversals)
 
 
