@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     account = sub.nested(sub.add_parser("account", help="accounts"))
     create = account.add_parser("create", help="create an account")
     create.add_argument("id", nargs="?", help="account id (generated when left out)")
+    create.add_argument("--referral-code", help="a referral code: links the account to the code's owner")
     show = account.add_parser("balance", help="show balance and active holds")
     show.add_argument("id")
     key = sub.nested(sub.add_parser("key", help="client API keys"))
@@ -221,7 +222,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         ("migrate", None): lambda svc: _migrate(svc),
         ("flush", None): _drain,
         ("reconcile", None): lambda svc: _reconcile(svc, args.repair),
-        ("account", "create"): lambda svc: svc.admin.create_account(getattr(args, "id", None)),
+        ("account", "create"): lambda svc: svc.admin.create_account(args.id, args.referral_code),
         ("account", "balance"): lambda svc: svc.admin.balance(args.id),
         ("key", "revoke"): lambda svc: svc.admin.revoke_key(args.key_id),
         ("grant", None): lambda svc: _grant(svc, args),
