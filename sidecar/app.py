@@ -20,6 +20,7 @@ from .health import READINESS, Readiness, ReadinessCheck, healthz, readiness_res
 from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .payments.landing import PAYMENTS, Payments
+from .payments.manual import add_manual_routes
 from .payments.orders import OrderStore
 from .payments.referrals import add_referral_routes, referral_bonus
 from .pipeline.handler import Gateway
@@ -226,6 +227,7 @@ def create_app(
         admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
         add_admin_routes(admin)  # keys, caps, time zone (wallet_api.py)
         add_referral_routes(admin, admin=True)
+        add_manual_routes(admin, settings.packages, settings.currency)  # payments/manual.py
         app.add_subapp("/admin/", admin)
     return app
 

@@ -21,6 +21,7 @@ from .errors import ConfigError, CreditgateError
 from .flush_process import run_flush
 from .grant_terms import GrantBody, grant_terms
 from .logs import configure_logging
+from .payments import manual_cli
 from .reconcile import inspect, stale_after_ms
 from .repair import repair_all
 from .serve import CannotListen, demo_bootstrap, serve
@@ -116,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     key_revoke = key.add_parser("revoke", help="revoke a key by its id")
     key_revoke.add_argument("key_id")
     wallet_cli.add_parsers(sub, key, key_create)  # key list|update, caps, time-zone
+    manual_cli.add_parsers(sub)  # order create|paid|show|list
     grant = sub.add_parser("grant", help="add credits to an account, once per idempotency key")
     grant.add_argument("account")
     amount = grant.add_mutually_exclusive_group(required=True)
@@ -227,6 +229,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         ("key", "revoke"): lambda svc: svc.admin.revoke_key(args.key_id),
         ("grant", None): lambda svc: _grant(svc, args),
         **wallet_cli.calls(args),
+        **manual_cli.calls(args),
     }
     result = _run(_with_services(settings, calls[verb]))
     print(json.dumps(result, indent=2))
