@@ -24,7 +24,8 @@ from .grant_terms import Starter, grant_terms
 from .keys_api import KeyBody, new_key_terms
 from .ledger_store import LedgerStore
 from .money import MAX_GRANT, MICRO, format_credits
-from .payments.referral_store import ReferralPolicy, ReferralStore
+from .payments.referral_codes import ReferralPolicy
+from .payments.referral_store import ReferralStore
 from .rebuild import rebuild_if_empty
 from .wallet import GRANT_KINDS, GrantTerms
 from .wallet_store import WalletStore, at_ms

@@ -20,7 +20,7 @@ from .flusher import Flusher
 from .grant_terms import starter_of
 from .keys import KeySpace
 from .ledger_store import LedgerStore
-from .payments.referral_store import ReferralPolicy
+from .payments.referral_codes import ReferralPolicy
 from .rebuild import rebuild_if_empty
 from .redis_client import REDIS_RETRIES as REDIS_RETRIES
 from .redis_client import RedisClient

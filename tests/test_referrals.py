@@ -17,7 +17,7 @@ from sidecar.config import load_settings
 from sidecar.errors import ConfigError
 from sidecar.payments.landing import PAYMENTS
 from sidecar.payments.orders import OrderStore
-from sidecar.payments.referral_store import CODE_ALPHABET, ReferralPolicy
+from sidecar.payments.referral_codes import CODE_ALPHABET
 from sidecar.payments.referrals import reward_referrer
 
 from .conftest import Sidecar, SidecarFactory, clean_env, new_key_prefix
@@ -259,7 +259,7 @@ async def test_no_bonus_setting_marks_the_referral_without_a_grant(make_sidecar:
 )
 def test_a_bad_referral_setting_is_named(variable: str, value: str, named: str) -> None:
     with pytest.raises(ConfigError) as refused:
-        ReferralPolicy.of(load_settings(environ={variable: value}))
+        load_settings(environ={variable: value})
     assert refused.value.param == named
 
 

@@ -47,14 +47,7 @@ def settlement(svc: Services) -> ManualSettlement:
 
 
 async def _create(svc: Services, args: argparse.Namespace) -> dict[str, Any]:
-    body = ManualOrderBody(
-        amount_minor=args.amount_minor,
-        package=args.package,
-        credits=args.credits,
-        currency=args.currency,
-        reference=args.reference,
-        note=args.note,
-    )
+    body = ManualOrderBody(**{name: getattr(args, name) for name in ManualOrderBody.__struct_fields__})
     view, made = await settlement(svc).create(args.account, body)
     return {**view, "created": made}
 
