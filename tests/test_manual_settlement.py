@@ -172,11 +172,22 @@ async def test_a_referred_accounts_manual_payment_earns_the_bonus(sidecar: Sidec
     )
     new = f"ref-{uuid.uuid4().hex[:8]}"
     await sidecar.admin("POST", "/accounts", {"id": new, "referral_code": code})
-    for ref in ("tx-1", "tx-2"):
-        _, order = await call(
-            sidecar, "POST", f"/accounts/{new}/orders", {"credits": "100", "amount_minor": 100}
+    orders = [
+        (await call(sidecar, "POST", f"/accounts/{new}/orders", {"credits": "100", "amount_minor": 100}))[1]
+        for _ in range(2)
+    ]
+    # Both first purchases at once, each recorded paid 10 times at once: one bonus.
+    done = await asyncio.gather(
+        *(
+            call(sidecar, "POST", f"/orders/{o['id']}/paid", {"payment_ref": f"tx-{o['id']}"})
+            for o in orders * 10
         )
-        assert (await call(sidecar, "POST", f"/orders/{order['id']}/paid", {"payment_ref": ref}))[0] == 200
+    )
+    assert {status for status, _ in done} == {200}
+    bonus = await sidecar.services.store.pool.fetch(
+        "SELECT grant_id, amount FROM grants WHERE account_id = $1 AND kind = 'bonus'", owner
+    )
+    assert [(r[0], r[1]) for r in bonus] == [(f"referral:{new}", 25 * C)]
     assert (await sidecar.balance(owner))["balance"] == 25 * C  # once, for the first purchase
     assert (await sidecar.balance(new))["balance"] == 200 * C
 
