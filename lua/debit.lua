@@ -56,27 +56,7 @@ if ARGV[5] == '1' then
 end
 local drawn = {}
 if take > 0 then
-  local rest = take
-  if first and first.rem > 0 then
-    local part = first.rem
-    if part > rest then
-      part = rest
-    end
-    first.rem = first.rem - part
-    rest = rest - part
-    drawn[1] = {first.id, w_int(part)}
-    if first.rem == 0 then
-      redis.call('HDEL', KEYS[4], first.id)
-      first.gone = true
-    else
-      redis.call('HSET', KEYS[4], first.id, w_format(first))
-    end
-  end
-  if rest > 0 then
-    for _, d in ipairs(w_draw(KEYS[4], grants, rest, active, idle_ms)) do
-      drawn[#drawn + 1] = d
-    end
-  end
+  drawn = w_draw(KEYS[4], grants, take, active, idle_ms, ARGV[4])
   redis.call('HINCRBY', KEYS[1], 'balance', '-' .. w_int(take))
   local entry = cjson.encode({account = ARGV[3], id = ARGV[1], amount = w_int(take), at = ARGV[7]})
   if #drawn > 0 then

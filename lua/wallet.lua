@@ -77,9 +77,9 @@ local function w_expire(akey, gkey, okey, account, list, now, active, idle_ms)
 end
 
 -- Take `charge` from the live grants: soonest ending first, then lower priority number, then oldest, then
--- by id. Returns what was drawn, {{grant id, amount string}, ...}; what no grant covers only lowers the
--- balance (the caller's HINCRBY).
-local function w_draw(gkey, list, charge, active, idle_ms)
+-- by id (the grant `first`, when given, before all). Returns what was drawn, {{grant id, amount string},
+-- ...}; what no grant covers only lowers the balance (the caller's HINCRBY).
+local function w_draw(gkey, list, charge, active, idle_ms, first)
   local live = {}
   for _, g in ipairs(list) do
     if not g.gone and g.rem > 0 then
@@ -88,6 +88,9 @@ local function w_draw(gkey, list, charge, active, idle_ms)
     end
   end
   table.sort(live, function(a, b)
+    if first and (a.id == first) ~= (b.id == first) then
+      return a.id == first
+    end
     if a.sortend ~= b.sortend then
       if a.sortend == 0 or b.sortend == 0 then return b.sortend == 0 end
       return a.sortend < b.sortend

@@ -120,6 +120,7 @@ def create_app(
                 else:
                     await complete_money_in(svc.store, svc.balances, older_than_seconds=60)
                     report = await inspect(svc.redis, svc.keys, svc.store, stale_hold_ms=stale_hold_ms)
+                await app[PAYMENTS].complete(older_than_seconds=60)  # orders and reversals half-way
                 app[DRIFT].update(report, time.perf_counter() - started)
 
             async def write_ledger(item: PendingSettlement) -> None:  # a settlement past its window

@@ -180,59 +180,48 @@ def _drawn(fields: dict[Any, Any], charge: int) -> str | None:
 
 
 class GrantMove(msgspec.Struct, forbid_unknown_fields=False):
-    """An expiry (``x``) or payoff (``p``) entry."""
+    """An expiry (``x``) or payoff (``p``) entry, naming its grant; or a reversal (``r``), naming its id."""
 
     account: str
-    grant: str
     amount: str
     at: str
+    grant: str = ""
+    id: str = ""
 
 
 _decode_move = msgspec.json.Decoder(GrantMove).decode
 encode_json = msgspec.json.Encoder().encode
 _MOVE_KINDS = {"x": ("expiry", "expiry", -1), "p": ("payoff", "adjustment", 0)}
-
-
-class Taken(msgspec.Struct, forbid_unknown_fields=False):
-    """A reversal (``r``) entry: what the debit script took back."""
-
-    account: str
-    id: str
-    amount: str
-    at: str
-
-
-_decode_taken = msgspec.json.Decoder(Taken).decode
 _NONE = (None,) * 14  # a row's route .. settled_ms
+
+
+def _decoded(fields: dict[Any, Any], field: str) -> tuple[GrantMove, int, int] | None:
+    """The entry's `field` decoded, with its amount and time checked; None without that field."""
+    data = _field(fields, field)
+    if data is None:
+        return None
+    try:
+        move = _decode_move(data)
+    except msgspec.MsgspecError as exc:
+        raise BadEntry(f"{field} undecodable: {exc}") from None
+    if not move.account or not (move.grant if field in _MOVE_KINDS else move.id):
+        raise BadEntry(f"{field} without an account or {'grant' if field in _MOVE_KINDS else 'id'}")
+    return move, _micro(move.amount, f"{field} amount"), _micro(move.at, f"{field} at", low=0)
 
 
 def move_row(fields: dict[Any, Any]) -> tuple[Any, ...] | None:
     """The batch row of an expiry, payoff or reversal entry, None for a usage entry."""
-    data = _field(fields, "r")
-    if data is not None:
-        try:
-            taken = _decode_taken(data)
-        except msgspec.MsgspecError as exc:
-            raise BadEntry(f"r undecodable: {exc}") from None
-        if not taken.account or not taken.id:
-            raise BadEntry("r without an account or id")
-        amount = _micro(taken.amount, "r amount")
-        at = _micro(taken.at, "r at", low=0)
+    found = _decoded(fields, "r")
+    if found is not None:
+        taken, amount, at = found
         drawn = _drawn(fields, amount)
         return (f"reversal:{taken.account}:{taken.id}", taken.account, "reversal", -amount, *_NONE, at,
                 None, None, None, drawn)  # fmt: skip
     for field, (prefix, kind, sign) in _MOVE_KINDS.items():
-        data = _field(fields, field)
-        if data is None:
+        moved = _decoded(fields, field)
+        if moved is None:
             continue
-        try:
-            move = _decode_move(data)
-        except msgspec.MsgspecError as exc:
-            raise BadEntry(f"{field} undecodable: {exc}") from None
-        if not move.account or not move.grant:
-            raise BadEntry(f"{field} without an account or grant")
-        amount = _micro(move.amount, f"{field} amount")
-        at = _micro(move.at, f"{field} at", low=0)
+        move, amount, at = moved
         drawn = encode_json({move.grant: amount}).decode()
         return (f"{prefix}:{move.account}:{move.grant}", move.account, kind, sign * amount, *_NONE, at,
                 None, None, None, drawn)  # fmt: skip

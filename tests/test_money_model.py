@@ -1,14 +1,16 @@
 """The money operations against a model: a hypothesis state machine drives the real Redis (one node and the
 cluster) and the real Postgres ledger through reserve, settle, release, retries, lease expiry on a
-controlled clock, grants and their retries, cache stores and hits, flushes, a flusher killed mid-batch,
+controlled clock, grants and their retries, payment orders landing and reversed (refunds, disputes), cache
+stores and hits, flushes, a flusher killed mid-batch,
 reconcile, and Redis lost and rebuilt from the ledger, and compares everything with an in-memory model
 after every step.
 
 Invariants, for every account after every step: Redis' balance and held equal the model's; granted =
-available + held + Σ settled (less what a lost Redis took with it, unflushed); nothing held is negative
-and no balance is, except after a settle that came in after its hold was reaped (the documented
-overdraft); every request id is settled at most once; reconcile finds no drift; once flushed, the
-ledger's sum equals Redis' balance and holds one usage row per settled request id.
+available + held + Σ settled + expired + reversed (less what a lost Redis took with it, unflushed); a
+paid order is one grant; a reversal takes back at most its order's credits, never below what is
+available; nothing held is negative and no balance is, except after a settle that came in after its
+hold was reaped (the documented overdraft); every request id is settled at most once; reconcile finds
+no drift; once flushed, the ledger's sum equals Redis' balance and holds one usage row per settled request id.
 
 ``CREDITGATE_MODEL_EXAMPLES`` (default 200) sets the examples per topology, 30 steps each; CI runs them
 derandomized (the same examples every run), ``CREDITGATE_MODEL_RANDOM=1`` draws new ones (nightly). A
@@ -43,6 +45,8 @@ from hypothesis.stateful import (
 from sidecar.balances import ReserveStatus
 from sidecar.keys import as_text
 from sidecar.outbox import UsageEvent
+from sidecar.payments.landing import Payments
+from sidecar.payments.orders import OrderStore
 from sidecar.rebuild import rebuild_if_empty
 from sidecar.reconcile import reconcile
 from sidecar.services import Services, services
@@ -97,6 +101,9 @@ class Account:
     active_ms: int = 0
     expired: int = 0
     expired_flushed: int = 0
+    # Money back out (payment reversals): taken back in all, and the part not flushed yet.
+    reversed: int = 0
+    reversed_unflushed: int = 0
 
     def live_grants(self) -> list[Grant]:
         return [g for g in self.grants.values() if g.remaining > 0]
@@ -172,6 +179,8 @@ class MoneyModel(RuleBasedStateMachine):
     settled = Bundle("settled")  # requests settled: retries move nothing
     grants = Bundle("grants")  # (account, idempotency key, amount): retries credit nothing
     cached = Bundle("cached")  # (account, cache key) stored in the cache
+    orders = Bundle("orders")  # (account, order id): paid orders, landed once
+    reversals = Bundle("reversals")  # (account, order id, reversal id, taken): taken back once
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,9 +190,19 @@ class MoneyModel(RuleBasedStateMachine):
         self.round = 0
         # the wallet's clock is the model's: spend caps' periods, grant expiry
         self.svc.balances.wallet = WalletPolicy(IDLE_MS, clock=lambda: self.clock)
+        self.payments = Payments(OrderStore(self.svc.store.pool), self.svc.admin, self.svc.balances)
+        self.asked: dict[str, int] = {}  # order id -> what its reversals asked back in all
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
+
+    def run_all(self, *coros: Coroutine[Any, Any, T]) -> list[T]:
+        """The calls at once (concurrently, on the loop)."""
+
+        async def together() -> list[T]:
+            return list(await asyncio.gather(*coros))
+
+        return self.run(together())
 
     async def _reset(self) -> None:
         """An empty Redis (our keys) and an empty ledger (every table but the migrations'), rebuilt: the
@@ -247,6 +266,11 @@ class MoneyModel(RuleBasedStateMachine):
         key = self.new_id("grant")
         result = self.run(self.svc.admin.grant(account, amount, key, terms.kind, terms=terms))
         assert result["credited"] is True
+        self._granted(account, key, amount, terms)
+        return account, key, amount, terms.kind
+
+    def _granted(self, account: str, key: str, amount: int, terms: GrantTerms) -> None:
+        """The model of a grant credited now (a debt is paid off from it first)."""
         acct = self.model[account]
         acct.expire_due(self.clock)
         debt = max(0, sum(g.remaining for g in acct.live_grants()) - acct.balance)
@@ -264,7 +288,6 @@ class MoneyModel(RuleBasedStateMachine):
         )
         acct.grants[key] = grant
         acct.flushed_grants[key] = amount  # the ledger has the grant, not yet its payoff
-        return account, key, amount, terms.kind
 
     @rule(grant=grants)
     def grant_again(self, grant: tuple[str, str, int, str]) -> None:
@@ -278,6 +301,85 @@ class MoneyModel(RuleBasedStateMachine):
         """The wallet sweeper expires what ended by now, on every account, once."""
         expired = self.run(self.svc.balances.expire_grants(self.clock))
         assert expired == sum(acct.expire_due(self.clock) for acct in self.model.values())
+
+    # ---- payment orders: landing as purchase grants, money going back as reversals ----------------
+
+    @rule(target=orders, account=accounts, credits=st.integers(min_value=1, max_value=20_000_000))
+    def order_paid(self, account: str, credits: int) -> tuple[str, str]:
+        """A paid order lands as a purchase grant once, however often (and concurrently) its payment is
+        reported."""
+        pay = self.payments
+        order = self.run(
+            pay.orders.create(account, "manual", credits=credits, amount_minor=1, currency="usd")
+        )
+        landed = self.run_all(pay.land(order, "ref"), pay.land(order, "ref"))
+        assert sorted(g["credited"] for g in landed) == [False, True]
+        self._granted(account, order.order_id, credits, GrantTerms("purchase"))
+        self.asked[order.order_id] = 0
+        return account, order.order_id
+
+    @rule(order=orders)
+    def order_paid_again(self, order: tuple[str, str]) -> None:
+        paid = self.run(self.payments.orders.get(order[1]))
+        assert paid is not None
+        assert paid.status == "paid"
+        assert self.run(self.payments.land(paid))["credited"] is False
+
+    @rule(
+        target=reversals,
+        order=orders,
+        amount=st.integers(min_value=1, max_value=25_000_000),
+        only_grant=st.booleans(),
+        reason=st.sampled_from(["refund", "dispute", "operator_refund"]),
+    )
+    def reverse(self, order: tuple[str, str], amount: int, only_grant: bool, reason: Any) -> Any:
+        """Credits taken back because a payment's money went back, once per reversal id (sent twice at
+        once): the order's credits at most, in all its reversals; never below what the account has
+        available; from the order's grant first (with only_grant only from it), then in draw order."""
+        account, order_id = order
+        paid = self.run(self.payments.orders.get(order_id))
+        assert paid is not None
+        rid = self.new_id("rev")
+        twice = [self.payments.reverse(paid, rid, reason, amount, only_grant=only_grant) for _ in "ab"]
+        results = self.run_all(*twice)
+        asked = min(amount, paid.credits - self.asked[order_id])
+        taken = self._reversed(account, order_id, max(asked, 0), only_grant)
+        self.asked[order_id] += max(asked, 0)
+        assert [r.taken for r in results] == [taken, taken], (asked, taken)
+        assert sum(r.created for r in results) == (1 if asked > 0 else 0)
+        return account, order_id, rid, taken
+
+    def _reversed(self, account: str, order_id: str, asked: int, only_grant: bool) -> int:
+        acct = self.model[account]
+        if asked == 0:
+            return 0
+        acct.expire_due(self.clock)
+        first = acct.grants.get(order_id)
+        left = first.remaining if first is not None else 0
+        take = max(0, min(asked, acct.balance - acct.held, left if only_grant else asked))
+        rest = take
+        if first is not None and left > 0 and rest > 0:
+            part = min(left, rest)
+            acct.grants[order_id] = dataclasses.replace(first, remaining=left - part)
+            rest -= part
+        if rest > 0:
+            for gid, drawn in draw(acct.live_grants(), rest, acct.active_ms, IDLE_MS):
+                acct.grants[gid] = dataclasses.replace(
+                    acct.grants[gid], remaining=acct.grants[gid].remaining - drawn
+                )
+        acct.balance -= take
+        acct.reversed += take
+        acct.reversed_unflushed += take
+        return take
+
+    @rule(reversal=reversals)
+    def reverse_again(self, reversal: tuple[str, str, str, int]) -> None:
+        """A reversal sent again takes nothing more, whatever happened since (Redis lost included)."""
+        _, order_id, rid, taken = reversal
+        paid = self.run(self.payments.orders.get(order_id))
+        assert paid is not None
+        again = self.run(self.payments.reverse(paid, rid, "refund", 1))
+        assert (again.taken, again.created) == (taken, False)
 
     # ---- the request path ---------------------------------------------------------------------------
 
@@ -590,6 +692,7 @@ class MoneyModel(RuleBasedStateMachine):
             acct.unflushed.clear()
             acct.flushed_grants = {gid: g.remaining for gid, g in acct.grants.items()}
             acct.expired_flushed = acct.expired
+            acct.reversed_unflushed = 0
         self.check_ledger()
 
     @rule()
@@ -638,6 +741,9 @@ class MoneyModel(RuleBasedStateMachine):
             # balance in draw order (a payoff lost with Redis is made again), their last activity now.
             acct.balance += acct.expired - acct.expired_flushed
             acct.expired = acct.expired_flushed
+            acct.balance += acct.reversed_unflushed  # a reversal not flushed is lost like a charge
+            acct.reversed -= acct.reversed_unflushed
+            acct.reversed_unflushed = 0
             acct.grants = {
                 gid: dataclasses.replace(g, remaining=acct.flushed_grants[gid])
                 for gid, g in acct.grants.items()
@@ -675,7 +781,12 @@ class MoneyModel(RuleBasedStateMachine):
             assert (view.balance, view.held) == (acct.balance, acct.held), account
             assert {h.request_id: h.amount for h in view.holds} == acct.holds, account
             assert acct.granted == (
-                view.available + view.held + sum(acct.charges.values()) + acct.expired - acct.lost
+                view.available
+                + view.held
+                + sum(acct.charges.values())
+                + acct.expired
+                - acct.lost
+                + acct.reversed
             ), account
             self.check_grants(account, acct)
             assert view.held >= 0

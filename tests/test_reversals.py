@@ -176,3 +176,22 @@ async def test_a_reversal_of_an_account_that_spent_everything_takes_nothing(svc:
         "SELECT status || ' ' || taken FROM payment_reversals WHERE reversal_id = 're_1'"
     )
     assert status == "debited 0"
+
+
+async def test_the_reconciler_finishes_landings_and_reversals_that_stopped_half_way(svc: Services) -> None:
+    pay = payments_of(svc)
+    account = (await svc.admin.create_account())["id"]
+    order = await pay.orders.create(account, "manual", credits=10 * C, amount_minor=1000, currency="usd")
+    # a landing that died after its grant, before the order was marked paid
+    await svc.admin.grant(account, 10 * C, order.order_id, "purchase")
+    # a reversal that died after it was recorded pending, before (or after) its debit
+    status, asked, _ = await pay.orders.open_reversal(order, "re_1", "refund", 4 * C, 0)
+    assert (status, asked) == ("pending", 4 * C)
+    assert await pay.complete(older_than_seconds=3600) == 0  # too young: it may still be running
+    assert await pay.complete(older_than_seconds=0) == 2
+    done = await pay.orders.get(order.order_id)
+    assert done is not None
+    assert (done.status, done.refunded_credits) == ("paid", 4 * C)
+    assert (await svc.balances.available(account)) == 6 * C
+    assert await pay.complete(older_than_seconds=0) == 0  # nothing twice
+    assert (await svc.balances.available(account)) == 6 * C

@@ -82,5 +82,16 @@ class Payments:
         await self.orders.close_reversal(reversal_id, order.order_id, debit.taken)
         return Reversal(debit.taken, created=debit.now)
 
+    async def complete(self, older_than_seconds: float = 60) -> int:
+        """Finish what stopped half-way (the reconciler's, each pass): a landing whose order was not marked
+        paid, a reversal left pending around its debit (the debit's marker says what it took). Returns
+        how many were finished."""
+        orders, reversals = await self.orders.stuck(older_than_seconds)
+        for order in orders:
+            await self.land(order)
+        for reversal_id, order, reason, asked in reversals:
+            await self.reverse(order, reversal_id, reason, asked)  # type: ignore[arg-type]
+        return len(orders) + len(reversals)
+
 
 PAYMENTS = web.AppKey("payments", Payments)

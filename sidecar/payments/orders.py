@@ -233,6 +233,29 @@ class OrderStore:
                     taken,
                 )
 
+    async def stuck(self, older_than_seconds: float) -> tuple[list[Order], list[tuple[str, Order, str, int]]]:
+        """What stopped half-way over `older_than_seconds` ago: orders still pending whose purchase grant
+        is in the ledger (a landing that died before marking them paid), and reversals still pending
+        (reversal id, order, reason, asked: one that died around its debit)."""
+        since = "now() - make_interval(secs => $1)"
+        orders = await self.pool.fetch(
+            f"SELECT {_ORDER_COLUMNS} FROM payment_orders o WHERE status = 'pending' AND EXISTS (SELECT 1"
+            f" FROM grants g WHERE g.account_id = o.account_id AND g.grant_id = o.order_id"
+            f" AND g.created_at <= {since})",
+            older_than_seconds,
+        )
+        reversals = await self.pool.fetch(
+            f"SELECT reversal_id, order_id, reason, asked FROM payment_reversals WHERE status = 'pending'"
+            f" AND created_at <= {since} ORDER BY created_at",
+            older_than_seconds,
+        )
+        found = []
+        for r in reversals:
+            order = await self.get(r["order_id"])
+            assert order is not None
+            found.append((r["reversal_id"], order, r["reason"], r["asked"]))
+        return [Order.of(o) for o in orders], found
+
     async def mark_refunded(self, reversal_id: str, provider_ref: str, amount_minor: int) -> None:
         """The money of an operator's refund went back through the provider (its refund id)."""
         async with self.pool.acquire() as conn, conn.transaction():
