@@ -24,6 +24,8 @@ from .grant_terms import Starter, grant_terms
 from .keys_api import KeyBody, new_key_terms
 from .ledger_store import LedgerStore
 from .money import MAX_GRANT, MICRO, format_credits
+from .payments.referral_codes import ReferralPolicy
+from .payments.referral_store import ReferralStore
 from .rebuild import rebuild_if_empty
 from .wallet import GRANT_KINDS, GrantTerms
 from .wallet_store import WalletStore, at_ms
@@ -31,6 +33,7 @@ from .wallet_store import WalletStore, at_ms
 
 class AccountBody(msgspec.Struct, forbid_unknown_fields=True):
     id: str | None = None
+    referral_code: str | None = None  # links it to the code's owner
 
 
 def grant_amount(amount: int | None, credits: str | None) -> int:
@@ -85,16 +88,20 @@ class AdminOps:
         balances: Balances,
         store: LedgerStore,
         starter: Starter | None = None,
+        referral: ReferralPolicy | None = None,
     ) -> None:
         self.accounts = accounts
         self.balances = balances
         self.store = store
         self.starter = starter
+        self.referrals = ReferralStore(store.pool, referral or ReferralPolicy())
 
-    async def create_account(self, account: str | None = None) -> dict[str, Any]:
+    async def create_account(
+        self, account: str | None = None, referral_code: str | None = None
+    ) -> dict[str, Any]:
         account = f"acct_{secrets.token_hex(8)}" if account is None else account
         check_account_id(account)
-        created = await self.store.create_account(account)
+        created = await self.referrals.create_account(account, referral_code)  # with its codes and link
         # Also on a conflict: a create that died between Postgres and Redis is finished by its retry.
         await self.accounts.add_account(account)
         if self.starter is not None:  # once per account (its idempotency key), also when retried
@@ -246,7 +253,8 @@ def admin_app(token: str | None) -> web.Application:
 
     async def create_account(request: web.Request) -> web.Response:
         body = _decode(await request.read(), AccountBody)
-        return _json(await request.config_dict[ADMIN_OPS].create_account(body.id), status=201)
+        ops = request.config_dict[ADMIN_OPS]
+        return _json(await ops.create_account(body.id, body.referral_code), status=201)
 
     async def get_account(request: web.Request) -> web.Response:
         return _json(await request.config_dict[ADMIN_OPS].balance(request.match_info["account"]))

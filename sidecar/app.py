@@ -20,7 +20,9 @@ from .health import READINESS, Readiness, ReadinessCheck, healthz, readiness_res
 from .metrics import METRICS, Metrics, metrics_handler, metrics_response
 from .observe import RequestRecord, log_request, request_observer
 from .payments.landing import PAYMENTS, Payments
+from .payments.manual import add_manual_routes
 from .payments.orders import OrderStore
+from .payments.referrals import add_referral_routes, referral_bonus
 from .payments.routes import admin_payment_routes, payment_routes
 from .payments.x402_topup import add_x402_routes
 from .pipeline.handler import Gateway
@@ -79,6 +81,7 @@ def create_app(
             proxy = Gateway(settings, prices, svc.balances, svc.accounts, upstreams, session, cache)
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
             app[PAYMENTS] = Payments(OrderStore(svc.store.pool), app[ADMIN_OPS], svc.balances)
+            app[PAYMENTS].on_purchase.append(referral_bonus(app[ADMIN_OPS]))  # payments/referrals.py
             # keys, caps, estimates (wallet_api.py)
             app[WALLET_OPS] = WalletOps(
                 svc.redis, svc.keys, svc.accounts, svc.store.pool, prices, proxy.admit_policy
@@ -184,6 +187,7 @@ def create_app(
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{id}", models)
     add_routes(app)  # /v1/credits: keys, caps, time zone, estimate (wallet_api.py)
+    add_referral_routes(app)  # /v1/credits/referrals
     if settings.ops_listen_port is None:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
@@ -228,6 +232,8 @@ def create_app(
         admin.router.add_get("/ledger/dead-letters", ledger_dead_letters)
         add_admin_routes(admin)  # keys, caps, time zone (wallet_api.py)
         admin_payment_routes(admin)  # refunds of orders
+        add_referral_routes(admin, admin=True)
+        add_manual_routes(admin, settings.packages, settings.currency)  # payments/manual.py
         app.add_subapp("/admin/", admin)
     return app
 

@@ -21,7 +21,7 @@ from .errors import ConfigError, CreditgateError
 from .flush_process import run_flush
 from .grant_terms import GrantBody, grant_terms
 from .logs import configure_logging
-from .payments import refund_cli
+from .payments import manual_cli, refund_cli
 from .reconcile import inspect, stale_after_ms
 from .repair import repair_all
 from .serve import CannotListen, demo_bootstrap, serve
@@ -108,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     account = sub.nested(sub.add_parser("account", help="accounts"))
     create = account.add_parser("create", help="create an account")
     create.add_argument("id", nargs="?", help="account id (generated when left out)")
+    create.add_argument("--referral-code", help="a referral code: links the account to the code's owner")
     show = account.add_parser("balance", help="show balance and active holds")
     show.add_argument("id")
     key = sub.nested(sub.add_parser("key", help="client API keys"))
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     key_revoke = key.add_parser("revoke", help="revoke a key by its id")
     key_revoke.add_argument("key_id")
     wallet_cli.add_parsers(sub, key, key_create)  # key list|update, caps, time-zone
-    refund_cli.add_parsers(sub)  # order refund
+    refund_cli.add_parsers(manual_cli.add_parsers(sub))  # order create|paid|show|list|refund
     grant = sub.add_parser("grant", help="add credits to an account, once per idempotency key")
     grant.add_argument("account")
     amount = grant.add_mutually_exclusive_group(required=True)
@@ -223,12 +224,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         ("migrate", None): lambda svc: _migrate(svc),
         ("flush", None): _drain,
         ("reconcile", None): lambda svc: _reconcile(svc, args.repair),
-        ("account", "create"): lambda svc: svc.admin.create_account(getattr(args, "id", None)),
+        ("account", "create"): lambda svc: svc.admin.create_account(args.id, args.referral_code),
         ("account", "balance"): lambda svc: svc.admin.balance(args.id),
         ("key", "revoke"): lambda svc: svc.admin.revoke_key(args.key_id),
         ("grant", None): lambda svc: _grant(svc, args),
         **wallet_cli.calls(args),
         **refund_cli.calls(args),
+        **manual_cli.calls(args),
     }
     result = _run(_with_services(settings, calls[verb]))
     print(json.dumps(result, indent=2))

@@ -23,6 +23,7 @@ from .exposure import ACCOUNT_SECRET_HEADER, check_listeners, is_loopback
 from .grant_terms import starter_of
 from .headers import NEVER
 from .payments.packages import check_payment_settings
+from .payments.referral_codes import ReferralPolicy
 from .payments.settings import PackageConfig, PaymentSettings, WebhookProviderConfig
 from .pricing import PriceTable
 from .redis_urls import is_cluster_url, parse_cluster_url
@@ -203,6 +204,7 @@ def _check(settings: Settings) -> None:
     check_listeners(settings, settings.ops_listen_port)
     starter_of(settings.starter_credits, settings.starter_expiry_days)
     check_payment_settings(settings)
+    ReferralPolicy.of(settings)  # the referral settings (payments/referral_codes.py)
     if settings.redis_url is not None and is_cluster_url(settings.redis_url):
         try:
             parse_cluster_url(settings.redis_url)

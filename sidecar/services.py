@@ -20,6 +20,7 @@ from .flusher import Flusher
 from .grant_terms import starter_of
 from .keys import KeySpace
 from .ledger_store import LedgerStore
+from .payments.referral_codes import ReferralPolicy
 from .rebuild import rebuild_if_empty
 from .redis_client import REDIS_RETRIES as REDIS_RETRIES
 from .redis_client import RedisClient
@@ -45,7 +46,7 @@ class Services:
     def admin(self) -> AdminOps:
         s = self.settings
         starter = starter_of(s.starter_credits, s.starter_expiry_days)
-        return AdminOps(self.accounts, self.balances, self.store, starter)
+        return AdminOps(self.accounts, self.balances, self.store, starter, ReferralPolicy.of(s))
 
     def flusher(self, consumer: str | None = None) -> Flusher:
         s = self.settings

@@ -19,8 +19,8 @@ from .stripe_adapter import StripeAdapter
 Call = Callable[[Services], Awaitable[Any]]
 
 
-def add_parsers(sub: Any) -> None:
-    order = sub.nested(sub.add_parser("order", help="payment orders"))
+def add_parsers(order: Any) -> None:
+    """`order`: the `order` verb's subcommands (manual_cli.add_parsers)."""
     refund = order.add_parser("refund", help="refund a paid Stripe order's unused credits, once per key")
     refund.add_argument("order_id")
     refund.add_argument("--idempotency-key", required=True)
