@@ -233,7 +233,7 @@ def create_app(
         add_admin_routes(admin)  # keys, caps, time zone (wallet_api.py)
         admin_payment_routes(admin)  # refunds of orders
         add_referral_routes(admin, admin=True)
-        add_manual_routes(admin, settings.packages, settings.currency)  # payments/manual.py
+        add_manual_routes(admin, settings.packages, settings.currency, list(settings.payment_webhooks))
         app.add_subapp("/admin/", admin)
     return app
 

@@ -257,10 +257,17 @@ async def test_the_rotated_out_secret_still_verifies(shop: Sidecar, fake_stripe:
 
 async def test_the_generic_webhook_lands_and_reverses(shop: Sidecar) -> None:
     account = (await shop.admin("POST", "/accounts", {}))["id"]
-    orders = payments(shop).orders
-    created = await orders.create(account, "acme", credits=400 * C, amount_minor=4000, currency="usd")
+    made = {"credits": "400", "amount_minor": 4000, "provider": "acme"}  # the operator records the order
+    created = await shop.admin("POST", f"/accounts/{account}/orders", made)
+    nobody = await shop.client.post(
+        f"/admin/accounts/{account}/orders",
+        json={**made, "provider": "nobody"},
+        headers=shop.admin_headers(),
+    )
+    assert nobody.status == 400
+    assert (await nobody.json())["error"]["param"] == "provider"
     base = {
-        "order_id": created.order_id,
+        "order_id": created["id"],
         "amount_minor": 4000,
         "currency": "usd",
         "payment_ref": "acme-pay-1",

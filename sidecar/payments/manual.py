@@ -7,7 +7,7 @@ purchase order). ``POST /admin/accounts/{id}/orders`` makes a pending order (pro
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Annotated, Any
 
 import asyncpg
@@ -37,6 +37,9 @@ class ManualOrderBody(msgspec.Struct, forbid_unknown_fields=True):
     currency: str | None = None
     reference: str | None = None  # the invoice, transfer or PO number: one order per reference
     note: str | None = None
+    # 'manual' (paid here, by an operator), or a provider of `payment_webhooks`, whose signed webhook
+    # then reports it paid (POST /webhooks/<name>)
+    provider: str = PROVIDER
 
 
 class PaidBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -53,7 +56,14 @@ def _order_view(order: Order) -> dict[str, Any]:
 
 
 class ManualSettlement:
-    def __init__(self, payments: Payments, packages: Mapping[str, PackageConfig], currency: str) -> None:
+    def __init__(
+        self,
+        payments: Payments,
+        packages: Mapping[str, PackageConfig],
+        currency: str,
+        providers: Collection[str] = (),
+    ) -> None:
+        self.providers = providers  # the generic webhooks' names (payment_webhooks)
         self.payments = payments
         self.orders = payments.orders
         self.packages = packages
@@ -81,10 +91,13 @@ class ManualSettlement:
             raise BadRequest("currency must be an ISO 4217 code (3 letters) or 'usdc'.", param="currency")
         _text(body.reference, "reference", 200)
         _text(body.note, "note", 1000)
+        if body.provider != PROVIDER and body.provider not in self.providers:
+            names = ", ".join([PROVIDER, *self.providers])
+            raise BadRequest(f"provider must be one of {names} (payment_webhooks).", param="provider")
         try:
             order = await self.orders.create(
                 account,
-                PROVIDER,
+                body.provider,
                 credits=credits,
                 amount_minor=body.amount_minor,
                 currency=currency,
@@ -94,7 +107,7 @@ class ManualSettlement:
             )
         except asyncpg.UniqueViolationError:  # this reference was recorded before
             assert body.reference is not None
-            found = await self.orders.by_ref(PROVIDER, body.reference)
+            found = await self.orders.by_ref(body.provider, body.reference)
             assert found is not None  # orders are never deleted
             asked = (account, body.package, credits, body.amount_minor, currency)
             if (found.account, found.package, found.credits, found.amount_minor, found.currency) != asked:
@@ -167,11 +180,17 @@ def _json(data: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
 
 
-def add_manual_routes(admin: web.Application, packages: Mapping[str, PackageConfig], currency: str) -> None:
-    """The manual-settlement routes on the /admin sub-app (behind its token)."""
+def add_manual_routes(
+    admin: web.Application,
+    packages: Mapping[str, PackageConfig],
+    currency: str,
+    providers: Collection[str] = (),
+) -> None:
+    """The manual-settlement routes on the /admin sub-app (behind its token); orders may also be made for
+    the generic webhooks' `providers`."""
 
     def settlement(request: web.Request) -> ManualSettlement:
-        return ManualSettlement(request.config_dict[PAYMENTS], packages, currency)
+        return ManualSettlement(request.config_dict[PAYMENTS], packages, currency, providers)
 
     async def create(request: web.Request) -> web.Response:
         body = _decode(await request.read(), ManualOrderBody)

@@ -29,6 +29,7 @@ def add_parsers(sub: Any) -> Any:
     create.add_argument("--currency", help="ISO 4217 (default: the currency setting)")
     create.add_argument("--reference", help="invoice, transfer or PO number (one order per reference)")
     create.add_argument("--note")
+    create.add_argument("--provider", default="manual", help="manual, or a payment_webhooks provider")
     paid = order.add_parser("paid", help="record an order paid: its purchase grant, once")
     paid.add_argument("order_id")
     paid.add_argument("--payment-ref", required=True, help="the transfer's or payment's reference")
@@ -45,7 +46,8 @@ def settlement(svc: Services) -> ManualSettlement:
     ops = svc.admin
     payments = Payments(OrderStore(svc.store.pool), ops, svc.balances)
     payments.on_purchase.append(referral_bonus(ops))
-    return ManualSettlement(payments, svc.settings.packages, svc.settings.currency)
+    s = svc.settings
+    return ManualSettlement(payments, s.packages, s.currency, list(s.payment_webhooks))
 
 
 async def _create(svc: Services, args: argparse.Namespace) -> dict[str, Any]:
