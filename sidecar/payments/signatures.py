@@ -2,7 +2,8 @@
 
 The header is ``t=<unix seconds>,v1=<hex>[,v1=<hex>…]`` (other schemes, e.g. v0, are ignored); a v1 is
 HMAC-SHA256 of ``f"{t}.".encode() + body`` keyed by a signing secret. Any v1 may match any of the secrets
-(several while one rotates); the timestamp must be within the tolerance of `now`, either way."""
+(several while one rotates); the timestamp may be at most the tolerance old, and no more than
+`FUTURE_SKEW_SECONDS` ahead of `now` (a sender's clock running ahead; anything later is refused)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Literal
 
 from ..errors import BadRequest
 
+FUTURE_SKEW_SECONDS = 30
 Reason = Literal["missing_header", "malformed_header", "too_old", "in_future", "bad_signature", "no_secret"]
 REASONS: tuple[Reason, ...] = (
     "missing_header", "malformed_header", "too_old", "in_future", "bad_signature", "no_secret",
@@ -42,7 +44,8 @@ def verify(
     header: str = "Stripe-Signature",
 ) -> int:
     """The signed timestamp, when `header_value` signs `body` with one of `secrets` within `tolerance`
-    seconds of `now`; else SignatureRejected (its reason, for the rejection counter)."""
+    seconds of `now` (and at most FUTURE_SKEW_SECONDS ahead); else SignatureRejected (its reason, for
+    the rejection counter)."""
     if not secrets:
         raise SignatureRejected("no_secret", header, "This webhook has no signing secret configured.")
     if not header_value:
@@ -63,7 +66,7 @@ def verify(
         )
     if now - timestamp > tolerance:
         raise SignatureRejected("too_old", header, f"The {header} timestamp is too old.")
-    if timestamp - now > tolerance:
+    if timestamp - now > min(tolerance, FUTURE_SKEW_SECONDS):
         raise SignatureRejected("in_future", header, f"The {header} timestamp is in the future.")
     expected = [signature(secret, timestamp, body).encode() for secret in secrets]
     matched = False
