@@ -192,6 +192,7 @@ class MoneyModel(RuleBasedStateMachine):
         self.svc.balances.wallet = WalletPolicy(IDLE_MS, clock=lambda: self.clock)
         self.payments = Payments(OrderStore(self.svc.store.pool), self.svc.admin, self.svc.balances)
         self.asked: dict[str, int] = {}  # order id -> what its reversals asked back in all
+        self.restored: set[str] = set()  # reversals given back
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -371,6 +372,20 @@ class MoneyModel(RuleBasedStateMachine):
         acct.reversed += take
         acct.reversed_unflushed += take
         return take
+
+    @rule(reversal=reversals)
+    def restore(self, reversal: tuple[str, str, str, int]) -> None:
+        """What a reversal took given back (a dispute won), once, however often and concurrently it is
+        reported: a refund grant of that amount."""
+        account, order_id, rid, taken = reversal
+        paid = self.run(self.payments.orders.get(order_id))
+        assert paid is not None
+        given = self.run_all(self.payments.restore(paid, rid), self.payments.restore(paid, rid))
+        first = taken > 0 and rid not in self.restored
+        assert sorted(given) == ([0, taken] if first else [0, 0])
+        if first:
+            self.restored.add(rid)
+            self._granted(account, f"restore:{rid}", taken, GrantTerms("refund"))
 
     @rule(reversal=reversals)
     def reverse_again(self, reversal: tuple[str, str, str, int]) -> None:

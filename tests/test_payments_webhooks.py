@@ -196,6 +196,14 @@ async def test_refunds_and_disputes_take_back_their_share(shop: Sidecar, fake_st
         ("refund", 250 * C), ("refund", 100 * C), ("dispute", 650 * C)
     ]  # fmt: skip
     assert all(r["reversal_id"].startswith("stripe:") for r in reversals)
+    # the merchant wins the dispute: what it took comes back, once; a lost one gives nothing
+    lost = {**dispute, "id": "dp_0", "status": "lost"}
+    _, done = await post_event(shop.client, event("charge.dispute.closed", lost))
+    assert done["outcome"] == "dispute_lost"
+    for _ in range(3):
+        won = event("charge.dispute.closed", {**dispute, "status": "won"})
+        assert (await post_event(shop.client, won))[1]["outcome"] == "restored"
+    assert (await shop.balance(account))["balance"] == 650 * C
 
 
 REASONS = {

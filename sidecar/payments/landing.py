@@ -37,7 +37,8 @@ class Payments:
 
     async def land(self, order: Order, payment_ref: str | None = None) -> dict[str, Any]:
         """The order's purchase grant, once (its grant id is the order id): the ledger row first, then
-        Redis, then applied (AdminOps.grant); then the order is marked paid and the hooks run."""
+        Redis, then applied (AdminOps.grant), taking effect now by the wallet's clock in both; then the
+        order is marked paid and the hooks run."""
         ref = payment_ref or order.payment_ref
         granted = await self.ops.grant(
             order.account,
@@ -45,7 +46,7 @@ class Payments:
             order.order_id,
             "purchase",
             f"order {order.order_id} ({order.provider})",
-            terms=GrantTerms(kind="purchase"),
+            terms=GrantTerms(kind="purchase", effective_ms=self.balances.wallet.clock()),
             payment_ref=ref,
         )
         await self.orders.mark_paid(order.order_id, ref)
@@ -81,6 +82,24 @@ class Payments:
         )
         await self.orders.close_reversal(reversal_id, order.order_id, debit.taken)
         return Reversal(debit.taken, created=debit.now)
+
+    async def restore(self, order: Order, reversal_id: str) -> int:
+        """Give back what a reversal took (a dispute the merchant won), once: a `refund` grant of that
+        amount, its idempotency key `restore:<reversal id>`. Returns the micro-credits given back now (0
+        when nothing was taken, or when they were given back before)."""
+        taken = await self.orders.reversal_taken(reversal_id)
+        if not taken:
+            return 0
+        granted = await self.ops.grant(
+            order.account,
+            taken,
+            f"restore:{reversal_id}",
+            "refund",
+            f"{reversal_id} reversed (order {order.order_id})",
+            terms=GrantTerms(kind="refund", effective_ms=self.balances.wallet.clock()),
+            payment_ref=order.payment_ref,
+        )
+        return taken if granted["credited"] else 0
 
     async def complete(self, older_than_seconds: float = 60) -> int:
         """Finish what stopped half-way (the reconciler's, each pass): a landing whose order was not marked

@@ -233,6 +233,13 @@ class OrderStore:
                     taken,
                 )
 
+    async def reversal_taken(self, reversal_id: str) -> int | None:
+        """What a reversal took back (None: none with this id, or not debited yet)."""
+        taken = await self.pool.fetchval(
+            "SELECT taken FROM payment_reversals WHERE reversal_id = $1 AND status <> 'pending'", reversal_id
+        )
+        return None if taken is None else int(taken)
+
     async def stuck(self, older_than_seconds: float) -> tuple[list[Order], list[tuple[str, Order, str, int]]]:
         """What stopped half-way over `older_than_seconds` ago: orders still pending whose purchase grant
         is in the ledger (a landing that died before marking them paid) or whose x402 payment settled

@@ -7,7 +7,9 @@
 - `checkout.session.expired` / `checkout.session.async_payment_failed`: a pending order ends;
 - `charge.refunded`: each refund of the charge takes back its share of the order's credits, once per
   refund ('stripe:<refund id>'; an operator's refund carries its own reversal id in metadata);
-- `charge.dispute.created`: the disputed share is taken back ('stripe:<dispute id>').
+- `charge.dispute.created`: the disputed share is taken back ('stripe:<dispute id>');
+- `charge.dispute.closed` with status 'won': what that dispute took back is given back, once (a `refund`
+  grant, `Payments.restore`); a lost dispute changes nothing more.
 
 Anything else, or an order that is not ours, is an outcome to record, never an error."""
 
@@ -57,6 +59,7 @@ class Dispute(msgspec.Struct):
     id: str
     amount: int
     payment_intent: str | None = None
+    status: str | None = None
 
 
 class EventData(msgspec.Struct):
@@ -95,6 +98,7 @@ class StripeEvents:
             "checkout.session.async_payment_failed": lambda raw: self._ended(raw, "failed"),
             "charge.refunded": self._refunded,
             "charge.dispute.created": self._disputed,
+            "charge.dispute.closed": self._dispute_closed,
         }
 
     async def apply(self, event: Event) -> Outcome:
@@ -172,3 +176,13 @@ class StripeEvents:
             return None, "unknown_order"
         await self.payments.reverse(order, f"stripe:{dispute.id}", "dispute", share(order, dispute.amount))
         return order.order_id, "reversed"
+
+    async def _dispute_closed(self, raw: msgspec.Raw) -> Outcome:
+        dispute = msgspec.json.decode(raw, type=Dispute)
+        order = await self._payment_order(dispute.payment_intent)
+        if order is None:
+            return None, "unknown_order"
+        if dispute.status != "won":
+            return order.order_id, f"dispute_{dispute.status or 'closed'}"
+        await self.payments.restore(order, f"stripe:{dispute.id}")
+        return order.order_id, "restored"
