@@ -49,9 +49,7 @@ class Payments:
             terms=GrantTerms(kind="purchase", effective_ms=self.balances.wallet.clock()),
             payment_ref=ref,
         )
-        await self.orders.mark_paid(order.order_id, ref)
-        paid = await self.orders.get(order.order_id)
-        assert paid is not None
+        paid = await self.orders.mark_paid(order.order_id, ref)
         for hook in self.on_purchase:
             await hook(paid)
         return {**granted, "order": paid.view()}
@@ -80,7 +78,7 @@ class Payments:
         debit = await self.balances.debit(
             order.account, reversal_id, asked, grant_id=order.order_id, only_grant=only_grant
         )
-        await self.orders.close_reversal(reversal_id, order.order_id, debit.taken)
+        await self.orders.close_reversal(reversal_id, debit.taken)
         return Reversal(debit.taken, created=debit.now)
 
     async def restore(self, order: Order, reversal_id: str) -> int:
@@ -111,7 +109,7 @@ class Payments:
         for reversal_id, order, reason, asked in reversals:
             # an operator's refund takes only from the order's grant, also when finished here
             only = reason == "operator_refund"
-            await self.reverse(order, reversal_id, reason, asked, only_grant=only)  # type: ignore[arg-type]
+            await self.reverse(order, reversal_id, reason, asked, only_grant=only)
         return len(orders) + len(reversals)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import asyncpg
 
@@ -17,6 +17,8 @@ _ORDER_COLUMNS = (
     "order_id, account_id, provider, status, package, credits, amount_minor, currency, provider_ref,"
     " payment_ref, refunded_credits, refunded_minor, created_at, paid_at"
 )
+
+_ORDER_COLUMNS_OF_O = ", ".join(f"o.{c.strip()}" for c in _ORDER_COLUMNS.split(","))
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,13 +173,16 @@ class OrderStore:
         )
         return bool(done == "UPDATE 1")
 
-    async def mark_paid(self, order_id: str, payment_ref: str | None) -> None:
-        await self.pool.execute(
+    async def mark_paid(self, order_id: str, payment_ref: str | None) -> Order:
+        """The order marked paid (once: a later call keeps its first time and reference), as it is now."""
+        row = await self.pool.fetchrow(
             "UPDATE payment_orders SET status = 'paid', paid_at = coalesce(paid_at, now()),"
-            " payment_ref = coalesce(payment_ref, $2) WHERE order_id = $1",
+            f" payment_ref = coalesce(payment_ref, $2) WHERE order_id = $1 RETURNING {_ORDER_COLUMNS}",
             order_id,
             payment_ref,
         )
+        assert row is not None  # orders are never deleted
+        return Order.of(row)
 
     async def record_event(
         self, provider: str, event_id: str, type: str, order_id: str | None, outcome: str
@@ -217,21 +222,24 @@ class OrderStore:
             )  # fmt: skip
         return "pending", asked, 0
 
-    async def close_reversal(self, reversal_id: str, order_id: str, taken: int) -> None:
+    async def close_reversal(self, reversal_id: str, taken: int) -> None:
         """Record what the debit took (once: a pending reversal only) on the reversal and its order."""
+        await self._then_order(
+            "UPDATE payment_reversals SET status = 'debited', taken = $2, applied_at = now()"
+            " WHERE reversal_id = $1 AND status = 'pending' RETURNING order_id",
+            (reversal_id, taken),
+            "refunded_credits",
+            taken,
+        )
+
+    async def _then_order(self, update: str, args: tuple[Any, ...], column: str, amount: int) -> None:
+        """Run `update` on a reversal (RETURNING its order id, none when it did not apply) and, when it
+        applied, add `amount` to the order's `column`, in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
-            done = await conn.execute(
-                "UPDATE payment_reversals SET status = 'debited', taken = $2, applied_at = now()"
-                " WHERE reversal_id = $1 AND status = 'pending'",
-                reversal_id,
-                taken,
-            )
-            if done == "UPDATE 1":
-                await conn.execute(
-                    "UPDATE payment_orders SET refunded_credits = refunded_credits + $2 WHERE order_id = $1",
-                    order_id,
-                    taken,
-                )
+            order_id = await conn.fetchval(update, *args)
+            if order_id is not None:
+                add = f"UPDATE payment_orders SET {column} = {column} + $2 WHERE order_id = $1"
+                await conn.execute(add, order_id, amount)
 
     async def reversal_taken(self, reversal_id: str) -> int | None:
         """What a reversal took back (None: none with this id, or not debited yet)."""
@@ -240,7 +248,9 @@ class OrderStore:
         )
         return None if taken is None else int(taken)
 
-    async def stuck(self, older_than_seconds: float) -> tuple[list[Order], list[tuple[str, Order, str, int]]]:
+    async def stuck(
+        self, older_than_seconds: float
+    ) -> tuple[list[Order], list[tuple[str, Order, ReversalReason, int]]]:
         """What stopped half-way over `older_than_seconds` ago: orders still pending whose purchase grant
         is in the ledger (a landing that died before marking them paid) or whose x402 payment settled
         (its transaction recorded, the landing not done), and reversals still pending
@@ -254,30 +264,20 @@ class OrderStore:
             older_than_seconds,
         )
         reversals = await self.pool.fetch(
-            f"SELECT reversal_id, order_id, reason, asked FROM payment_reversals WHERE status = 'pending'"
-            f" AND created_at <= {since} ORDER BY created_at",
+            f"SELECT r.reversal_id, r.reason, r.asked, {_ORDER_COLUMNS_OF_O} FROM payment_reversals r"
+            f" JOIN payment_orders o USING (order_id) WHERE r.status = 'pending' AND r.created_at <= {since}"
+            " ORDER BY r.created_at",
             older_than_seconds,
         )
-        found = []
-        for r in reversals:
-            order = await self.get(r["order_id"])
-            assert order is not None
-            found.append((r["reversal_id"], order, r["reason"], r["asked"]))
+        found = [(r[0], Order(*list(r.values())[3:]), cast(ReversalReason, r[1]), r[2]) for r in reversals]
         return [Order.of(o) for o in orders], found
 
     async def mark_refunded(self, reversal_id: str, provider_ref: str, amount_minor: int) -> None:
         """The money of an operator's refund went back through the provider (its refund id)."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            order_id = await conn.fetchval(
-                "UPDATE payment_reversals SET status = 'refunded', provider_ref = $2, amount_minor = $3"
-                " WHERE reversal_id = $1 AND status = 'debited' RETURNING order_id",
-                reversal_id,
-                provider_ref,
-                amount_minor,
-            )
-            if order_id is not None:
-                await conn.execute(
-                    "UPDATE payment_orders SET refunded_minor = refunded_minor + $2 WHERE order_id = $1",
-                    order_id,
-                    amount_minor,
-                )
+        await self._then_order(
+            "UPDATE payment_reversals SET status = 'refunded', provider_ref = $2, amount_minor = $3"
+            " WHERE reversal_id = $1 AND status = 'debited' RETURNING order_id",
+            (reversal_id, provider_ref, amount_minor),
+            "refunded_minor",
+            amount_minor,
+        )

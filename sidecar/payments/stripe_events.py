@@ -169,17 +169,19 @@ class StripeEvents:
             await self.payments.reverse(order, reversal_id, "refund", share(order, refund.amount))
         return order.order_id, "reversed"
 
-    async def _disputed(self, raw: msgspec.Raw) -> Outcome:
+    async def _dispute_order(self, raw: msgspec.Raw) -> tuple[Dispute, Order | None]:
         dispute = msgspec.json.decode(raw, type=Dispute)
-        order = await self._payment_order(dispute.payment_intent)
+        return dispute, await self._payment_order(dispute.payment_intent)
+
+    async def _disputed(self, raw: msgspec.Raw) -> Outcome:
+        dispute, order = await self._dispute_order(raw)
         if order is None:
             return None, "unknown_order"
         await self.payments.reverse(order, f"stripe:{dispute.id}", "dispute", share(order, dispute.amount))
         return order.order_id, "reversed"
 
     async def _dispute_closed(self, raw: msgspec.Raw) -> Outcome:
-        dispute = msgspec.json.decode(raw, type=Dispute)
-        order = await self._payment_order(dispute.payment_intent)
+        dispute, order = await self._dispute_order(raw)
         if order is None:
             return None, "unknown_order"
         if dispute.status != "won":
