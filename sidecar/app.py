@@ -15,6 +15,7 @@ from .cache import CachePolicy, ResponseCache
 from .config import Settings
 from .credits_api import credit_routes
 from .drift import DriftState
+from .features import Running, features
 from .flusher import Flusher
 from .health import READINESS, Readiness, ReadinessCheck, healthz, readiness_response, readyz
 from .metrics import METRICS, Metrics, metrics_handler, metrics_response
@@ -150,12 +151,18 @@ def create_app(
                 tasks.every("reconciler", settings.reconcile_interval_seconds, check_drift)
             if flushing:
                 tasks.start("flusher", flusher.run(), on_stop=flusher.stop)
+            running = Running(settings, svc, tasks, session, app[PAYMENTS], proxy, flusher, node_tasks)
+            for feature in features():  # features.py
+                if feature.start is not None:
+                    await feature.start(app, running)
             log.info("background tasks: %s", ", ".join(tasks.names))
             try:
                 yield
             finally:  # the order of shutdown: supervisor.py
                 await proxy.finish(0)  # normally done already, by on_shutdown
                 await tasks.stop()
+                for close in reversed(running.closers):
+                    await close()
                 if proxy.pending.pending:  # a last try, before the outbox's final flush
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(settings.shutdown_flush_seconds):
@@ -225,6 +232,9 @@ def create_app(
     credit_routes(app, SERVICES, PROXY)  # /v1/credits/*, and under /admin/accounts/{id}/credits/
     payment_routes(app, settings)  # packages, checkout, /webhooks/* (payments/routes.py)
     add_x402_routes(app, settings, PROXY)  # POST /v1/credits/topup (payments/x402_topup.py)
+    for feature in features():
+        if feature.routes is not None:
+            feature.routes(app, settings)
     if settings.admin_api:
         admin = admin_app(settings.admin_token)
         credit_routes(admin, SERVICES, PROXY, admin=True)
@@ -234,6 +244,9 @@ def create_app(
         admin_payment_routes(admin)  # refunds of orders
         add_referral_routes(admin, admin=True)
         add_manual_routes(admin, settings.packages, settings.currency, list(settings.payment_webhooks))
+        for feature in features():
+            if feature.admin_routes is not None:
+                feature.admin_routes(admin, settings)
         app.add_subapp("/admin/", admin)
     return app
 

@@ -3,8 +3,9 @@ in a fixed order at shutdown.
 
 Shutdown order (app.py): the listener stops taking connections and the requests in flight finish (or
 are cut); then the periodic tasks are asked to stop, in the order they were started (lease renewal,
-hold reaper, wallet sweeper, settlement retry, reconciler), then the flusher; a task still busy after
-`stop_seconds` is cancelled, and every one is awaited. Only then do the last settlement retry and the
+hold reaper, wallet sweeper, settlement retry, reconciler), then the flusher, and the features' tasks
+(features.py) after them; a task still busy after `stop_seconds` is cancelled, and every one is awaited;
+then the features' closers run, in reverse start order. Only then do the last settlement retry and the
 final flush run, before the Redis and Postgres pools close.
 """
 

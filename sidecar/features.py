@@ -1,0 +1,55 @@
+"""Capabilities beyond the metering core plug into the app here, each as one `Feature`: its /v1 (and
+/webhooks) routes, its /admin routes, and what it starts with the app (background tasks on the one
+supervisor, objects under its own app keys). `FEATURES` lists them in start order; app.py wires each
+the same way, so a new capability touches its own package and one line below.
+
+At shutdown the supervisor's tasks stop first (supervisor.py), then the features' closers run in
+reverse start order, then the final flush, then the pools close."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import ClientSession, web
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .flusher import Flusher
+    from .payments.landing import Payments
+    from .pipeline.handler import Gateway
+    from .services import Services
+    from .supervisor import Supervisor
+
+
+@dataclass
+class Running:
+    """What a feature gets when the app starts."""
+
+    settings: Settings
+    services: Services
+    tasks: Supervisor  # the one owner of background tasks; `tasks.every(name, interval, step)`
+    session: ClientSession  # the upstream session's connector settings, for outgoing HTTP
+    payments: Payments
+    proxy: Gateway
+    flusher: Flusher
+    node_tasks: bool  # False in every worker process but the first: no node-wide loops there
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+Routes = Callable[[web.Application, "Settings"], None]
+Start = Callable[[web.Application, Running], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    routes: Routes | None = None  # on the API app: /v1/*, /webhooks/*
+    admin_routes: Routes | None = None  # on the admin sub-app (mounted at /admin/)
+    start: Start | None = None  # in the app's lifecycle, after the core is up
+
+
+def features() -> list[Feature]:
+    """Every feature, in start order (imported here, late, so a feature may import app-level modules)."""
+    return []

@@ -1,0 +1,1 @@
+"""Metering beyond tokens: operation holds, recurring charges, idempotency keys on inference."""
