@@ -15,7 +15,7 @@ from .cache import CachePolicy, ResponseCache
 from .config import Settings
 from .credits_api import credit_routes
 from .drift import DriftState
-from .features import Running, features
+from .features import EVENTS, Running, features
 from .flusher import Flusher
 from .health import READINESS, Readiness, ReadinessCheck, healthz, readiness_response, readyz
 from .metrics import METRICS, Metrics, metrics_handler, metrics_response
@@ -152,6 +152,7 @@ def create_app(
             if flushing:
                 tasks.start("flusher", flusher.run(), on_stop=flusher.stop)
             running = Running(settings, svc, tasks, session, app[PAYMENTS], proxy, flusher, node_tasks)
+            app[EVENTS] = running.events
             for feature in features():  # features.py
                 if feature.start is not None:
                     await feature.start(app, running)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import ClientSession, web
 
+from .signals.events import EventLog
+
 if TYPE_CHECKING:
     from .config import Settings
     from .flusher import Flusher
@@ -35,8 +37,11 @@ class Running:
     proxy: Gateway
     flusher: Flusher
     node_tasks: bool  # False in every worker process but the first: no node-wide loops there
+    events: EventLog = field(default_factory=EventLog)  # every feature emits through this one
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
+
+EVENTS = web.AppKey("events", EventLog)  # the running app's event log (set before the features start)
 
 Routes = Callable[[web.Application, "Settings"], None]
 Start = Callable[[web.Application, Running], Awaitable[None]]
