@@ -20,7 +20,8 @@
 -- returned and nothing moves), -1 no such account, -3 the window ended (nothing moves).
 -- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
 -- The charge draws down the grants (wallet.lua: soonest ending, then priority, then oldest); the outbox
--- entry carries what it drew in a second field, g. Grants that ended by now expire first.
+-- entry carries what it drew in a second field, g, and the balance after it in b (what alerts and
+-- auto-reload read: signals/alerts.py; the balance before is b + the charge). Grants that ended by now expire first.
 -- Exactly once with a bounded memory: the settled marker expires at the window end (PXAT), and from
 -- then on, by the server's clock, the script refuses this request id, so no retry can land after its
 -- marker is gone. A cache hit (ARGV[5] "1", nothing charged) leaves no marker unless it released a hold:
@@ -90,15 +91,18 @@ if grants then
   end
   w_meta(KEYS[1], KEYS[7], ARGV[9], grants, active, idle_ms)
 end
+local after  -- the balance it leaves, as an integer string (the outbox entry's b)
 if ARGV[2] ~= '0' then
   balance = redis.call('HINCRBY', KEYS[1], 'balance', '-' .. ARGV[2])
+  after = w_int(balance)
 else
-  balance = redis.call('HGET', KEYS[1], 'balance')
+  after = redis.call('HGET', KEYS[1], 'balance')
+  balance = after
 end
 if #drawn > 0 then
-  redis.call('XADD', KEYS[5], '*', 'd', ARGV[6], 'g', cjson.encode(drawn))
+  redis.call('XADD', KEYS[5], '*', 'd', ARGV[6], 'g', cjson.encode(drawn), 'b', after)
 elseif ARGV[2] ~= '0' or ARGV[5] == '1' then
-  redis.call('XADD', KEYS[5], '*', 'd', ARGV[6])
+  redis.call('XADD', KEYS[5], '*', 'd', ARGV[6], 'b', after)
 end
 if ARGV[5] ~= '1' or ARGV[2] ~= '0' or hold then
   redis.call('SET', KEYS[4], ARGV[2], 'PXAT', ARGV[3])

@@ -3,6 +3,7 @@ which failures mean Postgres refused the rows themselves (split the batch) rathe
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,3 +51,11 @@ def is_data_error(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InterfaceError | OSError):
         return isinstance(exc, ValueError)  # asyncpg's client-side DataError is both
     return isinstance(exc, ValueError | TypeError | OverflowError)
+
+
+def reraise_if_cancelled(exc: Exception) -> None:
+    """A client library may turn our cancellation into its own error (redis-py raises ConnectionError
+    when cancelled mid-command); a loop that retries on errors must still stop when cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

@@ -16,6 +16,7 @@ ENV_PREFIX = "CREDITGATE_"
 STRUCTURED = {"models", "upstreams", "packages", "payment_webhooks"}
 # From the environment: comma-separated, or JSON.
 _LISTS = {
+    "alert_top_up_percents",
     "cache_routes",
     "forward_request_headers",
     "relay_response_headers",

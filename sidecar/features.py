@@ -37,11 +37,17 @@ class Running:
     proxy: Gateway
     flusher: Flusher
     node_tasks: bool  # False in every worker process but the first: no node-wide loops there
-    events: EventLog = field(default_factory=EventLog)  # every feature emits through this one
+
+    @property
+    def events(self) -> EventLog:  # every feature emits through the one event log
+        return self.services.events
+
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
-EVENTS = web.AppKey("events", EventLog)  # the running app's event log (set before the features start)
+EVENTS = web.AppKey(
+    "events", EventLog
+)  # services.events  # the running app's event log (set before the features start)
 
 Routes = Callable[[web.Application, "Settings"], None]
 Start = Callable[[web.Application, Running], Awaitable[None]]
@@ -57,4 +63,6 @@ class Feature:
 
 def features() -> list[Feature]:
     """Every feature, in start order (imported here, late, so a feature may import app-level modules)."""
-    return []
+    from .signals import alerts_api
+
+    return [alerts_api.FEATURE]

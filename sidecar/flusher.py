@@ -24,15 +24,15 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from redis.exceptions import ResponseError
 
 from .balances import load_lua
-from .batches import Batch, FlushStats, Item, is_data_error
+from .batches import Batch, FlushStats, Item, is_data_error, reraise_if_cancelled
 from .keys import KeySpace, as_text
 from .ledger_store import LedgerStore
-from .outbox import BadEntry, entry_data, ledger_row
+from .outbox import BadEntry, Observation, entry_data, ledger_row, observation_of
 from .outbox_view import backlog, dead_letters
 from .redis_client import RedisClient, read_group
 
@@ -75,6 +75,8 @@ class Flusher:
         self.stats = FlushStats()
         # Called with (rows, seconds) after every batch written; the app points it at its metrics.
         self.on_batch: Callable[[int, float], None] = lambda rows, seconds: None
+        # Given what a batch's settles observed, after its commit, before its ack (signals/alerts.py).
+        self.observers: list[Callable[[list[Observation]], Awaitable[None]]] = []
         self._groups_ready = False
         self._progress = asyncio.Condition()
         self._next_claim = 0.0
@@ -166,6 +168,9 @@ class Flusher:
                 item.reason = exc.reason
         dead = [item for item in items if item.row is None]
         dead += await self._insert([item for item in items if item.row is not None])
+        seen = [o for i in items if not i.reason and (o := observation_of(i.fields, i.entry_id))]
+        for observe in self.observers if seen else ():
+            await observe(seen)
         async with self.redis.pipeline(transaction=False) as pipe:
             for item in dead:  # parked before acknowledged: a crash between parks it twice, never loses it
                 data = entry_data(item.fields)
@@ -298,11 +303,3 @@ class Flusher:
 
     async def backlog(self) -> tuple[int, float]:
         return await backlog(self.redis, self.streams)
-
-
-def reraise_if_cancelled(exc: Exception) -> None:
-    """A client library may turn our cancellation into its own error (redis-py raises ConnectionError
-    when cancelled mid-command); a loop that retries on errors must still stop when cancelled."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from exc

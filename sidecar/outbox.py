@@ -16,7 +16,7 @@ Every row carries the grants it drew from (``drawn``), which the flusher appends
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -226,3 +226,37 @@ def move_row(fields: dict[Any, Any]) -> tuple[Any, ...] | None:
         return (f"{prefix}:{move.account}:{move.grant}", move.account, kind, sign * amount, *_NONE, at,
                 None, None, None, drawn)  # fmt: skip
     return None
+
+
+class Observation(NamedTuple):
+    """What a settle's outbox entry tells signals (alerts, auto-reload): the account's balance after the
+    charge, and before it (after + charge), at the entry's position in its stream."""
+
+    account: str
+    entry_id: str
+    charge: int
+    after: int
+    at_ms: int  # when the money moved: the ledger row's time (ledger_time_ms)
+
+    @property
+    def before(self) -> int:
+        return self.after + self.charge
+
+
+def observation_of(fields: dict[Any, Any], entry_id: str | bytes) -> Observation | None:
+    """The observation in a settle entry that carries its balance (field b); None for any other."""
+    after = _field(fields, "b")
+    if after is None:
+        return None
+    text = after.decode() if isinstance(after, bytes) else str(after)
+    if not text.lstrip("-").isdigit():
+        return None
+    event = decode_entry(fields)
+    if not event.account:
+        return None
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    try:
+        at_ms = ledger_time_ms(event, eid)
+    except BadEntry:
+        return None
+    return Observation(event.account, eid, event.charge, int(text), at_ms)

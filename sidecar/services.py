@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -26,6 +26,8 @@ from .redis_client import REDIS_RETRIES as REDIS_RETRIES
 from .redis_client import RedisClient
 from .redis_client import connect_redis as connect_redis
 from .replicas import ReplicaWait
+from .signals.alerts import Alerts
+from .signals.events import EventLog
 from .wallet import DAY_MS, WalletPolicy
 
 log = logging.getLogger("creditgate.services")
@@ -41,6 +43,8 @@ class Services:
     keys: KeySpace
     balances: Balances
     accounts: AccountDirectory
+    # Every process emits through one event log, so each fans events out to delivery the same way.
+    events: EventLog = field(default_factory=EventLog)
 
     @property
     def admin(self) -> AdminOps:
@@ -50,7 +54,7 @@ class Services:
 
     def flusher(self, consumer: str | None = None) -> Flusher:
         s = self.settings
-        return Flusher(
+        flusher = Flusher(
             self.redis,
             self.keys,
             self.store,
@@ -60,6 +64,9 @@ class Services:
             concurrency=s.flush_concurrency,
             consumer=consumer,
         )
+        if s.alerts_enabled:  # alerts and auto-reload read each batch's settles (signals/alerts.py)
+            flusher.observers.append(Alerts(self.store.pool, self.events, s.alert_top_up_percents))
+        return flusher
 
     async def close(self) -> None:
         try:

@@ -58,6 +58,8 @@ class FakeStripe:
     refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
     replies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # by idempotency key
     fail_refunds: int = 0  # the next n refund creates are refused (HTTP 400)
+    intents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    declines: dict[str, str] = field(default_factory=dict)  # payment method -> the decline code it gets
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -73,6 +75,7 @@ class FakeStripe:
         app.router.add_post("/v1/checkout/sessions", self._create_session)
         app.router.add_post("/v1/refunds", self._create_refund)
         app.router.add_get("/v1/refunds", self._list_refunds)
+        app.router.add_post("/v1/payment_intents", self._create_intent)
         return app
 
     async def _call(self, request: web.Request) -> Call | web.Response:
@@ -116,6 +119,33 @@ class FakeStripe:
         if key[1]:
             self.replies[key] = reply
         return web.json_response(reply)
+
+    async def _create_intent(self, request: web.Request) -> web.Response:
+        """An off-session, confirmed payment intent: succeeded, or a card error for a declining method."""
+        call = await self._call(request)
+        if isinstance(call, web.Response):
+            return call
+        form = call.form
+        if form.get("payment_method") in self.declines:
+            code = self.declines[form["payment_method"]]
+            body = {"error": {"type": "card_error", "code": code, "message": f"fake stripe: {code}"}}
+            return web.json_response(body, status=402)
+
+        def intent() -> dict[str, Any]:
+            made = {
+                "id": self.new_id("pi"),
+                "object": "payment_intent",
+                "amount": int(form["amount"]),
+                "currency": form["currency"],
+                "customer": form["customer"],
+                "payment_method": form["payment_method"],
+                "status": "succeeded",
+                "metadata": form.get("metadata", {}),
+            }
+            self.intents[made["id"]] = made
+            return made
+
+        return self._once(call, intent)
 
     async def _create_refund(self, request: web.Request) -> web.Response:
         call = await self._call(request)

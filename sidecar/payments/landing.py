@@ -23,6 +23,7 @@ class Reversal:
 
 
 PurchaseHook = Callable[[Order], Awaitable[None]]
+FailureHook = Callable[[Order, str], Awaitable[None]]  # the order, the provider's reason (a decline code)
 
 
 class Payments:
@@ -34,6 +35,17 @@ class Payments:
         self.balances = balances
         # Run after each landing of a purchase (again on a retried one: each must be idempotent).
         self.on_purchase: list[PurchaseHook] = []
+        # Run when a provider says an order's payment failed (again on a repeated event: idempotent).
+        self.on_failure: list[FailureHook] = []
+
+    async def fail(self, order: Order, reason: str) -> bool:
+        """A pending order's payment failed: it ends 'failed' and the hooks run; False when it was not
+        pending (a paid order stays paid)."""
+        ended = await self.orders.set_status(order.order_id, "failed")
+        if ended:
+            for hook in self.on_failure:
+                await hook(order, reason)
+        return ended
 
     async def land(self, order: Order, payment_ref: str | None = None) -> dict[str, Any]:
         """The order's purchase grant, once (its grant id is the order id): the ledger row first, then

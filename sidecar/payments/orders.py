@@ -82,9 +82,13 @@ class OrderStore:
         package: str | None = None,
         provider_ref: str | None = None,
         note: str | None = None,
+        order_id: str | None = None,
     ) -> Order:
-        """A new pending order (raises UnknownAccount)."""
-        order_id = f"ord_{secrets.token_hex(12)}"
+        """A new pending order (raises UnknownAccount). With `order_id` (one derived from its cause), an
+        order made before under that id is returned as it is."""
+        if order_id is not None and (made := await self.get(order_id)) is not None:
+            return made
+        order_id = order_id or f"ord_{secrets.token_hex(12)}"
         try:
             row = await self.pool.fetchrow(
                 "INSERT INTO payment_orders (order_id, account_id, provider, status, package, credits,"
@@ -94,6 +98,10 @@ class OrderStore:
             )  # fmt: skip
         except asyncpg.ForeignKeyViolationError:
             raise UnknownAccount(account) from None
+        except asyncpg.UniqueViolationError:  # made meanwhile under the same derived id
+            if (made := await self.get(order_id)) is None:
+                raise
+            return made
         assert row is not None
         return Order.of(row)
 

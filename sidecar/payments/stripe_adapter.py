@@ -33,6 +33,14 @@ class RefundSeen:
     reversal_id: str | None  # ours: the refund was an operator's (metadata.reversal_id)
 
 
+class PaymentDeclined(Exception):
+    """Stripe refused an off-session payment (the card declined, or it needs the customer present)."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class StripeAdapter:
     """The calls creditgate makes to Stripe. `close()` ends its HTTP session."""
 
@@ -71,6 +79,28 @@ class StripeAdapter:
                 params, {"idempotency_key": order.order_id}
             )
         return Session(made.id, made.url or "")
+
+    async def charge_saved(self, order: Order, customer: str, payment_method: str) -> str:
+        """An off-session payment for `order` with the customer's saved payment method (once per order:
+        its id is the idempotency key); the payment intent's id. Its credits arrive by the verified
+        `payment_intent.succeeded` webhook. Raises PaymentDeclined when the card is refused."""
+        params: Any = {
+            "amount": order.amount_minor,
+            "currency": order.currency,
+            "customer": customer,
+            "payment_method": payment_method,
+            "off_session": True,
+            "confirm": True,
+            "metadata": {"order_id": order.order_id, "account": order.account, "charge": "off_session"},
+        }
+        async with _calling("create a payment"):
+            try:
+                made = await self.client.v1.payment_intents.create_async(
+                    params, {"idempotency_key": order.order_id}
+                )
+            except stripe.CardError as exc:
+                raise PaymentDeclined(exc.code or "card_declined") from None
+        return made.id
 
     async def refund(self, payment_intent: str, amount: int, reversal_id: str) -> str:
         """Refund `amount` minor units of `payment_intent`, once per `reversal_id`; the refund's id."""

@@ -9,7 +9,10 @@
   refund ('stripe:<refund id>'; an operator's refund carries its own reversal id in metadata);
 - `charge.dispute.created`: the disputed share is taken back ('stripe:<dispute id>');
 - `charge.dispute.closed` with status 'won': what that dispute took back is given back, once (a `refund`
-  grant, `Payments.restore`); a lost dispute changes nothing more.
+  grant, `Payments.restore`); a lost dispute changes nothing more;
+- `payment_intent.succeeded` / `payment_intent.payment_failed` of an off-session payment (auto-reload:
+  metadata.charge 'off_session' and order_id): the order lands (amount and currency checked), or fails
+  (`Payments.fail`). A checkout's own payment intent is left to its session's events.
 
 Anything else, or an order that is not ours, is an outcome to record, never an error."""
 
@@ -25,6 +28,7 @@ from .orders import Order
 from .stripe_adapter import RefundSeen, StripeAdapter
 
 PROVIDER = "stripe"
+OFF_SESSION = "off_session"  # metadata.charge of the payment intents StripeAdapter.charge_saved makes
 Outcome = tuple[str | None, str]  # (the order id, what happened)
 
 
@@ -60,6 +64,18 @@ class Dispute(msgspec.Struct):
     amount: int
     payment_intent: str | None = None
     status: str | None = None
+
+
+class PaymentError(msgspec.Struct):
+    code: str | None = None
+
+
+class Intent(msgspec.Struct):
+    id: str
+    amount: int | None = None
+    currency: str | None = None
+    metadata: dict[str, str] = {}
+    last_payment_error: PaymentError | None = None
 
 
 class EventData(msgspec.Struct):
@@ -99,6 +115,8 @@ class StripeEvents:
             "charge.refunded": self._refunded,
             "charge.dispute.created": self._disputed,
             "charge.dispute.closed": self._dispute_closed,
+            "payment_intent.succeeded": self._intent_paid,
+            "payment_intent.payment_failed": self._intent_failed,
         }
 
     async def apply(self, event: Event) -> Outcome:
@@ -188,3 +206,34 @@ class StripeEvents:
             return order.order_id, f"dispute_{dispute.status or 'closed'}"
         await self.payments.restore(order, f"stripe:{dispute.id}")
         return order.order_id, "restored"
+
+    async def _intent_order(self, raw: msgspec.Raw) -> tuple[Intent, Order | None, Outcome]:
+        intent = msgspec.json.decode(raw, type=Intent)
+        claimed = intent.metadata.get("order_id")
+        if intent.metadata.get("charge") != OFF_SESSION or not claimed or len(claimed) > 200:
+            return intent, None, (claimed, "ignored")  # a checkout's intent: its session's events count
+        order = await self.orders.get(claimed)
+        if order is None or order.provider != PROVIDER:
+            return intent, None, (claimed, "unknown_order")
+        if order.provider_ref is None:  # the intent was made but its id not stored yet
+            await self.orders.set_provider_ref(order.order_id, intent.id)
+        elif order.provider_ref != intent.id:
+            return intent, None, (order.order_id, "intent_mismatch")
+        return intent, order, (order.order_id, "")
+
+    async def _intent_paid(self, raw: msgspec.Raw) -> Outcome:
+        intent, order, outcome = await self._intent_order(raw)
+        if order is None:
+            return outcome
+        if intent.amount != order.amount_minor or (intent.currency or "").lower() != order.currency:
+            return order.order_id, "amount_mismatch"
+        landed = await self.payments.land(order, intent.id)
+        return order.order_id, "landed" if landed["credited"] else "already_landed"
+
+    async def _intent_failed(self, raw: msgspec.Raw) -> Outcome:
+        intent, order, outcome = await self._intent_order(raw)
+        if order is None:
+            return outcome
+        error = intent.last_payment_error
+        ended = await self.payments.fail(order, (error.code if error else None) or "payment_failed")
+        return order.order_id, "failed" if ended else "failed_ignored"

@@ -19,7 +19,8 @@ BALANCE_LOW = "balance.low"  # a low-balance threshold crossed (a rule's amount 
 SPEND_HIGH = "spend.high"  # spend in a day or a month crossed a cost alert's amount
 LOW_RUNWAY = "balance.low_runway"  # the balance no longer covers the next 48 h of recurring charges
 RELOAD_REQUESTED = "reload.requested"  # auto-reload crossed its threshold: one reload started
-RELOAD_FAILED = "reload.failed"
+RELOAD_SUCCEEDED = "reload.succeeded"  # its credits landed
+RELOAD_FAILED = "reload.failed"  # declined, a failed payment, or the operator reported it
 RELOAD_DISABLED = "reload.disabled"  # too many failures in a row: auto-reload turned off
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
