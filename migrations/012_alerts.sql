@@ -17,11 +17,18 @@ CREATE TABLE reload_settings (
     threshold         bigint NOT NULL CHECK (threshold > 0),     -- micro-credits
     credits           bigint NOT NULL CHECK (credits > 0),       -- micro-credits a reload buys
     method            text NOT NULL CHECK (method IN ('stripe', 'webhook')),
-    stripe_customer   text,                                      -- the saved payment method, at Stripe
-    stripe_payment_method text,
     failures          integer NOT NULL DEFAULT 0,                -- in a row; reset by a success
     disabled_reason   text,
     updated_at        timestamptz NOT NULL DEFAULT now()
+);
+
+-- An account's saved payment method at Stripe, for off-session payments: saved by a checkout that asked
+-- for it (save_payment_method), or set by the operator.
+CREATE TABLE payment_methods (
+    account_id      text COLLATE "C" PRIMARY KEY REFERENCES accounts (id),
+    customer        text NOT NULL,                               -- 'cus_...'
+    payment_method  text NOT NULL,                               -- 'pm_...'
+    saved_at        timestamptz NOT NULL DEFAULT now()
 );
 
 -- One row per crossing of a reload threshold (its id names the crossing: exactly one per crossing).

@@ -76,6 +76,7 @@ class FakeStripe:
         app.router.add_post("/v1/refunds", self._create_refund)
         app.router.add_get("/v1/refunds", self._list_refunds)
         app.router.add_post("/v1/payment_intents", self._create_intent)
+        app.router.add_get("/v1/payment_intents/{id}", self._get_intent)
         return app
 
     async def _call(self, request: web.Request) -> Call | web.Response:
@@ -107,6 +108,9 @@ class FakeStripe:
             "payment_status": "unpaid",
             "status": "open",
             "payment_intent": None,
+            "customer": None,
+            "customer_creation": form.get("customer_creation"),
+            "setup_future_usage": form.get("payment_intent_data", {}).get("setup_future_usage"),
         }
         self.sessions[session_id] = session
         return session
@@ -147,6 +151,15 @@ class FakeStripe:
 
         return self._once(call, intent)
 
+    async def _get_intent(self, request: web.Request) -> web.Response:
+        call = await self._call(request)
+        if isinstance(call, web.Response):
+            return call
+        intent = self.intents.get(request.match_info["id"])
+        if intent is None:
+            return _error(404, "invalid_request_error", "resource_missing")
+        return web.json_response(intent)
+
     async def _create_refund(self, request: web.Request) -> web.Response:
         call = await self._call(request)
         if isinstance(call, web.Response):
@@ -183,7 +196,20 @@ class FakeStripe:
     def pay(self, session_id: str, status: str = "paid") -> dict[str, Any]:
         """The customer pays on the hosted page: the session (as its completed event carries it)."""
         session = self.sessions[session_id]
-        session.update(payment_status=status, status="complete", payment_intent=self.new_id("pi"))
+        intent = self.new_id("pi")
+        session.update(payment_status=status, status="complete", payment_intent=intent)
+        if session["customer_creation"] == "always":
+            session["customer"] = self.new_id("cus")
+        self.intents[intent] = {
+            "id": intent,
+            "object": "payment_intent",
+            "amount": session["amount_total"],
+            "currency": session["currency"],
+            "customer": session["customer"],
+            "payment_method": self.new_id("pm"),
+            "status": "succeeded" if status == "paid" else "processing",
+            "metadata": {},
+        }
         return dict(session)
 
     def refund_in_dashboard(self, payment_intent: str, amount: int) -> dict[str, Any]:

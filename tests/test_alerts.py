@@ -354,3 +354,37 @@ async def test_a_client_cannot_name_a_payment_method(quiet: Sidecar) -> None:
     resp = await quiet.client.put("/v1/credits/auto-reload", json=body, headers=auth(key))
     assert resp.status == 400
     assert (await resp.json())["error"]["param"] == "method"
+
+
+async def test_a_checkout_that_saves_the_card_lets_the_client_turn_on_auto_reload(
+    shop: Sidecar, fake_stripe: FakeStripe
+) -> None:
+    account, key = await shop.account(0)
+    reload = {"enabled": True, "threshold": 20 * C, "credits": 50 * C, "method": "stripe"}
+    resp = await shop.client.put("/v1/credits/auto-reload", json=reload, headers=auth(key))
+    assert resp.status == 400  # no saved card yet
+    resp = await shop.client.post(
+        "/v1/credits/checkout", json={"package": "starter", "save_payment_method": True}, headers=auth(key)
+    )
+    assert resp.status == 201
+    made = await resp.json()
+    session = fake_stripe.sessions[made["session_id"]]
+    assert session["setup_future_usage"] == "off_session"
+    assert session["customer_creation"] == "always"
+    status, _ = await post_event(
+        shop.client, event("checkout.session.completed", fake_stripe.pay(made["session_id"]))
+    )
+    assert status == 200
+    resp = await shop.client.put("/v1/credits/auto-reload", json=reload, headers=auth(key))
+    assert resp.status == 200, await resp.text()
+    view = await resp.json()
+    assert view["payment_method_saved"] is True
+    await spend(shop, account, (await shop.balance(account))["balance"] - 10 * C)
+    await flush(shop)
+    await reloads(shop).run_pass()
+    paid_with = fake_stripe.intents[fake_stripe.sessions[made["session_id"]]["payment_intent"]]
+    (reload_intent,) = [
+        i for i in fake_stripe.intents.values() if i["metadata"].get("charge") == "off_session"
+    ]
+    assert reload_intent["payment_method"] == paid_with["payment_method"]
+    assert reload_intent["customer"] == session["customer"]

@@ -21,6 +21,7 @@ from .packages import catalog, purchase_of
 class CheckoutBody(msgspec.Struct, forbid_unknown_fields=True):
     package: str | None = None
     amount: Annotated[int, msgspec.Meta(ge=0)] | None = None  # minor units
+    save_payment_method: bool = False  # keep the card at Stripe for auto-reload (off-session payments)
 
 
 async def packages(request: web.Request) -> web.Response:
@@ -45,7 +46,11 @@ async def checkout(request: web.Request) -> web.Response:
         package=purchase.package,
     )
     session = await stripe.create_session(
-        order, purchase.name, settings.checkout_success_url, settings.checkout_cancel_url
+        order,
+        purchase.name,
+        settings.checkout_success_url,
+        settings.checkout_cancel_url,
+        save_method=body.save_payment_method,
     )
     await orders.set_provider_ref(order.order_id, session.session_id)
     return web.json_response(

@@ -54,8 +54,11 @@ class StripeAdapter:
     async def close(self) -> None:
         await self.http.close_async()  # type: ignore[no-untyped-call]
 
-    async def create_session(self, order: Order, name: str, success_url: str, cancel_url: str) -> Session:
-        """A hosted Checkout Session that sells `order` (once per order: its id is the idempotency key)."""
+    async def create_session(
+        self, order: Order, name: str, success_url: str, cancel_url: str, *, save_method: bool = False
+    ) -> Session:
+        """A hosted Checkout Session that sells `order` (once per order: its id is the idempotency key).
+        With `save_method` Stripe keeps the card on a customer for later off-session payments."""
         params: Any = {
             "mode": "payment",
             "client_reference_id": order.order_id,
@@ -74,6 +77,10 @@ class StripeAdapter:
             "success_url": success_url,
             "cancel_url": cancel_url,
         }
+        if save_method:
+            params["payment_intent_data"]["setup_future_usage"] = "off_session"
+            params["customer_creation"] = "always"
+            params["metadata"]["save_payment_method"] = "1"
         async with _calling("create a checkout session"):
             made = await self.client.v1.checkout.sessions.create_async(
                 params, {"idempotency_key": order.order_id}
@@ -101,6 +108,13 @@ class StripeAdapter:
             except stripe.CardError as exc:
                 raise PaymentDeclined(exc.code or "card_declined") from None
         return made.id
+
+    async def payment_method_of(self, payment_intent: str) -> str | None:
+        """The payment method a payment intent was paid with (to save it for off-session payments)."""
+        async with _calling("read a payment"):
+            intent = await self.client.v1.payment_intents.retrieve_async(payment_intent)
+        method = intent.payment_method
+        return method if isinstance(method, str) else (method.id if method is not None else None)
 
     async def refund(self, payment_intent: str, amount: int, reversal_id: str) -> str:
         """Refund `amount` minor units of `payment_intent`, once per `reversal_id`; the refund's id."""

@@ -3,7 +3,8 @@
 
 - `checkout.session.completed` (payment_status 'paid') and `checkout.session.async_payment_succeeded`:
   the order (metadata.order_id, else client_reference_id; its session id must match) lands, when the
-  session's amount_total and currency are the order's (else 'amount_mismatch', nothing credited);
+  session's amount_total and currency are the order's (else 'amount_mismatch', nothing credited); a
+  checkout that asked to save the card saves its customer and payment method (methods.py);
 - `checkout.session.expired` / `checkout.session.async_payment_failed`: a pending order ends;
 - `charge.refunded`: each refund of the charge takes back its share of the order's credits, once per
   refund ('stripe:<refund id>'; an operator's refund carries its own reversal id in metadata);
@@ -23,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from ..errors import BadRequest
+from . import methods
 from .landing import Payments
 from .orders import Order
 from .stripe_adapter import RefundSeen, StripeAdapter
@@ -40,6 +42,7 @@ class Session(msgspec.Struct):
     payment_intent: str | None = None
     amount_total: int | None = None
     currency: str | None = None
+    customer: str | None = None
 
 
 class Refund(msgspec.Struct):
@@ -153,7 +156,15 @@ class StripeEvents:
         if s.amount_total != order.amount_minor or (s.currency or "").lower() != order.currency:
             return order.order_id, "amount_mismatch"
         landed = await self.payments.land(order, s.payment_intent)
+        if s.metadata.get("save_payment_method") == "1" and s.customer and s.payment_intent:
+            await self._save_method(order, s.customer, s.payment_intent)
         return order.order_id, "landed" if landed["credited"] else "already_landed"
+
+    async def _save_method(self, order: Order, customer: str, payment_intent: str) -> None:
+        """The card the checkout asked to keep becomes the account's saved method (auto-reload)."""
+        method = await self.adapter.payment_method_of(payment_intent) if self.adapter else None
+        if method:
+            await methods.save(self.orders.pool, order.account, methods.checked(customer, method))
 
     async def _ended(self, raw: msgspec.Raw, status: str) -> Outcome:
         order, outcome = await self._session_order(msgspec.json.decode(raw, type=Session))

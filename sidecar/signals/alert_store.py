@@ -10,6 +10,7 @@ import msgspec
 
 from ..errors import BadRequest, UnknownAccount
 from ..money import MAX_MICRO
+from ..payments import methods
 from . import alert_rules
 from .alert_rules import Rule
 from .alert_settings import AlertSettings
@@ -80,6 +81,7 @@ class AlertStore:
         async with self.pool.acquire() as conn:
             await _known(conn, account)
             row = await conn.fetchrow("SELECT * FROM reload_settings WHERE account_id = $1", account)
+            method = await methods.saved(conn, account)
             recent = await conn.fetch(
                 "SELECT reload_id, status, credits, order_id, error, created_at, finished_at FROM reloads"
                 " WHERE account_id = $1 ORDER BY created_at DESC LIMIT 10",
@@ -92,10 +94,10 @@ class AlertStore:
                 threshold=row["threshold"],
                 credits=row["credits"],
                 method=row["method"],
-                payment_method_saved=row["stripe_payment_method"] is not None,
                 failures=row["failures"],
                 disabled_reason=row["disabled_reason"],
             )
+        out["payment_method_saved"] = method is not None
         out["reloads"] = [reload_view(r) for r in recent]
         return out
 
@@ -109,30 +111,26 @@ class AlertStore:
                 " (reload_min_credits, reload_max_credits).",
                 param="credits",
             )
-        operator = isinstance(body, OperatorReloadBody)
-        customer = body.stripe_customer if isinstance(body, OperatorReloadBody) else None
-        method = body.stripe_payment_method if isinstance(body, OperatorReloadBody) else None
+        given = None
+        if isinstance(body, OperatorReloadBody) and (body.stripe_customer or body.stripe_payment_method):
+            given = methods.checked(body.stripe_customer or "", body.stripe_payment_method or "")
         async with self.pool.acquire() as conn, conn.transaction():
             await _known(conn, account)
-            saved = await conn.fetchrow(
-                "SELECT stripe_customer, stripe_payment_method FROM reload_settings WHERE account_id = $1",
-                account,
-            )
-            if not operator and saved is not None:
-                customer, method = saved["stripe_customer"], saved["stripe_payment_method"]
-            if body.enabled and body.method == "stripe" and not (customer and method):
+            if given is not None:
+                await methods.save(conn, account, given)
+            if body.enabled and body.method == "stripe" and await methods.saved(conn, account) is None:
                 raise BadRequest(
-                    "Auto-reload by Stripe needs a saved payment method (the operator sets it).",
+                    "Auto-reload by Stripe needs a saved payment method: buy credits once with"
+                    " save_payment_method, or the operator sets one.",
                     param="method",
                 )
             await conn.execute(
-                "INSERT INTO reload_settings (account_id, enabled, threshold, credits, method,"
-                " stripe_customer, stripe_payment_method) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                " ON CONFLICT (account_id) DO UPDATE SET enabled = $2, threshold = $3, credits = $4,"
-                " method = $5, stripe_customer = $6, stripe_payment_method = $7, updated_at = now(),"
+                "INSERT INTO reload_settings (account_id, enabled, threshold, credits, method)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account_id) DO UPDATE SET enabled = $2,"
+                " threshold = $3, credits = $4, method = $5, updated_at = now(),"
                 " failures = CASE WHEN $2 THEN 0 ELSE reload_settings.failures END,"
                 " disabled_reason = CASE WHEN $2 THEN NULL ELSE reload_settings.disabled_reason END",
-                account, body.enabled, body.threshold, body.credits, body.method, customer, method,
+                account, body.enabled, body.threshold, body.credits, body.method,
             )  # fmt: skip
         return await self.reload(account)
 

@@ -64,8 +64,9 @@ class Reloads:
     async def start(self, reload_id: str) -> int:
         async with self.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow(
-                "SELECT r.reload_id, r.account_id, r.method, r.credits, s.enabled, s.stripe_customer,"
-                " s.stripe_payment_method FROM reloads r LEFT JOIN reload_settings s USING (account_id)"
+                "SELECT r.reload_id, r.account_id, r.method, r.credits, s.enabled, m.customer,"
+                " m.payment_method FROM reloads r LEFT JOIN reload_settings s USING (account_id)"
+                " LEFT JOIN payment_methods m USING (account_id)"
                 " WHERE r.reload_id = $1 AND r.status = 'requested' FOR UPDATE OF r SKIP LOCKED",
                 reload_id,
             )
@@ -85,13 +86,13 @@ class Reloads:
             )  # fmt: skip
             if r["method"] == "stripe":
                 adapter = self.stripe()
-                if adapter is None:
-                    await self._end(conn, r, "Stripe is off (stripe_api_key)", count=True, order=order)
+                if adapter is None or r["payment_method"] is None:
+                    await self._end(
+                        conn, r, "Stripe is off, or no payment method is saved", count=True, order=order
+                    )
                     return 1
                 try:
-                    intent = await adapter.charge_saved(
-                        order, r["stripe_customer"] or "", r["stripe_payment_method"] or ""
-                    )
+                    intent = await adapter.charge_saved(order, r["customer"], r["payment_method"])
                 except PaymentDeclined as exc:
                     await self._end(conn, r, f"declined: {exc.code}", count=True, order=order)
                     return 1
