@@ -57,4 +57,8 @@ class Feature:
 
 def features() -> list[Feature]:
     """Every feature, in start order (imported here, late, so a feature may import app-level modules)."""
-    return []
+    from .signals import routes as signals
+
+    return [
+        Feature("signal-delivery", signals.add_routes, signals.add_admin_routes, signals.start),
+    ]
