@@ -66,6 +66,7 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set by each verified POST
+    stall: asyncio.Event | None = None  # when given, each answer waits for it
 
     @property
     def url(self) -> str:
@@ -74,6 +75,8 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if self.stall is not None:
+            await self.stall.wait()
         try:
             signed_at = verify(
                 request.headers.get("creditgate-signature"),

@@ -207,6 +207,46 @@ async def test_two_workers_on_one_table_deliver_each_event_once(
     assert second.courier.sent["delivered"] > 0
 
 
+async def test_a_row_another_worker_holds_is_skipped_not_waited_for(
+    pool: asyncpg.Pool, receiver: Receiver, clock: Clock
+) -> None:
+    w = worker(pool, signal_settings(**hooked(receiver)), clock)
+    await emit(pool, w.log, low(n=1))
+    await emit(pool, w.log, low(n=2))
+    [held] = await deliveries_of(pool, low(n=1).id)
+    async with pool.acquire() as other, other.transaction():  # another sidecar mid-claim
+        await other.execute(
+            "SELECT 1 FROM signal_deliveries WHERE delivery_id = $1 FOR UPDATE", held["delivery_id"]
+        )
+        async with asyncio.timeout(5):  # a claim that waited for the lock would hang here
+            assert await w.courier.step() == 1
+    assert receiver.event_ids() == [low(n=2).id]
+    assert await w.courier.step() == 1  # released: now it is claimed
+    assert receiver.event_ids() == [low(n=2).id, low(n=1).id]
+
+
+async def test_a_receiver_too_slow_or_gone_is_retried(
+    pool: asyncpg.Pool, receiver: Receiver, clock: Clock
+) -> None:
+    receiver.stall = asyncio.Event()
+    w = worker(pool, signal_settings(**hooked(receiver, signal_webhook_timeout_seconds=0.3)), clock)
+    await emit(pool, w.log, low())
+    assert await w.courier.step() == 1  # the receiver answers nothing in time
+    receiver.stall.set()
+    [row] = await deliveries_of(pool, low().id)
+    assert (row["status"], row["last_error"]) == ("pending", "TimeoutError")
+    [attempt] = await attempts_of(pool, row["delivery_id"])
+    assert attempt["reply"] is None
+    assert attempt["duration_ms"] >= 250
+
+    gone = worker(pool, signal_settings(**hooked(receiver, signal_webhook_url="http://127.0.0.1:9/x")), clock)
+    await emit(pool, gone.log, low(n=2))
+    assert await gone.courier.step() == 1
+    [row] = await deliveries_of(pool, low(n=2).id)
+    assert row["status"] == "pending"
+    assert row["last_error"].startswith("ClientConnectorError")
+
+
 async def test_an_event_type_not_chosen_is_not_delivered(
     pool: asyncpg.Pool, receiver: Receiver, clock: Clock
 ) -> None:

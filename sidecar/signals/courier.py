@@ -65,8 +65,10 @@ class Courier:
         claimed = await self.deliveries.claim(
             self.deliveries.clock(), self.lease, self.settings.signal_delivery_batch
         )
-        if claimed:
-            await asyncio.gather(*(self.attempt(c) for c in claimed))
+        done = await asyncio.gather(*(self.attempt(c) for c in claimed), return_exceptions=True)
+        for c, failed in zip(claimed, done, strict=True):
+            if isinstance(failed, BaseException):  # not recorded: due again when its lease runs out
+                log.error("recording a delivery of event %s failed: %r", c.event.id, failed)
         return len(claimed)
 
     async def attempt(self, claimed: Claimed) -> None:
@@ -79,7 +81,10 @@ class Courier:
             else:
                 result = Result(False, None, f"unknown channel {claimed.channel!r}")
         except (aiohttp.ClientError, aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            result = Result(False, None, f"{type(exc).__name__}: {exc}")
+            result = Result(False, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        except Exception as exc:  # anything else a send meets is a failed attempt too, retried
+            log.exception("sending event %s by %s failed unexpectedly", claimed.event.id, claimed.channel)
+            result = Result(False, None, type(exc).__name__)
         duration_ms = int((time.perf_counter() - started) * 1000)
         now = self.deliveries.clock()
         outcome, next_at = self.schedule.outcome(
