@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 DELIVERIES = web.AppKey("signal_deliveries", Deliveries)
 COURIER = web.AppKey("signal_courier", Courier)
 MAX_LIMIT = 500
+CLIENT_FIELDS = ("channel", "status", "attempts", "delivered_at")
 
 
 class ContactBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -82,6 +83,8 @@ async def _one(request: web.Request, account: str | None) -> web.Response:
         if found is None or (account is not None and found.account != account):
             raise NotFound(f"No event {event_id!r}.", param="event_id")
         log = await deliveries.log_of(conn, event_id)
+    if account is not None:  # a client sees how its event went, not the operator's targets or errors
+        log = [{k: d[k] for k in CLIENT_FIELDS} for d in log]
     return _json({**found.body(), "deliveries": log})
 
 
