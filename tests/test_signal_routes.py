@@ -95,6 +95,9 @@ async def test_the_admin_event_log_and_replay(
     assert (delivery["status"], delivery["attempts"], delivery["last_error"]) == ("delivered", 2, None)
     assert [a["outcome"] for a in delivery["log"]] == ["retry", "delivered"]
     assert receiver.event_ids() == [low(account).id, low(other).id, low(account).id]
+    scraped = await (await sidecar.health.get("/metrics")).text()
+    assert 'creditgate_signal_deliveries_total{channel="webhook",outcome="retry"} 1.0' in scraped
+    assert 'creditgate_signal_deliveries_total{channel="webhook",outcome="delivered"} 2.0' in scraped
 
     for path, status in [("/events/nope", 404), ("/events/nope/replay", 404), ("/events?limit=0", 400)]:
         method = "POST" if path.endswith("replay") else "GET"

@@ -14,6 +14,7 @@ from email.utils import make_msgid
 
 import aiohttp
 import aiosmtplib
+from prometheus_client import Counter
 
 from . import letters
 from .deliveries import EMAIL, WEBHOOK, Claimed, Deliveries
@@ -32,7 +33,11 @@ class Result:
 
 class Courier:
     def __init__(
-        self, deliveries: Deliveries, settings: SignalSettings, session: aiohttp.ClientSession | None = None
+        self,
+        deliveries: Deliveries,
+        settings: SignalSettings,
+        session: aiohttp.ClientSession | None = None,
+        counter: Counter | None = None,  # creditgate_signal_deliveries_total{channel, outcome}
     ) -> None:
         self.deliveries, self.settings = deliveries, settings
         self.schedule = Schedule(
@@ -43,7 +48,7 @@ class Courier:
         # A worker that dies mid-send leaves its deliveries due again after this.
         longest = max(settings.signal_webhook_timeout_seconds, settings.smtp_timeout_seconds)
         self.lease = dt.timedelta(seconds=2 * longest + 60)
-        self._session = session
+        self._session, self.counter = session, counter
         self.sent = dict.fromkeys(("delivered", "retry", "failed"), 0)
 
     @property
@@ -94,6 +99,8 @@ class Courier:
             claimed, outcome, next_at, at=at, reply=result.reply, error=result.error, duration_ms=duration_ms
         )
         self.sent[outcome] += 1
+        if self.counter is not None:
+            self.counter.labels(claimed.channel, outcome).inc()
         if outcome == "failed":
             log.error(
                 "gave up delivering event %s by %s after %d attempts: %s",

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
+from prometheus_client import Counter
 
 from ..errors import BadRequest, NotFound, ServiceUnavailable
+from ..metrics import METRICS
 from ..wallet_api import WALLET_OPS
 from . import events
 from .courier import Courier
@@ -33,7 +35,14 @@ class ContactBody(msgspec.Struct, forbid_unknown_fields=True):
 async def start(app: web.Application, running: Running) -> None:
     deliveries = Deliveries(running.services.store.pool, running.settings)
     running.events.on_emit.append(deliveries.fan_out)  # in the emitting transaction
-    courier = Courier(deliveries, running.settings)  # its own HTTP session: receivers never hold upstreams
+    counter = Counter(
+        "creditgate_signal_deliveries",
+        "Signal delivery attempts, by channel and outcome (delivered, retry, failed: given up)",
+        ["channel", "outcome"],
+        registry=app[METRICS].registry,
+    )
+    # Its own HTTP session: a slow receiver never holds the upstreams' connections.
+    courier = Courier(deliveries, running.settings, counter=counter)
     app[DELIVERIES], app[COURIER] = deliveries, courier
     running.closers.append(courier.close)
     if running.node_tasks and deliveries.channels:
