@@ -13,6 +13,7 @@ import pytest
 
 from sidecar.config import load_settings
 from sidecar.errors import ConfigError
+from sidecar.logs import formatter, secrets_of
 from sidecar.signals.events import Event
 from sidecar.signals.schedule import Schedule
 
@@ -332,3 +333,21 @@ def test_a_webhook_url_needs_its_secret_and_a_day_of_retries() -> None:
     assert short.value.param == "signal_retry_hours"
     loaded = load_settings(environ={"CREDITGATE_SIGNAL_WEBHOOK_EVENTS": "balance.low,reload.failed"})
     assert loaded.signal_webhook_events == ["balance.low", "reload.failed"]
+
+
+def test_the_settings_line_at_debug_shows_no_signal_secret() -> None:
+    """At DEBUG the settings in effect are logged; the formatter redacts the webhook secret, the SMTP
+    password and a password in the webhook URL."""
+    settings = signal_settings(
+        signal_webhook_url="https://hooks:url-pass-789@hooks.example.com/in",
+        signal_webhook_secret=WEBHOOK_SECRET,
+        smtp_host="mail.example.com",
+        smtp_username=SMTP_USER,
+        smtp_password=SMTP_PASSWORD,
+    )
+    assert {WEBHOOK_SECRET, SMTP_PASSWORD, "url-pass-789"} <= set(secrets_of(settings))
+    line = logging.LogRecord("t", logging.DEBUG, __file__, 1, "settings: %s", (repr(settings),), None)
+    out = formatter(settings).format(line)
+    assert "signal_webhook_secret" in out
+    for secret in (WEBHOOK_SECRET, SMTP_PASSWORD, "url-pass-789"):
+        assert secret not in out
