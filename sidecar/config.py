@@ -42,7 +42,7 @@ __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
 class Settings(AlertSettings, kw_only=True, forbid_unknown_fields=True):
-    # (inherited: payments/settings.py, signals/alert_settings.py)
+    # (inherited: payments/settings.py < signals/settings.py < signals/alert_settings.py, a chain)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080

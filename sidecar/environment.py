@@ -20,6 +20,8 @@ _LISTS = {
     "cache_routes",
     "forward_request_headers",
     "relay_response_headers",
+    "signal_email_events",
+    "signal_webhook_events",
     "stripe_webhook_secrets",
     "top_up_amounts",
 }

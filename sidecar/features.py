@@ -64,5 +64,9 @@ class Feature:
 def features() -> list[Feature]:
     """Every feature, in start order (imported here, late, so a feature may import app-level modules)."""
     from .signals import alerts_api
+    from .signals import routes as signals
 
-    return [alerts_api.FEATURE]
+    return [
+        Feature("signal-delivery", signals.add_routes, signals.add_admin_routes, signals.start),
+        alerts_api.FEATURE,
+    ]

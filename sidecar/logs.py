@@ -53,8 +53,14 @@ def secrets_of(settings: Settings) -> list[str]:
     passwords."""
     found = [settings.admin_token or "", settings.upstream_api_key or ""]
     found.append(settings.account_header_secret or "")
+    found += [settings.signal_webhook_secret or "", settings.smtp_password or ""]  # signals/settings.py
     found += [conf.key() or "" for conf in settings.upstream_table().values()]
-    for url in (settings.redis_url, settings.database_url, settings.upstream_url):
+    for url in (
+        settings.redis_url,
+        settings.database_url,
+        settings.upstream_url,
+        settings.signal_webhook_url,
+    ):
         if url:
             parts = urlsplit(url)
             found.append(parts.password or "")

@@ -27,6 +27,7 @@ from .redis_client import RedisClient
 from .redis_client import connect_redis as connect_redis
 from .replicas import ReplicaWait
 from .signals.alerts import Alerts
+from .signals.deliveries import Deliveries
 from .signals.events import EventLog
 from .wallet import DAY_MS, WalletPolicy
 
@@ -45,6 +46,14 @@ class Services:
     accounts: AccountDirectory
     # Every process emits through one event log, so each fans events out to delivery the same way.
     events: EventLog = field(default_factory=EventLog)
+
+    deliveries: Deliveries = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Each new event gets its pending deliveries in the emitting transaction (signals/deliveries.py),
+        # in whichever process emits it (a serving process, `creditgate flush`, a CLI verb).
+        self.deliveries = Deliveries(self.store.pool, self.settings)
+        self.events.on_emit.append(self.deliveries.fan_out)
 
     @property
     def admin(self) -> AdminOps:

@@ -17,10 +17,14 @@ import pytest
 from sidecar.outbox import UsageEvent
 from sidecar.signals.alerts_api import RELOADS
 from sidecar.signals.reloads import Reloads
+from sidecar.signals.routes import COURIER, DELIVERIES
 
 from .conftest import Sidecar, SidecarFactory
+from .support_signals import WEBHOOK_SECRET, Clock, Receiver, clock, receiver
 from .support_stripe import FakeStripe, event, post_event, stripe_settings
 from .support_stripe import fake_stripe as fake_stripe  # the fixture
+
+__all__ = ["clock", "receiver"]  # fixtures
 
 pytestmark = pytest.mark.topologies
 C = 1_000_000
@@ -85,6 +89,27 @@ async def test_a_low_balance_rule_fires_once_per_crossing_and_again_after_a_top_
     low = await events(quiet, account, "balance.low")
     assert [e["rule"]["percent"] for e in low] == [20, 5, 20]
     assert len({e["id"] for e in low}) == 3
+
+
+async def test_a_crossing_reaches_the_operators_webhook_signed(
+    make_sidecar: SidecarFactory, receiver: Receiver
+) -> None:
+    sc = await make_sidecar(
+        flusher_enabled=False,
+        signal_webhook_url=receiver.url,
+        signal_webhook_secret=WEBHOOK_SECRET,
+        signal_delivery_interval_seconds=3600,  # the test steps the courier
+    )
+    now = Clock(sc.client.app[DELIVERIES].clock())
+    sc.client.app[DELIVERIES].clock = receiver.clock = now
+    account, _ = await sc.account(10 * C)
+    await spend(sc, account, 9 * C)
+    await flush(sc)
+    await sc.client.app[COURIER].step()
+    (body,) = receiver.bodies()
+    assert body["type"] == "balance.low"
+    assert body["account"] == account
+    assert body["data"]["balance"] == 1 * C
 
 
 async def test_a_replayed_batch_fires_nothing_more(quiet: Sidecar) -> None:

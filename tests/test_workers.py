@@ -102,6 +102,11 @@ async def test_two_workers_answer_on_one_port_and_only_one_flushes(
     redis_url: str, database_url: str, redis_client: Redis, prefix: str, tmp_path: Path, upstream: Upstream
 ) -> None:
     env = workers_env(redis_url, database_url, prefix, upstream.url)
+    # A webhook channel: its delivery worker is a node task too (nothing is emitted, nothing is sent).
+    env |= {
+        "CREDITGATE_SIGNAL_WEBHOOK_URL": "http://127.0.0.1:9/hooks",
+        "CREDITGATE_SIGNAL_WEBHOOK_SECRET": "s",
+    }
     # A connection per request, so that the kernel spreads them over the workers.
     connector = aiohttp.TCPConnector(force_close=True)
     async with serve_process(env, tmp_path) as (served, url), aiohttp.ClientSession(connector=connector) as s:
@@ -127,9 +132,10 @@ async def test_two_workers_answer_on_one_port_and_only_one_flushes(
             for r in records(served)
             if r["msg"].startswith("background tasks:")
         }
-        assert tasks == {  # the node's flusher, reconciler and hold reaper: in worker 0 only
+        assert tasks == {  # the node's flusher, reconciler, reaper, deliveries, reloads: worker 0 only
             started[0][0]: (
-                "lease-renewal, hold-reaper, wallet-sweeper, settlement-retry, reconciler, flusher"
+                "lease-renewal, hold-reaper, wallet-sweeper, settlement-retry, reconciler, flusher,"
+                " signal-delivery, auto-reload"
             ),
             started[1][0]: "lease-renewal, settlement-retry",
         }

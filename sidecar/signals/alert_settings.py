@@ -7,12 +7,12 @@ from typing import Annotated
 
 import msgspec
 
-from ..payments.settings import PaymentSettings
+from .settings import SignalSettings
 
 Percent = Annotated[int, msgspec.Meta(ge=1, le=100)]
 
 
-class AlertSettings(PaymentSettings, kw_only=True):  # msgspec: one base with fields, so a chain
+class AlertSettings(SignalSettings, kw_only=True):  # msgspec: one base with fields, so a chain
     # Alerts: read by the flusher from each settle. The default low-balance rules of every account (its
     # own rules come on top, unless it turns the defaults off): whole percents of its last top-up.
     alerts_enabled: bool = True
