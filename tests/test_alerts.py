@@ -112,6 +112,20 @@ async def test_a_crossing_reaches_the_operators_webhook_signed(
     assert body["data"]["balance"] == 1 * C
 
 
+async def test_running_dry_tells_the_operator_once_per_time(quiet: Sidecar) -> None:
+    account, _ = await quiet.account(10 * C)
+    await spend(quiet, account, 4 * C)
+    await spend(quiet, account, 6 * C)  # 0: new work now gets a 402
+    await spend(quiet, account, 1 * C)  # a settle past its hold may still go below: not a new crossing
+    await flush(quiet)
+    (dry,) = await events(quiet, account, "balance.depleted")
+    assert dry["balance"] == 0
+    await grant(quiet, account, 5 * C)  # 4
+    await spend(quiet, account, 5 * C)
+    await flush(quiet)
+    assert [e["balance"] for e in await events(quiet, account, "balance.depleted")] == [0, -1 * C]
+
+
 async def test_a_replayed_batch_fires_nothing_more(quiet: Sidecar) -> None:
     account, _ = await quiet.account(10 * C)
     await spend(quiet, account, 9 * C)  # 1 left: below 2 (20%) and below 0.5 (5%)? 1 >= 0.5: only 20%

@@ -21,7 +21,7 @@ import msgspec
 from ..outbox import Observation
 from . import alert_rules
 from .alert_rules import LOW_KINDS, SPEND_KINDS, Rule
-from .events import BALANCE_LOW, SPEND_HIGH, Event, EventLog
+from .events import BALANCE_DEPLETED, BALANCE_LOW, SPEND_HIGH, Event, EventLog
 
 log = logging.getLogger("creditgate.alerts")
 TOP_UP_KINDS = ["purchase", "grant", "subscription", "starter"]
@@ -88,6 +88,11 @@ class Alerts:
                     await self._emit(
                         conn, f"{BALANCE_LOW}:{account}:{rule.id}:{o.entry_id}", BALANCE_LOW, account, data
                     )
+            if alert_rules.crossed(o.before, o.after, 1):  # to zero: what runs on is the operator's call
+                data = {"balance": o.after, "charge": o.charge}
+                await self._emit(
+                    conn, f"{BALANCE_DEPLETED}:{account}:{o.entry_id}", BALANCE_DEPLETED, account, data
+                )
             if sig.reload_threshold and alert_rules.crossed(o.before, o.after, sig.reload_threshold):
                 await self._reload(conn, account, sig, o)
         spend_rules = [r for r in sig.rules if r.kind in SPEND_KINDS]
