@@ -57,4 +57,8 @@ class Feature:
 
 def features() -> list[Feature]:
     """Every feature, in start order (imported here, late, so a feature may import app-level modules)."""
-    return []
+    from .metering import meters_api
+
+    return [
+        Feature("meters", meters_api.routes, meters_api.admin_routes, meters_api.start),
+    ]
