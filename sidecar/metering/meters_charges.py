@@ -109,14 +109,10 @@ class MeterCharges:
     async def _claim(self, now_ms: int, blocked: set[str]) -> list[Meter]:
         """Step 1 for a batch of due meters: their next period's pending record, committed."""
         async with self.pool.acquire() as conn, conn.transaction():
-            due = [
-                m
-                for m in await store.lock_due(conn, now_ms, BATCH + len(blocked))
-                if m.meter_id not in blocked
-            ]
-            for m in due[:BATCH]:
+            due = await store.lock_due(conn, now_ms, BATCH, sorted(blocked))
+            for m in due:
                 await store.add_pending(conn, m, self.wall() + self.marker_ms)
-        return due[:BATCH]
+        return due
 
     async def charge(self, meter_id: str, period: int, now_ms: int) -> Outcome:
         """Step 2: move the money of the meter's pending period `period` and record it."""

@@ -155,13 +155,15 @@ async def lock(conn: Connection, meter_id: str) -> Meter | None:
     return _meter(row) if row else None
 
 
-async def lock_due(conn: Connection, now_ms: int, limit: int) -> list[Meter]:
-    """Meters with a period due by `now_ms` that no other transaction holds, locked (oldest due first)."""
+async def lock_due(conn: Connection, now_ms: int, limit: int, skip: list[str]) -> list[Meter]:
+    """Meters with a period due by `now_ms` that no other transaction holds, locked (oldest due first),
+    but those in `skip` (not even locked: another worker may be charging them)."""
     rows = await conn.fetch(
         f"SELECT {_COLUMNS} FROM meters m WHERE next_due_ms IS NOT NULL AND next_due_ms <= $1"
-        " ORDER BY next_due_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
+        " AND NOT (meter_id = ANY($3::text[])) ORDER BY next_due_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
         now_ms,
         limit,
+        skip,
     )
     return [_meter(r) for r in rows]
 
