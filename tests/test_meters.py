@@ -4,18 +4,19 @@ periods driven by a controlled clock (the worker takes `now` from it; nothing sl
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
 import pytest
 
-from sidecar.app import FLUSHER
+from sidecar.app import FLUSHER, create_app
 from sidecar.metering import meters_periods as periods
 from sidecar.metering.meters_api import METERS, Meters
 from sidecar.metering.meters_charges import MeterCharges
 from sidecar.signals.events import EventLog, events_of
 
-from .conftest import Sidecar, SidecarFactory
+from .conftest import Sidecar, SidecarFactory, make_settings
 from .support_wallet import T0, Clock
 
 pytestmark = pytest.mark.topologies
@@ -284,3 +285,16 @@ def test_period_arithmetic() -> None:
     assert periods.next_due("period", T0, "90s", 2, None) == T0 + 180_000
     with pytest.raises(ValueError, match="period"):
         periods.period_of("fortnight")
+
+
+async def test_the_worker_runs_where_node_tasks_run(
+    redis_url: str, database_url: str, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="creditgate.app")
+    for node_tasks in (True, False):
+        caplog.clear()
+        settings = make_settings(redis_url, database_url, meter_charge_interval_seconds=30)
+        client = await aiohttp_client(create_app(settings, node_tasks=node_tasks))
+        [started] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("background tasks")]
+        assert ("meter-charges" in started.split(", ")) is node_tasks, started
+        await client.close()
