@@ -127,9 +127,10 @@ async def test_two_workers_answer_on_one_port_and_only_one_flushes(
             for r in records(served)
             if r["msg"].startswith("background tasks:")
         }
-        assert tasks == {  # the node's flusher, reconciler and hold reaper: in worker 0 only
+        assert tasks == {  # the node's flusher, reconciler, hold reaper and meter charges: in worker 0 only
             started[0][0]: (
-                "lease-renewal, hold-reaper, wallet-sweeper, settlement-retry, reconciler, flusher"
+                "lease-renewal, hold-reaper, wallet-sweeper, settlement-retry, reconciler, flusher,"
+                " meter-charges"
             ),
             started[1][0]: "lease-renewal, settlement-retry",
         }
