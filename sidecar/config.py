@@ -22,12 +22,12 @@ from .errors import ConfigError
 from .exposure import ACCOUNT_SECRET_HEADER, check_listeners, is_loopback
 from .grant_terms import starter_of
 from .headers import NEVER
+from .metering.meters_settings import MeterSettings
 from .payments.packages import check_payment_settings
 from .payments.referral_codes import ReferralPolicy
 from .payments.settings import PackageConfig, WebhookProviderConfig
 from .pricing import PriceTable
 from .redis_urls import is_cluster_url, parse_cluster_url
-from .signals.alert_settings import AlertSettings
 from .tables import ModelConfig, PositiveInt, UpstreamConfig, default_models
 
 T = TypeVar("T")
@@ -41,8 +41,9 @@ OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port
 __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
-class Settings(AlertSettings, kw_only=True, forbid_unknown_fields=True):
-    # (inherited: payments/settings.py < signals/settings.py < signals/alert_settings.py, a chain)
+class Settings(MeterSettings, kw_only=True, forbid_unknown_fields=True):
+    # (inherited, a chain: payments/settings.py < signals/settings.py < signals/alert_settings.py <
+    # metering/meters_settings.py)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080

@@ -63,10 +63,12 @@ class Feature:
 
 def features() -> list[Feature]:
     """Every feature, in start order (imported here, late, so a feature may import app-level modules)."""
+    from .metering import meters_api
     from .signals import alerts_api
     from .signals import routes as signals
 
     return [
         Feature("signal-delivery", signals.add_routes, signals.add_admin_routes, signals.start),
         alerts_api.FEATURE,
+        Feature("meters", meters_api.routes, meters_api.admin_routes, meters_api.start),
     ]

@@ -27,6 +27,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -43,13 +44,17 @@ from hypothesis.stateful import (
 )
 
 from sidecar.balances import ReserveStatus
+from sidecar.errors import InsufficientCredits
 from sidecar.keys import as_text
+from sidecar.metering.meters_api import Meters
+from sidecar.metering.meters_charges import MeterCharges
 from sidecar.outbox import UsageEvent
 from sidecar.payments.landing import Payments
 from sidecar.payments.orders import OrderStore
 from sidecar.rebuild import rebuild_if_empty
 from sidecar.reconcile import reconcile
 from sidecar.services import Services, services
+from sidecar.signals.events import EventLog
 from sidecar.wallet import PERIODS, Grant, GrantTerms, WalletPolicy, cap_scopes, draw, periods
 
 from .conftest import make_settings
@@ -64,6 +69,7 @@ LEASE_MS = 30_000
 # 2030-03-17, after the wall's, so that the spend counts' expiry (a day after their period) is ahead.
 CLOCK_START_MS = 1_900_000_000_000
 CACHE_TTL_MS = 3_600_000
+METER_PERIOD_MS = 60_000  # the model's meters charge every 60 s of its clock
 IDLE_MS = 4 * LEASE_MS  # free credits expire after 2 minutes of the model's clock without activity
 GRANT_KINDS = ["purchase", "promotion", "bonus", "starter", "subscription"]
 amounts = st.integers(min_value=0, max_value=5_000_000)
@@ -162,6 +168,19 @@ class Account:
         return sum(self.holds.values())
 
 
+@dataclass
+class MeterState:
+    """A meter as the model knows it: its next period to charge (Postgres' next_period), unpaid, stopped."""
+
+    meter_id: str
+    account: str
+    amount: int  # micro-credits per period
+    started_ms: int
+    next_period: int = 0
+    unpaid: bool = False
+    stopped: bool = False
+
+
 @dataclass(frozen=True)
 class Request:
     account: str
@@ -181,6 +200,7 @@ class MoneyModel(RuleBasedStateMachine):
     cached = Bundle("cached")  # (account, cache key) stored in the cache
     orders = Bundle("orders")  # (account, order id): paid orders, landed once
     reversals = Bundle("reversals")  # (account, order id, reversal id, taken): taken back once
+    meter_ids = Bundle("meter_ids")  # meters started: each period charged once
 
     def __init__(self) -> None:
         super().__init__()
@@ -193,6 +213,7 @@ class MoneyModel(RuleBasedStateMachine):
         self.payments = Payments(OrderStore(self.svc.store.pool), self.svc.admin, self.svc.balances)
         self.asked: dict[str, int] = {}  # order id -> what its reversals asked back in all
         self.restored: set[str] = set()  # reversals given back
+        self.meters: dict[str, MeterState] = {}
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -697,6 +718,111 @@ class MoneyModel(RuleBasedStateMachine):
             self._refused(account, headroom, caller, expected)
             return multiple()
         return self._hold(account, headroom, caller)
+
+    # ---- recurring charges (meters) ------------------------------------------------------------------
+
+    def _meter_worker(self) -> MeterCharges:
+        marker_ms = self.svc.settings.meter_marker_seconds * 1000
+        pool = self.svc.store.pool
+        return MeterCharges(
+            self.svc.balances, pool, EventLog(), marker_ms=marker_ms, clock=lambda: self.clock
+        )
+
+    def _meter_period(self, meter: MeterState, n: int) -> bool:
+        """The model of period `n`'s reserve and settle: True paid (now, or by an earlier try whose
+        marker Redis still has), False too little available (nothing moves)."""
+        acct = self.model[meter.account]
+        rid = f"meter:{meter.meter_id}:{n}"
+        if rid in acct.charges and rid not in acct.forgotten:
+            return True  # the settled marker: nothing moves again
+        acct.expire_due(self.clock)
+        if acct.balance - acct.held < meter.amount:
+            return False
+        acct.draw(meter.amount, self.clock)
+        acct.balance -= meter.amount
+        acct.count_spend(["account"], meter.amount)
+        if rid in acct.forgotten:  # a lost Redis took the first charge with it: this one restores it
+            acct.forgotten.remove(rid)
+            acct.lost -= meter.amount
+        acct.charges[rid] = meter.amount
+        acct.usage_rows.add(rid)
+        acct.unflushed.add(rid)
+        return True
+
+    def _meter_pass(self, meter: MeterState) -> None:
+        """What a pass does to one meter: every period started by now charged in turn, until one is not."""
+        while not meter.stopped and meter.started_ms + meter.next_period * METER_PERIOD_MS <= self.clock:
+            if not self._meter_period(meter, meter.next_period):
+                meter.unpaid = True
+                return
+            meter.unpaid = False
+            meter.next_period += 1
+
+    @precondition(lambda self: len(self.meters) < 4)
+    @rule(target=meter_ids, account=accounts, amount=st.integers(min_value=1, max_value=3_000_000))
+    def start_meter(self, account: str, amount: int) -> Any:
+        """A meter (a period of 60 s on the model's clock): refused when the available credits do not
+        cover its first period, else charged for it at once. One meter per account, so the order in
+        which a pass charges meters does not matter to the model."""
+        if any(m.account == account for m in self.meters.values()):
+            return multiple()
+        acct = self.model[account]
+        meters = Meters(self._meter_worker(), self.svc.settings)
+        body = msgspec.json.encode({"resource_id": self.new_id("res"), "price": amount, "period": 60})
+        if acct.balance - acct.held < amount:
+            with pytest.raises(InsufficientCredits):
+                self.run(meters.create(account, body))
+            return multiple()
+        view, status = self.run(meters.create(account, body))
+        assert status == 201
+        meter = self.meters[view["id"]] = MeterState(view["id"], account, amount, self.clock)
+        self._meter_pass(meter)
+        return view["id"]
+
+    @precondition(lambda self: self.meters)
+    @rule()
+    def charge_meters(self) -> None:
+        """Two sidecars run the same pass at once: each period due is charged once, or the meter is unpaid."""
+        self.run_all(self._meter_worker().run_pass(self.clock), self._meter_worker().run_pass(self.clock))
+        for meter in self.meters.values():
+            self._meter_pass(meter)
+
+    @rule(meter_id=meter_ids)
+    def crash_mid_charge(self, meter_id: str) -> None:
+        """A worker moves a period's money in Redis and dies before Postgres records it (or that it was
+        unpaid): the next pass records it without charging again."""
+        meter = self.meters[meter_id]
+        worker = self._meter_worker()
+        claimed = [m for m in self.run(worker._claim(self.clock, set())) if m.meter_id == meter_id]
+        if not claimed:
+            return
+        n = claimed[0].next_period
+        row = self.run(self.svc.store.pool.fetchrow(
+            "SELECT * FROM meter_charges WHERE meter_id = $1 AND period = $2", meter_id, n
+        ))  # fmt: skip
+        moved = self.run(
+            worker._move(claimed[0], n, row["amount"], row["starts_ms"], row["window_end_ms"], 0)
+        )
+        assert moved == self._meter_period(meter, n)
+
+    @rule(meter_id=meter_ids)
+    def stop_meter(self, meter_id: str) -> None:
+        meter = self.meters[meter_id]
+        view = self.run(Meters(self._meter_worker(), self.svc.settings).stop(meter.account, meter_id))
+        self._meter_pass(meter)
+        meter.stopped = True
+        assert view["status"] == "stopped"
+
+    @invariant()
+    def meters_match_the_model(self) -> None:
+        if not self.meters:
+            return
+        rows = self.run(self.svc.store.pool.fetch("SELECT meter_id, status, next_period FROM meters"))
+        found = {r["meter_id"]: (r["status"], r["next_period"]) for r in rows}
+        assert found == {
+            m.meter_id: ("stopped" if m.stopped else "unpaid" if m.unpaid else "running", m.next_period)
+            for m in self.meters.values()
+        }
 
     # ---- the ledger side ----------------------------------------------------------------------------
 

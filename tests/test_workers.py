@@ -132,10 +132,10 @@ async def test_two_workers_answer_on_one_port_and_only_one_flushes(
             for r in records(served)
             if r["msg"].startswith("background tasks:")
         }
-        assert tasks == {  # the node's flusher, reconciler, reaper, deliveries, reloads: worker 0 only
+        assert tasks == {  # the node-wide loops (flusher, reconciler, reaper, signals, meters): worker 0
             started[0][0]: (
                 "lease-renewal, hold-reaper, wallet-sweeper, settlement-retry, reconciler, flusher,"
-                " signal-delivery, auto-reload"
+                " signal-delivery, auto-reload, meter-charges"
             ),
             started[1][0]: "lease-renewal, settlement-retry",
         }
