@@ -57,4 +57,8 @@ class Feature:
 
 def features() -> list[Feature]:
     """Every feature, in start order (imported here, late, so a feature may import app-level modules)."""
-    return []
+    from .metering import operation_api
+
+    return [
+        Feature("operations", routes=operation_api.add_routes, start=operation_api.start),  # holds
+    ]
