@@ -173,6 +173,9 @@ async def test_the_reaper_releases_an_expired_lease_and_a_late_settle_still_char
     assert (await sc.balance(account))["held"] == 0
     status, _ = await call(sc, f"/v1/holds/{held['id']}/extend", key)
     assert status == 409
+    again = await hold(sc, key, 100, operation="optimise")  # a retried POST does not hold it anew
+    assert (again["id"], again["state"]) == (held["id"], "expired")
+    assert (await sc.balance(account))["held"] == 0
     # documented: a settle after the reaper still charges, once (released: nothing was left to release)
     for _ in range(2):
         status, settled = await call(sc, f"/v1/holds/{held['id']}/settle", key, {"units": 60})
