@@ -26,6 +26,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..keys import AccountKeys, as_text
+from ..money import format_credits
 from ..outbox import UsageEvent
 from .operation_holds import (
     HOLD_ID,
@@ -241,7 +242,9 @@ class Operations:
             "operation": operation,
             "units": units,
             "hold": amount,
+            "hold_credits": format_credits(amount),
             "available": available,
+            "available_credits": format_credits(available),
             "fits": amount <= available,
         }
 
