@@ -14,6 +14,7 @@ from sidecar.app import SERVICES
 from sidecar.config import load_settings
 from sidecar.errors import ConfigError
 from sidecar.metering.operation_api import OPERATIONS
+from sidecar.metering.operation_holds import hold_id_of
 
 from .conftest import Sidecar, SidecarFactory, clean_env
 from .support_wallet import T0, Clock
@@ -118,8 +119,17 @@ async def test_402_when_the_balance_cannot_cover_the_worst_case(sc: Sidecar) -> 
     assert (error["required"], error["available"]) == (10_500, 10_000)
     assert resp.headers["x-should-retry"] == "false"
     assert (await sc.balance(account))["held"] == 0
+    status, view = await call(sc, "/v1/holds/" + _hold_id(account, "big"), key, method="GET")
+    assert (status, view["state"]) == (200, "not_held")
+    status, refused = await call(sc, "/v1/holds/" + _hold_id(account, "big") + "/settle", key, {"units": 1})
+    assert (status, refused["error"]["code"]) == (409, "conflict")  # never taken: nothing to charge
+    assert (await sc.balance(account))["balance"] == 10_000
     fits = await hold(sc, key, 9, idem="fits")  # 9_500 fits
     assert fits["amount"] == 9_500
+
+
+def _hold_id(account: str, idempotency_key: str) -> str:
+    return hold_id_of(account, idempotency_key)
 
 
 async def test_spend_caps_apply_to_operation_holds(sc: Sidecar) -> None:
@@ -135,6 +145,12 @@ async def test_spend_caps_apply_to_operation_holds(sc: Sidecar) -> None:
     assert body["error"]["cap"]["scope"] == "model:judge"
     assert (await sc.balance(account))["held"] == 5_500
     await hold(sc, key, 10, idem="c", operation="optimise")  # another operation: not that cap
+    await sc.balances.redis.hset(k.caps, "account|day", "5000")  # 5_570 held already
+    status, body = await call(
+        sc, "/v1/holds", key, {"operation": "optimise", "units": 1, "idempotency_key": "d"}
+    )
+    assert (status, body["error"]["cap"]["period"]) == (402, "day")
+    assert body["error"]["cap"]["resets_at"].endswith("T00:00:00Z")  # as a request's refusal says it
 
 
 async def test_release_charges_nothing_once_and_a_settle_after_it_is_refused(sc: Sidecar) -> None:

@@ -157,6 +157,11 @@ class HoldView:
         }
 
 
+def iso_seconds(ms: int) -> str:
+    """A time as ISO 8601 in UTC, to the second (as a request's spend-cap refusal says when it resets)."""
+    return dt.datetime.fromtimestamp(ms // 1000, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
 def iso(ms: int) -> str:
     """A time as ISO 8601 in UTC, to the millisecond."""
     stamp = dt.datetime.fromtimestamp(ms // 1000, dt.UTC).replace(microsecond=(ms % 1000) * 1000)

@@ -8,7 +8,8 @@ Each step is a keyed write to the hold's metadata hash (operation_holds.py) in t
 one script: the spec is written once (HSETNX) before the reserve, so a retried POST finds it (another body
 is a 409) and sends the same reserve (idempotent by hold id); the one settle or release is claimed once
 (HSETNX) before the settle script, so a retry sends the same settle (idempotent by hold id: never charged
-twice), and its answer is kept. A settle after the reaper released the hold still charges, once."""
+twice), and its answer is kept. A settle after the reaper released the hold still charges, once. A
+settle that charges nothing (no per_run, 0 units) writes no ledger row, as a free request does not."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from .operation_holds import (
     decode_spec,
     encode,
     hold_id_of,
-    iso,
+    iso_seconds,
     priced,
 )
 from .settings import OperationConfig
@@ -126,7 +127,7 @@ class Operations:
             raise InsufficientCredits(res.balance - res.held, spec.amount, self.top_up_url)
         if res.status is ReserveStatus.CAPPED and res.cap is not None:
             cap = res.cap
-            resets = None if cap.resets_ms is None else iso(cap.resets_ms - cap.resets_ms % 1000)
+            resets = None if cap.resets_ms is None else iso_seconds(cap.resets_ms)
             raise SpendCapExceeded(cap.scope, cap.period, cap.limit, cap.used, resets)
         if res.status is ReserveStatus.NO_ACCOUNT:
             raise Unauthorized("The account behind this key no longer exists.")
@@ -185,6 +186,8 @@ class Operations:
         spec = decode_spec(fields["spec"])
         k = self.balances.keys.account(account)
         meta = k.operation(hold_id)
+        if "end" not in fields and "held" not in fields:
+            await self._check_taken(k, hold_id)
         if "end" not in fields:
             claim = EndClaim(kind, units, self.balances.window_end(), _wall_ms())
             async with self.balances.redis.pipeline(transaction=True) as pipe:
@@ -207,7 +210,6 @@ class Operations:
                 hold_id,
                 charge,
                 event,
-                record=kind == "settle",
                 window_end_ms=claim.window_end_ms,
                 scopes=spec.scopes(),
             )
@@ -219,6 +221,13 @@ class Operations:
                 pipe.pexpire(meta, self._keep_ms, gt=True)
                 await pipe.execute()
         return await self.view(account, hold_id)
+
+    async def _check_taken(self, k: AccountKeys, hold_id: str) -> None:
+        """A hold whose reserve was refused (or never answered) has nothing to settle: the settle script
+        would charge it as one the reaper released. One held but not yet marked so is marked now."""
+        if not await self.balances.redis.hexists(k.holds, hold_id):
+            raise Conflict("This hold was never taken (its POST was refused): nothing to settle.", param="id")
+        await self.balances.redis.hset(k.operation(hold_id), "held", "1")
 
     async def extend(self, account: str, hold_id: str) -> HoldView:
         """Renew a live hold's lease: it ends a lease from now (never earlier than it did)."""
