@@ -79,6 +79,11 @@ async def test_a_settle_below_the_hold_charges_the_units_once_and_releases_the_r
         (held["id"], -4_500, "operation", "judge", 10_500)
     ]
     assert set(rows[0]["tags"]) == {"operation=judge", "units=4", "unit=evaluation"}
+    status, row = await call(
+        sc, f"/v1/credits/requests/{held['id']}", key, method="GET"
+    )  # as statements show it
+    assert (status, row["route"], row["model"], row["charge"]) == (200, "operation", "judge", 4_500), row
+    assert "units=4" in row["tags"]
 
 
 async def test_a_retried_post_is_the_same_hold_and_another_body_is_a_409(sc: Sidecar) -> None:
