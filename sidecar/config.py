@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .exposure import ACCOUNT_SECRET_HEADER, check_listeners, is_loopback
 from .grant_terms import starter_of
 from .headers import NEVER
-from .metering.meters_settings import MeterSettings
+from .metering.settings import MeteringSettings, OperationConfig, check_operation_settings
 from .payments.packages import check_payment_settings
 from .payments.referral_codes import ReferralPolicy
 from .payments.settings import PackageConfig, WebhookProviderConfig
@@ -41,9 +41,9 @@ OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port
 __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
-class Settings(MeterSettings, kw_only=True, forbid_unknown_fields=True):
+class Settings(MeteringSettings, kw_only=True, forbid_unknown_fields=True):
     # (inherited, a chain: payments/settings.py < signals/settings.py < signals/alert_settings.py <
-    # metering/meters_settings.py)
+    # metering/meters_settings.py < metering/settings.py)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -206,6 +206,7 @@ def _check(settings: Settings) -> None:
     check_listeners(settings, settings.ops_listen_port)
     starter_of(settings.starter_credits, settings.starter_expiry_days)
     check_payment_settings(settings)
+    check_operation_settings(settings)  # metering/settings.py
     ReferralPolicy.of(settings)  # the referral settings (payments/referral_codes.py)
     if settings.redis_url is not None and is_cluster_url(settings.redis_url):
         try:
@@ -259,7 +260,11 @@ def load_settings(
     tables = {name: raw.pop(name) for name in environment.STRUCTURED if name in raw}
     settings = _convert(raw, Settings, "")
     structured = (("models", ModelConfig), ("upstreams", UpstreamConfig), ("packages", PackageConfig))
-    for table, entry_type in (*structured, ("payment_webhooks", WebhookProviderConfig)):
+    for table, entry_type in (
+        *structured,
+        ("payment_webhooks", WebhookProviderConfig),
+        ("operations", OperationConfig),
+    ):
         if table in tables:
             entries = tables[table]
             if not isinstance(entries, dict):

@@ -13,7 +13,7 @@ import msgspec
 from .errors import ConfigError
 
 ENV_PREFIX = "CREDITGATE_"
-STRUCTURED = {"models", "upstreams", "packages", "payment_webhooks"}
+STRUCTURED = {"models", "upstreams", "packages", "payment_webhooks", "operations"}
 # From the environment: comma-separated, or JSON.
 _LISTS = {
     "alert_top_up_percents",

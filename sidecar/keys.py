@@ -49,6 +49,11 @@ class AccountKeys:
     def expiry_member(self, request_id: str) -> str:
         return f"{self.account} {request_id}"
 
+    def operation(self, hold_id: str) -> str:
+        """Hash: an operation hold's metadata (metering/operations.py: its spec, settle claim, result),
+        in the account's slot; it lives a settled-marker window past the hold."""
+        return f"{self.tag}:operation:{self.account}:{hold_id}"
+
     def cache(self, digest: str) -> str:
         """A response-cache entry scoped to this account (its digest covers the account), in the
         account's slot so the money scripts can look it up and store it in the same round trip."""

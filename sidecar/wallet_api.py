@@ -20,6 +20,7 @@ from .caps import CapBody, CapOps, TimeZoneBody
 from .errors import BadRequest, NotFound
 from .keys import KeySpace, as_text
 from .keys_api import KeyBody, KeyOps
+from .metering.operation_api import estimate_operation
 from .money import format_credits
 from .pipeline import admit
 from .pricing import PriceTable
@@ -151,6 +152,9 @@ def add_routes(app: web.Application) -> None:
         caller = await ops(request).caller(request)
         kind = request.query.get("route", "chat")
         body = await request.read()
+        operation = await estimate_operation(request, caller, body)  # {operation, units}: an operation's
+        if operation is not None:
+            return _json(operation)
         return _json(await ops(request).estimate(caller, kind, body, request.headers))
 
     app.router.add_get("/v1/credits/keys", list_keys)

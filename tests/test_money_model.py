@@ -44,10 +44,14 @@ from hypothesis.stateful import (
 )
 
 from sidecar.balances import ReserveStatus
-from sidecar.errors import InsufficientCredits
+from sidecar.caller import Caller
+from sidecar.errors import Conflict, CreditgateError, InsufficientCredits, NotFound, SpendCapExceeded
 from sidecar.keys import as_text
 from sidecar.metering.meters_api import Meters
 from sidecar.metering.meters_charges import MeterCharges
+from sidecar.metering.operation_holds import hold_id_of
+from sidecar.metering.operations import Operations
+from sidecar.metering.settings import OperationConfig
 from sidecar.outbox import UsageEvent
 from sidecar.payments.landing import Payments
 from sidecar.payments.orders import OrderStore
@@ -77,6 +81,20 @@ amounts = st.integers(min_value=0, max_value=5_000_000)
 CALLERS = [("k1", "u1"), ("k1", None), ("k2", "u2"), (None, None)]
 CAP_SCOPES = ["account", "key:k1", "key:k2", "model:m", "user:u1", "user:*"]
 callers = st.sampled_from(CALLERS)
+# Operation holds (metering/operations.py): an operation named like the requests' model, so that its
+# holds count in the same spend-cap scopes (the account, the key, "model:m"; no end user).
+OPERATION = OperationConfig(unit_price=5_000, per_run=1_000, max_units=100)
+op_callers = st.sampled_from([("k1", None), ("k2", None), (None, None)])
+
+
+@dataclass
+class OpMeta:
+    """What an operation hold's metadata in Redis says (gone with a lost Redis)."""
+
+    units: int
+    flagged: bool  # the reserve took the hold: a retried POST does not reserve again
+    end: tuple[str, int] | None = None  # (settle or release, units) once one was asked
+    charged: int = 0
 
 
 @dataclass
@@ -201,6 +219,7 @@ class MoneyModel(RuleBasedStateMachine):
     orders = Bundle("orders")  # (account, order id): paid orders, landed once
     reversals = Bundle("reversals")  # (account, order id, reversal id, taken): taken back once
     meter_ids = Bundle("meter_ids")  # meters started: each period charged once
+    op_held = Bundle("op_held")  # (account, idempotency key, units, caller): operation holds taken
 
     def __init__(self) -> None:
         super().__init__()
@@ -214,6 +233,10 @@ class MoneyModel(RuleBasedStateMachine):
         self.asked: dict[str, int] = {}  # order id -> what its reversals asked back in all
         self.restored: set[str] = set()  # reversals given back
         self.meters: dict[str, MeterState] = {}
+        self.ops = Operations(
+            self.svc.balances, {"m": OPERATION}, lease_seconds=LEASE_MS // 1000, clock=lambda: self.clock
+        )
+        self.op_meta: dict[str, OpMeta] = {}  # hold id -> its metadata, as Redis has it
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -824,6 +847,155 @@ class MoneyModel(RuleBasedStateMachine):
             for m in self.meters.values()
         }
 
+    # ---- operation holds (POST /v1/holds and its settle, release, extend) ----------------------------
+
+    def _op_hold(self, account: str, idem: str, units: int, caller: tuple[str | None, None]) -> str | None:
+        """A POST of an operation hold as the model expects it: the worst case reserved unless the spec
+        says it was held already; the hold id, or None when it was refused (the spec stays)."""
+        acct = self.model[account]
+        amount = OPERATION.cost(units)
+        call = self.ops.hold(Caller(account, caller[0]), "m", units, idem)
+        meta = self.op_meta.get(self._op_id(account, idem))
+        if meta is not None and (meta.flagged or meta.end is not None):
+            view = self.run(call)
+            assert view.state == ("held" if view.hold_id in acct.holds else "expired"), view
+            return view.hold_id
+        expected = self._expected(account, amount, caller)
+        refusal = {ReserveStatus.INSUFFICIENT: InsufficientCredits, ReserveStatus.CAPPED: SpendCapExceeded}
+        if expected != ReserveStatus.HELD:
+            with pytest.raises(refusal[expected]):
+                self.run(call)
+            self.op_meta[self._op_id(account, idem)] = OpMeta(units, flagged=False)
+            return None
+        view = self.run(call)
+        assert (view.state, view.spec.amount, view.lease_end_ms) == ("held", amount, self.clock + LEASE_MS)
+        self._held(acct, view.hold_id, amount, caller)
+        acct.reaped.pop(view.hold_id, None)
+        self.op_meta[view.hold_id] = OpMeta(units, flagged=True)
+        return view.hold_id
+
+    def _op_id(self, account: str, idem: str) -> str:
+        return hold_id_of(account, idem)
+
+    @rule(target=op_held, account=accounts, units=st.integers(min_value=1, max_value=100), caller=op_callers)
+    def op_hold(self, account: str, units: int, caller: tuple[str | None, None]) -> Any:
+        """An operation's worst case held through the reserve script (its balance and caps rules)."""
+        idem = self.new_id("idem")
+        rid = self._op_hold(account, idem, units, caller)
+        return multiple() if rid is None else (account, idem, units, caller)
+
+    @rule(entry=op_held)
+    def op_hold_again(self, entry: tuple[str, str, int, tuple[str | None, None]]) -> None:
+        """A retried POST: the same hold, held once; after the reaper it is not held anew (only once its
+        metadata is gone with a lost Redis is it a new hold)."""
+        account, idem, units, caller = entry
+        assert self._op_hold(account, idem, units, caller) in (None, self._op_id(account, idem))
+
+    def _op_end(self, account: str, rid: str, kind: str, units: int) -> Any:
+        """A settle (or release) through the operations API; None when its metadata was lost."""
+        call = self.ops.settle(account, rid, units) if kind == "settle" else self.ops.release(account, rid)
+        meta = self.op_meta.get(rid)
+        if meta is None:
+            with pytest.raises(NotFound):
+                self.run(call)
+            return None
+        if meta.end is not None and meta.end != (kind, units):
+            with pytest.raises(Conflict):
+                self.run(call)
+            return None
+        return self.run(call)
+
+    @rule(target=settled, entry=consumes(op_held), data=st.data(), release=st.booleans())
+    def op_settle(self, entry: tuple[str, str, int, Any], data: st.DataObject, release: bool) -> Any:
+        """Settle at most the units held (per_run + units × unit_price, once; the rest released), or release
+        (nothing charged); after the reaper a settle still charges (the documented overdraft)."""
+        account, idem, held_units, _ = entry
+        acct, rid = self.model[account], self._op_id(account, idem)
+        units = 0 if release else data.draw(st.integers(min_value=0, max_value=held_units), label="units")
+        kind = "release" if release else "settle"
+        meta = self.op_meta.get(rid)
+        if meta is not None and not meta.flagged:  # its POST, retried after a lost Redis, was refused
+            with pytest.raises(Conflict):
+                self.run(
+                    self.ops.settle(account, rid, units)
+                    if kind == "settle"
+                    else self.ops.release(account, rid)
+                )
+            return multiple()
+        view = self._op_end(account, rid, kind, units)
+        if view is None:
+            return multiple()
+        charge = OPERATION.cost(units) if kind == "settle" else 0
+        assert view.result is not None
+        assert view.result.charged == charge
+        assert view.state == ("settled" if kind == "settle" else "released")
+        released = acct.holds.pop(rid, 0)
+        assert view.result.released == released
+        acct.release_caps(rid, released)
+        acct.count_spend(cap_scopes(*self._caller_scopes(acct, rid)), charge)
+        acct.leases.pop(rid, None)
+        if acct.reaped.pop(rid, None) is not None:
+            acct.overdrawn = acct.overdrawn or charge > 0
+        acct.expire_due(self.clock)
+        if charge:
+            acct.draw(charge, self.clock)
+            acct.usage_rows.add(rid)
+            acct.unflushed.add(rid)
+        acct.balance -= charge
+        acct.charges[rid] = charge
+        meta = self.op_meta[rid]
+        meta.end, meta.charged = (kind, units), charge
+        return Request(account, rid)
+
+    @rule(
+        target=settled,
+        account=accounts,
+        units=st.integers(min_value=1, max_value=100),
+        caller=op_callers,
+        data=st.data(),
+        release=st.booleans(),
+    )
+    def operation(
+        self, account: str, units: int, caller: tuple[str | None, None], data: st.DataObject, release: bool
+    ) -> Any:
+        """A whole operation: its hold, then its settle (or release), sent twice."""
+        idem = self.new_id("idem")
+        if self._op_hold(account, idem, units, caller) is None:
+            return multiple()
+        settled = self.op_settle((account, idem, units, caller), data, release)
+        self.op_settle_again(data, other=False)
+        return settled
+
+    @precondition(lambda self: any(m.end for m in self.op_meta.values()))
+    @rule(data=st.data(), other=st.booleans())
+    def op_settle_again(self, data: st.DataObject, other: bool) -> None:
+        """A settle or release sent again returns the first answer and moves nothing; another one (other
+        units, or a release after a settle) is a 409."""
+        rid = data.draw(st.sampled_from(sorted(r for r, m in self.op_meta.items() if m.end)))
+        meta = self.op_meta[rid]
+        assert meta.end is not None
+        kind, units = meta.end
+        if other:
+            kind, units = ("release", 0) if kind == "settle" else ("settle", 0)
+        account = next(a for a, acct in self.model.items() if rid in acct.charges)
+        view = self._op_end(account, rid, kind, units)
+        if view is not None:
+            assert view.result is not None
+            assert view.result.charged == meta.charged
+
+    @rule(entry=op_held)
+    def op_extend(self, entry: tuple[str, str, int, Any]) -> None:
+        """A live hold's lease renewed to a lease from now (never earlier); any other is a 4xx."""
+        account, idem, _, _ = entry
+        acct, rid = self.model[account], self._op_id(account, idem)
+        if rid not in acct.holds or rid not in self.op_meta:
+            with pytest.raises(CreditgateError):
+                self.run(self.ops.extend(account, rid))
+            return
+        view = self.run(self.ops.extend(account, rid))
+        acct.leases[rid] = max(acct.leases[rid], self.clock + LEASE_MS)
+        assert view.lease_end_ms == acct.leases[rid]
+
     # ---- the ledger side ----------------------------------------------------------------------------
 
     @rule()
@@ -863,6 +1035,7 @@ class MoneyModel(RuleBasedStateMachine):
             )
 
         self.run(lose())
+        self.op_meta.clear()  # the operations' metadata is Redis' own
         for acct in self.model.values():
             flushed = acct.usage_rows - acct.unflushed
             for rid in acct.unflushed:
