@@ -30,13 +30,12 @@ from typing import Any, Literal
 from ..balances import Balances, ReserveStatus
 from ..errors import WindowClosed
 from ..outbox import UsageEvent
-from ..signals.events import Connection, Event, EventLog
+from ..signals.events import METER_UNPAID, Connection, Event, EventLog
 from . import meters_periods as periods
 from . import meters_store as store
 from .meters_runway import observe_runway
 from .meters_store import Meter
 
-METER_UNPAID = "meter.unpaid"  # a period's charge found too little available: the meter is unpaid
 LEASE_MS = 300_000  # a charge's hold, released by the reaper if its settle never comes
 SAFETY_MS = 60_000  # a window this close to its end is treated as ended (clock skew, a slow call)
 BATCH = 100  # meters claimed per transaction

@@ -18,6 +18,7 @@ import msgspec
 BALANCE_LOW = "balance.low"  # a low-balance threshold crossed (a rule's amount or share of the last top-up)
 BALANCE_DEPLETED = "balance.depleted"  # a settle took the balance to zero (or below): new work gets 402
 SPEND_HIGH = "spend.high"  # spend in a day or a month crossed a cost alert's amount
+METER_UNPAID = "meter.unpaid"  # a period's charge found too little available: the meter is unpaid
 LOW_RUNWAY = "balance.low_runway"  # the balance no longer covers the next 48 h of recurring charges
 RELOAD_REQUESTED = "reload.requested"  # auto-reload crossed its threshold: one reload started
 RELOAD_SUCCEEDED = "reload.succeeded"  # its credits landed
