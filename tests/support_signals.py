@@ -168,9 +168,9 @@ def smtp() -> Iterator[Smtp]:
     controller = Controller(
         sink, hostname="127.0.0.1", port=port, authenticator=sink.authenticate, auth_require_tls=False
     )
-    controller.start()  # type: ignore[no-untyped-call]
+    controller.start()  # type: ignore[no-untyped-call,unused-ignore]
     yield Smtp(sink, port)
-    controller.stop()  # type: ignore[no-untyped-call]
+    controller.stop()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 @pytest.fixture

@@ -112,6 +112,7 @@ async def test_a_restart_between_redis_and_postgres_charges_once(scene: Scene) -
     crashed = scene.worker()
     [claimed] = await crashed._claim(scene.clock.now, set())  # step 1: the pending record, committed
     row = await scene.pool.fetchrow("SELECT * FROM meter_charges WHERE meter_id = $1 AND period = 1", m["id"])
+    assert row is not None
     moved = await crashed._move(claimed, 1, row["amount"], row["starts_ms"], row["window_end_ms"], T0)
     assert moved is True  # Redis charged; the process dies before Postgres records it
     assert await scene.available(account) == 8 * CREDIT
@@ -124,6 +125,7 @@ async def test_a_restart_between_redis_and_postgres_charges_once(scene: Scene) -
     scene.clock.now = T0 + 2 * HOUR
     [claimed] = await crashed._claim(scene.clock.now, set())
     row = await scene.pool.fetchrow("SELECT * FROM meter_charges WHERE meter_id = $1 AND period = 2", m["id"])
+    assert row is not None
     assert await crashed._move(claimed, 2, row["amount"], row["starts_ms"], row["window_end_ms"], T0)
     await scene.sc.client.app[FLUSHER].drain()
     await scene.pool.execute("UPDATE meter_charges SET window_end_ms = 1 WHERE meter_id = $1", m["id"])

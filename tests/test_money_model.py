@@ -823,6 +823,7 @@ class MoneyModel(RuleBasedStateMachine):
         row = self.run(self.svc.store.pool.fetchrow(
             "SELECT * FROM meter_charges WHERE meter_id = $1 AND period = $2", meter_id, n
         ))  # fmt: skip
+        assert row is not None
         moved = self.run(
             worker._move(claimed[0], n, row["amount"], row["starts_ms"], row["window_end_ms"], 0)
         )
