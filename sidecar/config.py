@@ -22,9 +22,10 @@ from .errors import ConfigError
 from .exposure import ACCOUNT_SECRET_HEADER, check_listeners, is_loopback
 from .grant_terms import starter_of
 from .headers import NEVER
+from .metering.idempotency_settings import IdempotencySettings
 from .payments.packages import check_payment_settings
 from .payments.referral_codes import ReferralPolicy
-from .payments.settings import PackageConfig, PaymentSettings, WebhookProviderConfig
+from .payments.settings import PackageConfig, WebhookProviderConfig
 from .pricing import PriceTable
 from .redis_urls import is_cluster_url, parse_cluster_url
 from .tables import ModelConfig, PositiveInt, UpstreamConfig, default_models
@@ -40,8 +41,8 @@ OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port
 __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
-class Settings(PaymentSettings, kw_only=True, forbid_unknown_fields=True):
-    # (the payment settings are inherited: payments/settings.py)
+class Settings(IdempotencySettings, kw_only=True, forbid_unknown_fields=True):
+    # (inherited: the payment and idempotency settings, metering/idempotency_settings.py)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080
