@@ -66,7 +66,7 @@ def for_replay(
     entry = CachedResponse(
         body,
         fwd.ending.phase is Phase.STREAMED,
-        list(headers.items()),
+        [(str(name), value) for name, value in headers.items()],
         now,
         now + replays.ttl_ms,
         usage.prompt_tokens,

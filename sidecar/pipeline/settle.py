@@ -102,7 +102,7 @@ class Settler:
         store = None  # an account-scope entry: stored by the settle script, in the account's slot
         if stored is not None and adm.cache is not None and adm.cache.colocated:
             store = (adm.cache.key, stored.encoded, self.cache_ttl_ms)
-        settlement = None
+        settlement, idempotency = None, self._idempotency(adm, replay)
         # one window end for every try, here and in the background: from the first try (never before the
         # request's start, whose window its reserve carried), so the marker outlives each try's window
         window_end_ms = self.balances.window_end(max(int(time.time() * 1000), adm.started_ms))
@@ -118,7 +118,7 @@ class Settler:
                     event,
                     cache_entry=store,
                     window_end_ms=window_end_ms,
-                    idempotency=self._idempotency(adm, replay),
+                    idempotency=idempotency,
                 )
                 break
             except WindowClosed:  # only with clocks far apart: the background retry writes the ledger row
