@@ -118,6 +118,30 @@ async def test_a_streamed_retry_is_replayed_byte_for_byte(
     assert (await sc.balance(account))["balance"] == after_first
 
 
+async def test_a_stream_the_client_left_is_replayed_whole_to_its_retry(
+    make_sidecar: SidecarFactory, upstream: Upstream
+) -> None:
+    """The client goes away mid-stream; the sidecar reads the stream on to its end (and charges its
+    usage): the retry gets the whole stream, free."""
+    sc = await make_sidecar(models=MODELS)
+    account, key = await sc.account(START)
+    body = {**BODY, "stream": True}
+    left = await post(sc, CHAT, body, key, **KEY, **{"x-demo-token-delay-ms": "20"})
+    assert (await left.content.readany()).startswith(b"data: ")
+    left.close()  # gone before the end
+    await settled(sc)
+    charged = START - (await sc.balance(account))["balance"]
+    assert charged == CHARGE  # the usage the drained stream reported
+    again, replayed = await stream(sc, CHAT, body, key, **KEY)
+    assert again.headers[REPLAY] == "true"
+    assert replayed.rstrip().endswith(b"data: [DONE]")
+    plain, whole = await stream(sc, CHAT, body, key)  # the same request without the key, for comparison
+    assert REPLAY not in plain.headers
+    assert replayed == whole
+    assert upstream.calls("chat") == 2
+    assert (await sc.balance(account))["balance"] == START - 2 * CHARGE
+
+
 async def test_the_same_key_with_another_body_is_a_409_that_changes_nothing(
     make_sidecar: SidecarFactory, upstream: Upstream
 ) -> None:
@@ -237,7 +261,8 @@ async def test_a_request_in_flight_on_another_sidecar_is_a_409_in_progress(
     account, key = await one.account(START)
     first = asyncio.create_task(post(one, CHAT, BODY, key, **KEY))
     await until(lambda: gate.arrived == 1)
-    busy = await post(two, CHAT, BODY, key, **KEY)
+    async with asyncio.timeout(30):  # a bound: without the claim it would wait at the gate
+        busy = await post(two, CHAT, BODY, key, **KEY)
     assert busy.status == 409
     error = (await busy.json())["error"]
     assert (error["param"], error["code"]) == ("Idempotency-Key", "idempotency_key_in_progress")
