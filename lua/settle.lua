@@ -17,8 +17,9 @@
 -- ARGV[14..] the request's cap scopes (counted in the spend hashes when the account has caps); with
 -- KEYS[15], ARGV[14] and ARGV[15] are its entry and TTL, and the scopes are ARGV[16..]
 -- Optional KEYS[14] a response-cache entry to store (same hash tag), unless it is KEYS[15] itself
--- Optional KEYS[15] the request's idempotency entry: ARGV[14] stored with the TTL ARGV[15] (ms), or with
--- ARGV[14] "" this request's claim on it (reserve.lua) released, so that a retry goes upstream again
+-- Optional KEYS[15] the request's idempotency entry: ARGV[14] stored with the TTL ARGV[15] (ms) unless
+-- another request's answer or claim is there, or with ARGV[14] "" this request's claim on it
+-- (reserve.lua) released, so that a retry goes upstream again
 -- Returns {status, balance, released, charged}: 1 settled now, 0 settled before (the first charge is
 -- returned and nothing moves), -1 no such account, -3 the window ended (nothing moves).
 -- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
@@ -123,9 +124,13 @@ end
 if cache then
   redis.call('SET', KEYS[14], ARGV[7], 'PX', ARGV[8])
 end
-if KEYS[15] and ARGV[14] ~= '' then
-  redis.call('SET', KEYS[15], ARGV[14], 'PX', ARGV[15])
-elseif KEYS[15] and redis.call('GET', KEYS[15]) == 'pending:' .. ARGV[1] then
-  redis.call('DEL', KEYS[15])
+if KEYS[15] then  -- the first answer stays: stored over nothing or this request's own claim only
+  local current = redis.call('GET', KEYS[15])
+  local mine = current == 'pending:' .. ARGV[1]
+  if ARGV[14] ~= '' and (mine or not current) then
+    redis.call('SET', KEYS[15], ARGV[14], 'PX', ARGV[15])
+  elseif mine then
+    redis.call('DEL', KEYS[15])
+  end
 end
 return {1, tonumber(balance), released, tonumber(ARGV[2])}

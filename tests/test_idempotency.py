@@ -377,3 +377,28 @@ async def test_turned_off_the_header_is_ignored(make_sidecar: SidecarFactory, up
         assert (resp.status, resp.headers["x-creditgate-charged"]) == (200, str(CHARGE))
     assert upstream.calls("chat") == 2
     assert (await sc.balance(account))["balance"] == START - 2 * CHARGE
+
+
+async def test_the_first_answer_stays(make_sidecar: SidecarFactory, redis_client: Any) -> None:
+    """The settle script stores an answer over nothing or its own request's claim only: never over
+    another request's answer (a later one that did not look the key up, such as a collapsed cache hit)
+    or its claim."""
+    sc = await make_sidecar(models=MODELS)
+    account, _ = await sc.account(START)
+    b = sc.balances
+    key = sc.services.keys.account(account).idempotent("k" * 64)
+    lease = 2**42
+    assert (await b.reserve(account, "req_1", 100, lease, idempotency_key=key)).status.name == "HELD"
+    assert (await b.reserve(account, "req_2", 100, lease, idempotency_key=key)).status.name == "IN_PROGRESS"
+    await b.settle(account, "req_3", 0, record=True, idempotency=(key, b"another", 60_000))
+    assert await redis_client.get(key) == b"pending:req_1"  # the claim stays
+    await b.settle(account, "req_1", 50, idempotency=(key, b"first", 60_000))
+    await b.settle(account, "req_4", 0, record=True, idempotency=(key, b"later", 60_000))
+    found = await b.reserve(account, "req_5", 100, lease, idempotency_key=key)
+    assert (found.status.name, found.replay, found.cached, found.balance) == (
+        "CACHED",
+        True,
+        b"first",
+        START - 50,
+    )
+    assert (await sc.balance(account))["held"] == 0
