@@ -11,6 +11,8 @@ import aiohttp
 import pytest
 
 from sidecar.app import FLUSHER, PROXY, create_app
+from sidecar.config import load_settings
+from sidecar.errors import ConfigError
 from sidecar.idempotency import Replays
 
 from .conftest import Sidecar, SidecarFactory, Upstream, make_settings
@@ -402,3 +404,10 @@ async def test_the_first_answer_stays(make_sidecar: SidecarFactory, redis_client
         START - 50,
     )
     assert (await sc.balance(account))["held"] == 0
+
+
+def test_the_replay_headers_are_never_relayed_from_an_upstream() -> None:
+    """An upstream cannot pass an answer off as a replay: the operator cannot relay those headers."""
+    for name in ("creditgate-idempotent-replay", "creditgate-original-request-id", "creditgate-*"):
+        with pytest.raises(ConfigError, match="relay_response_headers"):
+            load_settings(environ={"CREDITGATE_RELAY_RESPONSE_HEADERS": name})
