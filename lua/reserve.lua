@@ -16,6 +16,10 @@
 -- ARGV[9] the time zone the day and month spend keys were named in ("" = UTC)
 -- ARGV[10..] the request's cap scopes ("account", "key:<id>", "model:<name>", "user:<end user>")
 -- Optional KEYS[14] a response-cache entry (same hash tag): looked up first, in the same round trip.
+-- Optional KEYS[15] the request's idempotency entry (same hash tag; KEYS[14] is then the same key when
+-- there is no cache entry to look up): looked up before the cache entry. When it is absent and the hold
+-- is taken, it is claimed for this request ("pending:<request id>") until the lease end (ARGV[3]); a
+-- claim of another request id is {-7, 0, 0, that request id} (in progress: nothing is held).
 -- A hold of 0 (free work) is always taken, even on an overdrawn account; a positive hold only when
 -- the account's available credits (balance - held) cover it and no spend cap would be overshot (what is
 -- settled in the cap's period plus what live holds hold in its scope, plus this hold), so an account at
@@ -24,12 +28,17 @@
 -- 0 insufficient, -1 no such account, -2 this request id was already settled, -3 the window ended;
 -- {-5, balance, held, scope, period, limit, used} a spend cap would be overshot;
 -- {-6, balance, held, time zone} the account's caps follow another time zone: call again with its keys;
--- or {2, entry, ttl ms} when the cache entry exists: nothing is held (a hit is free).
+-- or {2, entry, ttl ms, 14 or 15 (whose entry), balance} when an entry exists: nothing is held (a hit
+-- and a replay are free).
 -- All arithmetic is on integers below 2^53, exact in Lua's numbers; sums are done by HINCRBY.
-if KEYS[14] then
-  local entry = redis.call('GET', KEYS[14])
-  if entry then
-    return {2, entry, redis.call('PTTL', KEYS[14])}
+local claim = KEYS[15] and ('pending:' .. ARGV[1])
+for i = #KEYS, 14, -1 do
+  local entry = (i == 15 or KEYS[i] ~= KEYS[15]) and redis.call('GET', KEYS[i])
+  if entry and entry ~= claim then
+    if i == 15 and entry:sub(1, 8) == 'pending:' then
+      return {-7, 0, 0, entry:sub(9)}
+    end
+    return {2, entry, redis.call('PTTL', KEYS[i]), i, redis.call('HGET', KEYS[1], 'balance') or '0'}
   end
 end
 local meta = redis.call('HMGET', KEYS[1], 'balance', 'held', 'due', 'idle', 'active_ms')
@@ -91,5 +100,8 @@ if capped and amount > 0 then
     redis.call('HINCRBY', KEYS[9], s, ARGV[2])
   end
   redis.call('HSET', KEYS[10], ARGV[1], table.concat(scopes, '\n'))
+end
+if claim then
+  redis.call('SET', KEYS[15], claim, 'PXAT', ARGV[3])
 end
 return {1, balance, held}

@@ -14,8 +14,12 @@
 -- ARGV[7] a response-cache entry's value and ARGV[8] its TTL (ms), stored when KEYS[14] is given
 -- ARGV[9] account id   ARGV[10] now (ms; the wallet's clock)   ARGV[11] idle expiry (ms; 0 off)
 -- ARGV[12], ARGV[13] when the day's and the month's spend hashes may go (ms since epoch)
--- ARGV[14..] the request's cap scopes (counted in the spend hashes when the account has caps)
--- Optional KEYS[14] a response-cache entry to store (same hash tag)
+-- ARGV[14..] the request's cap scopes (counted in the spend hashes when the account has caps); with
+-- KEYS[15], ARGV[14] and ARGV[15] are its entry and TTL, and the scopes are ARGV[16..]
+-- Optional KEYS[14] a response-cache entry to store (same hash tag), unless it is KEYS[15] itself
+-- Optional KEYS[15] the request's idempotency entry: ARGV[14] stored with the TTL ARGV[15] (ms) unless
+-- another request's answer or claim is there, or with ARGV[14] "" this request's claim on it
+-- (reserve.lua) released, so that a retry goes upstream again
 -- Returns {status, balance, released, charged}: 1 settled now, 0 settled before (the first charge is
 -- returned and nothing moves), -1 no such account, -3 the window ended (nothing moves).
 -- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
@@ -35,8 +39,13 @@ end
 if not w_whole(ARGV[3], 15) or ARGV[3]:match('^0+$') then
   return redis.error_reply('ERR settle: window end must be a positive integer (ms since epoch)')
 end
-if KEYS[14] and (not w_whole(ARGV[8], 15) or ARGV[8]:match('^0+$')) then
+local cache = KEYS[14] and KEYS[14] ~= KEYS[15]
+if cache and (not w_whole(ARGV[8], 15) or ARGV[8]:match('^0+$')) then
   return redis.error_reply('ERR settle: cache entry TTL must be a positive integer (ms)')
+end
+local scoped = KEYS[15] and 16 or 14  -- the first cap scope
+if KEYS[15] and ARGV[14] ~= '' and (not w_whole(ARGV[15], 15) or ARGV[15]:match('^0+$')) then
+  return redis.error_reply('ERR settle: idempotency entry TTL must be a positive integer (ms)')
 end
 for i = 10, 13 do
   if not w_whole(ARGV[i], 15) then
@@ -107,8 +116,8 @@ end
 if ARGV[5] ~= '1' or ARGV[2] ~= '0' or hold then
   redis.call('SET', KEYS[4], ARGV[2], 'PXAT', ARGV[3])
 end
-if ARGV[2] ~= '0' and #ARGV >= 14 and redis.call('EXISTS', KEYS[8]) == 1 then
-  for i = 14, #ARGV do
+if ARGV[2] ~= '0' and #ARGV >= scoped and redis.call('EXISTS', KEYS[8]) == 1 then
+  for i = scoped, #ARGV do
     redis.call('HINCRBY', KEYS[11], ARGV[i], ARGV[2])
     redis.call('HINCRBY', KEYS[12], ARGV[i], ARGV[2])
     redis.call('HINCRBY', KEYS[13], ARGV[i], ARGV[2])
@@ -116,7 +125,16 @@ if ARGV[2] ~= '0' and #ARGV >= 14 and redis.call('EXISTS', KEYS[8]) == 1 then
   redis.call('PEXPIREAT', KEYS[12], ARGV[12])
   redis.call('PEXPIREAT', KEYS[13], ARGV[13])
 end
-if KEYS[14] then
+if cache then
   redis.call('SET', KEYS[14], ARGV[7], 'PX', ARGV[8])
+end
+if KEYS[15] then  -- the first answer stays: stored over nothing or this request's own claim only
+  local current = redis.call('GET', KEYS[15])
+  local mine = current == 'pending:' .. ARGV[1]
+  if ARGV[14] ~= '' and (mine or not current) then
+    redis.call('SET', KEYS[15], ARGV[14], 'PX', ARGV[15])
+  elseif mine then
+    redis.call('DEL', KEYS[15])
+  end
 end
 return {1, tonumber(balance), released, tonumber(ARGV[2])}

@@ -22,7 +22,7 @@ from .money import MAX_CHARGE
 from .outbox import UsageEvent, encode_event
 from .redis_client import RedisClient
 from .replicas import ReplicaWait
-from .scripts import CapRefusal, Reservation, ReserveStatus, Settlement, load_lua
+from .scripts import CapRefusal, Reservation, ReserveStatus, Settlement, entry_keys, load_lua
 from .wallet import GrantTerms, Periods, WalletPolicy, cap_scopes, periods
 
 __all__ = ["Balances", "CapRefusal", "Reservation", "ReserveStatus", "Settlement", "load_lua"]
@@ -58,7 +58,7 @@ class Balances(Expiries, Debits):
         self._expire_grants = redis.register_script(load_lua("expire_grants"))
         self._debit = redis.register_script(load_lua("debit"))
         # (script name, integer nanoseconds) after every script call: the app's metrics.
-        self.on_script: Callable[[str, int], None] = _ignore
+        self.on_script: Callable[[str, int], None] = lambda script, nanoseconds: None
 
     async def _call(
         self,
@@ -126,20 +126,21 @@ class Balances(Expiries, Debits):
         cache_key: str | None = None,
         window_end_ms: int | None = None,
         scopes: Sequence[str] = (),
+        idempotency_key: str | None = None,
     ) -> Reservation:
         """Hold `amount` for the request, within the balance and the spend caps of `scopes` (wallet.
-        cap_scopes). With `cache_key` (an entry in the account's slot), that entry is looked up first in
-        the same script: when it exists it is returned and nothing is held. An account whose caps follow
-        a time zone this process had not learnt costs one more call, once."""
+        cap_scopes). With `cache_key` (and `idempotency_key`, first, which the hold claims when absent),
+        that entry in the account's slot is looked up first in the same script: when it exists it is
+        returned and nothing is held. Caps in a time zone this process had not learnt cost a call, once."""
         k = self.keys.account(account)
         end = str(window_end_ms or self.window_end())
-        name = "reserve" if cache_key is None else "lookup_reserve"
+        name = "lookup_reserve" if cache_key or idempotency_key else "reserve"
         now = self.wallet.clock()
         for _ in range(3):
             per = self._periods(account, now)
             keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id)]
             keys += [k.grants, k.wallet_due, k.outbox, *self._wallet_keys(k, per)]
-            keys += [cache_key] if cache_key else []
+            keys += entry_keys(cache_key, idempotency_key)
             args = [request_id, amount, lease_end_ms, k.expiry_member(request_id), end, account, now]
             args += [self.wallet.idle_expiry_ms, per.tz, *scopes]
             reply = await self._call(name, self._reserve, keys, args)
@@ -147,7 +148,7 @@ class Balances(Expiries, Debits):
                 break
             self._learn_zone(account, as_text(reply[3]))
         if reply[0] == ReserveStatus.CACHED:
-            return Reservation(ReserveStatus.CACHED, 0, 0, cached=reply[1])
+            return Reservation(ReserveStatus.CACHED, int(reply[4]), 0, cached=reply[1], replay=reply[3] == 15)
         if reply[0] == ReserveStatus.CAPPED:
             scope, period, limit, used = (as_text(v) for v in reply[3:7])
             cap = CapRefusal(scope, period, int(limit), int(used), per.ends_ms(period))
@@ -170,10 +171,12 @@ class Balances(Expiries, Debits):
         cache_entry: tuple[str, bytes, int] | None = None,
         window_end_ms: int | None = None,
         scopes: Sequence[str] | None = None,
+        idempotency: tuple[str, bytes, int] | None = None,
     ) -> Settlement:
         """Release the request's hold and debit `charge` (0 to just release), exactly once. A debit (or,
         with `record`, a zero charge) is appended with its `event` to the outbox in the same step.
-        `cache_entry` (key in the account's slot, value, TTL in ms) is stored in that step too.
+        `cache_entry` (key in the account's slot, value, TTL in ms) is stored in that step too, and so is
+        `idempotency` (the same; an empty value releases the request's claim on it).
 
         A charge outside 0..MAX_CHARGE raises ValueError before Redis is called: it is refused, not capped
         here (the request path caps what it prices at MAX_CHARGE and logs it). The script checks its
@@ -186,9 +189,8 @@ class Balances(Expiries, Debits):
         )
         if scopes is None:  # the spend counts in the scopes the event names (the request's own)
             scopes = cap_scopes(entry.key_id, entry.model, entry.user)
-        keys, args = self.settle_call(
-            account, request_id, charge, encode_event(entry), record, cache_entry, window_end_ms, scopes
-        )
+        call = (account, request_id, charge, encode_event(entry), record, cache_entry, window_end_ms, scopes)
+        keys, args = self.settle_call(*call, idempotency)
         reply = await self._call("settle", self._settle, keys, args, wait=self.replicas, account=account)
         status, balance, released, charged = reply
         if status == -1:
@@ -207,18 +209,21 @@ class Balances(Expiries, Debits):
         cache_entry: tuple[str, bytes, int] | None = None,
         window_end_ms: int | None = None,
         scopes: Sequence[str] = ("account",),
+        idempotency: tuple[str, bytes, int] | None = None,
     ) -> tuple[list[str], list[str | int | bytes]]:
         """The settle script's KEYS and ARGV for a settle whose outbox entry is `encoded` (see `settle`)."""
         k = self.keys.account(account)
         now = self.wallet.clock()
         per = self._periods(account, now)
         keys = [k.balance, k.holds, k.hold_expiry, k.settled(request_id), k.outbox, k.grants, k.wallet_due]
-        keys += self._wallet_keys(k, per) + ([cache_entry[0]] if cache_entry is not None else [])
+        keys += self._wallet_keys(k, per)
+        keys += entry_keys(cache_entry and cache_entry[0], idempotency and idempotency[0])
         cached = (cache_entry[1], cache_entry[2]) if cache_entry is not None else ("", 0)
         args: list[str | int | bytes] = [request_id, str(charge), str(window_end_ms or self.window_end())]
         args += [k.expiry_member(request_id), "1" if record else "0", encoded, *cached, account, now]
-        args += [self.wallet.idle_expiry_ms, per.day_keep_until_ms, per.month_keep_until_ms, *scopes]
-        return keys, args
+        args += [self.wallet.idle_expiry_ms, per.day_keep_until_ms, per.month_keep_until_ms]
+        args += [idempotency[1], idempotency[2]] if idempotency is not None else []
+        return keys, args + list(scopes)
 
     async def credit(
         self,
@@ -303,7 +308,3 @@ class Balances(Expiries, Debits):
         return AccountBalance(
             account, int(balance), int(held or 0), sorted(views, key=lambda h: h.request_id)
         )
-
-
-def _ignore(script: str, nanoseconds: int) -> None:
-    pass

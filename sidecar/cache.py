@@ -27,6 +27,7 @@ from multidict import CIMultiDictProxy
 
 from .cachekey import BYPASS, SHARED_SCOPE, CachePlan, account_scope, cache_key, cacheable, client_directives
 from .config import Settings
+from .flights import Flights
 from .headers import HeaderNames, answer_headers
 from .keys import KeySpace
 from .pricing import Usage
@@ -106,7 +107,7 @@ class ResponseCache:
         self.forwarded = policy.forwarded
         self.wait_seconds = policy.wait_seconds
         self.stats = CacheStats()
-        self._flights: dict[str, asyncio.Future[CachedResponse | None]] = {}
+        self._flights = Flights[CachedResponse]()
         # One thread: keying is CPU work under the GIL, so more threads would only take turns with the
         # event loop's thread more often; one leaves the loop every other turn at least.
         self._keyer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="creditgate-cache-key")
@@ -214,29 +215,18 @@ class ResponseCache:
 
     def lead_or_join(self, digest: str) -> tuple[bool, asyncio.Future[CachedResponse | None]]:
         """(True, flight) when this request leads the flight for `digest`, (False, flight) to wait on."""
-        flight = self._flights.get(digest)
-        if flight is not None:
-            return False, flight
-        flight = asyncio.get_running_loop().create_future()
-        self._flights[digest] = flight
-        return True, flight
+        return self._flights.lead_or_join(digest)
 
     def land(
         self, digest: str, flight: asyncio.Future[CachedResponse | None], entry: CachedResponse | None
     ) -> None:
         """End a flight with the answer its waiters may be served (None: they go upstream themselves)."""
-        if self._flights.get(digest) is flight:
-            del self._flights[digest]
-        if not flight.done():
-            flight.set_result(entry)
+        self._flights.land(digest, flight, entry)
 
     async def wait(self, flight: asyncio.Future[CachedResponse | None]) -> CachedResponse | None:
         """The leader's answer, or None when it has none or it takes longer than cache_wait_seconds."""
         self.stats.waiting += 1
         try:
-            async with asyncio.timeout(self.wait_seconds):
-                return await asyncio.shield(flight)
-        except TimeoutError:
-            return None
+            return await self._flights.wait(flight, self.wait_seconds)
         finally:
             self.stats.waiting -= 1

@@ -22,7 +22,8 @@ from .errors import ConfigError
 from .exposure import ACCOUNT_SECRET_HEADER, check_listeners, is_loopback
 from .grant_terms import starter_of
 from .headers import NEVER
-from .metering.settings import MeteringSettings, OperationConfig, check_operation_settings
+from .metering.idempotency_settings import IdempotencySettings
+from .metering.settings import OperationConfig, check_operation_settings
 from .payments.packages import check_payment_settings
 from .payments.referral_codes import ReferralPolicy
 from .payments.settings import PackageConfig, WebhookProviderConfig
@@ -41,9 +42,9 @@ OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port
 __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
-class Settings(MeteringSettings, kw_only=True, forbid_unknown_fields=True):
+class Settings(IdempotencySettings, kw_only=True, forbid_unknown_fields=True):
     # (inherited, a chain: payments/settings.py < signals/settings.py < signals/alert_settings.py <
-    # metering/meters_settings.py < metering/settings.py)
+    # metering/meters_settings.py < metering/settings.py < metering/idempotency_settings.py)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080

@@ -85,7 +85,9 @@ RELAYED = HeaderNames.of(
 # On BYOK answers the org and project the caller's own key acted in are the caller's to see.
 BYOK_RELAYED = HeaderNames.of(["openai-organization", "openai-project"])
 # Never relayed or forwarded, whatever the settings say: ours, the credentials and the framing.
-NEVER = HeaderNames.of(["x-creditgate-*", "authorization", "proxy-authorization", *sorted(HOP_BY_HOP)])
+NEVER = HeaderNames.of(
+    ["x-creditgate-*", "creditgate-*", "authorization", "proxy-authorization", *sorted(HOP_BY_HOP)]
+)
 
 
 def _connection_listed(headers: Mapping[str, str]) -> list[str]:

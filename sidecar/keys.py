@@ -59,6 +59,11 @@ class AccountKeys:
         account's slot so the money scripts can look it up and store it in the same round trip."""
         return f"{self.tag}:cache:{digest}"
 
+    def idempotent(self, digest: str) -> str:
+        """The answer (or an in-flight request's claim) filed under an Idempotency-Key of this account
+        (`digest`: the key's SHA-256), in the account's slot like its cache entries."""
+        return f"{self.tag}:idem:{self.account}:{digest}"
+
 
 class KeySpace:
     def __init__(self, prefix: str, partitions: int) -> None:

@@ -24,6 +24,14 @@ def load_lua(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def entry_keys(cache_key: str | None, idempotency_key: str | None) -> list[str]:
+    """The optional KEYS[14..] of reserve.lua and settle.lua: a cache entry, then the idempotency entry
+    (KEYS[15]; KEYS[14] is that same key when there is no cache entry)."""
+    if idempotency_key:
+        return [cache_key or idempotency_key, idempotency_key]
+    return [cache_key] if cache_key else []
+
+
 class ReserveStatus(enum.IntEnum):
     HELD = 1
     INSUFFICIENT = 0
@@ -31,7 +39,8 @@ class ReserveStatus(enum.IntEnum):
     ALREADY_SETTLED = -2
     WINDOW_CLOSED = -3  # reached Redis after the request's window end: refused, nothing held
     CAPPED = -5  # a spend cap would be overshot: refused, nothing held
-    CACHED = 2  # the response-cache entry looked up with the hold exists; nothing was held
+    CACHED = 2  # the response-cache (or idempotency) entry looked up with the hold exists; nothing held
+    IN_PROGRESS = -7  # another request holds the idempotency key's claim: refused, nothing held
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +60,7 @@ class Reservation:
     balance: int
     held: int  # the account's total active holds after this call
     cached: bytes | None = None  # the cache entry, when status is CACHED
+    replay: bool = False  # `cached` is the idempotency entry, not the response cache's
     cap: CapRefusal | None = None  # the cap, when status is CAPPED
 
 

@@ -1,7 +1,7 @@
 """The money operations against a model: a hypothesis state machine drives the real Redis (one node and the
 cluster) and the real Postgres ledger through reserve, settle, release, retries, lease expiry on a
 controlled clock, grants and their retries, payment orders landing and reversed (refunds, disputes), cache
-stores and hits, flushes, a flusher killed mid-batch,
+stores and hits, Idempotency-Key answers stored and replayed, flushes, a flusher killed mid-batch,
 reconcile, and Redis lost and rebuilt from the ledger, and compares everything with an in-memory model
 after every step.
 
@@ -109,6 +109,7 @@ class Account:
     forgotten: set[str] = field(default_factory=set)  # settles a lost Redis took with it (their charges)
     overdrawn: bool = False  # a settle after its hold was reaped may take the balance below zero
     cache: set[str] = field(default_factory=set)
+    answers: dict[str, bytes] = field(default_factory=dict)  # idempotency key -> the answer stored
     usage_rows: set[str] = field(default_factory=set)  # request ids the ledger should hold once flushed
     unflushed: set[str] = field(default_factory=set)
     # Spend caps: (scope, period) -> limit; what live holds hold per scope and which scopes each hold
@@ -216,6 +217,7 @@ class MoneyModel(RuleBasedStateMachine):
     settled = Bundle("settled")  # requests settled: retries move nothing
     grants = Bundle("grants")  # (account, idempotency key, amount): retries credit nothing
     cached = Bundle("cached")  # (account, cache key) stored in the cache
+    keyed = Bundle("keyed")  # (account, idempotency key): its answer stored, or its claim released
     orders = Bundle("orders")  # (account, order id): paid orders, landed once
     reversals = Bundle("reversals")  # (account, order id, reversal id, taken): taken back once
     meter_ids = Bundle("meter_ids")  # meters started: each period charged once
@@ -449,12 +451,19 @@ class MoneyModel(RuleBasedStateMachine):
         amount: int,
         cache_key: str | None = None,
         caller: tuple[str | None, str | None] = (None, None),
+        idempotency_key: str | None = None,
     ) -> Any:
         scopes = cap_scopes(caller[0], "m", caller[1])
         lease_end = self.clock + LEASE_MS
         return self.run(
             self.svc.balances.reserve(
-                account, request_id, amount, lease_end, cache_key=cache_key, scopes=scopes
+                account,
+                request_id,
+                amount,
+                lease_end,
+                cache_key=cache_key,
+                scopes=scopes,
+                idempotency_key=idempotency_key,
             )
         )
 
@@ -545,10 +554,15 @@ class MoneyModel(RuleBasedStateMachine):
         self._settle(request, data.draw(st.integers(min_value=0, max_value=amount), label="charge"))
         return request
 
-    def _settle(self, request: Request, charge: int) -> None:
+    def _settle(
+        self, request: Request, charge: int, idempotency: tuple[str, bytes, int] | None = None
+    ) -> None:
         acct = self.model[request.account]
         rid = request.request_id
-        result = self.run(self.svc.balances.settle(request.account, rid, charge, self._event(acct, rid)))
+        event = self._event(acct, rid)
+        result = self.run(
+            self.svc.balances.settle(request.account, rid, charge, event, idempotency=idempotency)
+        )
         assert result.first
         assert result.charged == charge
         released = acct.holds.pop(rid, 0)
@@ -701,6 +715,71 @@ class MoneyModel(RuleBasedStateMachine):
         assert result.first
         acct.usage_rows.add(request_id)
         acct.unflushed.add(request_id)
+
+    @rule(
+        target=keyed,
+        account=accounts,
+        amount=amounts,
+        caller=callers,
+        stored=st.booleans(),
+        data=st.data(),
+    )
+    def keyed_request(
+        self,
+        account: str,
+        amount: int,
+        caller: tuple[str | None, str | None],
+        stored: bool,
+        data: st.DataObject,
+    ) -> Any:
+        """A request with an Idempotency-Key: its hold claims the key (another request with it is refused
+        as in progress and holds nothing; its own reserve sent again finds its hold); its settle stores
+        the answer, or (a failed call) releases the claim. A refused reserve claims nothing."""
+        acct = self.model[account]
+        key = self.svc.keys.account(account).idempotent(self.new_id("idem"))
+        request_id = self.new_id("req")
+        expected = self._expected(account, amount, caller)
+        reply = self._reserve(account, request_id, amount, caller=caller, idempotency_key=key)
+        assert reply.status == expected
+        if expected != ReserveStatus.HELD:
+            assert self.run(self._exists(key)) == 0
+            return multiple()
+        self._held(acct, request_id, amount, caller)
+        other = self._reserve(account, self.new_id("req"), 0, caller=caller, idempotency_key=key)
+        assert other.status == ReserveStatus.IN_PROGRESS
+        again = self._reserve(account, request_id, amount, caller=caller, idempotency_key=key)
+        assert again.status == ReserveStatus.HELD
+        answer = f"answer of {request_id}".encode()
+        charge = data.draw(st.integers(min_value=0, max_value=amount), label="charge")
+        self._settle(Request(account, request_id), charge, (key, answer if stored else b"", CACHE_TTL_MS))
+        if stored:
+            acct.answers[key] = answer
+        return account, key
+
+    @rule(entry=keyed)
+    def replay(self, entry: tuple[str, str]) -> None:
+        """A retry with the key: its stored answer, with nothing held, charged or recorded, however poor
+        the account is; with none (a failed call, or lost with Redis) it is a request of its own."""
+        account, key = entry
+        acct = self.model[account]
+        request_id = self.new_id("retry")
+        reply = self._reserve(account, request_id, 0, idempotency_key=key)
+        if key in acct.answers:
+            assert (reply.status, reply.replay, reply.cached) == (
+                ReserveStatus.CACHED,
+                True,
+                acct.answers[key],
+            )
+            assert reply.balance == acct.balance
+            return
+        assert reply.status == ReserveStatus.HELD  # free work, always held: then settled, releasing the claim
+        acct.expire_due(self.clock)
+        self._held(acct, request_id, 0, (None, None))
+        self._settle(Request(account, request_id), 0, (key, b"", CACHE_TTL_MS))
+        assert self.run(self._exists(key)) == 0
+
+    async def _exists(self, key: str) -> int:
+        return int(await self.svc.redis.exists(key))
 
     def _caller_scopes(self, acct: Account, rid: str) -> tuple[str | None, str | None, str | None]:
         key_id, user = acct.who.get(rid, (None, None))
@@ -1052,6 +1131,7 @@ class MoneyModel(RuleBasedStateMachine):
             acct.holds.clear()
             acct.leases.clear()
             acct.cache.clear()
+            acct.answers.clear()
             # Expiries and grant draws not flushed are lost too: the grants are the ledger's, lowered to the
             # balance in draw order (a payoff lost with Redis is made again), their last activity now.
             acct.balance += acct.expired - acct.expired_flushed

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from ..accounts import AccountDirectory
+    from ..idempotency import IdempotencyPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ class Admission:
     key_id: str | None = None
     end_user: str | None = None
     tags: tuple[str, ...] = ()
+    idempotency: IdempotencyPlan | None = None  # None: no Idempotency-Key (or the feature is off)
 
     @property
     def byok(self) -> bool:

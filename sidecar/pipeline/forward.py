@@ -178,6 +178,6 @@ class Forwarder:
             timings,
             kind=adm.route.kind,
             strip_usage_chunk=adm.strip_usage_chunk,
-            capture=adm.cache is not None and adm.cache.store,
+            capture=(adm.cache is not None and adm.cache.store) or adm.idempotency is not None,
         )
         return Forwarded(ending, up, timings, headers=answer.headers, response=response, captured=captured)

@@ -1,11 +1,11 @@
 """The metered request, stage by stage (README: "A request's walk"):
 
     admit    authenticate; identify the model; plan the worst case and the body
-    hold     the cache's part (keying the body), then a cached answer (free), or the worst case held in
-             Redis (402 when it does not fit)
+    hold     the cache's part (keying the body), then a cached or Idempotency-Key answer (free), or the
+             worst case held in Redis (402 when it does not fit)
     forward  the upstream call, its stream relayed as it arrives or its body read whole
     decide   the outcome and the charge (outcome.py: the charge table)
-    settle   debit once, release the hold, store the answer for the cache
+    settle   debit once, release the hold, store the answer for the cache and an Idempotency-Key
     answer   the body with the charge in its headers, or the error the ending calls for
 
 Each stage returns a value to this module; no stage calls another. Once the hold is taken the rest runs in
@@ -17,6 +17,7 @@ connection can take its next request at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -30,18 +31,20 @@ from ..cache import ResponseCache
 from ..config import Settings
 from ..errors import NotFound, Unauthorized, UnknownAccount
 from ..headers import HeaderNames
+from ..idempotency import Replays
 from ..observe import RECORD, RequestRecord
 from ..pricing import PriceTable, cost
 from ..responses import REQUEST_ID
 from ..settlements import PendingSettlements
 from ..upstream import Upstream, forwarded_extra
 from ..wire import ROUTES
-from . import admit, record, respond, retry
+from . import admit, keep, record, respond, retry
 from .forward import Forwarded, Forwarder, ForwardPolicy
 from .hold import Held, Hit, Holder, HoldNotes, HoldPolicy
 from .live import Live
-from .outcome import Outcome, Phase, Tariff, Verdict, decide
-from .settle import Settler, Stored
+from .outcome import Outcome, Tariff, decide
+from .replay import Replay, land_replay
+from .settle import Settler
 from .stream import StreamPolicy
 
 log = logging.getLogger("creditgate.proxy")
@@ -63,6 +66,12 @@ class Gateway:
         self.no_usage_charge = s.no_usage_charge
         self.body_read_timeout = s.body_read_timeout_seconds
         self.admit_policy = admit.AdmitPolicy.from_settings(s)
+        self.replays = Replays(
+            balances.keys,
+            enabled=s.idempotency_enabled,
+            ttl_seconds=s.idempotency_ttl_seconds,
+            wait_seconds=s.idempotency_wait_seconds,
+        )
         self.holder = Holder(
             balances,
             cache,
@@ -72,6 +81,7 @@ class Gateway:
                 s.afford_min_output_tokens,
                 retry.reserve(s.reserve_retry_seconds),
             ),
+            self.replays,
         )
         self.relayed = HeaderNames.of(s.relay_response_headers)
         drop = (
@@ -86,7 +96,10 @@ class Gateway:
             upstreams,
             ForwardPolicy(drop, forwarded_extra(s), self.relayed, stream, s.upstream_max_body_bytes),
         )
-        self.settler = Settler(balances, cache, cache_ttl_seconds=s.cache_ttl_seconds, retry=retry.SETTLE)
+        self.settler = Settler(
+            balances, cache, cache_ttl_seconds=s.cache_ttl_seconds, retry=retry.SETTLE, replays=self.replays
+        )
+        self.kept_bytes = s.cache_max_entry_bytes  # the most an Idempotency-Key's answer keeps
         self.in_flight: set[asyncio.Task[None]] = set()
         self.exchanges: dict[str, Live] = {}  # the requests in flight, by request id
         self.cutting = False  # shutting down past the grace period: every request is cut
@@ -118,6 +131,8 @@ class Gateway:
             key_id=caller.key_id,
         )
         adm = await self.holder.plan_cache(adm, body, request.headers)
+        plan = await self.replays.plan(account, adm.route.path, body, request.headers)
+        adm = dataclasses.replace(adm, idempotency=plan) if plan else adm
         record.admitted(rec, adm)
         notes = HoldNotes.of(adm)
         try:
@@ -128,6 +143,9 @@ class Gateway:
         record.held(rec, notes, got.admission if isinstance(got, Held) else None)
         if isinstance(got, Hit):
             return await self._answer_hit(request, adm, got, rec)
+        if isinstance(got, Replay):
+            record.replayed(rec)
+            return await respond.replay_answer(request, adm, got.answer, got.balance)
         live = Live(account, request_id, cut=self.cutting)
         answered: asyncio.Future[web.StreamResponse] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
@@ -150,10 +168,20 @@ class Gateway:
         outcome = Outcome.CACHE_COLLAPSED if hit.collapsed else Outcome.CACHE_HIT
         saved = cost(adm.price, hit.entry.usage, adm.multiplier)
         provider = self.forwarder.upstreams[adm.price.upstream].name
+        plan = adm.idempotency
+        replay = self.replays.answer(plan, adm.request_id, hit.entry) if plan is not None else None
         try:
-            settlement = await self.settler.record_hit(adm, provider, outcome.value, hit.entry.usage, saved)
+            settlement = await self.settler.record_hit(
+                adm, provider, outcome.value, hit.entry.usage, saved, replay
+            )
         except UnknownAccount:
+            replay = None
             raise Unauthorized("The account behind this key no longer exists.") from None
+        except BaseException:
+            replay = None
+            raise
+        finally:
+            land_replay(self.replays, adm, hit.replay_flight, replay)
         record.hit(rec, hit.entry.usage, saved, outcome.value)
         if hit.collapsed:
             self.cache.stats.collapsed += 1
@@ -168,7 +196,7 @@ class Gateway:
         answered: asyncio.Future[web.StreamResponse],
     ) -> None:
         """The held request's task: forward, decide, settle, answer, whatever happens."""
-        adm, stored = held.admission, None
+        adm, stored, replay = held.admission, None, None
         try:
             fwd = await self.forwarder.forward(request, adm, live)
             verdict = decide(
@@ -176,7 +204,8 @@ class Gateway:
             )
             if verdict.outcome in (Outcome.NO_USAGE, Outcome.NO_USAGE_ESTIMATED):
                 self._warn_no_usage(adm, fwd)
-            stored = self._for_cache(adm, fwd, verdict)
+            stored = keep.for_cache(self.cache, adm, fwd, verdict)
+            replay = keep.for_replay(self.replays, adm, fwd, verdict, self.relayed, self.kept_bytes)
             error = respond.failure(adm, fwd, verdict.charge)
             # An error or a relayed stream is the client's at once, then settled; a body is settled first,
             # as its headers carry the charge.
@@ -186,7 +215,8 @@ class Gateway:
                 answered.set_exception(error)
             elif fwd.response is not None:
                 answered.set_result(fwd.response)
-            settlement, stored = await self.settler.settle(adm, fwd.upstream.name, verdict, stored)
+            settlement, stored = await self.settler.settle(adm, fwd.upstream.name, verdict, stored, replay)
+            replay = replay if settlement is not None else None  # stored only when Redis took the settle
             if not answered.done():
                 try:
                     answer = respond.body_answer(
@@ -198,6 +228,7 @@ class Gateway:
                     answered.set_result(answer)
             record.finished(rec, fwd, verdict, settlement)
         except BaseException as exc:
+            replay = None
             if not answered.done():
                 if isinstance(exc, Exception):
                     answered.set_exception(exc)
@@ -206,37 +237,7 @@ class Gateway:
             raise
         finally:  # whatever happened, the identical requests waiting on this one go on
             self.holder.land(adm, held.flight, stored.entry if stored else None)
-
-    def _for_cache(self, adm: admit.Admission, fwd: Forwarded, verdict: Verdict) -> Stored | None:
-        """A complete 200 answer with usage, kept for the cache when this request may store one."""
-        if (
-            adm.cache is None
-            or self.cache is None
-            or not adm.cache.store
-            or verdict.outcome is not Outcome.OK
-        ):
-            return None
-        ending = fwd.ending
-        if ending.phase is Phase.STREAMED:
-            body = fwd.captured
-            if body is None or (
-                adm.route.kind != "responses" and not body.rstrip().endswith(b"data: [DONE]")
-            ):
-                return None  # a stream that ended early is never stored
-        elif ending.phase is Phase.ANSWERED and ending.status == 200 and ending.usage is not None:
-            body = fwd.body
-        else:
-            return None
-        assert fwd.headers is not None
-        assert ending.usage is not None
-        kept = self.cache.entry(
-            body,
-            stream=ending.phase is Phase.STREAMED,
-            headers=fwd.headers,
-            usage=ending.usage,
-            now_ms=int(time.time() * 1000),
-        )
-        return Stored(*kept) if kept is not None else None
+            land_replay(self.replays, adm, held.replay_flight, replay)
 
     def _warn_no_usage(self, adm: admit.Admission, fwd: Forwarded) -> None:
         """A 200 that reported no usage: warned about once a minute per upstream and model (the request

@@ -1,7 +1,8 @@
 """Stage 2, the hold: the worst case reserved in Redis, or a cached answer instead.
 
-One reserve script looks the answer up (account scope) and takes the hold in the same round trip.
-Identical cacheable requests in flight in this process wait for the first one's answer (single flight).
+One reserve script looks the answer up (account scope; an Idempotency-Key's stored answer first) and
+takes the hold in the same round trip. Identical cacheable requests in flight in this process wait for the
+first one's answer (single flight), and so do requests with one Idempotency-Key (idempotency.py).
 A reserve whose answer was lost is sent again (idempotent by request id); the reserve's refusals become
 the errors the client sees. With `fit_output` a request the balance cannot cover at its output limit is
 lowered to what it does cover, when at least `afford_min_output_tokens` fit.
@@ -31,8 +32,10 @@ from ..errors import (
     UnknownAccount,
     WindowClosed,
 )
+from ..idempotency import Replays, in_progress
 from ..wallet import cap_scopes
 from .admit import Admission
+from .replay import Replay, ReplayFlight, land_replay, lead_or_wait, replayed
 from .retry import Retry
 
 log = logging.getLogger("creditgate.hold")
@@ -52,7 +55,7 @@ class HoldNotes:
     """What the hold stage learnt, kept even when it raises: the cache's part, and time spent waiting on
     another request's upstream call (not our own work)."""
 
-    cache_result: str  # hit, collapsed, miss, bypass or off
+    cache_result: str  # hit, collapsed, miss, bypass, off, or replay (answered for an Idempotency-Key)
     waited: float = 0.0
 
     @classmethod
@@ -66,6 +69,7 @@ class Hit:
 
     entry: CachedResponse
     collapsed: bool  # the answer of an identical request in flight, not a stored one
+    replay_flight: ReplayFlight | None = None  # the Idempotency-Key flight this request leads
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +78,17 @@ class Held:
 
     admission: Admission
     flight: Flight | None  # the single flight this request leads, to land once it is answered
+    replay_flight: ReplayFlight | None = None  # the Idempotency-Key flight it leads, likewise
 
 
 class Holder:
-    def __init__(self, balances: Balances, cache: ResponseCache | None, policy: HoldPolicy) -> None:
+    def __init__(
+        self, balances: Balances, cache: ResponseCache | None, policy: HoldPolicy, replays: Replays
+    ) -> None:
         self.balances = balances
         self.cache = cache
         self.policy = policy
+        self.replays = replays
 
     async def plan_cache(self, adm: Admission, body: bytes, headers: Mapping[str, str]) -> Admission:
         """The admission with the cache's part planned (`body` keyed: the client's own). A body big enough
@@ -112,12 +120,28 @@ class Holder:
         )
         return dataclasses.replace(adm, cache=plan)
 
-    async def hold(self, adm: Admission, notes: HoldNotes) -> Hit | Held:
-        """A cached answer, or the hold taken; raises the reserve's refusals (402, 401, 409, 503)."""
+    async def hold(self, adm: Admission, notes: HoldNotes) -> Hit | Held | Replay:
+        """A stored answer, or the hold taken; raises the reserve's refusals (402, 401, 409, 503). A
+        request with an Idempotency-Key another request in this process is answering waits for it."""
+        replay, own = await lead_or_wait(self.replays, adm, notes)
+        if replay is not None:
+            return replay
+        try:
+            got = await self._hold(adm, notes, own)
+        except BaseException:
+            land_replay(self.replays, adm, own, None)
+            raise
+        if isinstance(got, Replay):
+            land_replay(self.replays, adm, own, got.answer)
+        return got
+
+    async def _hold(
+        self, adm: Admission, notes: HoldNotes, replay: ReplayFlight | None
+    ) -> Hit | Held | Replay:
         plan, cache = adm.cache, self.cache
         if plan is None or cache is None or not plan.lookup:
-            held, _ = await self._reserve_checked(adm, None, notes)
-            return Held(held, None)
+            held, reservation = await self._reserve_checked(adm, None, notes)
+            return replayed(self.replays, adm, reservation, notes) or Held(held, None, replay)
         leader, flight = cache.lead_or_join(plan.digest)
         own: Flight | None = flight if leader else None
         try:
@@ -129,23 +153,27 @@ class Holder:
                     notes.waited += time.perf_counter() - waiting
                 if answer is not None:
                     notes.cache_result = "collapsed"
-                    return Hit(answer, collapsed=True)
+                    return Hit(answer, collapsed=True, replay_flight=replay)
                 # The first request got no storable answer (or took too long): go upstream ourselves.
             if not plan.colocated:
                 answer = await cache.get(plan.key)
                 if answer is not None:
-                    return self._hit(adm, own, answer, notes)
+                    return self._hit(adm, own, answer, notes, replay)
             held, reservation = await self._reserve_checked(adm, plan.key if plan.colocated else None, notes)
+            answered = replayed(self.replays, adm, reservation, notes)
+            if answered is not None:
+                self.land(adm, own, None)
+                return answered
             if reservation.status is ReserveStatus.CACHED:
                 answer = cache.decode(reservation.cached)
                 if answer is not None:
-                    return self._hit(adm, own, answer, notes)
+                    return self._hit(adm, own, answer, notes, replay)
                 held, _ = await self._reserve_checked(adm, None, notes)  # an entry this version can't read
             if held.cache is None:  # lowered to fit the balance: never cached, the waiters go on alone
                 self.land(adm, own, None)
                 own = None
             cache.stats.misses += 1
-            return Held(held, own)
+            return Held(held, own, replay)
         except BaseException:
             self.land(adm, own, None)
             raise
@@ -155,10 +183,17 @@ class Holder:
         if flight is not None and adm.cache is not None and self.cache is not None:
             self.cache.land(adm.cache.digest, flight, answer)
 
-    def _hit(self, adm: Admission, own: Flight | None, answer: CachedResponse, notes: HoldNotes) -> Hit:
+    def _hit(
+        self,
+        adm: Admission,
+        own: Flight | None,
+        answer: CachedResponse,
+        notes: HoldNotes,
+        replay: ReplayFlight | None,
+    ) -> Hit:
         notes.cache_result = "hit"
         self.land(adm, own, answer)
-        return Hit(answer, collapsed=False)
+        return Hit(answer, collapsed=False, replay_flight=replay)
 
     async def _reserve_checked(
         self, adm: Admission, cache_key: str | None, notes: HoldNotes
@@ -182,6 +217,8 @@ class Holder:
             raise Unauthorized("The account behind this key no longer exists.")
         if reservation.status is ReserveStatus.ALREADY_SETTLED:
             raise Conflict("This request id was already settled.")
+        if reservation.status is ReserveStatus.IN_PROGRESS:
+            raise in_progress()
         if reservation.status is ReserveStatus.WINDOW_CLOSED:  # only with clocks far apart
             log.error(
                 "reserve of %s reached Redis after its window; is this host's clock right?", adm.request_id
@@ -232,6 +269,7 @@ class Holder:
                     cache_key=cache_key,
                     window_end_ms=window_end_ms,
                     scopes=cap_scopes(adm.key_id, adm.price.model, adm.end_user),
+                    idempotency_key=adm.idempotency.key if adm.idempotency else None,
                 )
             except RedisError as exc:
                 pause = self.policy.retry.pause(tries, started, time.monotonic())
@@ -241,8 +279,11 @@ class Holder:
                     )
                     # its marker outlives every try's window: a try landing late finds it, or is refused
                     late = self.balances.window_end(max(int(time.time() * 1000), adm.started_ms))
+                    release = self.replays.stored(adm.idempotency, None) if adm.idempotency else None
                     with contextlib.suppress(RedisError, UnknownAccount, WindowClosed):
-                        await self.balances.settle(adm.account, adm.request_id, 0, window_end_ms=late)
+                        await self.balances.settle(
+                            adm.account, adm.request_id, 0, window_end_ms=late, idempotency=release
+                        )
                     raise
                 log.warning("reserve of %s failed (attempt %d, %r); retrying", adm.request_id, tries, exc)
             await asyncio.sleep(pause)

@@ -34,6 +34,11 @@ def hit(rec: RequestRecord, usage: Usage, saved: int, outcome: str) -> None:
     rec.settled, rec.usage, rec.saved, rec.outcome = True, usage, saved, outcome
 
 
+def replayed(rec: RequestRecord) -> None:
+    """An Idempotency-Key's retry answered from the store: nothing charged, nothing settled."""
+    rec.outcome = "idempotent_replay"
+
+
 def finished(rec: RequestRecord, fwd: Forwarded, verdict: Verdict, settlement: Settlement | None) -> None:
     """After settlement: the upstream's timings, the outcome, and the charge once Redis took it."""
     t = fwd.timings

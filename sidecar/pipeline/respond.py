@@ -1,5 +1,5 @@
-"""What the client is answered: a cache hit, an upstream's body once settled, or the error an ending
-calls for. Builds responses from values; settles nothing."""
+"""What the client is answered: a cache hit, an Idempotency-Key's replay, an upstream's body once
+settled, or the error an ending calls for. Builds responses from values; settles nothing."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ..cache import CachedResponse
 from ..cachekey import hit_headers, miss_headers
 from ..errors import CreditgateError, ServiceUnavailable, UpstreamUnavailable
 from ..headers import HeaderNames, response_headers, scrub_secrets
+from ..idempotency import ORIGINAL_HEADER, REPLAY_HEADER, IdempotentAnswer
 from ..usage import SSEReader
 from .admit import Admission
 from .forward import Forwarded
@@ -100,6 +101,27 @@ async def hit_answer(
     headers["x-request-id"] = adm.request_id
     headers["x-creditgate-charged"] = "0"
     headers["x-creditgate-balance"] = str(settlement.balance)
+    return await _stored(request, adm, entry, headers)
+
+
+async def replay_answer(
+    request: web.Request, adm: Admission, replay: IdempotentAnswer, balance: int | None
+) -> web.StreamResponse:
+    """An Idempotency-Key's retry: the first request's answer as its client got it, free, marked as a
+    replay (with the first request's id)."""
+    headers = CIMultiDict(replay.answer.headers)
+    headers["x-request-id"] = adm.request_id
+    headers[REPLAY_HEADER] = "true"
+    headers[ORIGINAL_HEADER] = replay.request_id
+    headers["x-creditgate-charged"] = "0"
+    if balance is not None:
+        headers["x-creditgate-balance"] = str(balance)
+    return await _stored(request, adm, replay.answer, headers)
+
+
+async def _stored(
+    request: web.Request, adm: Admission, entry: CachedResponse, headers: CIMultiDict[str]
+) -> web.StreamResponse:
     if not entry.stream:
         return web.Response(status=200, body=entry.body, headers=headers)
     reader = SSEReader(strip_usage_chunk=adm.strip_usage_chunk, kind=adm.route.kind)

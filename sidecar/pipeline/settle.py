@@ -1,5 +1,6 @@
 """Stage 4, settlement: the hold released and the charge debited, once, with the ledger entry in the
-same Lua step; a cached answer stored with it.
+same Lua step; a cached answer stored with it, and so is an Idempotency-Key's answer (or its claim
+released when there is none to store).
 
 A settle Redis refuses is sent again by the retry policy (it is idempotent by request id: a retry cannot
 charge twice); one that still fails is kept and sent again in the background (settlements.py), never
@@ -18,6 +19,7 @@ from redis.exceptions import RedisError
 from ..balances import Balances, Settlement
 from ..cache import CachedResponse, ResponseCache
 from ..errors import UnknownAccount, WindowClosed
+from ..idempotency import IdempotentAnswer, Replays
 from ..outbox import UsageEvent
 from ..pricing import Usage
 from ..settlements import PendingSettlement, PendingSettlements
@@ -63,19 +65,32 @@ def ledger_entry(
 
 class Settler:
     def __init__(
-        self, balances: Balances, cache: ResponseCache | None, *, cache_ttl_seconds: int, retry: Retry
+        self,
+        balances: Balances,
+        cache: ResponseCache | None,
+        *,
+        cache_ttl_seconds: int,
+        retry: Retry,
+        replays: Replays,
     ) -> None:
         self.balances = balances
         self.cache = cache
+        self.replays = replays
         self.cache_ttl_ms = cache_ttl_seconds * 1000
         self.retry = retry
         self.pending = PendingSettlements(balances)  # settlements Redis has not taken yet
 
     async def settle(
-        self, adm: Admission, provider: str, verdict: Verdict, stored: Stored | None
+        self,
+        adm: Admission,
+        provider: str,
+        verdict: Verdict,
+        stored: Stored | None,
+        replay: IdempotentAnswer | None = None,
     ) -> tuple[Settlement | None, Stored | None]:
         """Debit `verdict.charge` and release the hold; returns the settlement (None when Redis did not
-        take it: it is then queued) and the cache entry that was stored (None if none was)."""
+        take it: it is then queued) and the cache entry that was stored (None if none was). `replay` is
+        the Idempotency-Key's answer to store (stored when the settlement is returned)."""
         if verdict.uncapped > verdict.charge:  # usage no real request has: billed at the ceiling
             log.error(
                 "request %s reported usage costing %d micro-credits; charged the ceiling of %d",
@@ -87,7 +102,7 @@ class Settler:
         store = None  # an account-scope entry: stored by the settle script, in the account's slot
         if stored is not None and adm.cache is not None and adm.cache.colocated:
             store = (adm.cache.key, stored.encoded, self.cache_ttl_ms)
-        settlement = None
+        settlement, idempotency = None, self._idempotency(adm, replay)
         # one window end for every try, here and in the background: from the first try (never before the
         # request's start, whose window its reserve carried), so the marker outlives each try's window
         window_end_ms = self.balances.window_end(max(int(time.time() * 1000), adm.started_ms))
@@ -103,6 +118,7 @@ class Settler:
                     event,
                     cache_entry=store,
                     window_end_ms=window_end_ms,
+                    idempotency=idempotency,
                 )
                 break
             except WindowClosed:  # only with clocks far apart: the background retry writes the ledger row
@@ -148,10 +164,24 @@ class Settler:
         return settlement, stored
 
     async def record_hit(
-        self, adm: Admission, provider: str, outcome: str, usage: Usage, saved: int
+        self,
+        adm: Admission,
+        provider: str,
+        outcome: str,
+        usage: Usage,
+        saved: int,
+        replay: IdempotentAnswer | None = None,
     ) -> Settlement:
         """A cache hit: nothing held, nothing charged; recorded as a zero-charge ledger entry with what it
         saved (and no settled marker: it moved no money, and its ledger row is written once by request
-        id). Raises UnknownAccount when the account is gone."""
+        id), its Idempotency-Key's answer `replay` stored with it. Raises UnknownAccount when the account
+        is gone."""
         event = ledger_entry(adm, provider, outcome, usage, hold=0, saved=saved)
-        return await self.balances.settle(adm.account, adm.request_id, 0, event, record=True)
+        idempotency = self._idempotency(adm, replay)
+        return await self.balances.settle(
+            adm.account, adm.request_id, 0, event, record=True, idempotency=idempotency
+        )
+
+    def _idempotency(self, adm: Admission, replay: IdempotentAnswer | None) -> tuple[str, bytes, int] | None:
+        """The Idempotency-Key's part of a settle: store `replay`, or (None) release the claim."""
+        return self.replays.stored(adm.idempotency, replay) if adm.idempotency is not None else None

@@ -28,7 +28,7 @@ from .outcome import Ending, Phase
 @dataclass(frozen=True, slots=True)
 class StreamPolicy:
     drain_seconds: float  # how long to read on for usage after the client left
-    capture_bytes: int  # the most of a stream kept for the cache
+    capture_bytes: int  # the most of a stream kept for the cache (and an Idempotency-Key's retry)
 
 
 async def relay_stream(
@@ -103,8 +103,9 @@ async def relay_stream(
                 if rest:
                     await response.write(rest)
                 await response.write_eof()
-                if captured is not None and reader.usage is not None:
-                    complete = b"".join(captured)
+            # whole: relayed to its end, or drained to its end once the client left (for a retry)
+            if captured is not None and reader.usage is not None and (not client_gone or reader.done):
+                complete = b"".join(captured)
     except (aiohttp.ClientError, TimeoutError, ConnectionError):
         ran_to_end = False
         complete = None
