@@ -23,6 +23,7 @@ _LISTS = {
     "signal_email_events",
     "signal_webhook_events",
     "stripe_webhook_secrets",
+    "tax_rules",
     "top_up_amounts",
 }
 

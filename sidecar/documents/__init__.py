@@ -1,0 +1,1 @@
+"""Documents: billing profiles and tax (and, later, invoices and plans)."""
