@@ -19,7 +19,7 @@ EXAMPLE: list[dict[str, Any]] = [
     {"name": "no-tax", "country": "*", "rate": 0},
     {"name": "fr-vat", "country": "FR", "rate": "20.00"},
     {"name": "de-vat", "country": "DE", "rate": 1900},
-    {"name": "de-b2b-reverse", "country": "DE", "customer": "b2b", "rate": 0, "reverse_charge": True},
+    {"name": "de-b2b-reverse", "country": "DE", "customer": "b2b", "rate": 1900, "reverse_charge": True},
     {"name": "us-ca-sales", "country": "US", "region": "CA", "rate": "7.25"},
     {"name": "us-none", "country": "US", "rate": 0},
     {"name": "abroad-b2b-reverse", "country": "*", "customer": "b2b", "rate": 0, "reverse_charge": True},
@@ -131,6 +131,7 @@ def test_reverse_charge_taxes_nothing_and_names_the_rule() -> None:
     view = compute(table(EXAMPLE).choose("DE", None, True), [10_000, 333]).view()
     assert [line["tax"] for line in view["lines"]] == [0, 0]
     assert (view["gross"], view["tax_rule"], view["reverse_charge"]) == (10_333, "de-b2b-reverse", True)
+    assert view["tax_rate_bp"] == 1900  # the rate is named (the customer accounts for it); none is charged
 
 
 def test_fr_vat_lines() -> None:
