@@ -41,6 +41,8 @@ PURE = [
     "sidecar.metering.operation_holds",
     "sidecar.flights",
     "sidecar.metering.idempotency_settings",
+    "sidecar.documents.plan_periods",
+    "sidecar.documents.plan_settings",
 ]
 IO_LIBRARIES = ("aiohttp", "redis", "asyncpg")
 MAX_MODULE_LINES = 310  # "about 300": a module past it does more than one thing

@@ -1,0 +1,1 @@
+"""Documents and plans of the account: subscription plans (plans*.py, plan_*.py)."""
