@@ -310,6 +310,7 @@ async def test_bad_input_is_a_400_naming_the_field_and_changes_nothing(
     assert (await scene.sc.admin("GET", f"/accounts/{account}/subscription"))["subscription"] is None
     assert (await scene.sc.balance(account))["balance"] == 0
     await scene.post("/accounts/nobody/subscription", {"plan": "basic"}, 404)
+    await scene.post("/accounts/a%00b/subscription/cancel", None, 404)
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from typing import Any
 import asyncpg
 
 from ..admin import AdminOps
+from ..config import ACCOUNT_ID
 from ..errors import BadRequest, Conflict, NotFound
 from ..wallet import GrantTerms
 from .plan_periods import Period, period, period_at
@@ -48,6 +49,13 @@ def to_ms(at: dt.datetime) -> int:
 
 def iso(at: dt.datetime | None) -> str | None:
     return None if at is None else at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def known(account: str) -> str:
+    """An id no account can have names none: a 404 before any query (no NUL reaches Postgres)."""
+    if not ACCOUNT_ID.match(account):
+        raise NotFound(f"No account {account!r}.", param="account")
+    return account
 
 
 def grant_key(subscription: str, index: int, carry: bool = False) -> str:
@@ -96,6 +104,7 @@ class Plans:
     async def start(self, account: str, plan_name: Any) -> dict[str, Any]:
         """A new subscription: its first period begins now and is granted now."""
         plan = self.plan(plan_name)
+        known(account)
         now = self.clock()
         sid = f"sub_{secrets.token_hex(8)}"
         async with self.pool.acquire() as conn, conn.transaction():
@@ -139,6 +148,7 @@ class Plans:
         return await self.view(account, row["id"])
 
     async def _active(self, account: str) -> SubRow:
+        known(account)
         row = await self.pool.fetchrow(
             "SELECT * FROM subscriptions WHERE account_id = $1 AND status = 'active'", account
         )
@@ -147,6 +157,7 @@ class Plans:
         return row
 
     async def view(self, account: str, subscription: str | None = None) -> dict[str, Any]:
+        known(account)
         row = await self.pool.fetchrow(
             "SELECT * FROM subscriptions WHERE account_id = $1 AND ($2::text IS NULL OR id = $2)"
             " ORDER BY (status = 'active') DESC, created_at DESC LIMIT 1",
