@@ -44,6 +44,8 @@ PURE = [
     "sidecar.documents.tax",
     "sidecar.documents.tax_settings",
     "sidecar.documents.countries",
+    "sidecar.documents.plan_periods",
+    "sidecar.documents.plan_settings",
 ]
 IO_LIBRARIES = ("aiohttp", "redis", "asyncpg")
 MAX_MODULE_LINES = 310  # "about 300": a module past it does more than one thing

@@ -45,6 +45,8 @@ from hypothesis.stateful import (
 
 from sidecar.balances import ReserveStatus
 from sidecar.caller import Caller
+from sidecar.documents.plan_settings import PlanConfig
+from sidecar.documents.plans import Plans, grant_key
 from sidecar.errors import Conflict, CreditgateError, InsufficientCredits, NotFound, SpendCapExceeded
 from sidecar.keys import as_text
 from sidecar.metering.meters_api import Meters
@@ -74,6 +76,10 @@ LEASE_MS = 30_000
 CLOCK_START_MS = 1_900_000_000_000
 CACHE_TTL_MS = 3_600_000
 METER_PERIOD_MS = 60_000  # the model's meters charge every 60 s of its clock
+# Subscription plans: a plan of monthly periods whose first period began in February (28 days), so that
+# it ends on the model's clock (minutes ahead) and the next begins.
+PLAN = PlanConfig(included_credits=2_000_000)
+DAY_MS = 86_400_000
 IDLE_MS = 4 * LEASE_MS  # free credits expire after 2 minutes of the model's clock without activity
 GRANT_KINDS = ["purchase", "promotion", "bonus", "starter", "subscription"]
 amounts = st.integers(min_value=0, max_value=5_000_000)
@@ -221,6 +227,7 @@ class MoneyModel(RuleBasedStateMachine):
     orders = Bundle("orders")  # (account, order id): paid orders, landed once
     reversals = Bundle("reversals")  # (account, order id, reversal id, taken): taken back once
     meter_ids = Bundle("meter_ids")  # meters started: each period charged once
+    subscription_ids = Bundle("subscription_ids")  # subscriptions started: each period granted once
     op_held = Bundle("op_held")  # (account, idempotency key, units, caller): operation holds taken
 
     def __init__(self) -> None:
@@ -235,6 +242,7 @@ class MoneyModel(RuleBasedStateMachine):
         self.asked: dict[str, int] = {}  # order id -> what its reversals asked back in all
         self.restored: set[str] = set()  # reversals given back
         self.meters: dict[str, MeterState] = {}
+        self.subscriptions: dict[str, tuple[str, int, set[int]]] = {}  # id -> (account, anchor, periods)
         self.ops = Operations(
             self.svc.balances, {"m": OPERATION}, lease_seconds=LEASE_MS // 1000, clock=lambda: self.clock
         )
@@ -820,6 +828,72 @@ class MoneyModel(RuleBasedStateMachine):
             self._refused(account, headroom, caller, expected)
             return multiple()
         return self._hold(account, headroom, caller)
+
+    # ---- subscription plans (documents/plans.py) -------------------------------------------------------
+
+    def _plans(self, now: int | None = None) -> Plans:
+        at = self.clock if now is None else now
+        return Plans(self.svc.store.pool, self.svc.admin, {"m": PLAN}, clock=lambda: at)
+
+    def _period_granted(self, sid: str, index: int, ends_ms: int) -> None:
+        account, _, granted = self.subscriptions[sid]
+        granted.add(index)
+        terms = GrantTerms("subscription", None, ends_ms, idle=False)
+        self._granted(account, grant_key(sid, index), PLAN.included_credits, terms)
+
+    @precondition(lambda self: len(self.subscriptions) < 3)
+    @rule(
+        target=subscription_ids, account=accounts, ends_in=st.integers(min_value=1, max_value=LEASE_MS // 2)
+    )
+    def subscribe(self, account: str, ends_in: int) -> Any:
+        """A subscription whose first period began 28 days (February) before it ends, `ends_in` ahead on
+        the model's clock: its grant arrives now and ends with the period."""
+        if any(a == account for a, _, _ in self.subscriptions.values()):
+            return multiple()
+        end = self.clock + ends_in
+        anchor = end - 28 * DAY_MS
+        view = self.run(self._plans(anchor).start(account, "m"))["subscription"]
+        assert view["period"]["index"] == 0
+        self.subscriptions[view["id"]] = (account, anchor, set())
+        self._period_granted(view["id"], 0, end)
+        return view["id"]
+
+    @precondition(lambda self: self.subscriptions)
+    @rule(cross=st.booleans())
+    def subscription_periods(self, cross: bool) -> None:
+        """Two sidecars run the period pass at once (`cross`: once the clock reached the next period's
+        start, seconds ahead): a period begun by now is granted once, the ended one's grant expired."""
+        ends = [a + 28 * DAY_MS for _, a, granted in self.subscriptions.values() if 1 not in granted]
+        if cross and ends:
+            self.clock = max(self.clock, min(ends))
+        made = self.run_all(self._plans().run_pass(), self._plans().run_pass())
+        expected = 0
+        for sid, (_, anchor, granted) in self.subscriptions.items():
+            if self.clock >= anchor + 28 * DAY_MS and 1 not in granted:  # period 1 began (March 17)
+                self._period_granted(sid, 1, anchor + 28 * DAY_MS + 31 * DAY_MS)
+                expected += 1
+        assert sum(made) == expected
+
+    @rule(sid=subscription_ids)
+    def subscription_grant_again(self, sid: str) -> None:
+        """A period's grant made again (a worker that died before recording it) credits nothing."""
+        account, _, granted = self.subscriptions[sid]
+        index = max(granted)
+        key = grant_key(sid, index)
+        result = self.run(self.svc.admin.grant(account, PLAN.included_credits, key, "subscription"))
+        assert result["credited"] is False
+
+    @invariant()
+    def subscription_periods_match_the_model(self) -> None:
+        if not self.subscriptions:
+            return
+        rows = self.run(
+            self.svc.store.pool.fetch("SELECT subscription_id, period_index FROM subscription_periods")
+        )
+        found: dict[str, set[int]] = {}
+        for r in rows:
+            found.setdefault(r["subscription_id"], set()).add(r["period_index"])
+        assert found == {sid: granted for sid, (_, _, granted) in self.subscriptions.items()}
 
     # ---- recurring charges (meters) ------------------------------------------------------------------
 

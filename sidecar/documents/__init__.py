@@ -1,1 +1,1 @@
-"""Documents: billing profiles and tax (and, later, invoices and plans)."""
+"""Documents of the account: billing profiles and tax, subscription plans (and, later, invoices)."""
