@@ -15,6 +15,8 @@ from importlib.resources import files
 
 import asyncpg
 
+from .ledger_sql import scoped
+
 log = logging.getLogger("creditgate.store")
 
 LedgerConnection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -34,7 +36,7 @@ async def migrate(conn: LedgerConnection, *, upto: str | None = None) -> list[st
     transaction; returns the versions applied. Safe to run twice and from several processes at once (an
     advisory lock serialises them)."""
     applied_now: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATIONS_LOCK)
+    await conn.execute(f"SELECT pg_advisory_lock({scoped('$1')})", _MIGRATIONS_LOCK)
     try:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations"
@@ -50,7 +52,7 @@ async def migrate(conn: LedgerConnection, *, upto: str | None = None) -> list[st
             applied_now.append(version)
             log.info("applied migration %s", version)
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATIONS_LOCK)
+        await conn.execute(f"SELECT pg_advisory_unlock({scoped('$1')})", _MIGRATIONS_LOCK)
     return applied_now
 
 

@@ -12,6 +12,14 @@ from __future__ import annotations
 # marked applied) takes this lock shared; a reconcile or rebuild takes it exclusively while it reads
 # Redis and Postgres, so that no such change lands between the two reads.
 LEDGER_BARRIER = 0x6372656462
+
+
+def scoped(lock: int | str) -> str:
+    """An advisory lock's key in SQL, scoped to the ledger's schema: ledgers sharing one database (tenants,
+    test suites) never wait on each other's locks. `lock` is an id, or a parameter such as "$1"."""
+    return f"hashtextextended(current_schema(), {lock})"
+
+
 LEDGER_FOLD = 0x637265666F  # one fold of the balance deltas at a time ("crefo")
 
 # The fields of a batch row, in the order outbox.ledger_row builds them: the composite type
@@ -67,7 +75,7 @@ BARE_INSERT = _ROWS
 # - the usage roll-ups: one usage_rollup row per (account, UTC day, dimension, value) of the usage rows
 #   (compacted by COMPACT_ROLLUPS). A row's repeated tag counts once.
 _USAGE = f"""
-WITH barrier AS (SELECT pg_advisory_xact_lock_shared({LEDGER_BARRIER})), inserted AS ({_ROWS}, barrier
+WITH barrier AS (SELECT pg_advisory_xact_lock_shared({scoped(LEDGER_BARRIER)})), inserted AS ({_ROWS}, barrier
     {{}}
     RETURNING account_id, kind, amount, created_at, model, key_id, end_user, tags, drawn, saved,
         prompt_tokens, completion_tokens
@@ -103,7 +111,7 @@ INSERT_NEW_USAGE = _USAGE.format("")
 # not in this one's snapshot and wait for the next fold; a fold running elsewhere makes this one a no-op
 # (the advisory lock is tried, never waited for).
 FOLD_BALANCES = f"""
-WITH folding AS (SELECT pg_try_advisory_xact_lock({LEDGER_FOLD}) AS mine), moved AS (
+WITH folding AS (SELECT pg_try_advisory_xact_lock({scoped(LEDGER_FOLD)}) AS mine), moved AS (
     DELETE FROM ledger_balance_deltas WHERE (SELECT mine FROM folding) RETURNING account_id, delta
 )
 UPDATE accounts AS a SET balance = a.balance + m.delta
@@ -117,7 +125,7 @@ LEDGER_COMPACT = 0x637265636F  # one compaction of the roll-ups at a time ("crec
 # The grant draws folded into grants.drawn, like FOLD_BALANCES. A draw on a grant the grants table does not
 # hold (one from before grants, say) stays where it is.
 FOLD_GRANT_DRAWS = f"""
-WITH folding AS (SELECT pg_try_advisory_xact_lock({LEDGER_GRANT_FOLD}) AS mine), moved AS (
+WITH folding AS (SELECT pg_try_advisory_xact_lock({scoped(LEDGER_GRANT_FOLD)}) AS mine), moved AS (
     DELETE FROM grant_draws AS d WHERE (SELECT mine FROM folding)
         AND EXISTS (SELECT 1 FROM grants g WHERE g.account_id = d.account_id AND g.grant_id = d.grant_id)
     RETURNING account_id, grant_id, amount
@@ -131,7 +139,7 @@ WHERE g.account_id = m.account_id AND g.grant_id = m.grant_id
 # dimension, value), in one statement: a reader's SUM sees either the old rows or the merged one. Rows
 # a batch adds meanwhile are not in this statement's snapshot and wait for the next compaction.
 COMPACT_ROLLUPS = f"""
-WITH compacting AS (SELECT pg_try_advisory_xact_lock({LEDGER_COMPACT}) AS mine), moved AS (
+WITH compacting AS (SELECT pg_try_advisory_xact_lock({scoped(LEDGER_COMPACT)}) AS mine), moved AS (
     DELETE FROM usage_rollup WHERE NOT compacted AND (SELECT mine FROM compacting)
     RETURNING account_id, day, dim, value, requests, charge, saved, prompt_tokens, completion_tokens
 )

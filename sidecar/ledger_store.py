@@ -25,6 +25,7 @@ from .ledger_sql import (
     INSERT_NEW_USAGE,
     INSERT_USAGE,
     LEDGER_BARRIER,
+    scoped,
 )
 from .money_in_store import MoneyIn as MoneyIn
 from .money_in_store import MoneyInStore
@@ -189,11 +190,11 @@ class LedgerStore(MoneyInStore):
         """Hold back usage batches and money-in completions while the caller compares Redis with the
         ledger; yields the connection to read the ledger through."""
         async with self.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", LEDGER_BARRIER)
+            await conn.execute(f"SELECT pg_advisory_lock({scoped('$1')})", LEDGER_BARRIER)
             try:
                 yield conn
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", LEDGER_BARRIER)
+                await conn.execute(f"SELECT pg_advisory_unlock({scoped('$1')})", LEDGER_BARRIER)
 
     @staticmethod
     async def ledger_view(

@@ -12,7 +12,7 @@ import asyncpg
 
 from .errors import IdempotencyConflict, UnknownAccount
 from .ledger_schema import LedgerConnection
-from .ledger_sql import LEDGER_BARRIER
+from .ledger_sql import LEDGER_BARRIER, scoped
 from .wallet import Grant, GrantTerms
 
 
@@ -74,7 +74,7 @@ class MoneyInStore:
         async with self.pool.acquire() as conn, conn.transaction():
             # Shared barrier: a reconcile reads the rows not yet applied and then Redis; no new one may
             # appear between the two reads.
-            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", LEDGER_BARRIER)
+            await conn.execute(f"SELECT pg_advisory_xact_lock_shared({scoped('$1')})", LEDGER_BARRIER)
             if not await conn.fetchval("SELECT true FROM accounts WHERE id = $1", account):
                 raise UnknownAccount(account)
             # The key is unique by (account, id) alone; the ledger row it names is partitioned by the
@@ -132,7 +132,7 @@ class MoneyInStore:
 
     async def mark_applied(self, idempotency_ids: Sequence[str]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", LEDGER_BARRIER)
+            await conn.execute(f"SELECT pg_advisory_xact_lock_shared({scoped('$1')})", LEDGER_BARRIER)
             await conn.execute(
                 "UPDATE ledger SET applied = true WHERE idempotency_id = ANY($1::text[]) AND NOT applied",
                 list(idempotency_ids),
