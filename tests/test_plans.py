@@ -324,6 +324,6 @@ async def test_bad_input_is_a_400_naming_the_field_and_changes_nothing(
 )
 def test_settings_errors_name_the_setting(plan: dict[str, Any], param: str) -> None:
     with pytest.raises(ConfigError) as raised:
-        load_settings(overrides={"plans": {"pro": plan}})
+        load_settings(environ={}, overrides={"plans": {"pro": plan}})  # not this process's environment
     assert raised.value.param == param
-    assert load_settings(overrides={"plans": PLAN_SETTINGS}).plans["carry"].rollover_cap == 3 * C
+    assert load_settings(environ={}, overrides={"plans": PLAN_SETTINGS}).plans["carry"].rollover_cap == 3 * C
