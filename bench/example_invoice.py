@@ -7,6 +7,7 @@ invoice of three lines, paid by card. The PNG is page 1 rasterised by pypdfium2 
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,12 @@ def sample_invoice() -> dict[str, Any]:
         ("gpt-4o (chat)", 12_904, "requests", 96_780_000, 9678),
         ("text-embedding-3-small", 2_500_000, "tokens", 1_250_000, 125),
     ]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"description": d, "quantity": q, "unit": u, "credits": c, "net_minor": n, "tax_minor": 0,
          "gross_minor": n}
         for d, q, u, c, n in lines
     ]  # fmt: skip
-    net = sum(r["net_minor"] for r in rows)
+    net = sum(n for *_, n in lines)
     return {
         "object": "invoice",
         "id": "doc_3f9c2a17b4e8",
@@ -58,15 +59,17 @@ def sample_invoice() -> dict[str, Any]:
         "lines": rows,
         "totals": {"net_minor": net, "tax_minor": 0, "gross_minor": net},
         "status": "paid",
-        "payments": [{"id": "pay_8d1e44", "amount_minor": net, "method": "stripe", "at": "2026-12-03T14:05:00Z"}],
-        "notes": ["Reverse charge: VAT to be accounted for by the recipient.", "Thank you for your business."],
+        "payments": [
+            {"id": "pay_8d1e44", "amount_minor": net, "method": "stripe", "at": "2026-12-03T14:05:00Z"}
+        ],
+        "notes": [
+            "Reverse charge: VAT to be accounted for by the recipient.", "Thank you for your business."
+        ],
     }  # fmt: skip
 
 
 def png(document_pdf: bytes, width: int) -> bytes:
-    """Page 1 as a PNG `width` pixels wide (a 256-colour palette keeps it small)."""
-    import io
-
+    """Page 1 as a PNG `width` pixels wide (a 64-colour palette keeps it small)."""
     pages = pypdfium2.PdfDocument(document_pdf)
     try:
         page = pages[0]

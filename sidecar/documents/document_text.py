@@ -104,7 +104,9 @@ def tax_text(tax: Mapping[str, Any] | None) -> str:
     """'Tax: rule eu-b2b-reverse at 0%, reverse charge (DE, b2b)'."""
     if not tax:
         return "Tax: none"
-    where = ", ".join(str(p) for p in (tax.get("tax_country"), tax.get("tax_region"), tax.get("tax_customer")) if p)
+    where = ", ".join(
+        str(p) for p in (tax.get("tax_country"), tax.get("tax_region"), tax.get("tax_customer")) if p
+    )
     line = f"Tax: rule {tax.get('tax_rule')} at {tax.get('tax_rate')}"
     if tax.get("reverse_charge"):
         line += ", reverse charge"

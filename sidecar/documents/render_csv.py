@@ -72,7 +72,9 @@ def csv_text(document: Mapping[str, Any]) -> str:
             )
         )
     totals = document["totals"]
-    writer.writerow(("total", "", "", "", *(money(totals[k]) for k in ("net_minor", "tax_minor", "gross_minor"))))
+    writer.writerow(
+        ("total", "", "", "", *(money(totals[k]) for k in ("net_minor", "tax_minor", "gross_minor")))
+    )
     if document["kind"] == "invoice":
         paid = text.paid_minor(document.get("payments"))
         writer.writerow(("paid", "", "", "", "", "", money(paid)))

@@ -77,7 +77,9 @@ class _Pages(FPDF):
             self.set_x(x)
             self.multi_cell(width, ROW - 0.6, line, align="L", new_x="LMARGIN", new_y="NEXT")
 
-    def pair(self, x: float, width: float, key: str, value: str, bold: bool = False, size: float = 9.0) -> None:
+    def pair(
+        self, x: float, width: float, key: str, value: str, bold: bool = False, size: float = 9.0
+    ) -> None:
         """A right-aligned 'key   value' row of `width` from `x`."""
         self.set_x(x)
         self.style(size, bold=bold, color=INK if bold else MUTED)
@@ -145,7 +147,9 @@ def _parties(pdf: _Pages, doc: Mapping[str, Any], y: float) -> None:
     if references.get("number"):
         pdf.set_x(right)
         pdf.style(9.5, bold=True, color=ACCENT)
-        pdf.cell(half, ROW + 1, f"Credits invoice {references['number']}", align="R", new_x="LMARGIN", new_y="NEXT")
+        pdf.cell(
+            half, ROW + 1, f"Credits invoice {references['number']}", align="R", new_x="LMARGIN", new_y="NEXT"
+        )
     pdf.set_y(max(bottom, pdf.get_y()) + 7)
 
 
@@ -201,7 +205,9 @@ def _totals(pdf: _Pages, doc: Mapping[str, Any]) -> None:
     x = pdf.w - RIGHT - width
     pdf.set_xy(LEFT, y)
     pdf.style(8.5, color=MUTED)
-    pdf.multi_cell(pdf.epw - width - 12, ROW - 0.6, text.tax_text(tax), align="L", new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(
+        pdf.epw - width - 4, ROW - 0.6, text.tax_text(tax), align="L", new_x="LMARGIN", new_y="NEXT"
+    )
     pdf.set_y(y)
     for key, value, strong in rows:
         if strong:
