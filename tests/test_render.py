@@ -149,10 +149,21 @@ def test_unicode_names_render_in_the_shipped_font() -> None:
 
 
 def test_a_document_without_profile_names_the_account_and_a_void_one_says_so() -> None:
-    text = text_of(pdf(b2b_invoice() | {"customer": None, "status": "void"}))
+    doc = b2b_invoice() | {"customer": None, "status": "void"}
+    text = text_of(pdf(doc))
     assert "Account acme" in text
     assert "VOID" in text
-    assert "Void" in text
+    assert "Status Void" in text
+    assert "Amount due" not in text  # nothing is due on a void invoice
+    assert "amount_due" not in csv_text(doc)
+
+
+def test_an_invoice_without_lines_and_a_line_of_zero_quantity_render() -> None:
+    empty = document("invoice", [], status="open")
+    assert "Total 0.00 USD" in text_of(pdf(empty))
+    zero = document("invoice", [line("setup", 0, 0, 0)])
+    assert "0 requests" in text_of(pdf(zero))
+    assert ["setup", "0", "requests", "0", "0.00", "0.00", "0.00"] in rows_of(csv_text(zero))
 
 
 def test_page_one_rasterises_to_a_real_picture() -> None:

@@ -48,7 +48,7 @@ def credits(micro: int) -> str:
 
 def quantity(line: Mapping[str, Any]) -> str:
     value, unit = line.get("quantity"), line.get("unit")
-    text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value or "")
+    text = "" if value is None else f"{integer(value):,}"
     return f"{text} {unit}" if unit and text else text
 
 

@@ -75,7 +75,7 @@ def csv_text(document: Mapping[str, Any]) -> str:
     writer.writerow(
         ("total", "", "", "", *(money(totals[k]) for k in ("net_minor", "tax_minor", "gross_minor")))
     )
-    if document["kind"] == "invoice":
+    if document["kind"] == "invoice" and document.get("status") != "void":
         paid = text.paid_minor(document.get("payments"))
         writer.writerow(("paid", "", "", "", "", "", money(paid)))
         writer.writerow(("amount_due", "", "", "", "", "", money(text.integer(totals["gross_minor"]) - paid)))

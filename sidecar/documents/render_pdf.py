@@ -195,7 +195,7 @@ def _totals(pdf: _Pages, doc: Mapping[str, Any]) -> None:
         (f"Tax {tax.get('tax_rate', '')}".strip(), totals["tax_minor"], False),
         ("Total credited" if doc["kind"] == "credit_note" else "Total", totals["gross_minor"], True),
     ]
-    if doc["kind"] == "invoice":
+    if doc["kind"] == "invoice" and doc.get("status") != "void":  # nothing is due on a void invoice
         paid = text.paid_minor(payments)
         rows += [("Paid", paid, False), ("Amount due", text.integer(totals["gross_minor"]) - paid, True)]
     height = ROW * (len(rows) + 3) + 8
