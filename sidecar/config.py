@@ -17,7 +17,8 @@ import msgspec
 import yaml
 
 from . import environment
-from .documents.plan_settings import PlanSettings, check_plan_settings
+from .documents.document_settings import DocumentSettings, check_document_settings
+from .documents.plan_settings import check_plan_settings
 from .documents.tax import check_tax_settings
 from .environment import ENV_PREFIX
 from .errors import ConfigError
@@ -43,10 +44,10 @@ OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port
 __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
-class Settings(PlanSettings, kw_only=True, forbid_unknown_fields=True):
+class Settings(DocumentSettings, kw_only=True, forbid_unknown_fields=True):
     # (inherited, a chain: payments/settings.py < signals/settings.py < signals/alert_settings.py <
     # metering/meters_settings.py < metering/settings.py < metering/idempotency_settings.py <
-    # documents/tax_settings.py < documents/plan_settings.py)
+    # documents/tax_settings.py < documents/plan_settings.py < documents/document_settings.py)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -212,6 +213,7 @@ def _check(settings: Settings) -> None:
     check_operation_settings(settings)  # metering/settings.py
     check_tax_settings(settings)  # documents/tax.py
     check_plan_settings(settings)  # documents/plan_settings.py
+    check_document_settings(settings)  # documents/document_settings.py
     ReferralPolicy.of(settings)  # the referral settings (payments/referral_codes.py)
     if settings.redis_url is not None and is_cluster_url(settings.redis_url):
         try:

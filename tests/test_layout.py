@@ -33,6 +33,7 @@ PURE = [
     "sidecar.payments.signatures",
     "sidecar.payments.referral_codes",
     "sidecar.signals.alert_rules",
+    "sidecar.documents.render",  # (and render_pdf, render_csv, document_text, which it imports)
     "sidecar.signals.schedule",
     "sidecar.signals.letters",
     "sidecar.signals.settings",

@@ -218,6 +218,40 @@ def compute(rule: Rule, nets: Sequence[int]) -> Taxed:
     return Taxed(rule, tuple(lines))
 
 
+def included_tax(gross: int, rate_bp: int) -> int:
+    """The tax inside a tax-inclusive `gross`: gross × rate_bp / (10000 + rate_bp), rounded half-up (away
+    from zero), in integers only; the net is what is left (gross - tax)."""
+    whole, rest = divmod(abs(gross) * rate_bp, BP + rate_bp)
+    if 2 * rest >= BP + rate_bp:
+        whole += 1
+    return -whole if gross < 0 else whole
+
+
+def compute_inclusive(rule: Rule, grosses: Sequence[int]) -> Taxed:
+    """The tax of lines whose amounts already include it (what a customer paid: a receipt, a credit note
+    of money given back): one rounding step per line, the tax; the net is the rest."""
+    lines = []
+    for gross in grosses:
+        if isinstance(gross, bool) or not isinstance(gross, int):
+            raise TypeError("a line's gross is an integer amount in minor units")
+        tax = 0 if rule.reverse_charge else included_tax(gross, rule.rate_bp)
+        lines.append((gross - tax, tax, gross))
+    return Taxed(rule, tuple(lines))
+
+
+def rule_of_snapshot(snapshot: Mapping[str, Any]) -> Rule:
+    """The rule a document was taxed by, from its snapshot (a credit note follows its document's rule,
+    whatever the table says now)."""
+    return Rule(
+        name=snapshot["tax_rule"],
+        country=snapshot["tax_country"],
+        region=snapshot["tax_region"],
+        customer=snapshot["tax_customer"],
+        rate_bp=snapshot["tax_rate_bp"],
+        reverse_charge=snapshot["reverse_charge"],
+    )
+
+
 def tax_snapshot(rule: Rule) -> dict[str, Any]:
     """What a document stores at issue time of the rule it was taxed by (a value: later setting changes
     never alter it)."""

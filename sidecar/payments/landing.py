@@ -24,6 +24,10 @@ class Reversal:
 
 PurchaseHook = Callable[[Order], Awaitable[None]]
 FailureHook = Callable[[Order, str], Awaitable[None]]  # the order, the provider's reason (a decline code)
+RefundHook = Callable[[Order, str, int], Awaitable[Any]]  # the order, the reversal id, the money back (minor)
+# Records a payment of an issued invoice: (document id, payment id, amount_minor, currency, method) -> the
+# outcome ("paid", "partly_paid", "already_paid", "unknown_invoice", "amount_mismatch").
+DocumentPayer = Callable[[str, str, int, str, str], Awaitable[str]]
 
 
 class Payments:
@@ -37,6 +41,16 @@ class Payments:
         self.on_purchase: list[PurchaseHook] = []
         # Run when a provider says an order's payment failed (again on a repeated event: idempotent).
         self.on_failure: list[FailureHook] = []
+        # Run when money went back to the customer (a refund), again on a retried one: idempotent.
+        self.on_refund: list[RefundHook] = []
+        # Set by the invoices feature: how a payment webhook pays an issued invoice.
+        self.pay_document: DocumentPayer | None = None
+
+    async def refunded(self, order: Order, reversal_id: str, amount_minor: int) -> None:
+        """`amount_minor` of `order`'s payment went back to the customer, under `reversal_id` (the credits
+        it took back, if any, were reversed under that id): the hooks run (a credit note)."""
+        for hook in self.on_refund:
+            await hook(order, reversal_id, amount_minor)
 
     async def fail(self, order: Order, reason: str) -> bool:
         """A pending order's payment failed: it ends 'failed' and the hooks run; False when it was not

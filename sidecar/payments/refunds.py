@@ -115,6 +115,8 @@ async def operator_refund(
         assert order.payment_ref is not None  # refundable() checked it on the first try
         refund_id = await stripe.refund(order.payment_ref, money, reversal_id)
         await payments.orders.mark_refunded(reversal_id, refund_id, money)
+    if refund_id is not None:
+        await payments.refunded(order, reversal_id, money)
     return {
         "order_id": order.order_id,
         "reversal_id": reversal_id,

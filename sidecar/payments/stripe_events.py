@@ -196,6 +196,7 @@ class StripeEvents:
             mine = refund.reversal_id if (refund.reversal_id or "").startswith(ours) else None
             reversal_id = mine or f"stripe:{refund.refund_id}"
             await self.payments.reverse(order, reversal_id, "refund", share(order, refund.amount))
+            await self.payments.refunded(order, reversal_id, refund.amount)
         return order.order_id, "reversed"
 
     async def _dispute_order(self, raw: msgspec.Raw) -> tuple[Dispute, Order | None]:

@@ -6,7 +6,8 @@ event again and the landing and reversal ids make the second pass change nothing
 
 The generic body: ``{id, type: "payment.succeeded" | "payment.refunded", order_id, amount_minor, currency,
 payment_ref, refund_id}`` for an order of that provider; a refund names its `refund_id` and the
-`amount_minor` refunded."""
+`amount_minor` refunded. ``{id, type: "invoice.paid", invoice, amount_minor, currency, payment_ref}``
+records a payment of an issued invoice (once per `payment_ref`, else per event id)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ log = logging.getLogger("creditgate.webhooks")
 class GenericEvent(msgspec.Struct):
     id: str
     type: str
-    order_id: str
     amount_minor: int
     currency: str
+    order_id: str = ""
+    invoice: str | None = None  # an invoice.paid event's document id
     payment_ref: str | None = None
     refund_id: str | None = None
 
@@ -103,6 +105,16 @@ async def generic_webhook(request: web.Request) -> web.Response:
 
 
 async def _apply_generic(payments: Payments, name: str, event: GenericEvent) -> Outcome:
+    if event.type == "invoice.paid":
+        if not event.invoice or payments.pay_document is None:
+            raise BadRequest("An invoice.paid event needs its invoice (a document id).", param="invoice")
+        _bounded(event.invoice, "invoice")
+        payment_id = f"{name}:{event.payment_ref or event.id}"
+        _bounded(payment_id, "payment_ref")
+        outcome = await payments.pay_document(
+            event.invoice, payment_id, event.amount_minor, event.currency, name
+        )
+        return None, outcome
     if event.type not in ("payment.succeeded", "payment.refunded"):
         return None, "ignored"
     order = await payments.orders.get(event.order_id) if len(event.order_id) <= 200 else None
@@ -114,6 +126,7 @@ async def _apply_generic(payments: Payments, name: str, event: GenericEvent) -> 
         _bounded(event.refund_id, "refund_id")
         credits = share(order, event.amount_minor)
         await payments.reverse(order, f"{name}:{event.refund_id}", "refund", credits)
+        await payments.refunded(order, f"{name}:{event.refund_id}", event.amount_minor)
         return order.order_id, "reversed"
     if event.amount_minor != order.amount_minor or event.currency.lower() != order.currency:
         return order.order_id, "amount_mismatch"

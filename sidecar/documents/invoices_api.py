@@ -1,0 +1,165 @@
+"""The HTTP side of issued documents: the caller's own (/v1/invoices, /v1/invoices/{id}[.pdf|.csv]), the
+operator's any (/admin/invoices...), an invoice's payments (POST /admin/invoices/{id}/payments), and the
+feature that hangs receipts and credit notes on money in and money back (features.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from ..admin import ADMIN_OPS, storable
+from ..config import Settings
+from ..errors import BadRequest
+from ..features import Feature, Running
+from ..wallet_api import WALLET_OPS, _decode, _json
+from .invoices import Invoices
+from .issuing import Issuer, Payment
+from .render import csv_text, pdf
+from .tax import TaxTable
+
+INVOICES = web.AppKey("invoices", Invoices)
+DOC_ID = r"{id:doc_[0-9a-f]{1,40}}"
+
+
+class PaymentBody(msgspec.Struct, forbid_unknown_fields=True):
+    payment_id: str  # the payment's own id: a second call with it records nothing more
+    amount_minor: int | None = None  # default: all that is due
+    method: str = "manual"
+
+
+def issuer_of(settings: Settings, clock: Callable[[], int]) -> Issuer:
+    seller = settings.seller
+    return Issuer(
+        prefix=settings.document_issuer,
+        seller={
+            "name": seller.name,
+            "address_lines": list(seller.address_lines),
+            "city": seller.city,
+            "postal_code": seller.postal_code,
+            "region": seller.region,
+            "country": settings.tax_seller_country,
+            "tax_id": seller.tax_id,
+            "email": seller.email,
+        },
+        table=TaxTable.of(settings),
+        clock=clock,
+    )
+
+
+async def start(app: web.Application, running: Running) -> None:
+    wallet = running.services.balances.wallet
+    invoices = app[INVOICES] = Invoices(
+        running.services.store.pool, issuer_of(running.settings, wallet.clock), app[ADMIN_OPS].grant
+    )
+    running.payments.on_purchase.append(invoices.on_purchase)
+    running.payments.on_refund.append(invoices.credit_note)
+    running.payments.pay_document = invoices.pay_by_webhook
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "10")
+    if not raw.isdigit() or len(raw) > 4:
+        raise BadRequest("limit must be a whole number between 1 and 100.", param="limit")
+    return int(raw)
+
+
+def _kind(request: web.Request) -> str | None:
+    return request.query.get("kind")
+
+
+def _starting_after(request: web.Request) -> str | None:
+    raw = request.query.get("starting_after")
+    if raw is not None and (len(raw) > 64 or not storable(raw)):
+        raise BadRequest("starting_after must be a document id.", param="starting_after")
+    return raw
+
+
+def _files(
+    router: web.UrlDispatcher, prefix: str, account_of: Callable[[web.Request], Awaitable[str | None]]
+) -> None:
+    """GET <prefix>/{id}, .pdf and .csv; `account_of(request)` is the account whose documents may be read
+    (None: the operator's, any)."""
+
+    async def body(request: web.Request) -> dict[str, Any]:
+        account = await account_of(request)
+        return await request.config_dict[INVOICES].view(request.match_info["id"], account)
+
+    async def one(request: web.Request) -> web.Response:
+        return _json(await body(request))
+
+    async def as_pdf(request: web.Request) -> web.Response:
+        doc = await body(request)
+        # fpdf2 reads and subsets the fonts for each document: 0.2-0.3 s of CPU, off the event loop
+        rendered = await asyncio.to_thread(pdf, doc)
+        return web.Response(
+            body=rendered,
+            content_type="application/pdf",
+            headers={"Content-Disposition": f'inline; filename="{doc["number"]}.pdf"'},
+        )
+
+    async def as_csv(request: web.Request) -> web.Response:
+        doc = await body(request)
+        return web.Response(
+            text=csv_text(doc),
+            content_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{doc["number"]}.csv"'},
+        )
+
+    router.add_get(f"{prefix}/{DOC_ID}.pdf", as_pdf)
+    router.add_get(f"{prefix}/{DOC_ID}.csv", as_csv)
+    router.add_get(f"{prefix}/{DOC_ID}", one)
+
+
+def routes(app: web.Application, settings: Settings) -> None:
+    async def own(request: web.Request) -> str:
+        return (await request.config_dict[WALLET_OPS].caller(request)).account
+
+    async def listing(request: web.Request) -> web.Response:
+        account = await own(request)
+        page = await request.config_dict[INVOICES].page(
+            account, _kind(request), _limit(request), _starting_after(request)
+        )
+        return _json(page)
+
+    app.router.add_get("/v1/invoices", listing)
+    _files(app.router, "/v1/invoices", own)
+
+
+def admin_routes(admin: web.Application, settings: Settings) -> None:
+    async def anyone(request: web.Request) -> None:
+        return None
+
+    async def listing(request: web.Request) -> web.Response:
+        account = request.query.get("account")
+        if account is not None and (len(account) > 200 or not storable(account)):
+            raise BadRequest("account must be an account id.", param="account")
+        page = await request.config_dict[INVOICES].page(
+            account, _kind(request), _limit(request), _starting_after(request)
+        )
+        return _json(page)
+
+    async def pay(request: web.Request) -> web.Response:
+        body = _decode(await request.read(), PaymentBody)
+        if not body.payment_id or len(body.payment_id) > 200 or not storable(body.payment_id):
+            raise BadRequest("payment_id must be 1-200 characters.", param="payment_id")
+        if not body.method or len(body.method) > 32 or not storable(body.method):
+            raise BadRequest("method must be 1-32 characters.", param="method")
+        invoices = request.config_dict[INVOICES]
+        doc_id = request.match_info["id"]
+        due = (await invoices.view(doc_id))["amount_due_minor"]
+        amount = due if body.amount_minor is None else body.amount_minor
+        if amount <= 0 and body.amount_minor is not None:
+            raise BadRequest("amount_minor must be a positive whole number.", param="amount_minor")
+        at = invoices.issuer.clock()
+        return _json(await invoices.pay(doc_id, Payment(body.payment_id, max(amount, 1), body.method, at)))
+
+    admin.router.add_get("/invoices", listing)
+    admin.router.add_post(f"/invoices/{DOC_ID}/payments", pay)
+    _files(admin.router, "/invoices", anyone)
+
+
+FEATURE = Feature("invoices", routes=routes, admin_routes=admin_routes, start=start)
