@@ -1,0 +1,61 @@
+"""An account's credit line in Redis: the account hash's `credit` and `blocked` fields that reserve.lua
+reads with the balance (documents/billing_modes.py keeps them true to Postgres' account_billing).
+
+`credit` absent: prepaid, admitted within the balance. An integer string: the credit limit (micro-credits)
+of an account on invoice, admitted while balance - held + limit covers the hold. "unlimited": always
+covered (spend caps still apply). `blocked` "1": no positive hold (an overdue invoice)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .keys import KeySpace, as_text
+from .redis_client import RedisClient
+from .scripts import load_lua
+
+CREDIT, BLOCKED, UNLIMITED = "credit", "blocked", "unlimited"
+# What `available` says for an account with an unlimited credit line (2^53 - 1: exact everywhere).
+UNLIMITED_AVAILABLE = 9_007_199_254_740_991
+
+
+def credit_field(mode: str, credit_limit: int | None) -> str:
+    """The `credit` field's value for a mode and limit ("" removes it: prepaid)."""
+    if mode != "invoice":
+        return ""
+    return UNLIMITED if credit_limit is None else str(credit_limit)
+
+
+def headroom(raw: Any) -> int | None:
+    """What the stored `credit` field adds to the balance: 0 when absent, None when unlimited."""
+    if raw is None:
+        return 0
+    text = as_text(raw)
+    return None if text == UNLIMITED else int(text)
+
+
+def available(balance: Any, held: Any, credit: Any) -> int:
+    """balance - held + the credit line (UNLIMITED_AVAILABLE when unlimited), from the raw fields."""
+    extra = headroom(credit)
+    if extra is None:
+        return UNLIMITED_AVAILABLE
+    return int(as_text(balance)) - int(as_text(held or b"0")) + extra
+
+
+class CreditLines:
+    """Writes the two fields with one idempotent script (lua/billing_mode.lua), never creating a hash."""
+
+    def __init__(self, redis: RedisClient, keys: KeySpace) -> None:
+        self.redis, self.keys = redis, keys
+        self._script = redis.register_script(load_lua("billing_mode"))
+
+    async def write(self, account: str, credit: str, blocked: bool) -> bool:
+        """Set the fields; False when Redis has no such account (the rebuild will write them)."""
+        k = self.keys.account(account)
+        status = await self._script(keys=[k.balance], args=[credit, "1" if blocked else "0"])
+        return int(status) == 1
+
+    async def read(self, account: str) -> tuple[Any, Any, Any, Any]:
+        """The raw balance, held, credit and blocked fields (None when absent)."""
+        k = self.keys.account(account)
+        fields = await self.redis.hmget(k.balance, ["balance", "held", CREDIT, BLOCKED])
+        return fields[0], fields[1], fields[2], fields[3]
