@@ -41,6 +41,26 @@ def available(balance: Any, held: Any, credit: Any) -> int:
     return int(as_text(balance)) - int(as_text(held or b"0")) + extra
 
 
+async def ledger_lines(conn: Any) -> dict[str, tuple[str, bool]]:
+    """Postgres' credit lines (migration 016's account_billing): account -> (credit field, blocked), for
+    the accounts with a row (the others are prepaid and not blocked)."""
+    rows = await conn.fetch("SELECT account_id, mode, credit_limit, blocked FROM account_billing")
+    return {r["account_id"]: (credit_field(r["mode"], r["credit_limit"]), r["blocked"]) for r in rows}
+
+
+def queue_line(pipe: Any, balance_key: str, credit: str, blocked: bool) -> None:
+    """Queue the writes that give an account hash these fields ("" / False remove them): the rebuild's,
+    in its partition transaction."""
+    if credit:
+        pipe.hset(balance_key, CREDIT, credit)
+    else:
+        pipe.hdel(balance_key, CREDIT)
+    if blocked:
+        pipe.hset(balance_key, BLOCKED, "1")
+    else:
+        pipe.hdel(balance_key, BLOCKED)
+
+
 class CreditLines:
     """Writes the two fields with one idempotent script (lua/billing_mode.lua), never creating a hash."""
 
