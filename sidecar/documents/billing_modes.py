@@ -97,6 +97,18 @@ class InvoiceAccount:
     blocked: bool
 
 
+def decode(raw: bytes, kind: type[Any]) -> Any:
+    """The body, or a 400 naming the offending field (a wrong, unknown or missing one)."""
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        found = re.search(r"at `\$\.([A-Za-z_]+)|(?:unknown|required) field `([^`]+)`", str(exc))
+        field = next((g for g in found.groups() if g), None) if found else None
+        raise BadRequest(f"Invalid request body: {exc}", param=field) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+
+
 def credit_limit_of(text: str | None) -> int | None:
     """A credit limit in micro-credits from a decimal credits string (None: unlimited); a 400 naming
     credit_limit otherwise (parsed like the admin API's `credits`)."""

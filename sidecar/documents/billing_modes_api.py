@@ -8,8 +8,9 @@ from aiohttp import web
 
 from ..config import Settings
 from ..features import Feature, Running
-from ..wallet_api import WALLET_OPS, _decode, _json
+from ..wallet_api import WALLET_OPS, _json
 from .billing_modes import BillingBody, BillingModes, BlockBody
+from .billing_modes import decode as _decode
 
 BILLING_MODES = web.AppKey("billing_modes", BillingModes)
 
