@@ -14,7 +14,7 @@ from .autopipeline import AutoPipeline
 from .balance_views import AccountBalance as AccountBalance
 from .balance_views import HoldView as HoldView
 from .cluster_pipeline import ClusterAutoPipeline
-from .credit_lines import CREDIT, available
+from .credit_lines import AVAILABLE, available
 from .debits import Debits
 from .errors import IdempotencyConflict, NotInitialized, UnknownAccount, WindowClosed
 from .expiries import Expiries
@@ -155,7 +155,7 @@ class Balances(Expiries, Debits):
             cap = CapRefusal(scope, period, int(limit), int(used), per.ends_ms(period))
             return Reservation(ReserveStatus.CAPPED, int(reply[1]), int(reply[2]), cap=cap)
         status, balance, held = reply[:3]
-        credit = int(reply[3]) if status == ReserveStatus.INSUFFICIENT and len(reply) > 3 else 0
+        credit = int(reply[3]) if status == ReserveStatus.INSUFFICIENT else 0  # its credit limit
         return Reservation(ReserveStatus(status), int(balance), int(held), credit=credit)
 
     def _learn_zone(self, account: str, tz: str) -> None:
@@ -287,11 +287,7 @@ class Balances(Expiries, Debits):
 
     async def available(self, account: str) -> int:
         """Balance less what it holds, plus its credit line (credit_lines.py); raises UnknownAccount."""
-        k = self.keys.account(account)
-        balance, held, credit = await self.redis.hmget(k.balance, ["balance", "held", CREDIT])
-        if balance is None:
-            raise UnknownAccount(account)
-        return available(balance, held, credit)
+        return available(account, await self.redis.hmget(self.keys.account(account).balance, AVAILABLE))
 
     async def balance(self, account: str) -> AccountBalance:
         k = self.keys.account(account)

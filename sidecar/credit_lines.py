@@ -7,13 +7,16 @@ covered (spend caps still apply). `blocked` "1": no positive hold (an overdue in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from .errors import UnknownAccount
 from .keys import KeySpace, as_text
 from .redis_client import RedisClient
 from .scripts import load_lua
 
 CREDIT, BLOCKED, UNLIMITED = "credit", "blocked", "unlimited"
+AVAILABLE = ["balance", "held", CREDIT]  # the fields `available` reads
 # What `available` says for an account with an unlimited credit line (2^53 - 1: exact everywhere).
 UNLIMITED_AVAILABLE = 9_007_199_254_740_991
 
@@ -33,8 +36,12 @@ def headroom(raw: Any) -> int | None:
     return None if text == UNLIMITED else int(text)
 
 
-def available(balance: Any, held: Any, credit: Any) -> int:
-    """balance - held + the credit line (UNLIMITED_AVAILABLE when unlimited), from the raw fields."""
+def available(account: str, fields: Sequence[Any]) -> int:
+    """balance - held + the credit line (UNLIMITED_AVAILABLE when unlimited), from the account hash's
+    AVAILABLE fields as read; UnknownAccount when it has no balance."""
+    balance, held, credit = fields
+    if balance is None:
+        raise UnknownAccount(account)
     extra = headroom(credit)
     if extra is None:
         return UNLIMITED_AVAILABLE

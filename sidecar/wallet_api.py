@@ -17,9 +17,9 @@ from aiohttp import web
 from .accounts import AccountDirectory
 from .caller import Caller
 from .caps import CapBody, CapOps, TimeZoneBody
-from .credit_lines import CREDIT
+from .credit_lines import AVAILABLE
 from .credit_lines import available as credit_available
-from .errors import BadRequest, NotFound
+from .errors import BadRequest
 from .keys import KeySpace
 from .keys_api import KeyBody, KeyOps
 from .metering.operation_api import estimate_operation
@@ -69,11 +69,8 @@ class WalletOps:
             self.policy,
             key_id=caller.key_id,
         )
-        fields = ["balance", "held", CREDIT]
-        balance, held, credit = await self.redis.hmget(self.keys.account(caller.account).balance, fields)
-        if balance is None:
-            raise NotFound(f"No account {caller.account!r}.", param="account")
-        available = credit_available(balance, held, credit)  # with the credit line (invoice mode)
+        fields = await self.redis.hmget(self.keys.account(caller.account).balance, AVAILABLE)
+        available = credit_available(caller.account, fields)  # with the credit line (invoice mode)
         return {
             "object": "credits.estimate",
             "model": adm.price.model,

@@ -22,7 +22,7 @@ import msgspec
 
 from ..config import ACCOUNT_ID
 from ..credit_lines import CreditLines, available, credit_field, ledger_lines
-from ..errors import BadRequest, NotFound, UnknownAccount
+from ..errors import BadRequest, UnknownAccount
 from ..keys import KeySpace, as_text
 from ..money import MAX_GRANT, MICRO, format_credits
 from ..redis_client import RedisClient
@@ -262,11 +262,10 @@ class BillingModes:
         available now (balance - held + the credit line; null when unlimited)."""
         mode = await self.mode(account)
         balance, held, credit, _ = await self.lines.read(account)
-        if balance is None:
-            raise NotFound(f"No account {account!r}.", param="account")
         view = mode.view()
         del view["blocked_reason"], view["updated_at"]
-        free = None if view["unlimited"] else available(balance, held, credit)
+        now = available(account, (balance, held, credit))  # UnknownAccount when Redis has none
+        free = None if view["unlimited"] else now
         bal = int(as_text(balance))
         view.update(
             balance=bal,
