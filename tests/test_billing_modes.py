@@ -91,6 +91,9 @@ async def test_invoice_mode_admits_up_to_the_credit_limit_and_accrues_below_zero
     view = await own(sc, key)
     assert (view["mode"], view["credit_limit"], view["blocked"]) == ("invoice", limit, False)
     assert (view["balance"], view["available"]) == (-CHARGE, limit - CHARGE)
+    resp = await sc.client.post("/v1/credits/estimate", json=BODY, headers={"Authorization": f"Bearer {key}"})
+    estimate = await resp.json()
+    assert (estimate["available"], estimate["fits"]) == (limit - CHARGE, False)  # with the credit line
     status, body = await chat(sc, key)  # -CHARGE + limit < HOLD
     assert (status, body["error"]["code"]) == (402, "insufficient_credits")
     assert body["error"]["available"] == limit - CHARGE
