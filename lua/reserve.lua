@@ -1,5 +1,5 @@
 -- Reserve: hold the worst-case cost of one request, atomically and idempotently, within the account's
--- balance and its spend caps.
+-- balance (plus its credit line, on invoice) and its spend caps.
 -- include: wallet
 -- KEYS[1] account hash (fields: balance, held; the wallet's due, idle, active_ms; the billing mode's
 -- credit and blocked: documents/billing_modes.py)
