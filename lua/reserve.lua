@@ -1,7 +1,8 @@
 -- Reserve: hold the worst-case cost of one request, atomically and idempotently, within the account's
--- balance and its spend caps.
+-- balance (plus its credit line, on invoice) and its spend caps.
 -- include: wallet
--- KEYS[1] account hash (fields: balance, held; the wallet's due, idle, active_ms)
+-- KEYS[1] account hash (fields: balance, held; the wallet's due, idle, active_ms; the billing mode's
+-- credit and blocked: documents/billing_modes.py)
 -- KEYS[2] the account's holds hash (request id -> amount)
 -- KEYS[3] the partition's hold-expiry zset        KEYS[4] the request's settled marker
 -- KEYS[5] the account's grants hash   KEYS[6] the partition's wallet-due zset   KEYS[7] the partition's outbox
@@ -21,11 +22,15 @@
 -- is taken, it is claimed for this request ("pending:<request id>") until the lease end (ARGV[3]); a
 -- claim of another request id is {-7, 0, 0, that request id} (in progress: nothing is held).
 -- A hold of 0 (free work) is always taken, even on an overdrawn account; a positive hold only when
--- the account's available credits (balance - held) cover it and no spend cap would be overshot (what is
--- settled in the cap's period plus what live holds hold in its scope, plus this hold), so an account at
--- or below zero gets nothing but free work. Grants that ended by now expire first (see wallet.lua).
+-- the account is not blocked (field blocked "1": an overdue invoice), its available credits cover it
+-- and no spend cap would be overshot (what is settled in the cap's period plus what live holds hold in
+-- its scope, plus this hold). Available: balance - held + credit, where the field credit is absent on a
+-- prepaid account (0: an account at or below zero gets nothing but free work), the credit limit (an
+-- integer string, micro-credits) of an account on invoice, or "unlimited" (always covered; caps still
+-- apply). Grants that ended by now expire first (see wallet.lua).
 -- Returns {status, balance, held}: 1 held (also when this request id already holds),
--- 0 insufficient, -1 no such account, -2 this request id was already settled, -3 the window ended;
+-- {0, balance, held, credit ("0" prepaid)} insufficient, -1 no such account, -2 this request id was
+-- already settled, -3 the window ended, -8 blocked (an overdue invoice: no positive hold);
 -- {-5, balance, held, scope, period, limit, used} a spend cap would be overshot;
 -- {-6, balance, held, time zone} the account's caps follow another time zone: call again with its keys;
 -- or {2, entry, ttl ms, 14 or 15 (whose entry), balance} when an entry exists: nothing is held (a hit
@@ -41,7 +46,7 @@ for i = #KEYS, 14, -1 do
     return {2, entry, redis.call('PTTL', KEYS[i]), i, redis.call('HGET', KEYS[1], 'balance') or '0'}
   end
 end
-local meta = redis.call('HMGET', KEYS[1], 'balance', 'held', 'due', 'idle', 'active_ms')
+local meta = redis.call('HMGET', KEYS[1], 'balance', 'held', 'due', 'idle', 'active_ms', 'credit', 'blocked')
 if not meta[1] then
   return {-1, 0, 0}
 end
@@ -83,8 +88,12 @@ if w_due(meta[3], meta[4], active, wall, idle_ms) then
   w_meta(KEYS[1], KEYS[6], ARGV[6], grants, active, idle_ms)
   balance = tonumber(redis.call('HGET', KEYS[1], 'balance'))
 end
-if amount > 0 and balance - held < amount then
-  return {0, balance, held}
+if amount > 0 and meta[7] == '1' then
+  return {-8, balance, held}
+end
+local credit = meta[6] or '0'
+if amount > 0 and credit ~= 'unlimited' and balance - held + tonumber(credit) < amount then
+  return {0, balance, held, credit}
 end
 if capped and amount > 0 then
   local over = w_cap_refusal(KEYS[8], KEYS[9], {KEYS[11], KEYS[12], KEYS[13]}, scopes, amount)

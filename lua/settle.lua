@@ -23,6 +23,10 @@
 -- Returns {status, balance, released, charged}: 1 settled now, 0 settled before (the first charge is
 -- returned and nothing moves), -1 no such account, -3 the window ended (nothing moves).
 -- A hold that already expired (reaped) is simply absent: the charge is still debited, once.
+-- The whole charge is debited even when no hold or grant covers it: the balance may go below zero (an
+-- overdraft past the hold; an account on invoice accruing its usage, admitted by reserve.lua against its
+-- credit line), and what no grant covers only lowers the balance (the grants then sum to 0; the next
+-- money in pays the debt back first: credit.lua).
 -- The charge draws down the grants (wallet.lua: soonest ending, then priority, then oldest); the outbox
 -- entry carries what it drew in a second field, g, and the balance after it in b (what alerts and
 -- auto-reload read: signals/alerts.py; the balance before is b + the charge). Grants that ended by now expire first.

@@ -14,6 +14,7 @@ from .autopipeline import AutoPipeline
 from .balance_views import AccountBalance as AccountBalance
 from .balance_views import HoldView as HoldView
 from .cluster_pipeline import ClusterAutoPipeline
+from .credit_lines import AVAILABLE, available
 from .debits import Debits
 from .errors import IdempotencyConflict, NotInitialized, UnknownAccount, WindowClosed
 from .expiries import Expiries
@@ -154,7 +155,8 @@ class Balances(Expiries, Debits):
             cap = CapRefusal(scope, period, int(limit), int(used), per.ends_ms(period))
             return Reservation(ReserveStatus.CAPPED, int(reply[1]), int(reply[2]), cap=cap)
         status, balance, held = reply[:3]
-        return Reservation(ReserveStatus(status), int(balance), int(held))
+        credit = int(reply[3]) if status == ReserveStatus.INSUFFICIENT else 0  # its credit limit
+        return Reservation(ReserveStatus(status), int(balance), int(held), credit=credit)
 
     def _learn_zone(self, account: str, tz: str) -> None:
         self._zones = {} if len(self._zones) > 100_000 else self._zones
@@ -284,11 +286,8 @@ class Balances(Expiries, Debits):
         return int(before), int(after)
 
     async def available(self, account: str) -> int:
-        """The account's balance less what it holds (one read; raises UnknownAccount)."""
-        balance, held = await self.redis.hmget(self.keys.account(account).balance, ["balance", "held"])
-        if balance is None:
-            raise UnknownAccount(account)
-        return int(balance) - int(held or 0)
+        """Balance less what it holds, plus its credit line (credit_lines.py); raises UnknownAccount."""
+        return available(account, await self.redis.hmget(self.keys.account(account).balance, AVAILABLE))
 
     async def balance(self, account: str) -> AccountBalance:
         k = self.keys.account(account)

@@ -118,6 +118,21 @@ class SpendCapExceeded(CreditgateError):
         return body
 
 
+class InvoiceOverdue(CreditgateError):
+    """The account is blocked (an invoice overdue past its grace, or the operator's block): no new work
+    that costs credits until it is unblocked (free work still passes)."""
+
+    type = "insufficient_quota"
+    default_code = "invoice_overdue"
+
+    def __init__(self, account: str) -> None:
+        super().__init__(
+            f"Account {account!r} is blocked: an invoice is overdue. New work is refused until the overdue "
+            "invoice is paid and the account is unblocked."
+        )
+        self.account = account
+
+
 class Forbidden(CreditgateError):
     type = "invalid_request_error"
     default_code = "forbidden"

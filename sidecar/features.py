@@ -63,7 +63,7 @@ class Feature:
 
 def features() -> list[Feature]:
     """Every feature, in start order (imported here, late, so a feature may import app-level modules)."""
-    from .documents import invoices_api, plans_api, profiles_api
+    from .documents import billing_modes_api, invoices_api, plans_api, profiles_api
     from .metering import meters_api, operation_api
     from .signals import alerts_api
     from .signals import routes as signals
@@ -75,5 +75,6 @@ def features() -> list[Feature]:
         Feature("operations", routes=operation_api.add_routes, start=operation_api.start),  # holds
         profiles_api.FEATURE,
         plans_api.FEATURE,  # subscription plans: documents/plans_api.py
+        billing_modes_api.FEATURE,  # invoice mode, credit limits, blocks: documents/billing_modes_api.py
         invoices_api.FEATURE,  # invoices, receipts, credit notes: documents/invoices_api.py
     ]

@@ -1,5 +1,6 @@
 """Rebuilding a lost Redis from the ledger (Postgres is the truth): accounts, balances, active keys, the
-money in still on its way, and the settled markers of the debits whose request could still be retried.
+money in still on its way, the settled markers of the debits whose request could still be retried, and
+the billing modes' credit lines and blocks (credit_lines.py).
 
 A Redis that comes up empty (first start, or lost without persistence), or a cluster shard that lost its
 keys, is rebuilt partition by partition; see ``rebuild_if_empty``.
@@ -14,6 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 from .caps import restore_caps
+from .credit_lines import ledger_lines, queue_line
 from .keys import AccountKeys, KeySpace
 from .keys_api import restore_key_expiries
 from .ledger_store import LedgerConnection, LedgerStore
@@ -86,6 +88,7 @@ async def rebuild_if_empty(
             unflushed = (await redis_snapshot(redis, keys, store, conn, list(ledger_view), [])).unflushed
             markers = await restore_settled_markers(redis, keys, conn, todo, settled_marker_ms)
             grants = await store.grant_remainders(conn)
+            lines = await ledger_lines(conn)  # invoice mode's credit lines and blocks
             keys_rows = await conn.fetch(
                 "SELECT id, account_id, key_hash FROM api_keys WHERE revoked_at IS NULL"
             )
@@ -108,6 +111,7 @@ async def rebuild_if_empty(
                         pipe.hsetnx(k.balance, "held", 0)
                         pipe.hsetnx(k.balance, "created_at", now)
                         restore_grants(pipe, k, within(grants.get(account, []), balance), active_ms)
+                        queue_line(pipe, k.balance, *lines.get(account, ("", False)))
                     # The balances include the money in still on its way: its grant must not credit again.
                     for idempotency_id, account, amount in unapplied_by_partition.get(partition, []):
                         pipe.set(keys.account(account).credited(idempotency_id), f"{account} {amount}")

@@ -22,6 +22,7 @@ from .errors import (
     CreditgateError,
     Forbidden,
     InsufficientCredits,
+    InvoiceOverdue,
     NotFound,
     RequestTimeout,
     ServiceUnavailable,
@@ -42,6 +43,7 @@ STATUS: dict[type[CreditgateError], int] = {
     Unauthorized: 401,
     InsufficientCredits: 402,
     SpendCapExceeded: 402,
+    InvoiceOverdue: 402,
     Forbidden: 403,
     NotFound: 404,
     RequestTimeout: 408,
@@ -53,6 +55,7 @@ STATUS: dict[type[CreditgateError], int] = {
 HEADERS: dict[type[CreditgateError], dict[str, str]] = {
     InsufficientCredits: {"x-should-retry": "false"},
     SpendCapExceeded: {"x-should-retry": "false"},
+    InvoiceOverdue: {"x-should-retry": "false"},
 }
 
 

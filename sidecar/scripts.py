@@ -41,6 +41,7 @@ class ReserveStatus(enum.IntEnum):
     CAPPED = -5  # a spend cap would be overshot: refused, nothing held
     CACHED = 2  # the response-cache (or idempotency) entry looked up with the hold exists; nothing held
     IN_PROGRESS = -7  # another request holds the idempotency key's claim: refused, nothing held
+    BLOCKED = -8  # the account is blocked (an overdue invoice): a positive hold refused, nothing held
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,12 @@ class Reservation:
     cached: bytes | None = None  # the cache entry, when status is CACHED
     replay: bool = False  # `cached` is the idempotency entry, not the response cache's
     cap: CapRefusal | None = None  # the cap, when status is CAPPED
+    credit: int = 0  # the account's credit limit (invoice mode), when status is INSUFFICIENT
+
+    @property
+    def available(self) -> int:
+        """What the account could hold: balance - held + its credit limit (an INSUFFICIENT reply's)."""
+        return self.balance - self.held + self.credit
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,10 @@ from aiohttp import web
 from .accounts import AccountDirectory
 from .caller import Caller
 from .caps import CapBody, CapOps, TimeZoneBody
-from .errors import BadRequest, NotFound
-from .keys import KeySpace, as_text
+from .credit_lines import AVAILABLE
+from .credit_lines import available as credit_available
+from .errors import BadRequest
+from .keys import KeySpace
 from .keys_api import KeyBody, KeyOps
 from .metering.operation_api import estimate_operation
 from .money import format_credits
@@ -67,10 +69,8 @@ class WalletOps:
             self.policy,
             key_id=caller.key_id,
         )
-        balance, held = await self.redis.hmget(self.keys.account(caller.account).balance, ["balance", "held"])
-        if balance is None:
-            raise NotFound(f"No account {caller.account!r}.", param="account")
-        available = int(as_text(balance)) - int(as_text(held or b"0"))
+        fields = await self.redis.hmget(self.keys.account(caller.account).balance, AVAILABLE)
+        available = credit_available(caller.account, fields)  # with the credit line (invoice mode)
         return {
             "object": "credits.estimate",
             "model": adm.price.model,

@@ -45,15 +45,24 @@ from hypothesis.stateful import (
 
 from sidecar.balances import ReserveStatus
 from sidecar.caller import Caller
+from sidecar.documents.billing_modes import BillingBody, BillingModes
 from sidecar.documents.plan_settings import PlanConfig
 from sidecar.documents.plans import Plans, grant_key
-from sidecar.errors import Conflict, CreditgateError, InsufficientCredits, NotFound, SpendCapExceeded
+from sidecar.errors import (
+    Conflict,
+    CreditgateError,
+    InsufficientCredits,
+    InvoiceOverdue,
+    NotFound,
+    SpendCapExceeded,
+)
 from sidecar.keys import as_text
 from sidecar.metering.meters_api import Meters
 from sidecar.metering.meters_charges import MeterCharges
 from sidecar.metering.operation_holds import hold_id_of
 from sidecar.metering.operations import Operations
 from sidecar.metering.settings import OperationConfig
+from sidecar.money import format_credits
 from sidecar.outbox import UsageEvent
 from sidecar.payments.landing import Payments
 from sidecar.payments.orders import OrderStore
@@ -135,6 +144,24 @@ class Account:
     # Money back out (payment reversals): taken back in all, and the part not flushed yet.
     reversed: int = 0
     reversed_unflushed: int = 0
+    # The billing mode (documents/billing_modes.py): on invoice, the credit line (None: unlimited; 0 on
+    # prepaid) admits beyond the balance; a blocked account admits no positive hold.
+    invoice: bool = False
+    credit: int | None = 0
+    blocked: bool = False
+
+    def available(self) -> int | None:
+        """What a new hold may take: balance - held + the credit line (None: unlimited)."""
+        return None if self.credit is None else self.balance - self.held + self.credit
+
+    def refuses(self, amount: int) -> ReserveStatus | None:
+        """The reserve's refusal of a new positive hold by the balance rules, or None."""
+        if amount <= 0:
+            return None
+        if self.blocked:
+            return ReserveStatus.BLOCKED
+        free = self.available()
+        return ReserveStatus.INSUFFICIENT if free is not None and free < amount else None
 
     def live_grants(self) -> list[Grant]:
         return [g for g in self.grants.values() if g.remaining > 0]
@@ -479,8 +506,9 @@ class MoneyModel(RuleBasedStateMachine):
         """What the reserve of a new hold must answer: the balance first, then the spend caps."""
         acct = self.model[account]
         acct.expire_due(self.clock)  # a new hold's reserve expires what ended first
-        if amount > 0 and acct.balance - acct.held < amount:
-            return ReserveStatus.INSUFFICIENT
+        refused = acct.refuses(amount)
+        if refused is not None:
+            return refused
         if acct.cap_over(cap_scopes(caller[0], "m", caller[1]), amount):
             return ReserveStatus.CAPPED
         return ReserveStatus.HELD
@@ -511,6 +539,8 @@ class MoneyModel(RuleBasedStateMachine):
         request_id = self.new_id("req")
         reply = self._reserve(account, request_id, amount, caller=caller)
         assert reply.status == ReserveStatus.HELD
+        if acct.invoice and acct.credit is not None and amount > 0:  # admitted within the credit limit
+            assert reply.held <= reply.balance + acct.credit, (reply, acct.credit)
         self._held(acct, request_id, amount, caller)
         return Request(account, request_id)
 
@@ -711,7 +741,8 @@ class MoneyModel(RuleBasedStateMachine):
         reply = self._reserve(account, request_id, 10**9, cache_key)
         acct.expire_due(self.clock)  # the reserve (a miss) or the hit's record settle expires what ended
         if cache_key not in acct.cache:  # lost with Redis
-            assert reply.status in (ReserveStatus.HELD, ReserveStatus.INSUFFICIENT, ReserveStatus.CAPPED)
+            assert reply.status in (ReserveStatus.HELD, ReserveStatus.INSUFFICIENT, ReserveStatus.CAPPED,
+                                    ReserveStatus.BLOCKED)  # fmt: skip
             if reply.status == ReserveStatus.HELD:
                 self.run(self.svc.balances.settle(account, request_id, 0))
             return
@@ -829,6 +860,36 @@ class MoneyModel(RuleBasedStateMachine):
             return multiple()
         return self._hold(account, headroom, caller)
 
+    # ---- billing modes (documents/billing_modes.py) ---------------------------------------------------
+
+    @rule(
+        account=accounts,
+        invoice=st.booleans(),
+        limit=st.one_of(st.none(), st.integers(min_value=0, max_value=10_000_000)),
+    )
+    def set_billing_mode(self, account: str, invoice: bool, limit: int | None) -> None:
+        """On invoice with a credit limit (None: unlimited), or back to prepaid: Postgres, then Redis; new
+        holds are admitted against balance - held + the limit (a rebuild keeps it: Postgres has it)."""
+        body = BillingBody(mode="invoice" if invoice else "prepaid")
+        if invoice and limit is not None:
+            body.credit_limit = format_credits(limit)
+        view = self.run(self._modes.put(account, body))
+        assert (view["mode"], view["credit_limit"]) == (body.mode, limit if invoice else None)
+        acct = self.model[account]
+        acct.invoice = acct.invoice or invoice  # its balance may stay below zero once it accrued
+        acct.credit = limit if invoice else 0
+
+    @rule(account=accounts, blocked=st.booleans())
+    def block(self, account: str, blocked: bool) -> None:
+        """Blocked (an overdue invoice): no positive hold is admitted, free work still is."""
+        done = self.run(self._modes.set_blocked(account, blocked, "overdue" if blocked else None))
+        assert done.blocked is blocked
+        self.model[account].blocked = blocked
+
+    @property
+    def _modes(self) -> BillingModes:
+        return BillingModes(self.svc.store.pool, self.svc.redis, self.svc.keys)
+
     # ---- subscription plans (documents/plans.py) -------------------------------------------------------
 
     def _plans(self, now: int | None = None) -> Plans:
@@ -912,7 +973,7 @@ class MoneyModel(RuleBasedStateMachine):
         if rid in acct.charges and rid not in acct.forgotten:
             return True  # the settled marker: nothing moves again
         acct.expire_due(self.clock)
-        if acct.balance - acct.held < meter.amount:
+        if acct.refuses(meter.amount) is not None:
             return False
         acct.draw(meter.amount, self.clock)
         acct.balance -= meter.amount
@@ -945,7 +1006,8 @@ class MoneyModel(RuleBasedStateMachine):
         acct = self.model[account]
         meters = Meters(self._meter_worker(), self.svc.settings)
         body = msgspec.json.encode({"resource_id": self.new_id("res"), "price": amount, "period": 60})
-        if acct.balance - acct.held < amount:
+        free = acct.available()  # the create checks what is available (with the credit line), not a block
+        if free is not None and free < amount:
             with pytest.raises(InsufficientCredits):
                 self.run(meters.create(account, body))
             return multiple()
@@ -1015,7 +1077,11 @@ class MoneyModel(RuleBasedStateMachine):
             assert view.state == ("held" if view.hold_id in acct.holds else "expired"), view
             return view.hold_id
         expected = self._expected(account, amount, caller)
-        refusal = {ReserveStatus.INSUFFICIENT: InsufficientCredits, ReserveStatus.CAPPED: SpendCapExceeded}
+        refusal = {
+            ReserveStatus.INSUFFICIENT: InsufficientCredits,
+            ReserveStatus.CAPPED: SpendCapExceeded,
+            ReserveStatus.BLOCKED: InvoiceOverdue,
+        }
         if expected != ReserveStatus.HELD:
             with pytest.raises(refusal[expected]):
                 self.run(call)
@@ -1259,7 +1325,7 @@ class MoneyModel(RuleBasedStateMachine):
             ), account
             self.check_grants(account, acct)
             assert view.held >= 0
-            assert acct.overdrawn or view.balance >= 0, account
+            assert acct.overdrawn or acct.invoice or view.balance >= 0, account
             self.check_caps(account, acct)
 
     def check_grants(self, account: str, acct: Account) -> None:

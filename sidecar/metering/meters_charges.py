@@ -147,7 +147,7 @@ class MeterCharges:
         rid = request_id_of(m.meter_id, period)
         b = self.balances
         held = await b.reserve(m.account, rid, amount, self.wall() + LEASE_MS, window_end_ms=window_end)
-        if held.status == ReserveStatus.INSUFFICIENT:
+        if held.status in (ReserveStatus.INSUFFICIENT, ReserveStatus.BLOCKED):  # blocked: unpaid too
             return False
         if held.status == ReserveStatus.WINDOW_CLOSED:
             return None

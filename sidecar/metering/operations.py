@@ -23,12 +23,11 @@ from ..errors import (
     Conflict,
     InsufficientCredits,
     NotFound,
-    SpendCapExceeded,
-    Unauthorized,
 )
 from ..keys import AccountKeys, as_text
 from ..money import format_credits
 from ..outbox import UsageEvent
+from ..refusals import refusal
 from .operation_holds import (
     HOLD_ID,
     EndClaim,
@@ -41,7 +40,6 @@ from .operation_holds import (
     decode_spec,
     encode,
     hold_id_of,
-    iso_seconds,
     priced,
 )
 from .settings import OperationConfig
@@ -124,13 +122,10 @@ class Operations:
             scopes=spec.scopes(),
         )
         if res.status is ReserveStatus.INSUFFICIENT:
-            raise InsufficientCredits(res.balance - res.held, spec.amount, self.top_up_url)
-        if res.status is ReserveStatus.CAPPED and res.cap is not None:
-            cap = res.cap
-            resets = None if cap.resets_ms is None else iso_seconds(cap.resets_ms)
-            raise SpendCapExceeded(cap.scope, cap.period, cap.limit, cap.used, resets)
-        if res.status is ReserveStatus.NO_ACCOUNT:
-            raise Unauthorized("The account behind this key no longer exists.")
+            raise InsufficientCredits(res.available, spec.amount, self.top_up_url)
+        refused = refusal(res, k.account)  # blocked, capped, or the account gone
+        if refused is not None:
+            raise refused
         if res.status is ReserveStatus.WINDOW_CLOSED:
             raise Conflict(
                 "This idempotency_key's hold was not taken within its window (settled_marker_seconds); "

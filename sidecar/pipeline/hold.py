@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import logging
 import time
 from collections.abc import Mapping
@@ -27,12 +26,12 @@ from ..cachekey import BYPASS
 from ..errors import (
     Conflict,
     InsufficientCredits,
-    SpendCapExceeded,
     Unauthorized,
     UnknownAccount,
     WindowClosed,
 )
 from ..idempotency import Replays, in_progress
+from ..refusals import refusal
 from ..wallet import cap_scopes
 from .admit import Admission
 from .replay import Replay, ReplayFlight, land_replay, lead_or_wait, replayed
@@ -202,19 +201,16 @@ class Holder:
         the refusals become errors."""
         reservation = await self._reserve(adm, cache_key)
         if reservation.status is ReserveStatus.INSUFFICIENT:
-            lowered = self._lowered(adm, reservation.balance - reservation.held)
+            lowered = self._lowered(adm, reservation.available)
             if lowered is not None:
                 notes.cache_result = "bypass"
                 adm = lowered
                 reservation = await self._reserve(adm, None)
         if reservation.status is ReserveStatus.INSUFFICIENT:
-            raise self._insufficient(adm, reservation.balance - reservation.held)
-        if reservation.status is ReserveStatus.CAPPED and reservation.cap is not None:
-            cap = reservation.cap
-            resets = None if cap.resets_ms is None else _iso(cap.resets_ms)
-            raise SpendCapExceeded(cap.scope, cap.period, cap.limit, cap.used, resets)
-        if reservation.status is ReserveStatus.NO_ACCOUNT:
-            raise Unauthorized("The account behind this key no longer exists.")
+            raise self._insufficient(adm, reservation.available)
+        refused = refusal(reservation, adm.account)  # blocked, capped, or the account gone
+        if refused is not None:
+            raise refused
         if reservation.status is ReserveStatus.ALREADY_SETTLED:
             raise Conflict("This request id was already settled.")
         if reservation.status is ReserveStatus.IN_PROGRESS:
@@ -287,8 +283,3 @@ class Holder:
                     raise
                 log.warning("reserve of %s failed (attempt %d, %r); retrying", adm.request_id, tries, exc)
             await asyncio.sleep(pause)
-
-
-def _iso(ms: int) -> str:
-    """A time as ISO 8601 in UTC, to the second."""
-    return dt.datetime.fromtimestamp(ms // 1000, dt.UTC).isoformat().replace("+00:00", "Z")
