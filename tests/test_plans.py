@@ -70,6 +70,29 @@ MAR31 = ms("2027-03-31T10:00+00:00")
          "2027-05-01T00:00+02:00"),
         ("2027-01-31T00:00-05:00", "America/New_York", "month", 1, "2027-02-28T00:00-05:00",
          "2027-03-31T00:00-04:00"),
+        # a wall time the spring change skips (Mar 14, 2027, 02:00-03:00 in New York): zoneinfo's fold 0,
+        # an hour on; the next period is back at 02:30
+        ("2027-02-14T02:30-05:00", "America/New_York", "month", 1, "2027-03-14T03:30-04:00",
+         "2027-04-14T02:30-04:00"),
+        # a wall time the fall change repeats (Nov 7, 2027, 01:00-02:00): the first of the two (EDT)
+        ("2027-10-07T01:30-04:00", "America/New_York", "month", 1, "2027-11-07T01:30-04:00",
+         "2027-12-07T01:30-05:00"),
+        # Berlin's fall change (Oct 31, 2027) and a 31st clamped to Nov 30, on local midnight throughout
+        ("2027-08-31T00:00+02:00", "Europe/Berlin", "month", 2, "2027-10-31T00:00+02:00",
+         "2027-11-30T00:00+01:00"),
+        # the southern hemisphere: Sydney leaves DST on Apr 4, 2027 (+11 -> +10); Mar 31 clamps to Apr 30
+        ("2027-03-31T09:00+11:00", "Australia/Sydney", "month", 1, "2027-04-30T09:00+10:00",
+         "2027-05-31T09:00+10:00"),
+        # the local date is not UTC's: Jan 31 23:30 UTC is Feb 1 in Tokyo, so the periods start on the 1st
+        ("2027-01-31T23:30+00:00", "Asia/Tokyo", "month", 1, "2027-03-01T08:30+09:00",
+         "2027-04-01T08:30+09:00"),
+        # a Feb 29 anchor, monthly: the 29th, and Feb 28 in a common year
+        ("2028-02-29T12:00+00:00", "UTC", "month", 1, "2028-03-29T12:00+00:00", "2028-04-29T12:00+00:00"),
+        ("2028-02-29T12:00+00:00", "UTC", "month", 12, "2029-02-28T12:00+00:00", "2029-03-29T12:00+00:00"),
+        # years: one holding Feb 29 is 366 days; a yearly plan in a zone keeps its local time
+        ("2027-03-01T00:00+00:00", "UTC", "year", 1, "2028-03-01T00:00+00:00", "2029-03-01T00:00+00:00"),
+        ("2027-01-31T12:00+01:00", "Europe/Berlin", "year", 1, "2028-01-31T12:00+01:00",
+         "2029-01-31T12:00+01:00"),
     ],
 )  # fmt: skip
 def test_a_period_starts_on_the_anchors_day_clamped_to_the_month(
@@ -164,12 +187,13 @@ async def test_the_catalog_and_a_start_that_grants_the_first_period_now(scene: S
     basic = next(p for p in catalog["data"] if p["id"] == "basic")
     assert basic == {"id": "basic", "title": "Basic", "price": 900, "period": "month",
                      "included_credits": 10 * C, "rollover": "none", "rollover_cap": None,
-                     "billing": "operator"}  # fmt: skip
+                     "billing": "operator", "stripe_price": None}  # fmt: skip
     own = await (await scene.sc.client.get("/v1/subscription", headers=headers)).json()
     assert own == {"account": account, "subscription": None}
     sub = await scene.subscribe(account, "basic")
     assert sub["period"] == {"index": 0, "start": "2027-01-31T10:00:00Z", "end": "2027-02-28T10:00:00Z",
-                             "granted": 10 * C, "carried": 0}  # fmt: skip
+                             "granted": 10 * C, "carried": 0, "invoice": None}  # fmt: skip
+    assert sub["stripe_subscription"] is None
     (g,) = (await grants(scene.sc.balances, account)).values()
     assert (g.grant_id, g.kind, g.remaining, g.expires_ms) == (
         grant_key(sub["id"], 0),
@@ -235,11 +259,28 @@ async def test_missed_periods_are_not_caught_up_only_the_current_one_is_granted(
     assert view["period"]["end"] == "2027-05-31T10:00:00Z"
 
 
+async def test_periods_follow_the_accounts_wall_clock_across_a_dst_change(scene: Scene) -> None:
+    account, _ = await scene.account()
+    await scene.sc.admin("PUT", f"/accounts/{account}/time-zone", {"time_zone": "America/New_York"})
+    scene.clock.now = ms("2027-01-31T00:00-05:00")  # local midnight, EST
+    sub = await scene.subscribe(account, "basic")
+    assert (sub["time_zone"], sub["period"]["end"]) == ("America/New_York", "2027-02-28T05:00:00Z")
+    assert await scene.plans.run_pass(ms("2027-02-28T00:00-05:00") - 1) == 0
+    assert await scene.plans.run_pass(ms("2027-02-28T00:00-05:00")) == 1
+    view = (await scene.sc.admin("GET", f"/accounts/{account}/subscription"))["subscription"]
+    assert view["period"]["end"] == "2027-03-31T04:00:00Z"  # local midnight again, now EDT: 23 hours less
+    g = (await grants(scene.sc.balances, account))[grant_key(sub["id"], 1)]
+    assert g.expires_ms == ms("2027-03-31T00:00-04:00")
+
+
 async def test_a_change_of_plan_takes_effect_at_the_next_period(scene: Scene) -> None:
     account, _ = await scene.account()
     sub = await scene.subscribe(account, "basic")
+    scene.clock.now = JAN31 + 10 * 86_400_000  # mid-period
     changed = (await scene.post(f"/accounts/{account}/subscription/change", {"plan": "pro"}))["subscription"]
     assert (changed["plan"], changed["next_plan"]) == ("basic", "pro")
+    assert changed["period"]["granted"] == 10 * C  # nothing changes now: no grant, no proration
+    assert (await scene.sc.balance(account))["balance"] == 10 * C
     assert await scene.plans.run_pass(FEB28 - 1) == 0  # not yet
     assert await scene.plans.run_pass(FEB28) == 1
     assert await scene.periods(sub["id"]) == [(0, "basic", 10 * C, 0), (1, "pro", 50 * C, 0)]
@@ -320,6 +361,10 @@ async def test_bad_input_is_a_400_naming_the_field_and_changes_nothing(
         ({"included_credits": 1, "price": -1}, "plans.pro.price"),
         ({"included_credits": 1, "rollover": "capped"}, "plans.pro.rollover_cap"),
         ({"included_credits": 1, "rollover_cap": 5}, "plans.pro.rollover_cap"),
+        ({"included_credits": 1, "billing": "provider"}, "plans.pro.stripe_price"),
+        ({"included_credits": 1, "stripe_price": "price_1"}, "plans.pro.stripe_price"),
+        ({"included_credits": 1, "billing": "provider", "stripe_price": "prod_1"}, "plans.pro.stripe_price"),
+        ({"included_credits": 1, "billing": "provider", "stripe_price": "price_1"}, "stripe_webhook_secrets"),
     ],
 )
 def test_settings_errors_name_the_setting(plan: dict[str, Any], param: str) -> None:
