@@ -32,8 +32,9 @@ from ..admin import AdminOps
 from ..config import ACCOUNT_ID
 from ..errors import BadRequest, Conflict, NotFound
 from ..wallet import GrantTerms
-from .plan_periods import Period, iso, period, period_at, to_dt, to_ms
+from .plan_periods import Period, period, period_at, to_dt, to_ms
 from .plan_settings import PlanConfig
+from .plan_views import catalog_view, subscription_view
 
 STRIPE_SUBSCRIPTION = re.compile(r"^sub_[A-Za-z0-9_]{1,196}\Z")
 SubRow = asyncpg.Record
@@ -71,23 +72,7 @@ class Plans:
         return self.catalog[name]
 
     def catalog_view(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "title": p.title,
-                    "price": p.price,
-                    "period": p.period,
-                    "included_credits": p.included_credits,
-                    "rollover": p.rollover,
-                    "rollover_cap": p.rollover_cap,
-                    "billing": p.billing,
-                    "stripe_price": p.stripe_price,
-                }
-                for name, p in sorted(self.catalog.items())
-            ],
-        }
+        return catalog_view(self.catalog)
 
     # ---- the operator's actions ---------------------------------------------------------------------
 
@@ -176,27 +161,7 @@ class Plans:
             row["id"],
             row["period_index"],
         )
-        sub = {
-            "id": row["id"],
-            "plan": row["plan"],
-            "status": row["status"],
-            "next_plan": row["next_plan"],
-            "anchor": iso(row["anchor"]),
-            "time_zone": row["time_zone"],
-            "stripe_subscription": row["provider_ref"],
-            "period": None
-            if current is None
-            else {
-                "index": current["period_index"],
-                "start": iso(current["starts_at"]),
-                "end": iso(current["ends_at"]),
-                "granted": current["amount"],
-                "carried": current["carried"],
-                "invoice": current["invoice_ref"],
-            },
-            "canceled_at": iso(row["canceled_at"]),
-        }
-        return {"account": account, "subscription": sub}
+        return {"account": account, "subscription": subscription_view(row, current)}
 
     # ---- the worker ---------------------------------------------------------------------------------
 
