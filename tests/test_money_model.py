@@ -951,7 +951,7 @@ class MoneyModel(RuleBasedStateMachine):
         else:
             anchor, last = sub.anchor, max(sub.granted)
             nxt = plan_periods.period(anchor, "UTC", "month", last + 1)
-            if cross:
+            if cross and nxt.start_ms - self.clock <= LEASE_MS // 2:  # seconds on, never a month
                 self.clock = max(self.clock, nxt.start_ms)
             due = self.clock >= nxt.start_ms
             p = nxt if due else plan_periods.period(anchor, "UTC", "month", last)
