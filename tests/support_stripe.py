@@ -4,8 +4,9 @@
 form-encoded POSTs (``line_items[0][price_data][currency]=usd``), Bearer auth with the secret key,
 Idempotency-Key replay, JSON objects back. The real `stripe` library is pointed at it through
 `stripe_api_base`. `pay`, `refund_in_dashboard` and `dispute` change its state as a customer, a
-dashboard user or a bank would; `event` and `post_event` build and sign webhook events exactly as Stripe
-does (``Stripe-Signature: t=<ts>,v1=<hmac>``)."""
+dashboard user or a bank would; `subscribe` and `invoice` are an operator's subscription and its paid
+invoices (as an `invoice.paid` event carries them); `event` and `post_event` build and sign webhook
+events exactly as Stripe does (``Stripe-Signature: t=<ts>,v1=<hmac>``)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class FakeStripe:
     fail_refunds: int = 0  # the next n refund creates are refused (HTTP 400)
     intents: dict[str, dict[str, Any]] = field(default_factory=dict)
     declines: dict[str, str] = field(default_factory=dict)  # payment method -> the decline code it gets
+    subscriptions: dict[str, str] = field(default_factory=dict)  # subscription id -> its price id
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -211,6 +213,52 @@ class FakeStripe:
             "metadata": {},
         }
         return dict(session)
+
+    def subscribe(self, price: str) -> str:
+        """A subscription to `price` the operator made (the dashboard, or the API): its id."""
+        sid = self.new_id("sub")
+        self.subscriptions[sid] = price
+        return sid
+
+    def invoice(
+        self, subscription: str, start_s: int, end_s: int, *, legacy: bool = False, price: str | None = None
+    ) -> dict[str, Any]:
+        """The paid invoice of `subscription`'s period [start_s, end_s) (seconds), as an `invoice.paid`
+        event carries it: API 2025-03-31 (basil) names the subscription and the line's price under
+        `parent` and `pricing`; `legacy` (older versions) as `subscription` and `price`."""
+        price = price or self.subscriptions[subscription]
+        line: dict[str, Any] = {
+            "id": self.new_id("il"),
+            "object": "line_item",
+            "amount": 900,
+            "currency": "usd",
+            "period": {"start": start_s, "end": end_s},
+        }
+        invoice: dict[str, Any] = {
+            "id": self.new_id("in"),
+            "object": "invoice",
+            "status": "paid",
+            "amount_paid": 900,
+            "currency": "usd",
+            "billing_reason": "subscription_cycle",
+            "period_start": start_s,  # (the invoice's own period: the one before; not the line's)
+            "period_end": start_s,
+        }
+        if legacy:
+            line.update(
+                type="subscription", subscription=subscription, price={"id": price, "object": "price"}
+            )
+            invoice["subscription"] = subscription
+        else:
+            line["pricing"] = {
+                "type": "price_details",
+                "price_details": {"price": price, "product": "prod_x"},
+            }
+            line["parent"] = {"type": "subscription_item_details", "subscription_item_details": {}}
+            details = {"subscription": subscription, "metadata": {}}
+            invoice["parent"] = {"type": "subscription_details", "subscription_details": details}
+        invoice["lines"] = {"object": "list", "data": [line], "has_more": False}
+        return invoice
 
     def refund_in_dashboard(self, payment_intent: str, amount: int) -> dict[str, Any]:
         return self._refund(payment_intent, amount, {})

@@ -45,7 +45,9 @@ from hypothesis.stateful import (
 
 from sidecar.balances import ReserveStatus
 from sidecar.caller import Caller
+from sidecar.documents import plan_periods
 from sidecar.documents.billing_modes import BillingBody, BillingModes
+from sidecar.documents.plan_invoices import invoice_paid
 from sidecar.documents.plan_settings import PlanConfig
 from sidecar.documents.plans import Plans, grant_key
 from sidecar.errors import (
@@ -88,6 +90,8 @@ METER_PERIOD_MS = 60_000  # the model's meters charge every 60 s of its clock
 # Subscription plans: a plan of monthly periods whose first period began in February (28 days), so that
 # it ends on the model's clock (minutes ahead) and the next begins.
 PLAN = PlanConfig(included_credits=2_000_000)
+# A provider-billed plan: its periods are granted by Stripe's invoice.paid only (plan_invoices.py).
+STRIPE_PLAN = PlanConfig(included_credits=3_000_000, billing="provider", stripe_price="price_model")
 DAY_MS = 86_400_000
 IDLE_MS = 4 * LEASE_MS  # free credits expire after 2 minutes of the model's clock without activity
 GRANT_KINDS = ["purchase", "promotion", "bonus", "starter", "subscription"]
@@ -100,6 +104,17 @@ callers = st.sampled_from(CALLERS)
 # holds count in the same spend-cap scopes (the account, the key, "model:m"; no end user).
 OPERATION = OperationConfig(unit_price=5_000, per_run=1_000, max_units=100)
 op_callers = st.sampled_from([("k1", None), ("k2", None), (None, None)])
+
+
+@dataclass
+class StripeSub:
+    """A provider-billed subscription: its account, its Stripe subscription, the anchor its first paid
+    invoice set (None: none paid yet) and the periods granted."""
+
+    account: str
+    ref: str
+    anchor: int | None = None
+    granted: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -255,6 +270,7 @@ class MoneyModel(RuleBasedStateMachine):
     reversals = Bundle("reversals")  # (account, order id, reversal id, taken): taken back once
     meter_ids = Bundle("meter_ids")  # meters started: each period charged once
     subscription_ids = Bundle("subscription_ids")  # subscriptions started: each period granted once
+    stripe_sub_ids = Bundle("stripe_sub_ids")  # provider-billed ones: granted by invoice.paid, once
     op_held = Bundle("op_held")  # (account, idempotency key, units, caller): operation holds taken
 
     def __init__(self) -> None:
@@ -270,6 +286,7 @@ class MoneyModel(RuleBasedStateMachine):
         self.restored: set[str] = set()  # reversals given back
         self.meters: dict[str, MeterState] = {}
         self.subscriptions: dict[str, tuple[str, int, set[int]]] = {}  # id -> (account, anchor, periods)
+        self.stripe_subs: dict[str, StripeSub] = {}
         self.ops = Operations(
             self.svc.balances, {"m": OPERATION}, lease_seconds=LEASE_MS // 1000, clock=lambda: self.clock
         )
@@ -894,7 +911,12 @@ class MoneyModel(RuleBasedStateMachine):
 
     def _plans(self, now: int | None = None) -> Plans:
         at = self.clock if now is None else now
-        return Plans(self.svc.store.pool, self.svc.admin, {"m": PLAN}, clock=lambda: at)
+        return Plans(self.svc.store.pool, self.svc.admin, {"m": PLAN, "p": STRIPE_PLAN}, clock=lambda: at)
+
+    def _subscribed(self, account: str) -> bool:
+        return any(a == account for a, _, _ in self.subscriptions.values()) or any(
+            sub.account == account for sub in self.stripe_subs.values()
+        )
 
     def _period_granted(self, sid: str, index: int, ends_ms: int) -> None:
         account, _, granted = self.subscriptions[sid]
@@ -909,7 +931,7 @@ class MoneyModel(RuleBasedStateMachine):
     def subscribe(self, account: str, ends_in: int) -> Any:
         """A subscription whose first period began 28 days (February) before it ends, `ends_in` ahead on
         the model's clock: its grant arrives now and ends with the period."""
-        if any(a == account for a, _, _ in self.subscriptions.values()):
+        if self._subscribed(account):
             return multiple()
         end = self.clock + ends_in
         anchor = end - 28 * DAY_MS
@@ -919,7 +941,7 @@ class MoneyModel(RuleBasedStateMachine):
         self._period_granted(view["id"], 0, end)
         return view["id"]
 
-    @precondition(lambda self: self.subscriptions)
+    @precondition(lambda self: self.subscriptions or self.stripe_subs)  # (the worker never grants the latter)
     @rule(cross=st.booleans())
     def subscription_periods(self, cross: bool) -> None:
         """Two sidecars run the period pass at once (`cross`: once the clock reached the next period's
@@ -954,7 +976,68 @@ class MoneyModel(RuleBasedStateMachine):
         found: dict[str, set[int]] = {}
         for r in rows:
             found.setdefault(r["subscription_id"], set()).add(r["period_index"])
-        assert found == {sid: granted for sid, (_, _, granted) in self.subscriptions.items()}
+        expected = {sid: granted for sid, (_, _, granted) in self.subscriptions.items()}
+        expected |= {sid: sub.granted for sid, sub in self.stripe_subs.items() if sub.granted}
+        assert found == expected
+
+    # ---- provider-billed subscriptions (documents/plan_invoices.py) ------------------------------------
+
+    @precondition(lambda self: len(self.stripe_subs) < 2)
+    @rule(target=stripe_sub_ids, account=accounts)
+    def stripe_subscribe(self, account: str) -> Any:
+        """A provider-billed subscription: nothing granted until its invoice is paid."""
+        if self._subscribed(account):
+            return multiple()
+        ref = f"sub_model{uuid.uuid4().hex[:12]}"
+        view = self.run(self._plans().start(account, "p", ref))["subscription"]
+        assert view["period"] is None
+        self.stripe_subs[view["id"]] = StripeSub(account, ref)
+        return view["id"]
+
+    @rule(
+        sid=stripe_sub_ids,
+        ends_in=st.integers(min_value=2_000, max_value=LEASE_MS // 2),
+        off=st.integers(min_value=-5, max_value=5),
+        cross=st.booleans(),
+        twice=st.booleans(),
+    )
+    def stripe_invoice_paid(self, sid: str, ends_in: int, off: int, cross: bool, twice: bool) -> None:
+        """Stripe's invoice.paid for the subscription's next period (the first: a February one, ending
+        `ends_in` ahead; `cross`: the clock moved on to the next one), its instants `off` seconds from
+        ours, delivered once or `twice` at once: a period begun is granted once, anything else nothing."""
+        sub = self.stripe_subs[sid]
+        if sub.anchor is None:
+            anchor = (self.clock + ends_in - 28 * DAY_MS) // 1000 * 1000  # Stripe's: whole seconds
+            p, due, off = plan_periods.period(anchor, "UTC", "month", 0), True, 0
+        else:
+            anchor, last = sub.anchor, max(sub.granted)
+            nxt = plan_periods.period(anchor, "UTC", "month", last + 1)
+            if cross and nxt.start_ms - self.clock <= LEASE_MS // 2:  # seconds on, never a month
+                self.clock = max(self.clock, nxt.start_ms)
+            due = self.clock >= nxt.start_ms
+            p = nxt if due else plan_periods.period(anchor, "UTC", "month", last)
+        raw = self._invoice(sub, p, off)
+        outcomes = sorted(
+            o for _, o in self.run_all(*(invoice_paid(self._plans(), raw) for _ in range(1 + twice)))
+        )
+        assert outcomes == sorted(["granted"] * due + ["already_granted"] * (twice + 1 - due)), outcomes
+        if due:
+            sub.anchor = anchor
+            sub.granted.add(p.index)
+            terms = GrantTerms("subscription", None, p.end_ms, idle=False)
+            self._granted(sub.account, grant_key(sid, p.index), STRIPE_PLAN.included_credits, terms)
+
+    def _invoice(self, sub: StripeSub, p: plan_periods.Period, off: int) -> msgspec.Raw:
+        line = {
+            "period": {"start": p.start_ms // 1000 + off, "end": p.end_ms // 1000 + off},
+            "pricing": {"price_details": {"price": STRIPE_PLAN.stripe_price}},
+        }
+        invoice = {
+            "id": f"in_{sub.ref}_{p.index}",
+            "parent": {"subscription_details": {"subscription": sub.ref}},
+            "lines": {"data": [line]},
+        }
+        return msgspec.Raw(msgspec.json.encode(invoice))
 
     # ---- recurring charges (meters) ------------------------------------------------------------------
 

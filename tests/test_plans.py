@@ -6,51 +6,20 @@ once; a change waits for the next period, a cancel grants nothing more; unused c
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import uuid
 from typing import Any
 
 import pytest
 
 from sidecar.config import load_settings
 from sidecar.documents.plan_periods import period, period_at
-from sidecar.documents.plans import Plans, grant_key
-from sidecar.documents.plans_api import PLANS
+from sidecar.documents.plans import grant_key
 from sidecar.errors import ConfigError
-from sidecar.outbox import UsageEvent
-from sidecar.wallet import GrantTerms, WalletPolicy
 
-from .conftest import Sidecar, SidecarFactory
+from .conftest import SidecarFactory
+from .support_plans import FEB28, JAN31, MAR31, PLAN_SETTINGS, C, Scene, iso, ms, new_sidecar
 from .support_wallet import Clock, grants
 
 pytestmark = pytest.mark.topologies
-C = 1_000_000
-PLAN_SETTINGS = {
-    "basic": {"included_credits": 10 * C, "price": 900, "title": "Basic"},
-    "pro": {"included_credits": 50 * C, "price": 4900},
-    "carry": {"included_credits": 10 * C, "rollover": "capped", "rollover_cap": 3 * C},
-    "keep": {"included_credits": 10 * C, "rollover": "all"},
-    "yearly": {"included_credits": 100 * C, "period": "year"},
-}
-
-
-def ms(text: str) -> int:
-    return int(dt.datetime.fromisoformat(text).timestamp()) * 1000
-
-
-def iso(at_ms: int, tz: str = "UTC") -> str:
-    return dt.datetime.fromtimestamp(at_ms // 1000, dt.UTC).astimezone(_zone(tz)).isoformat()
-
-
-def _zone(tz: str) -> dt.tzinfo:
-    import zoneinfo
-
-    return zoneinfo.ZoneInfo(tz)
-
-
-JAN31 = ms("2027-01-31T10:00+00:00")
-FEB28 = ms("2027-02-28T10:00+00:00")
-MAR31 = ms("2027-03-31T10:00+00:00")
 
 
 # ---- periods (pure) -----------------------------------------------------------------------------------
@@ -70,6 +39,29 @@ MAR31 = ms("2027-03-31T10:00+00:00")
          "2027-05-01T00:00+02:00"),
         ("2027-01-31T00:00-05:00", "America/New_York", "month", 1, "2027-02-28T00:00-05:00",
          "2027-03-31T00:00-04:00"),
+        # a wall time the spring change skips (Mar 14, 2027, 02:00-03:00 in New York): zoneinfo's fold 0,
+        # an hour on; the next period is back at 02:30
+        ("2027-02-14T02:30-05:00", "America/New_York", "month", 1, "2027-03-14T03:30-04:00",
+         "2027-04-14T02:30-04:00"),
+        # a wall time the fall change repeats (Nov 7, 2027, 01:00-02:00): the first of the two (EDT)
+        ("2027-10-07T01:30-04:00", "America/New_York", "month", 1, "2027-11-07T01:30-04:00",
+         "2027-12-07T01:30-05:00"),
+        # Berlin's fall change (Oct 31, 2027) and a 31st clamped to Nov 30, on local midnight throughout
+        ("2027-08-31T00:00+02:00", "Europe/Berlin", "month", 2, "2027-10-31T00:00+02:00",
+         "2027-11-30T00:00+01:00"),
+        # the southern hemisphere: Sydney leaves DST on Apr 4, 2027 (+11 -> +10); Mar 31 clamps to Apr 30
+        ("2027-03-31T09:00+11:00", "Australia/Sydney", "month", 1, "2027-04-30T09:00+10:00",
+         "2027-05-31T09:00+10:00"),
+        # the local date is not UTC's: Jan 31 23:30 UTC is Feb 1 in Tokyo, so the periods start on the 1st
+        ("2027-01-31T23:30+00:00", "Asia/Tokyo", "month", 1, "2027-03-01T08:30+09:00",
+         "2027-04-01T08:30+09:00"),
+        # a Feb 29 anchor, monthly: the 29th, and Feb 28 in a common year
+        ("2028-02-29T12:00+00:00", "UTC", "month", 1, "2028-03-29T12:00+00:00", "2028-04-29T12:00+00:00"),
+        ("2028-02-29T12:00+00:00", "UTC", "month", 12, "2029-02-28T12:00+00:00", "2029-03-29T12:00+00:00"),
+        # years: one holding Feb 29 is 366 days; a yearly plan in a zone keeps its local time
+        ("2027-03-01T00:00+00:00", "UTC", "year", 1, "2028-03-01T00:00+00:00", "2029-03-01T00:00+00:00"),
+        ("2027-01-31T12:00+01:00", "Europe/Berlin", "year", 1, "2028-01-31T12:00+01:00",
+         "2029-01-31T12:00+01:00"),
     ],
 )  # fmt: skip
 def test_a_period_starts_on_the_anchors_day_clamped_to_the_month(
@@ -91,65 +83,6 @@ def test_period_zero_starts_at_the_anchor_itself() -> None:
 # ---- the sidecar ----------------------------------------------------------------------------------------
 
 
-class Scene:
-    def __init__(self, sc: Sidecar, clock: Clock) -> None:
-        self.sc, self.clock = sc, clock
-        sc.balances.wallet = WalletPolicy(30 * 86_400_000, clock)
-        self.plans: Plans = sc.client.app[PLANS]
-        self.plans.clock = clock
-
-    async def account(self, purchased: int = 0) -> tuple[str, str]:
-        account, key = await self.sc.account(0)
-        if purchased:
-            terms = GrantTerms("purchase")
-            await self.sc.services.admin.grant(account, purchased, uuid.uuid4().hex, "purchase", terms=terms)
-        return account, key
-
-    async def post(self, path: str, body: Any = None, status: int = 200) -> Any:
-        resp = await self.sc.client.post(f"/admin{path}", json=body, headers=self.sc.admin_headers())
-        data = await resp.json()
-        assert resp.status == status, data
-        return data
-
-    async def subscribe(self, account: str, plan: str) -> dict[str, Any]:
-        sub: dict[str, Any] = (await self.post(f"/accounts/{account}/subscription", {"plan": plan}, 201))[
-            "subscription"
-        ]
-        return sub
-
-    async def spend(self, account: str, micro: int) -> None:
-        rid = "req_" + uuid.uuid4().hex
-        await self.sc.balances.settle(
-            account, rid, micro, UsageEvent(route="chat", settled_ms=self.clock.now)
-        )
-
-    async def flush(self) -> None:
-        await self.sc.services.flusher().drain()
-
-    async def ledger(self, account: str, kind: str) -> list[tuple[str, int]]:
-        rows = await self.sc.services.store.pool.fetch(
-            "SELECT idempotency_id, amount FROM ledger WHERE account_id = $1 AND kind = $2"
-            " ORDER BY created_at",
-            account,
-            kind,
-        )
-        return [(r["idempotency_id"], r["amount"]) for r in rows]
-
-    async def periods(self, sid: str) -> list[tuple[int, str, int, int | None]]:
-        rows = await self.sc.services.store.pool.fetch(
-            "SELECT period_index, plan, amount, carried FROM subscription_periods WHERE subscription_id = $1"
-            " ORDER BY period_index",
-            sid,
-        )
-        return [(r["period_index"], r["plan"], r["amount"], r["carried"]) for r in rows]
-
-
-async def new_sidecar(make_sidecar: SidecarFactory, **overrides: Any) -> Sidecar:
-    return await make_sidecar(
-        flusher_enabled=False, plans=PLAN_SETTINGS, subscription_interval_seconds=3600, **overrides
-    )
-
-
 @pytest.fixture
 async def scene(make_sidecar: SidecarFactory) -> Scene:
     clock = Clock()
@@ -164,12 +97,13 @@ async def test_the_catalog_and_a_start_that_grants_the_first_period_now(scene: S
     basic = next(p for p in catalog["data"] if p["id"] == "basic")
     assert basic == {"id": "basic", "title": "Basic", "price": 900, "period": "month",
                      "included_credits": 10 * C, "rollover": "none", "rollover_cap": None,
-                     "billing": "operator"}  # fmt: skip
+                     "billing": "operator", "stripe_price": None}  # fmt: skip
     own = await (await scene.sc.client.get("/v1/subscription", headers=headers)).json()
     assert own == {"account": account, "subscription": None}
     sub = await scene.subscribe(account, "basic")
     assert sub["period"] == {"index": 0, "start": "2027-01-31T10:00:00Z", "end": "2027-02-28T10:00:00Z",
-                             "granted": 10 * C, "carried": 0}  # fmt: skip
+                             "granted": 10 * C, "carried": 0, "invoice": None}  # fmt: skip
+    assert sub["stripe_subscription"] is None
     (g,) = (await grants(scene.sc.balances, account)).values()
     assert (g.grant_id, g.kind, g.remaining, g.expires_ms) == (
         grant_key(sub["id"], 0),
@@ -235,11 +169,28 @@ async def test_missed_periods_are_not_caught_up_only_the_current_one_is_granted(
     assert view["period"]["end"] == "2027-05-31T10:00:00Z"
 
 
+async def test_periods_follow_the_accounts_wall_clock_across_a_dst_change(scene: Scene) -> None:
+    account, _ = await scene.account()
+    await scene.sc.admin("PUT", f"/accounts/{account}/time-zone", {"time_zone": "America/New_York"})
+    scene.clock.now = ms("2027-01-31T00:00-05:00")  # local midnight, EST
+    sub = await scene.subscribe(account, "basic")
+    assert (sub["time_zone"], sub["period"]["end"]) == ("America/New_York", "2027-02-28T05:00:00Z")
+    assert await scene.plans.run_pass(ms("2027-02-28T00:00-05:00") - 1) == 0
+    assert await scene.plans.run_pass(ms("2027-02-28T00:00-05:00")) == 1
+    view = (await scene.sc.admin("GET", f"/accounts/{account}/subscription"))["subscription"]
+    assert view["period"]["end"] == "2027-03-31T04:00:00Z"  # local midnight again, now EDT: 23 hours less
+    g = (await grants(scene.sc.balances, account))[grant_key(sub["id"], 1)]
+    assert g.expires_ms == ms("2027-03-31T00:00-04:00")
+
+
 async def test_a_change_of_plan_takes_effect_at_the_next_period(scene: Scene) -> None:
     account, _ = await scene.account()
     sub = await scene.subscribe(account, "basic")
+    scene.clock.now = JAN31 + 10 * 86_400_000  # mid-period
     changed = (await scene.post(f"/accounts/{account}/subscription/change", {"plan": "pro"}))["subscription"]
     assert (changed["plan"], changed["next_plan"]) == ("basic", "pro")
+    assert changed["period"]["granted"] == 10 * C  # nothing changes now: no grant, no proration
+    assert (await scene.sc.balance(account))["balance"] == 10 * C
     assert await scene.plans.run_pass(FEB28 - 1) == 0  # not yet
     assert await scene.plans.run_pass(FEB28) == 1
     assert await scene.periods(sub["id"]) == [(0, "basic", 10 * C, 0), (1, "pro", 50 * C, 0)]
@@ -320,6 +271,10 @@ async def test_bad_input_is_a_400_naming_the_field_and_changes_nothing(
         ({"included_credits": 1, "price": -1}, "plans.pro.price"),
         ({"included_credits": 1, "rollover": "capped"}, "plans.pro.rollover_cap"),
         ({"included_credits": 1, "rollover_cap": 5}, "plans.pro.rollover_cap"),
+        ({"included_credits": 1, "billing": "provider"}, "plans.pro.stripe_price"),
+        ({"included_credits": 1, "stripe_price": "price_1"}, "plans.pro.stripe_price"),
+        ({"included_credits": 1, "billing": "provider", "stripe_price": "prod_1"}, "plans.pro.stripe_price"),
+        ({"included_credits": 1, "billing": "provider", "stripe_price": "price_1"}, "stripe_webhook_secrets"),
     ],
 )
 def test_settings_errors_name_the_setting(plan: dict[str, Any], param: str) -> None:

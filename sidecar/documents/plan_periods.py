@@ -71,3 +71,15 @@ def period_at(anchor_ms: int, tz: str, kind: str, now_ms: int) -> Period:
     while p.end_ms <= now_ms:
         p = period(anchor_ms, tz, kind, p.index + 1)
     return p
+
+
+def to_dt(ms: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(milliseconds=ms)
+
+
+def to_ms(at: dt.datetime) -> int:
+    return (at - _EPOCH) // dt.timedelta(milliseconds=1)
+
+
+def iso(at: dt.datetime | None) -> str | None:
+    return None if at is None else at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")

@@ -14,11 +14,13 @@ from ..money import MAX_GRANT
 from .tax_settings import TaxSettings
 
 PLAN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+STRIPE_PRICE = re.compile(r"^price_[A-Za-z0-9_]{1,194}\Z")
 
 
 class PlanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One plan of the catalog: its price per period (minor units of `currency`, invoiced by the
-    operator), the micro-credits each period grants, and what of them the next period carries."""
+    """One plan of the catalog: its price per period (minor units of `currency`), who collects it (the
+    operator, or Stripe: `billing` "provider" with the plan's `stripe_price`), the micro-credits each
+    period grants, and what of them the next period carries."""
 
     included_credits: int  # micro-credits granted at each period's start, expiring at its end
     price: int = 0  # minor units per period
@@ -26,7 +28,10 @@ class PlanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rollover: Literal["none", "all", "capped"] = "none"
     rollover_cap: int | None = None  # micro-credits, with rollover "capped"
     title: str | None = None  # shown in the catalog
-    billing: Literal["operator"] = "operator"  # who collects the price (a provider-billed plan: later)
+    # Who collects the price: "operator" (the worker grants each period), or "provider" (Stripe bills its
+    # price `stripe_price`; each period is granted on its verified invoice.paid webhook).
+    billing: Literal["operator", "provider"] = "operator"
+    stripe_price: str | None = None  # the Stripe price id (price_...), with billing "provider" only
 
 
 class PlanSettings(TaxSettings, kw_only=True):
@@ -52,6 +57,22 @@ def check_plan_settings(settings: PlanSettings) -> None:
             raise ConfigError(
                 f"{where}.rollover_cap is given with rollover 'capped', and only then.",
                 param=f"{where}.rollover_cap",
+            )
+        if (plan.billing == "provider") != (plan.stripe_price is not None):
+            raise ConfigError(
+                f"{where}.stripe_price (a Stripe price id) is given with billing 'provider', and only then.",
+                param=f"{where}.stripe_price",
+            )
+        if plan.stripe_price is not None and not STRIPE_PRICE.match(plan.stripe_price):
+            raise ConfigError(
+                f"{where}.stripe_price must be a Stripe price id (price_..., at most 200 characters).",
+                param=f"{where}.stripe_price",
+            )
+        if plan.billing == "provider" and not settings.stripe_webhook_secrets:
+            raise ConfigError(
+                f"{where}: a provider-billed plan is granted on Stripe's signed invoice.paid webhook;"
+                " set stripe_webhook_secrets.",
+                param="stripe_webhook_secrets",
             )
         if plan.rollover_cap is not None and not 0 < plan.rollover_cap <= MAX_GRANT:
             raise ConfigError(

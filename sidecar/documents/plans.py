@@ -14,13 +14,14 @@
   micro-credits (the ledger's expiry rows), capped, arrive as a second grant 'sub:<id>:<period>:carry'
   that ends with the current period. Until then the period row's `carried` is NULL and each pass looks
   again; a period that ended first carries nothing.
-- Billing: operator-billed (the operator invoices `price`). A provider-billed plan would call
-  `grant_due` for its subscription from Stripe's verified `invoice.paid` webhook instead of the worker.
+- Billing: operator-billed (the operator invoices `price`; the worker grants), or provider-billed (the
+  subscription names its Stripe subscription; the worker never grants it: Stripe's verified
+  `invoice.paid` does, through `record`, plan_invoices.py).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -31,24 +32,13 @@ from ..admin import AdminOps
 from ..config import ACCOUNT_ID
 from ..errors import BadRequest, Conflict, NotFound
 from ..wallet import GrantTerms
-from .plan_periods import Period, period, period_at
+from .plan_periods import Period, period, period_at, to_dt, to_ms
 from .plan_settings import PlanConfig
+from .plan_views import catalog_view, subscription_view
 
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+STRIPE_SUBSCRIPTION = re.compile(r"^sub_[A-Za-z0-9_]{1,196}\Z")
 SubRow = asyncpg.Record
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-
-
-def to_dt(ms: int) -> dt.datetime:
-    return EPOCH + dt.timedelta(milliseconds=ms)
-
-
-def to_ms(at: dt.datetime) -> int:
-    return (at - EPOCH) // dt.timedelta(milliseconds=1)
-
-
-def iso(at: dt.datetime | None) -> str | None:
-    return None if at is None else at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def known(account: str) -> str:
@@ -82,28 +72,20 @@ class Plans:
         return self.catalog[name]
 
     def catalog_view(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "title": p.title,
-                    "price": p.price,
-                    "period": p.period,
-                    "included_credits": p.included_credits,
-                    "rollover": p.rollover,
-                    "rollover_cap": p.rollover_cap,
-                    "billing": p.billing,
-                }
-                for name, p in sorted(self.catalog.items())
-            ],
-        }
+        return catalog_view(self.catalog)
 
     # ---- the operator's actions ---------------------------------------------------------------------
 
-    async def start(self, account: str, plan_name: Any) -> dict[str, Any]:
-        """A new subscription: its first period begins now and is granted now."""
+    async def start(self, account: str, plan_name: Any, stripe_sub: Any = None) -> dict[str, Any]:
+        """A new subscription: its first period begins now and is granted now; a provider-billed one
+        names its Stripe subscription and waits for its paid invoices (on Stripe's UTC periods)."""
         plan = self.plan(plan_name)
+        provider = plan.billing == "provider"
+        if provider != (stripe_sub is not None) or not STRIPE_SUBSCRIPTION.match(stripe_sub or "sub_x"):
+            why = (
+                "a Stripe subscription id (sub_...)" if provider else "given for a provider-billed plan only"
+            )
+            raise BadRequest(f"stripe_subscription is {why}.", param="stripe_subscription")
         known(account)
         now = self.clock()
         sid = f"sub_{secrets.token_hex(8)}"
@@ -111,29 +93,37 @@ class Plans:
             tz = await conn.fetchval("SELECT coalesce(time_zone, 'UTC') FROM accounts WHERE id = $1", account)
             if tz is None:
                 raise NotFound(f"No account {account!r}.", param="account")
+            tz = "UTC" if provider else tz
             first = period(now, tz, plan.period, 0)
             try:
                 await conn.execute(
                     "INSERT INTO subscriptions (id, account_id, plan, status, anchor, time_zone,"
-                    " period_index, period_end) VALUES ($1, $2, $3, 'active', $4, $5, -1, $4)",
+                    " period_index, period_end, provider_ref) VALUES ($1, $2, $3, 'active', $4, $5, -1, $4,"
+                    " $6)",
                     sid,
                     account,
                     plan_name,
                     to_dt(first.start_ms),
                     tz,
+                    stripe_sub,
                 )
-            except asyncpg.UniqueViolationError:
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "subscriptions_provider_ref":
+                    msg = f"Stripe subscription {stripe_sub!r} is another subscription's."
+                    raise Conflict(msg, param="stripe_subscription") from None
                 raise Conflict(f"Account {account!r} has an active subscription.", param="account") from None
-        await self.grant_due(now, sid)
+        if not provider:
+            await self.grant_due(now, sid)
         return await self.view(account)
 
     async def change(self, account: str, plan_name: Any) -> dict[str, Any]:
         """The plan from the next period on (the same plan as now: no change pending)."""
         plan = self.plan(plan_name)
         row = await self._active(account)
-        now_per = self.catalog[row["plan"]].period if row["plan"] in self.catalog else plan.period
-        if now_per != plan.period:
-            raise BadRequest(f"plan must bill per {now_per}, as the current plan does.", param="plan")
+        now = self.catalog.get(row["plan"], plan)
+        if (now.period, now.billing) != (plan.period, plan.billing):
+            msg = f"plan must bill per {now.period}, billed by the {now.billing}, as the current plan is."
+            raise BadRequest(msg, param="plan")
         pending = None if plan_name == row["plan"] else plan_name
         await self.pool.execute("UPDATE subscriptions SET next_plan = $2 WHERE id = $1", row["id"], pending)
         return await self.view(account)
@@ -171,25 +161,7 @@ class Plans:
             row["id"],
             row["period_index"],
         )
-        sub = {
-            "id": row["id"],
-            "plan": row["plan"],
-            "status": row["status"],
-            "next_plan": row["next_plan"],
-            "anchor": iso(row["anchor"]),
-            "time_zone": row["time_zone"],
-            "period": None
-            if current is None
-            else {
-                "index": current["period_index"],
-                "start": iso(current["starts_at"]),
-                "end": iso(current["ends_at"]),
-                "granted": current["amount"],
-                "carried": current["carried"],
-            },
-            "canceled_at": iso(row["canceled_at"]),
-        }
-        return {"account": account, "subscription": sub}
+        return {"account": account, "subscription": subscription_view(row, current)}
 
     # ---- the worker ---------------------------------------------------------------------------------
 
@@ -203,7 +175,8 @@ class Plans:
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT * FROM subscriptions WHERE status = 'active' AND period_end <= $1"
-                " AND ($2::text IS NULL OR id = $2) ORDER BY period_end LIMIT $3 FOR UPDATE SKIP LOCKED",
+                " AND provider_ref IS NULL AND ($2::text IS NULL OR id = $2)"
+                " ORDER BY period_end LIMIT $3 FOR UPDATE SKIP LOCKED",
                 to_dt(now),
                 subscription,
                 self.batch,
@@ -220,10 +193,18 @@ class Plans:
         p = period_at(to_ms(row["anchor"]), row["time_zone"], plan.period, now)
         if p.index <= row["period_index"]:  # (a clock behind the row's end: nothing due yet)
             return 0
-        await self._grant(row["account_id"], row["id"], plan.included_credits, p)
+        await self.record(conn, row, p, name, plan)
+        return 1
+
+    async def record(
+        self, conn: Conn, row: SubRow, p: Period, name: str, plan: PlanConfig, invoice: str | None = None
+    ) -> None:
+        """Period `p` granted (its key: a rerun credits nothing) and written, the row moved on to it, in
+        the transaction that holds the row (`invoice`: the paid Stripe invoice of a provider-billed one)."""
+        await self._grant(row["account_id"], row["id"], plan.included_credits, p, ref=invoice)
         await conn.execute(
             "INSERT INTO subscription_periods (subscription_id, period_index, plan, amount, starts_at,"
-            " ends_at, carried) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            " ends_at, carried, invoice_ref) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
             row["id"],
             p.index,
             name,
@@ -231,6 +212,7 @@ class Plans:
             to_dt(p.start_ms),
             to_dt(p.end_ms),
             0 if p.index == 0 else None,
+            invoice,
         )
         await conn.execute(
             "UPDATE subscriptions SET period_index = $2, period_end = $3, plan = $4, next_plan = NULL"
@@ -240,13 +222,14 @@ class Plans:
             to_dt(p.end_ms),
             name,
         )
-        return 1
 
-    async def _grant(self, account: str, sid: str, amount: int, p: Period, carry: bool = False) -> None:
+    async def _grant(
+        self, account: str, sid: str, amount: int, p: Period, carry: bool = False, ref: str | None = None
+    ) -> None:
         terms = GrantTerms("subscription", None, p.end_ms, idle=False)
         note = f"subscription {sid} period {p.index}" + (" rollover" if carry else "")
         key = grant_key(sid, p.index, carry)
-        await self.ops.grant(account, amount, key, "subscription", note, terms=terms)
+        await self.ops.grant(account, amount, key, "subscription", note, terms=terms, payment_ref=ref)
 
     async def carry_ready(self, now: int) -> int:
         """Rollovers: for each current period still waiting (carried NULL), once Postgres holds all its

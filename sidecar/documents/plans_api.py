@@ -20,6 +20,10 @@ class PlanBody(msgspec.Struct, forbid_unknown_fields=True):
     plan: str | None = None  # a name of the catalog (settings `plans`)
 
 
+class StartBody(PlanBody, forbid_unknown_fields=True):
+    stripe_subscription: str | None = None  # a provider-billed plan's Stripe subscription (sub_...)
+
+
 async def start(app: web.Application, running: Running) -> None:
     s, services = running.settings, running.services
     wallet = services.balances
@@ -53,8 +57,11 @@ def admin_routes(admin: web.Application, settings: Settings) -> None:
         return _json(await plans(request).view(request.match_info["account"]))
 
     async def begin(request: web.Request) -> web.Response:
-        body = _decode(await request.read(), PlanBody)
-        return _json(await plans(request).start(request.match_info["account"], body.plan), status=201)
+        body = _decode(await request.read(), StartBody)
+        started = await plans(request).start(
+            request.match_info["account"], body.plan, body.stripe_subscription
+        )
+        return _json(started, status=201)
 
     async def change(request: web.Request) -> web.Response:
         body = _decode(await request.read(), PlanBody)

@@ -13,7 +13,9 @@
   grant, `Payments.restore`); a lost dispute changes nothing more;
 - `payment_intent.succeeded` / `payment_intent.payment_failed` of an off-session payment (auto-reload:
   metadata.charge 'off_session' and order_id): the order lands (amount and currency checked), or fails
-  (`Payments.fail`). A checkout's own payment intent is left to its session's events.
+  (`Payments.fail`). A checkout's own payment intent is left to its session's events;
+- `invoice.paid` of a provider-billed subscription: the period it paid is granted, once
+  (documents/plan_invoices.py, given as `invoices` when plans are on).
 
 Anything else, or an order that is not ours, is an outcome to record, never an error."""
 
@@ -106,7 +108,12 @@ def share(order: Order, amount_minor: int) -> int:
 
 
 class StripeEvents:
-    def __init__(self, payments: Payments, adapter: StripeAdapter | None) -> None:
+    def __init__(
+        self,
+        payments: Payments,
+        adapter: StripeAdapter | None,
+        invoices: Callable[[msgspec.Raw], Awaitable[Outcome]] | None = None,
+    ) -> None:
         self.payments = payments
         self.orders = payments.orders
         self.adapter = adapter
@@ -121,6 +128,8 @@ class StripeEvents:
             "payment_intent.succeeded": self._intent_paid,
             "payment_intent.payment_failed": self._intent_failed,
         }
+        if invoices is not None:
+            self.handlers["invoice.paid"] = invoices
 
     async def apply(self, event: Event) -> Outcome:
         handler = self.handlers.get(event.type)

@@ -11,12 +11,15 @@ records a payment of an issued invoice (once per `payment_ref`, else per event i
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import msgspec
 from aiohttp import web
 
+from ..documents.plan_invoices import invoice_paid
+from ..documents.plans_api import PLANS
 from ..errors import BadRequest, NotFound
 from .context import PAYMENT_CONTEXT
 from .landing import PAYMENTS, Payments
@@ -82,7 +85,9 @@ async def stripe_webhook(request: web.Request) -> web.Response:
             ctx.rejections.add(PROVIDER, "bad_body")
         raise
     payments = request.config_dict[PAYMENTS]
-    done = await StripeEvents(payments, ctx.stripe).apply(event)
+    plans = request.config_dict.get(PLANS)
+    invoices = None if plans is None else functools.partial(invoice_paid, plans)
+    done = await StripeEvents(payments, ctx.stripe, invoices).apply(event)
     return await _recorded(payments, PROVIDER, event.id, event.type, done)
 
 
