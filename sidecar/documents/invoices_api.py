@@ -15,13 +15,17 @@ from ..admin import ADMIN_OPS, storable
 from ..config import Settings
 from ..errors import BadRequest
 from ..features import Feature, Running
+from ..payments.packages import credit_price_of
 from ..wallet_api import WALLET_OPS, _decode, _json
+from .billing_modes_api import BILLING_MODES
 from .invoices import Invoices
+from .invoicing import Invoicing
 from .issuing import Issuer, Payment
 from .render import csv_text, pdf
 from .tax import TaxTable
 
 INVOICES = web.AppKey("invoices", Invoices)
+INVOICING = web.AppKey("invoicing", Invoicing)
 DOC_ID = r"{id:doc_[0-9a-f]{1,40}}"
 
 
@@ -58,6 +62,21 @@ async def start(app: web.Application, running: Running) -> None:
     running.payments.on_purchase.append(invoices.on_purchase)
     running.payments.on_refund.append(invoices.credit_note)
     running.payments.pay_document = invoices.pay_by_webhook
+    s = running.settings
+    invoicing = app[INVOICING] = Invoicing(
+        invoices,
+        credit_price=credit_price_of(s),
+        currency=s.currency,
+        block_after_days=s.invoice_block_after_days,
+        blocker=app[BILLING_MODES].set_blocked,
+        plans=s.plans,
+    )
+
+    async def invoicing_pass() -> None:
+        await invoicing.run_pass()
+
+    if running.node_tasks:
+        running.tasks.every("invoicing", s.invoice_interval_seconds, invoicing_pass)
 
 
 def _limit(request: web.Request) -> int:
@@ -155,10 +174,20 @@ def admin_routes(admin: web.Application, settings: Settings) -> None:
         if amount <= 0 and body.amount_minor is not None:
             raise BadRequest("amount_minor must be a positive whole number.", param="amount_minor")
         at = invoices.issuer.clock()
-        return _json(await invoices.pay(doc_id, Payment(body.payment_id, max(amount, 1), body.method, at)))
+        paid = await invoices.pay(doc_id, Payment(body.payment_id, max(amount, 1), body.method, at))
+        await request.config_dict[INVOICING].enforce_overdue(
+            at, paid["account"]
+        )  # a paid one lifts its block
+        return _json(paid)
+
+    async def run(request: web.Request) -> web.Response:
+        """One pass of the invoicing worker now (the operator's, or a test's)."""
+        issued = await request.config_dict[INVOICING].run_pass()
+        return _json({"issued": issued})
 
     admin.router.add_get("/invoices", listing)
     admin.router.add_post(f"/invoices/{DOC_ID}/payments", pay)
+    admin.router.add_post("/invoicing/run", run)
     _files(admin.router, "/invoices", anyone)
 
 
