@@ -47,9 +47,13 @@ from sidecar.balances import ReserveStatus
 from sidecar.caller import Caller
 from sidecar.documents import plan_periods
 from sidecar.documents.billing_modes import BillingBody, BillingModes
+from sidecar.documents.invoices import Invoices
+from sidecar.documents.issuing import Draft, Issuer, Line, Payment
 from sidecar.documents.plan_invoices import invoice_paid
 from sidecar.documents.plan_settings import PlanConfig
 from sidecar.documents.plans import Plans, grant_key
+from sidecar.documents.tax import TaxTable
+from sidecar.documents.tax_settings import default_tax_rules
 from sidecar.errors import (
     Conflict,
     CreditgateError,
@@ -291,6 +295,9 @@ class MoneyModel(RuleBasedStateMachine):
             self.svc.balances, {"m": OPERATION}, lease_seconds=LEASE_MS // 1000, clock=lambda: self.clock
         )
         self.op_meta: dict[str, OpMeta] = {}  # hold id -> its metadata, as Redis has it
+        issuer = Issuer("CG", {}, TaxTable.from_rules(default_tax_rules()), lambda: self.clock)
+        self.invoices = Invoices(self.svc.store.pool, issuer, self.svc.admin.grant)
+        self.invoiced = 0
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -416,6 +423,26 @@ class MoneyModel(RuleBasedStateMachine):
         self._granted(account, order.order_id, credits, GrantTerms("purchase"))
         self.asked[order.order_id] = 0
         return account, order.order_id
+
+    @precondition(lambda self: self.invoiced < 3)
+    @rule(account=accounts, credits=st.integers(min_value=1, max_value=20_000_000), split=st.booleans())
+    def invoice_paid(self, account: str, credits: int, split: bool) -> None:
+        """An invoice's payments are recorded once per payment id (each reported twice at once); paid in
+        full, its credits come back once (grant `invoice:<id>`), not before."""
+        self.invoiced += 1
+        line = Line("usage", 1, "requests", credits, 100)
+        doc = self.run(
+            self.invoices.issue(Draft("invoice", account, self.new_id("period"), "usd", (line,), credits))
+        )
+        parts = [("a", 40), ("b", 60)] if split else [("a", 100)]
+        for i, (pid, amount) in enumerate(parts):
+            pay = Payment(f"{doc['id']}:{pid}", amount, "manual", self.clock)
+            seen = self.run_all(*(self.invoices.pay(doc["id"], pay) for _ in "ab"))
+            paid = sum(amount for _, amount in parts[: i + 1])
+            assert [v["amount_paid_minor"] for v in seen] == [paid, paid]
+            if i + 1 < len(parts):  # part paid: nothing back yet
+                self.redis_matches_the_model()
+        self._granted(account, f"invoice:{doc['id']}", credits, GrantTerms("purchase"))
 
     @rule(order=orders)
     def order_paid_again(self, order: tuple[str, str]) -> None:

@@ -176,7 +176,7 @@ class Invoices:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT kind, gross_minor, account_id, credits, number FROM documents"
-                " WHERE id = $1 FOR SHARE",
+                " WHERE id = $1 FOR UPDATE",  # one payment of a document at a time (no row change)
                 doc_id,
             )
             if row is None:
@@ -200,8 +200,8 @@ class Invoices:
                         f"{row['number']}.",
                         param="amount_minor",
                     )
-                await record_payment(conn, doc_id, payment)
-                paid += payment.amount_minor
+                if await record_payment(conn, doc_id, payment):
+                    paid += payment.amount_minor
         if paid >= row["gross_minor"] and row["credits"] > 0:
             terms = GrantTerms(kind="purchase", effective_ms=self.issuer.clock())
             await self.grant(
