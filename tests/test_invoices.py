@@ -303,3 +303,37 @@ async def test_a_signed_payment_webhook_pays_an_invoice_once(shop: Sidecar) -> N
     seen = await shop.admin("GET", f"/invoices/{doc['id']}")
     assert (seen["status"], [p["id"] for p in seen["payments"]]) == ("paid", ["acme:acme-7"])
     assert (await shop.balance(account))["balance"] == 8 * C
+
+
+async def test_a_client_pays_its_invoice_through_stripe_checkout_once(
+    shop: Sidecar, fake_stripe: FakeStripe
+) -> None:
+    invoices = shop.client.app[INVOICES]
+    account, key = await shop.account(0)
+    _, other_key = await shop.account(0)
+    line = Line("chat", 3, "requests", 25 * C, 2500)
+    doc = await invoices.issue(
+        Draft("invoice", account, "period:stripe", "usd", (line,), 25 * C, due_days=30)
+    )
+    path = f"/v1/invoices/{doc['id']}/checkout"
+    resp = await shop.client.post(path, headers=auth(other_key))
+    assert resp.status == 404  # another account's invoice
+    resp = await shop.client.post(path, headers=auth(key))
+    started = await resp.json()
+    assert resp.status == 201, started
+    assert (started["amount_minor"], started["currency"]) == (2500, "usd")
+    (call,) = [c for c in fake_stripe.calls if c.path == "/v1/checkout/sessions"]
+    assert call.form["metadata"]["document"] == doc["id"]
+    assert (await shop.admin("GET", f"/invoices/{doc['id']}"))["status"] == "open"  # not before the webhook
+    session = fake_stripe.pay(started["session_id"])
+    outcomes = []
+    for _ in range(2):
+        status, done = await post_event(shop.client, event("checkout.session.completed", session))
+        assert status == 200, done
+        outcomes.append(done["outcome"])
+    assert outcomes == ["paid", "already_paid"]
+    seen = await shop.admin("GET", f"/invoices/{doc['id']}")
+    assert (seen["status"], [p["method"] for p in seen["payments"]]) == ("paid", ["stripe"])
+    assert (await shop.balance(account))["balance"] == 25 * C
+    resp = await shop.client.post(path, headers=auth(key))
+    assert (resp.status, (await resp.json())["error"]["param"]) == (409, "id")  # nothing is due

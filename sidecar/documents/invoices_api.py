@@ -13,8 +13,9 @@ from aiohttp import web
 
 from ..admin import ADMIN_OPS, storable
 from ..config import Settings
-from ..errors import BadRequest
+from ..errors import BadRequest, Conflict
 from ..features import Feature, Running
+from ..payments.context import PAYMENT_CONTEXT
 from ..payments.packages import credit_price_of
 from ..wallet_api import WALLET_OPS, _decode, _json
 from .billing_modes_api import BILLING_MODES
@@ -144,7 +145,23 @@ def routes(app: web.Application, settings: Settings) -> None:
         )
         return _json(page)
 
+    async def checkout(request: web.Request) -> web.Response:
+        """Pay what is due on one's own invoice through Stripe Checkout; the signed
+        checkout.session.completed webhook records the payment (nothing is recorded here)."""
+        account = await own(request)
+        stripe = request.config_dict[PAYMENT_CONTEXT].stripe_on()
+        doc = await request.config_dict[INVOICES].view(request.match_info["id"], account)
+        if doc["kind"] != "invoice" or doc["amount_due_minor"] <= 0:
+            raise Conflict(f"Nothing is due on {doc['number']}.", param="id")
+        ps = request.config_dict[PAYMENT_CONTEXT].settings
+        due = doc["amount_due_minor"]
+        session = await stripe.document_session(doc, due, ps.checkout_success_url, ps.checkout_cancel_url)
+        body = {"document": doc["id"], "url": session.url, "session_id": session.session_id,
+                "amount_minor": due, "currency": doc["currency"]}  # fmt: skip
+        return _json(body, status=201)
+
     app.router.add_get("/v1/invoices", listing)
+    app.router.add_post(f"/v1/invoices/{DOC_ID}/checkout", checkout)
     _files(app.router, "/v1/invoices", own)
 
 

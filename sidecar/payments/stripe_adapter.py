@@ -87,6 +87,36 @@ class StripeAdapter:
             )
         return Session(made.id, made.url or "")
 
+    async def document_session(
+        self, document: dict[str, Any], amount_minor: int, success_url: str, cancel_url: str
+    ) -> Session:
+        """A hosted Checkout Session that pays `amount_minor` of an issued invoice (once per document and
+        amount due: the idempotency key). Its `checkout.session.completed` records the payment."""
+        doc_id = document["id"]
+        params: Any = {
+            "mode": "payment",
+            "client_reference_id": doc_id,
+            "metadata": {"document": doc_id, "account": document["account"]},
+            "payment_intent_data": {"metadata": {"document": doc_id}},
+            "line_items": [
+                {
+                    "quantity": 1,
+                    "price_data": {
+                        "currency": document["currency"],
+                        "unit_amount": amount_minor,
+                        "product_data": {"name": f"Invoice {document['number']}"},
+                    },
+                }
+            ],
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+        }
+        async with _calling("create a checkout session"):
+            made = await self.client.v1.checkout.sessions.create_async(
+                params, {"idempotency_key": f"pay:{doc_id}:{amount_minor}"}
+            )
+        return Session(made.id, made.url or "")
+
     async def charge_saved(self, order: Order, customer: str, payment_method: str) -> str:
         """An off-session payment for `order` with the customer's saved payment method (once per order:
         its id is the idempotency key); the payment intent's id. Its credits arrive by the verified

@@ -157,6 +157,8 @@ class StripeEvents:
 
     async def _paid(self, raw: msgspec.Raw, *, paid_only: bool) -> Outcome:
         s = msgspec.json.decode(raw, type=Session)
+        if "document" in s.metadata:  # an issued invoice's checkout (documents/invoices_api.py)
+            return await self._document_paid(s, paid_only=paid_only)
         order, outcome = await self._session_order(s)
         if order is None:
             return outcome
@@ -168,6 +170,15 @@ class StripeEvents:
         if s.metadata.get("save_payment_method") == "1" and s.customer and s.payment_intent:
             await self._save_method(order, s.customer, s.payment_intent)
         return order.order_id, "landed" if landed["credited"] else "already_landed"
+
+    async def _document_paid(self, s: Session, *, paid_only: bool) -> Outcome:
+        if paid_only and s.payment_status != "paid":
+            return None, "awaiting_payment"
+        pay = self.payments.pay_document
+        if pay is None or s.amount_total is None or not s.currency:
+            return None, "unknown_invoice"
+        payment_id = f"stripe:{s.payment_intent or s.id}"
+        return None, await pay(s.metadata["document"][:200], payment_id, s.amount_total, s.currency, PROVIDER)
 
     async def _save_method(self, order: Order, customer: str, payment_intent: str) -> None:
         """The card the checkout asked to keep becomes the account's saved method (auto-reload)."""
