@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from .. import bodies
 from ..config import ACCOUNT_ID
 from ..credit_lines import CreditLines, available, credit_field, ledger_lines
 from ..errors import BadRequest, UnknownAccount
@@ -98,15 +99,8 @@ class InvoiceAccount:
 
 
 def decode(raw: bytes, kind: type[Any]) -> Any:
-    """The body, or a 400 naming the offending field (a wrong, unknown or missing one)."""
-    try:
-        return msgspec.json.decode(raw or b"{}", type=kind)
-    except msgspec.ValidationError as exc:
-        found = re.search(r"at `\$\.([A-Za-z_]+)|(?:unknown|required) field `([^`]+)`", str(exc))
-        field = next((g for g in found.groups() if g), None) if found else None
-        raise BadRequest(f"Invalid request body: {exc}", param=field) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    """The body, or a 400 naming the offending field (bodies.decode)."""
+    return bodies.decode(raw, kind)
 
 
 def credit_limit_of(text: str | None) -> int | None:

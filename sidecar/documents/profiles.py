@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from .. import bodies
 from ..errors import BadRequest, NotFound, UnknownAccount
 from ..signals.events import Connection
 from .countries import country_of, tax_id_of
@@ -43,15 +44,9 @@ class ProfileBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def decode(raw: bytes) -> ProfileBody:
-    """The body, or a 400 naming the offending field (a wrong, unknown or missing one)."""
-    try:
-        return msgspec.json.decode(raw or b"{}", type=ProfileBody)
-    except msgspec.ValidationError as exc:
-        found = re.search(r"at `\$\.([A-Za-z_]+)|(?:unknown|required) field `([^`]+)`", str(exc))
-        field = next((g for g in found.groups() if g), None) if found else None
-        raise BadRequest(f"Invalid billing profile: {exc}", param=field) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    """The body, or a 400 naming the offending field (bodies.decode)."""
+    body: ProfileBody = bodies.decode(raw, ProfileBody, "billing profile")
+    return body
 
 
 def _text(value: str, field: str, longest: int) -> str:

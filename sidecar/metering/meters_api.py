@@ -7,13 +7,13 @@ available credits do not cover its first period; otherwise its first period is c
 
 from __future__ import annotations
 
-import re
 import secrets
 from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
 
+from .. import bodies
 from ..config import Settings
 from ..errors import BadRequest, Conflict, InsufficientCredits, NotFound
 from ..features import Running
@@ -37,15 +37,9 @@ class MeterBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def decode_body(raw: bytes) -> MeterBody:
-    """The body, or a 400 naming the offending field (a wrong, unknown or missing one)."""
-    try:
-        return msgspec.json.decode(raw or b"{}", type=MeterBody)
-    except msgspec.ValidationError as exc:
-        found = re.search(r"at `\$\.([A-Za-z_]+)|unknown field `([^`]+)`|required field `([^`]+)`", str(exc))
-        field = next((g for g in found.groups() if g), None) if found else None
-        raise BadRequest(f"Invalid request body: {exc}", param=field) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    """The body, or a 400 naming the offending field (bodies.decode)."""
+    body: MeterBody = bodies.decode(raw, MeterBody)
+    return body
 
 
 def terms_of(body: MeterBody, settings: Settings) -> dict[str, Any]:
