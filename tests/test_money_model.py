@@ -79,6 +79,7 @@ from sidecar.signals.events import EventLog
 from sidecar.wallet import PERIODS, Grant, GrantTerms, WalletPolicy, cap_scopes, draw, periods
 
 from .conftest import make_settings
+from .support_ledger import delete_every_row
 
 pytestmark = pytest.mark.topologies  # money: on one Redis and on the cluster
 
@@ -316,12 +317,7 @@ class MoneyModel(RuleBasedStateMachine):
         names = [n async for n in self.svc.redis.scan_iter(match=f"{self.svc.keys.prefix}*")]
         if names:
             await self.svc.redis.delete(*names)
-        tables = await self.svc.store.pool.fetch(
-            "SELECT c.oid::regclass::text AS name FROM pg_class c"
-            " WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')"
-            " AND NOT c.relispartition AND c.relname <> 'schema_migrations'"
-        )
-        await self.svc.store.pool.execute(f"TRUNCATE {', '.join(t['name'] for t in tables)} CASCADE")
+        await delete_every_row(self.svc.store.pool)
         await rebuild_if_empty(
             self.svc.redis,
             self.svc.keys,

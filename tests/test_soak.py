@@ -1,6 +1,6 @@
 """bench/soak.py as a test: two real sidecar processes under a mix of traffic and scheduled Redis faults
 (lost replies, cuts, SCRIPT FLUSH, a sidecar SIGKILLed and restarted), then conservation and ledger =
-Redis. It runs CREDITGATE_SOAK_MINUTES of load (0.5 by default; .ci/run sets 2; by hand 30).
+Redis. It runs CREDITGATE_SOAK_MINUTES of load (0.5 by default; .ci/run sets 1; by hand 30).
 """
 
 from __future__ import annotations
