@@ -148,24 +148,34 @@ class Invoices:
             raise BadRequest(f"kind must be one of {', '.join(KINDS)}.", param="kind")
         if not 1 <= limit <= MAX_PAGE:
             raise BadRequest(f"limit must be between 1 and {MAX_PAGE}.", param="limit")
-        after = None
+        after = (None, None)  # (issued_at, seq) of `starting_after`: the page starts below it
         if starting_after is not None:
-            after = await self.pool.fetchrow(
-                "SELECT issuer, seq FROM documents WHERE id = $1 AND ($2::text IS NULL OR account_id = $2)",
+            found = await self.pool.fetchrow(
+                "SELECT issued_at, seq FROM documents WHERE id = $1"
+                " AND ($2::text IS NULL OR account_id = $2)",
                 starting_after,
                 account,
             )
-            if after is None:
+            if found is None:
                 raise BadRequest(f"starting_after: no document {starting_after!r}.", param="starting_after")
+            after = (found["issued_at"], found["seq"])
         rows = await self.pool.fetch(
-            "SELECT id FROM documents WHERE ($1::text IS NULL OR account_id = $1)"
+            "SELECT id, body FROM documents WHERE ($1::text IS NULL OR account_id = $1)"
             " AND ($2::text IS NULL OR kind = $2)"
-            " AND ($3::text IS NULL OR (issued_at, seq) <"
-            " (SELECT issued_at, seq FROM documents WHERE id = $3))"
-            " ORDER BY issued_at DESC, seq DESC LIMIT $4",
-            account, kind, None if after is None else starting_after, limit + 1,
+            " AND ($3::timestamptz IS NULL OR (issued_at, seq) < ($3, $4))"
+            " ORDER BY issued_at DESC, seq DESC LIMIT $5",
+            account, kind, after[0], after[1], limit + 1,
         )  # fmt: skip
-        data = [await self.view(r["id"]) for r in rows[:limit]]
+        shown = rows[:limit]
+        paid = await self.pool.fetch(  # the page's payments in one query, not one per document
+            "SELECT document_id, payment_id, amount_minor, method, paid_at FROM document_payments"
+            " WHERE document_id = ANY($1::text[]) ORDER BY paid_at, payment_id",
+            [r["id"] for r in shown],
+        )
+        by_doc: dict[str, list[asyncpg.Record]] = {}
+        for payment in paid:
+            by_doc.setdefault(payment["document_id"], []).append(payment)
+        data = [self._viewed(json.loads(r["body"]), by_doc.get(r["id"], [])) for r in shown]
         return {"object": "list", "data": data, "has_more": len(rows) > limit}
 
     # ---- payments of invoices ---------------------------------------------------------------------
