@@ -135,7 +135,7 @@ async def test_two_workers_answer_on_one_port_and_only_one_flushes(
         assert tasks == {  # the node-wide loops (flusher, reconciler, reaper, signals, meters): worker 0
             started[0][0]: (
                 "lease-renewal, hold-reaper, wallet-sweeper, settlement-retry, reconciler, flusher,"
-                " signal-delivery, auto-reload, meter-charges"
+                " signal-delivery, auto-reload, meter-charges, invoicing"
             ),
             started[1][0]: "lease-renewal, settlement-retry",
         }
