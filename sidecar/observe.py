@@ -38,7 +38,7 @@ class RequestRecord:
     error_code: str | None = None
     cache: str = "off"  # hit, collapsed, miss, bypass, off
     stream: bool = False
-    key_source: str | None = None  # pooled / byok
+    key_source: str | None = None  # pool / vault / inline
     hold: int = 0
     charge: int = 0
     saved: int = 0  # what a cache hit saved the caller

@@ -30,7 +30,7 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     route: str | None = None
     model: str | None = None
     provider: str | None = None
-    key_source: str | None = None  # "pooled" or "byok"
+    key_source: str | None = None  # "pool", "vault" or "inline" (older rows: "pooled", "byok")
     multiplier: str | None = None  # exact, e.g. "5/4"
     prompt_tokens: int | None = None
     cached_tokens: int | None = None

@@ -40,6 +40,9 @@ class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_key_env: str | None = None
     organization: str | None = None
     project: str | None = None
+    # Whose API this is, for the accounts' stored provider keys (the BYOK vault): unset, the upstream's
+    # own name. Two upstreams of one provider (say two regions) share the vault key of that provider.
+    provider: str | None = None
 
     def key(self) -> str | None:
         if self.api_key_env:

@@ -17,6 +17,11 @@ class Upstream:
     api_key: str | None
     organization: str | None = None  # sent as OpenAI-Organization on pooled calls
     project: str | None = None  # sent as OpenAI-Project on pooled calls
+    provider: str = ""  # whose API it is, for the vault's keys; "" reads as the upstream's name
+
+    @property
+    def vault_provider(self) -> str:
+        return self.provider or self.name
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -26,7 +31,14 @@ class Upstream:
 
 def upstreams_from(settings: Settings, demo_url: str | None = None) -> dict[str, Upstream]:
     table = {
-        name: Upstream(name, conf.base_url.rstrip("/"), conf.key(), conf.organization, conf.project)
+        name: Upstream(
+            name,
+            conf.base_url.rstrip("/"),
+            conf.key(),
+            conf.organization,
+            conf.project,
+            conf.provider or name,
+        )
         for name, conf in settings.upstream_table().items()
     }
     if demo_url is not None:

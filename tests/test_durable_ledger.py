@@ -96,7 +96,7 @@ async def test_ledger_rows_carry_the_request_metadata(svc: Services) -> None:
         route="chat",
         model="gpt-4o-mini",
         provider="openai",
-        key_source="pooled",
+        key_source="pool",
         multiplier="5/4",
         prompt_tokens=10,
         cached_tokens=4,
@@ -113,7 +113,7 @@ async def test_ledger_rows_carry_the_request_metadata(svc: Services) -> None:
     assert (row["model"], row["provider"], row["key_source"], row["multiplier"]) == (
         "gpt-4o-mini",
         "openai",
-        "pooled",
+        "pool",
         "5/4",
     )
     assert (row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) == (10, 4, 20)

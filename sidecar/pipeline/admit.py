@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
@@ -25,6 +25,9 @@ from ..config import ACCOUNT_SECRET_HEADER, Settings
 from ..errors import BadRequest, RequestTimeout, Unauthorized
 from ..pricing import Multiplier, Price, PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
 from ..wire import MeteredRequest, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
+
+KeySource = Literal["pool", "vault", "inline"]
+NO_KEYS: Mapping[str, str] = {}
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -75,7 +78,7 @@ class Admission:
     # unit of output limit (prompts × max(n, best_of); 0 without output).
     prompt_tokens: int
     outputs: int
-    byok_key: str | None  # the caller's own provider key, when it sent one
+    byok_key: str | None  # the caller's own provider key (inline header or vault), when it has one
     strip_usage_chunk: bool  # the usage chunk was asked for on the client's behalf: withheld from it
     fit_output: bool  # lower the output limit to what the balance affords instead of a 402
     cache: CachePlan | None  # None: the cache is off
@@ -86,10 +89,18 @@ class Admission:
     end_user: str | None = None
     tags: tuple[str, ...] = ()
     idempotency: IdempotencyPlan | None = None  # None: no Idempotency-Key (or the feature is off)
+    # Where the provider key comes from: "pool" (the operator's), "vault" (the account's stored key for
+    # the upstream's provider), "inline" (the byok_header; it wins over the vault).
+    key_source: KeySource = "pool"
 
     @property
     def byok(self) -> bool:
         return self.byok_key is not None
+
+    @property
+    def marked_up(self) -> bool:
+        """Whether the pooled markup (pooled_multiplier) applies: the operator's key served."""
+        return self.key_source == "pool"
 
     @property
     def output_limit(self) -> int:
@@ -233,6 +244,8 @@ def plan(
     policy: AdmitPolicy,
     *,
     key_id: str | None = None,
+    own_keys: Mapping[str, str] = NO_KEYS,
+    provider: str | None = None,
 ) -> Admission:
     """Everything the later stages act on but the cache's part (its key may take the key worker: the
     hold stage plans it, `Holder.plan_cache`); raises BadRequest naming the offending field."""
@@ -254,7 +267,10 @@ def plan(
     choices = parsed.choices if route.has_n else 1
     prompts = prompt_count(parsed) if route.kind == "completions" else 1
     outputs = prompts * choices if route.has_output else 0
-    byok_key = headers.get(policy.byok_header) or None
+    inline = headers.get(policy.byok_header) or None
+    stored = own_keys.get(provider) if provider is not None else None
+    byok_key = inline or stored
+    key_source: KeySource = "inline" if inline else "vault" if stored else "pool"
     multiplier = prices.byok if byok_key else prices.pooled
     prompt_tokens = estimate_prompt_tokens(len(body), policy.prompt_bytes_per_token) + unseen_prompt_tokens(
         price, unseen_inputs(parsed, route.kind)
@@ -279,6 +295,7 @@ def plan(
         prompt_tokens=prompt_tokens,
         outputs=outputs,
         byok_key=byok_key,
+        key_source=key_source,
         strip_usage_chunk=strip,
         fit_output=fit or policy.afford_output_limit,
         cache=None,

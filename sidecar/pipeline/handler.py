@@ -33,6 +33,7 @@ from ..errors import NotFound, Unauthorized, UnknownAccount
 from ..headers import HeaderNames
 from ..idempotency import Replays
 from ..observe import RECORD, RequestRecord
+from ..own_keys import OwnKeys
 from ..pricing import PriceTable, cost
 from ..responses import REQUEST_ID
 from ..settlements import PendingSettlements
@@ -60,9 +61,11 @@ class Gateway:
         upstreams: dict[str, Upstream],
         session: aiohttp.ClientSession,
         cache: ResponseCache | None = None,
+        own_keys: OwnKeys | None = None,
     ) -> None:
         s = settings
         self.prices, self.accounts, self.cache = prices, accounts, cache
+        self.own_keys = own_keys  # the accounts' stored provider keys (the BYOK vault), when there is one
         self.no_usage_charge = s.no_usage_charge
         self.body_read_timeout = s.body_read_timeout_seconds
         self.admit_policy = admit.AdmitPolicy.from_settings(s)
@@ -119,6 +122,7 @@ class Gateway:
         body = await admit.read_body(request, self.body_read_timeout)
         identified = admit.identify(body, self.prices)
         record.identified(rec, identified[1], identified[0])
+        own_keys = await self.own_keys.keys_of(account) if self.own_keys is not None else admit.NO_KEYS
         adm = admit.plan(
             request_id,
             account,
@@ -129,6 +133,8 @@ class Gateway:
             self.prices,
             self.admit_policy,
             key_id=caller.key_id,
+            own_keys=own_keys,
+            provider=self.forwarder.upstreams[identified[1].upstream].vault_provider,
         )
         adm = await self.holder.plan_cache(adm, body, request.headers)
         plan = await self.replays.plan(account, adm.route.path, body, request.headers)

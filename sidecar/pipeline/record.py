@@ -19,7 +19,7 @@ def identified(rec: RequestRecord, price: Price, request: MeteredRequest) -> Non
 
 
 def admitted(rec: RequestRecord, adm: Admission) -> None:
-    rec.key_source = "byok" if adm.byok else "pooled"
+    rec.key_source = adm.key_source
 
 
 def held(rec: RequestRecord, notes: HoldNotes, adm: Admission | None) -> None:

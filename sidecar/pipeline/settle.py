@@ -47,7 +47,7 @@ def ledger_entry(
         route=adm.route.kind,
         model=adm.price.model,
         provider=provider,
-        key_source="byok" if adm.byok else "pooled",
+        key_source=adm.key_source,
         multiplier=f"{adm.multiplier.numerator}/{adm.multiplier.denominator}",
         prompt_tokens=usage.prompt_tokens,
         cached_tokens=usage.cached_tokens,
