@@ -76,7 +76,7 @@ from sidecar.rebuild import rebuild_if_empty
 from sidecar.reconcile import reconcile
 from sidecar.services import Services, services
 from sidecar.signals.events import EventLog
-from sidecar.wallet import PERIODS, Grant, GrantTerms, WalletPolicy, cap_scopes, draw, periods
+from sidecar.wallet import PERIODS, Grant, GrantTerms, WalletPolicy, cap_scopes, draw, expiring, periods
 
 from .conftest import make_settings
 from .support_ledger import delete_every_row
@@ -187,13 +187,14 @@ class Account:
         return [g for g in self.grants.values() if g.remaining > 0]
 
     def expire_due(self, now_ms: int) -> int:
-        """Expire every grant that ended by now (what the scripts do first); returns the amount."""
+        """Expire what ended by now (what the scripts do first): of the grants that ended, what the live
+        holds need (balance - held + the credit line kept at 0 or above) is kept, marked ended, and
+        expires once they no longer need it; returns the amount expired now."""
         total = 0
-        for g in self.live_grants():
+        for g, part in expiring(self.live_grants(), now_ms, self.active_ms, IDLE_MS, self.available()):
             end = g.ends_ms(self.active_ms, IDLE_MS)
-            if 0 < end <= now_ms:
-                total += g.remaining
-                self.grants[g.grant_id] = dataclasses.replace(g, remaining=0)
+            self.grants[g.grant_id] = dataclasses.replace(g, remaining=g.remaining - part, ended_ms=end)
+            total += part
         self.balance -= total
         self.expired += total
         return total
@@ -590,6 +591,14 @@ class MoneyModel(RuleBasedStateMachine):
         acct.who[rid] = caller
         acct.take_caps(rid, cap_scopes(caller[0], "m", caller[1]), amount)
 
+    def _charged(self, acct: Account, charge: int) -> None:
+        """A settle's money once its hold is released: the charge drawn (on what ended grants kept for
+        the holds first), then what those grants kept and the holds left no longer need expires."""
+        if charge:
+            acct.draw(charge, self.clock)
+        acct.balance -= charge
+        acct.expire_due(self.clock)
+
     def _event(self, acct: Account, rid: str) -> UsageEvent:
         key_id, user = acct.who.get(rid, (None, None))
         return UsageEvent(route="chat", model="m", key_id=key_id, user=user)
@@ -643,6 +652,7 @@ class MoneyModel(RuleBasedStateMachine):
         )
         assert result.first
         assert result.charged == charge
+        acct.expire_due(self.clock)  # while the hold still counts
         released = acct.holds.pop(rid, 0)
         assert result.released == released
         acct.release_caps(rid, released)
@@ -651,10 +661,8 @@ class MoneyModel(RuleBasedStateMachine):
         if rid in acct.reaped:
             acct.reaped.pop(rid)
             acct.overdrawn = acct.overdrawn or charge > 0
-        acct.expire_due(self.clock)
-        if charge:
-            acct.draw(charge, self.clock)
-        acct.balance -= charge
+        self._charged(acct, charge)
+        assert result.balance == acct.balance
         acct.charges[rid] = charge
         if charge:
             acct.usage_rows.add(rid)
@@ -686,6 +694,7 @@ class MoneyModel(RuleBasedStateMachine):
             assert result.charged == acct.charges[rid], rid
             return
         assert result.first, rid
+        acct.expire_due(self.clock)  # while its hold (a reserve sent again took one) still counts
         released = acct.holds.pop(rid, 0)
         assert result.released == released
         acct.release_caps(rid, released)
@@ -693,15 +702,14 @@ class MoneyModel(RuleBasedStateMachine):
         acct.leases.pop(rid, None)
         acct.forgotten.remove(rid)
         acct.overdrawn = acct.overdrawn or charge > 0
-        acct.expire_due(self.clock)
         if rid not in acct.usage_rows:  # its charge was lost with Redis: this one restores it
-            if charge:
-                acct.draw(charge, self.clock)
+            self._charged(acct, charge)
             acct.lost -= charge
-            acct.balance -= charge
             if charge:
                 acct.usage_rows.add(rid)
                 acct.unflushed.add(rid)
+        else:
+            acct.expire_due(self.clock)
 
     @rule(request=settled)
     def reserve_after_settle(self, request: Request) -> None:
@@ -757,14 +765,12 @@ class MoneyModel(RuleBasedStateMachine):
             )
         )
         assert result.first
+        acct.expire_due(self.clock)
         acct.holds.pop(request_id)
         acct.leases.pop(request_id)
         acct.release_caps(request_id, charge)
         acct.count_spend(cap_scopes(*self._caller_scopes(acct, request_id)), charge)
-        acct.expire_due(self.clock)
-        if charge:
-            acct.draw(charge, self.clock)
-        acct.balance -= charge
+        self._charged(acct, charge)
         acct.charges[request_id] = charge
         if charge:
             acct.usage_rows.add(request_id)
@@ -785,6 +791,7 @@ class MoneyModel(RuleBasedStateMachine):
                                     ReserveStatus.BLOCKED)  # fmt: skip
             if reply.status == ReserveStatus.HELD:
                 self.run(self.svc.balances.settle(account, request_id, 0))
+                acct.expire_due(self.clock)  # what its hold no longer needs
             return
         assert reply.status == ReserveStatus.CACHED
         assert reply.cached == b"answer"
@@ -1081,8 +1088,7 @@ class MoneyModel(RuleBasedStateMachine):
         acct.expire_due(self.clock)
         if acct.refuses(meter.amount) is not None:
             return False
-        acct.draw(meter.amount, self.clock)
-        acct.balance -= meter.amount
+        self._charged(acct, meter.amount)
         acct.count_spend(["account"], meter.amount)
         if rid in acct.forgotten:  # a lost Redis took the first charge with it: this one restores it
             acct.forgotten.remove(rid)
@@ -1255,6 +1261,7 @@ class MoneyModel(RuleBasedStateMachine):
         assert view.result is not None
         assert view.result.charged == charge
         assert view.state == ("settled" if kind == "settle" else "released")
+        acct.expire_due(self.clock)  # while the hold still counts
         released = acct.holds.pop(rid, 0)
         assert view.result.released == released
         acct.release_caps(rid, released)
@@ -1262,12 +1269,10 @@ class MoneyModel(RuleBasedStateMachine):
         acct.leases.pop(rid, None)
         if acct.reaped.pop(rid, None) is not None:
             acct.overdrawn = acct.overdrawn or charge > 0
-        acct.expire_due(self.clock)
+        self._charged(acct, charge)
         if charge:
-            acct.draw(charge, self.clock)
             acct.usage_rows.add(rid)
             acct.unflushed.add(rid)
-        acct.balance -= charge
         acct.charges[rid] = charge
         meta = self.op_meta[rid]
         meta.end, meta.charged = (kind, units), charge
@@ -1385,8 +1390,10 @@ class MoneyModel(RuleBasedStateMachine):
             acct.balance += acct.reversed_unflushed  # a reversal not flushed is lost like a charge
             acct.reversed -= acct.reversed_unflushed
             acct.reversed_unflushed = 0
+            # The ledger knows each grant's terms, not that it ended under a live hold: with the holds
+            # gone, a fixed end ends it again at once, an idle expiry starts again.
             acct.grants = {
-                gid: dataclasses.replace(g, remaining=acct.flushed_grants[gid])
+                gid: dataclasses.replace(g, remaining=acct.flushed_grants[gid], ended_ms=0)
                 for gid, g in acct.grants.items()
             }
             excess = sum(g.remaining for g in acct.live_grants()) - max(acct.balance, 0)
