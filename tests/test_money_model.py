@@ -8,9 +8,11 @@ after every step.
 Invariants, for every account after every step: Redis' balance and held equal the model's; granted =
 available + held + Σ settled + expired + reversed (less what a lost Redis took with it, unflushed); a
 paid order is one grant; a reversal takes back at most its order's credits, never below what is
-available; nothing held is negative and no balance is, except after a settle that came in after its
-hold was reaped (the documented overdraft); every request id is settled at most once; reconcile finds
-no drift; once flushed, the ledger's sum equals Redis' balance and holds one usage row per settled request id.
+available; nothing held is negative and no prepaid balance is below what is held (so none below zero,
+and no grant ending under a live hold takes what the hold was admitted against), except after a settle
+that came in after its hold was reaped (the documented overdraft); every request id is settled at most
+once; reconcile finds no drift; once flushed, the ledger's sum equals Redis' balance and holds one usage
+row per settled request id.
 
 ``CREDITGATE_MODEL_EXAMPLES`` (default 200) sets the examples per topology, 30 steps each; CI runs them
 derandomized (the same examples every run), ``CREDITGATE_MODEL_RANDOM=1`` draws new ones (nightly). A
@@ -20,6 +22,7 @@ failure prints the shrunk steps and the blob that replays it (``@reproduce_failu
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import os
 import uuid
@@ -743,6 +746,49 @@ class MoneyModel(RuleBasedStateMachine):
                     acct.leases.pop(rid)
         assert released == expected
 
+    @rule(
+        target=held,
+        account=accounts,
+        amount=st.integers(min_value=1, max_value=20_000_000),
+        kind=st.sampled_from(GRANT_KINDS),
+        ends_in=st.integers(min_value=1, max_value=LEASE_MS - 1),
+        caller=callers,
+        after=st.integers(min_value=0, max_value=1_000),
+    )
+    def hold_across_a_grant_end(
+        self,
+        account: str,
+        amount: int,
+        kind: str,
+        ends_in: int,
+        caller: tuple[str | None, str | None],
+        after: int,
+    ) -> Any:
+        """A grant that ends within a lease, a hold of all the account has available, then the clock moves
+        on to just past the grant's end while every live lease still runs (nothing is reaped), and the
+        sweeper runs: the ended grant keeps what the hold needs, so its settle cannot overdraw."""
+        _, key, _, _ = self._grant(account, amount, GrantTerms(kind, None, self.clock + ends_in))
+        request = self.reserve_everything(account, caller)
+        acct = self.model[account]
+        end = acct.grants[key].ends_ms(acct.active_ms, IDLE_MS)
+        leases = [lease - 1 for a in self.model.values() for lease in a.leases.values()]
+        self.clock = max(self.clock, min([end + after, *leases]))
+        self.sweep()
+        return request
+
+    @rule(target=held, account=accounts, caller=callers)
+    def reserve_everything(self, account: str, caller: tuple[str | None, str | None]) -> Any:
+        """A hold of all the account has available (what a grant ending under the hold must not take)."""
+        probe = copy.deepcopy(self.model[account])
+        probe.expire_due(self.clock)  # what the reserve expires first
+        free = probe.available()
+        amount = 1 if free is None or free <= 0 else free
+        expected = self._expected(account, amount, caller)
+        if expected != ReserveStatus.HELD:
+            self._refused(account, amount, caller, expected)
+            return multiple()
+        return self._hold(account, amount, caller)
+
     @rule(target=cached, account=accounts, charge=st.integers(min_value=0, max_value=1_000))
     def store_in_cache(self, account: str, charge: int) -> Any:
         """A miss that stores its answer in the account's cache as it settles."""
@@ -1438,7 +1484,10 @@ class MoneyModel(RuleBasedStateMachine):
             ), account
             self.check_grants(account, acct)
             assert view.held >= 0
-            assert acct.overdrawn or acct.invoice or view.balance >= 0, account
+            # Prepaid, nothing is spent beyond what is held, and holds never outgrow the balance (no
+            # grant ending under a hold takes what the hold was admitted against), until a settle after
+            # its hold was reaped overdraws.
+            assert acct.overdrawn or acct.invoice or view.balance >= view.held >= 0, account
             self.check_caps(account, acct)
 
     def check_grants(self, account: str, acct: Account) -> None:
