@@ -8,8 +8,9 @@
 -- ARGV[8] "1" if it expires after the account is idle ARGV[10] ms   ARGV[9] its kind   ARGV[11] now (ms)
 -- The grant's remainder is its amount less what pays back a negative balance (the debt is what the
 -- balance falls short of the remainders); that part goes to the outbox as a payoff entry (field p),
--- so the ledger knows what each grant gave. Grants that ended by now expire first; a grant whose own end
--- has passed expires at once. A credit counts as activity.
+-- so the ledger knows what each grant gave. Grants that ended by now expire first (what live holds need
+-- of them is kept: wallet.lua); a grant whose own end has passed expires at once, all of it. A credit
+-- counts as activity.
 -- Returns {status, balance}: 1 credited now, 0 credited before with the same fingerprint,
 -- -1 no such account, -2 the key was used before for a different account or amount,
 -- -4 this partition was not rebuilt from the ledger yet (Redis was lost): nothing is credited, so the
@@ -61,12 +62,12 @@ if payoff > 0 then
     cjson.encode({account = ARGV[3], grant = ARGV[4], amount = w_int(payoff), at = ARGV[11]}))
 end
 local g = {id = ARGV[4], rem = amount - payoff, exp = tonumber(ARGV[5]), pri = tonumber(ARGV[6]),
-  ord = tonumber(ARGV[7]), idle = ARGV[8], kind = ARGV[9]}
+  ord = tonumber(ARGV[7]), idle = ARGV[8], kind = ARGV[9], ended = 0}
 if g.rem > 0 then
   redis.call('HSET', KEYS[4], g.id, w_format(g))
   grants[#grants + 1] = g
 end
 active = wall
-w_expire(KEYS[1], KEYS[4], KEYS[6], ARGV[3], {g}, wall, active, idle_ms)
+w_expire(KEYS[1], KEYS[4], KEYS[6], ARGV[3], {g}, wall, active, idle_ms, true)  -- no hold needs it
 w_meta(KEYS[1], KEYS[5], ARGV[3], grants, active, idle_ms)
 return {1, tonumber(redis.call('HGET', KEYS[1], 'balance'))}

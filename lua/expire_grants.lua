@@ -4,7 +4,8 @@
 -- KEYS[1] account hash   KEYS[2] the account's grants hash   KEYS[3] the partition's wallet-due zset
 -- KEYS[4] the partition's outbox
 -- ARGV[1] account id   ARGV[2] now (ms)   ARGV[3] idle expiry (ms; 0 off)
--- Returns the micro-credits that expired now (0 the second time: an expired grant is gone).
+-- Returns the micro-credits that expired now (0 the second time: an expired grant is gone, and what an
+-- ended grant keeps for live holds stays until they no longer need it; wallet.lua).
 if not w_whole(ARGV[2], 15) or not w_whole(ARGV[3], 15) then
   return redis.error_reply('ERR expire_grants: now and the idle expiry must be integers (ms)')
 end

@@ -29,7 +29,10 @@
 -- money in pays the debt back first: credit.lua).
 -- The charge draws down the grants (wallet.lua: soonest ending, then priority, then oldest); the outbox
 -- entry carries what it drew in a second field, g, and the balance after it in b (what alerts and
--- auto-reload read: signals/alerts.py; the balance before is b + the charge). Grants that ended by now expire first.
+-- auto-reload read: signals/alerts.py; the balance before is b + the charge). Grants that ended by now
+-- expire first, while this hold still counts as live (what the live holds need of them is kept:
+-- wallet.lua); the charge then draws first on what an ended grant kept, and what the holds left no
+-- longer need expires after the usage entry (the returned balance is after that).
 -- Exactly once with a bounded memory: the settled marker expires at the window end (PXAT), and from
 -- then on, by the server's clock, the script refuses this request id, so no retry can land after its
 -- marker is gone. A cache hit (ARGV[5] "1", nothing charged) leaves no marker unless it released a hold:
@@ -84,6 +87,9 @@ local grants = nil
 if due or (ARGV[2] ~= '0' and redis.call('EXISTS', KEYS[6]) == 1) then
   grants = w_load(KEYS[6])  -- read and checked before the first write
 end
+if grants and due then  -- before the release: the hold was admitted against what ended
+  w_expire(KEYS[1], KEYS[6], KEYS[5], ARGV[9], grants, wall, active, idle_ms)
+end
 if hold then
   redis.call('HDEL', KEYS[2], ARGV[1])
   if hold ~= '0' then
@@ -94,15 +100,9 @@ if hold then
   released = tonumber(hold)
 end
 local drawn = {}
-if grants then
-  if due then
-    w_expire(KEYS[1], KEYS[6], KEYS[5], ARGV[9], grants, wall, active, idle_ms)
-  end
-  if ARGV[2] ~= '0' then
-    active = wall
-    drawn = w_draw(KEYS[6], grants, tonumber(ARGV[2]), active, idle_ms)
-  end
-  w_meta(KEYS[1], KEYS[7], ARGV[9], grants, active, idle_ms)
+if grants and ARGV[2] ~= '0' then
+  active = wall
+  drawn = w_draw(KEYS[6], grants, tonumber(ARGV[2]), active, idle_ms)
 end
 local after  -- the balance it leaves, as an integer string (the outbox entry's b)
 if ARGV[2] ~= '0' then
@@ -116,6 +116,13 @@ if #drawn > 0 then
   redis.call('XADD', KEYS[5], '*', 'd', ARGV[6], 'g', cjson.encode(drawn), 'b', after)
 elseif ARGV[2] ~= '0' or ARGV[5] == '1' then
   redis.call('XADD', KEYS[5], '*', 'd', ARGV[6], 'b', after)
+end
+if grants then
+  if due then  -- what an ended grant kept and the holds left no longer need
+    w_expire(KEYS[1], KEYS[6], KEYS[5], ARGV[9], grants, wall, active, idle_ms)
+    balance = redis.call('HGET', KEYS[1], 'balance')
+  end
+  w_meta(KEYS[1], KEYS[7], ARGV[9], grants, active, idle_ms)
 end
 if ARGV[5] ~= '1' or ARGV[2] ~= '0' or hold then
   redis.call('SET', KEYS[4], ARGV[2], 'PXAT', ARGV[3])

@@ -1,7 +1,8 @@
 -- The wallet's shared functions, spliced into the scripts that say "-- include: wallet" (balances.load_lua).
 -- An account's credits are grants: its grants hash maps a grant id to
---   "remaining expires_ms priority order_ms idle kind"
--- (expires_ms 0: a fixed date never comes; idle 1: it also expires once the account was idle idle_ms).
+--   "remaining expires_ms priority order_ms idle kind" or "... kind ended_ms"
+-- (expires_ms 0: a fixed date never comes; idle 1: it also expires once the account was idle idle_ms;
+-- ended_ms: the grant ended then, and what is left of it is kept only for the live holds: w_expire).
 -- Invariant: the remainders sum to max(balance, 0) for an account whose credits all came as grants; an
 -- older account's credits from before grants are the balance no grant covers, drawn after every grant.
 -- Numbers: every amount and time is an integer below 2^53, exact in Lua's doubles; w_int formats one as an
@@ -15,15 +16,24 @@ local function w_whole(s, digits)
 end
 
 local function w_parse(id, v)
-  local r, e, p, o, i, k = v:match('^(%d+) (%d+) (%-?%d+) (%d+) ([01]) (%S+)$')
+  local r, e, p, o, i, k, n = v:match('^(%d+) (%d+) (%-?%d+) (%d+) ([01]) (%S+) (%d+)$')
+  if not r then
+    r, e, p, o, i, k = v:match('^(%d+) (%d+) (%-?%d+) (%d+) ([01]) (%S+)$')
+    n = '0'
+  end
   if not r then
     error('wallet: grant ' .. id .. ' is stored malformed')
   end
-  return {id = id, rem = tonumber(r), exp = tonumber(e), pri = tonumber(p), ord = tonumber(o), idle = i, kind = k}
+  return {id = id, rem = tonumber(r), exp = tonumber(e), pri = tonumber(p), ord = tonumber(o), idle = i, kind = k,
+    ended = tonumber(n)}
 end
 
 local function w_format(g)
-  return w_int(g.rem) .. ' ' .. w_int(g.exp) .. ' ' .. w_int(g.pri) .. ' ' .. w_int(g.ord) .. ' ' .. g.idle .. ' ' .. g.kind
+  local v = w_int(g.rem) .. ' ' .. w_int(g.exp) .. ' ' .. w_int(g.pri) .. ' ' .. w_int(g.ord) .. ' ' .. g.idle .. ' ' .. g.kind
+  if g.ended > 0 then
+    v = v .. ' ' .. w_int(g.ended)
+  end
+  return v
 end
 
 -- Read (and check) every grant; scripts call it before their first write, so a malformed grant refuses
@@ -37,8 +47,12 @@ local function w_load(gkey)
   return list
 end
 
--- When a grant stops counting: its fixed date, or idle_ms after the account's last activity (if idle).
+-- When a grant stops counting: its fixed date, or idle_ms after the account's last activity (if idle);
+-- once it ended (ended_ms), that instant, which later activity no longer moves.
 local function w_ends(g, active, idle_ms)
+  if g.ended > 0 then
+    return g.ended
+  end
   local e = g.exp
   if g.idle == '1' and idle_ms > 0 then
     local t = active + idle_ms
@@ -58,19 +72,72 @@ local function w_due(meta_due, meta_idle, active, now, idle_ms)
   return meta_idle == '1' and idle_ms > 0 and active + idle_ms <= now
 end
 
--- Expire every grant that ended by `now`: its remainder leaves the balance and goes to the outbox as an
--- expiry entry, once (the grant is deleted in the same step). Returns the grants list (ended ones marked).
-local function w_expire(akey, gkey, okey, account, list, now, active, idle_ms)
+-- Expire the grants that ended by `now`. A live hold keeps the credits it was admitted against: of the
+-- ended grants' remainders only the spare part leaves the balance now, the part that keeps
+-- balance - held + the credit line (absent: 0; "unlimited": everything is spare) at 0 or above, taken
+-- from the ended grants soonest ended first (then priority, order, id). An ended grant keeps the rest,
+-- marked ended (ended_ms: its end); it is drawn first by the settles, no new hold can take it (nothing
+-- is available while it is kept), and each later call expires what the holds no longer need. With
+-- `whole` every ended grant expires entirely (a grant that arrived after its end: no hold needs it).
+-- Each part goes to the outbox as an expiry entry (x): dated at the grant's end when it is the first,
+-- else now; a part that leaves something kept names it ("left"), which gives the part its own ledger id
+-- (the remainder only ever shrinks, so no two parts of a grant leave the same). A kept part that no
+-- hold releases moves nothing: the call can run twice. Returns the grants list (ended ones marked gone).
+local function w_expire(akey, gkey, okey, account, list, now, active, idle_ms, whole)
+  local ended = {}
   for _, g in ipairs(list) do
-    local ends = w_ends(g, active, idle_ms)
-    if ends > 0 and ends <= now then
+    if not g.gone then
+      local ends = w_ends(g, active, idle_ms)
+      if ends > 0 and ends <= now then
+        g.sortend = ends
+        ended[#ended + 1] = g
+      end
+    end
+  end
+  if #ended == 0 then
+    return list
+  end
+  table.sort(ended, function(a, b)
+    if a.sortend ~= b.sortend then return a.sortend < b.sortend end
+    if a.pri ~= b.pri then return a.pri < b.pri end
+    if a.ord ~= b.ord then return a.ord < b.ord end
+    return a.id < b.id
+  end)
+  local spare = nil  -- nil: no limit
+  local m = redis.call('HMGET', akey, 'balance', 'held', 'credit')
+  if not whole and m[3] ~= 'unlimited' then
+    spare = tonumber(m[1]) - tonumber(m[2] or '0') + tonumber(m[3] or '0')
+    if spare < 0 then
+      spare = 0
+    end
+  end
+  for _, g in ipairs(ended) do
+    local part = g.rem
+    if spare and part > spare then
+      part = spare
+    end
+    if spare then
+      spare = spare - part
+    end
+    local at = g.sortend
+    if g.ended > 0 then
+      at = now
+    end
+    if part > 0 then
+      g.rem = g.rem - part
+      redis.call('HINCRBY', akey, 'balance', '-' .. w_int(part))
+      local entry = {account = account, grant = g.id, amount = w_int(part), at = w_int(at)}
+      if g.rem > 0 then
+        entry.left = w_int(g.rem)
+      end
+      redis.call('XADD', okey, '*', 'x', cjson.encode(entry))
+    end
+    if g.rem == 0 then
       redis.call('HDEL', gkey, g.id)
       g.gone = true
-      if g.rem > 0 then
-        redis.call('HINCRBY', akey, 'balance', '-' .. w_int(g.rem))
-        redis.call('XADD', okey, '*', 'x',
-          cjson.encode({account = account, grant = g.id, amount = w_int(g.rem), at = w_int(ends)}))
-      end
+    elseif part > 0 or g.ended == 0 then
+      g.ended = g.sortend
+      redis.call('HSET', gkey, g.id, w_format(g))
     end
   end
   return list
@@ -121,16 +188,21 @@ local function w_draw(gkey, list, charge, active, idle_ms, first)
   return drawn
 end
 
--- Write the account's summary fields (next fixed expiry, whether an idle-expiring grant is left, the last
--- activity) and its place in the partition's wallet-due zset, from the grants list.
+-- Write the account's summary fields (the next fixed end, or the end of an ended grant still kept: due
+-- at once; whether an idle-expiring grant is left; the last activity) and its place in the partition's
+-- wallet-due zset, from the grants list.
 local function w_meta(akey, dkey, account, list, active, idle_ms)
   local due, idle = 0, '0'
   for _, g in ipairs(list) do
     if not g.gone and g.rem > 0 then
-      if g.exp > 0 and (due == 0 or g.exp < due) then
-        due = g.exp
+      local e = g.exp
+      if g.ended > 0 then  -- ended, kept for live holds: due now, until they no longer need it
+        e = g.ended
       end
-      if g.idle == '1' then
+      if e > 0 and (due == 0 or e < due) then
+        due = e
+      end
+      if g.idle == '1' and g.ended == 0 then
         idle = '1'
       end
     end

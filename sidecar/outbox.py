@@ -5,7 +5,9 @@ Each entry is one of four kinds (README "Outbox entries"):
   charge it passes the settle script, in the same atomic step as the debit; with an optional ``g``, the
   grants the debit drew from: ``[["<grant id>", "<micro>"], ...]`` (integer strings);
 - expiry: field ``x``, ``{"account", "grant", "amount", "at"}`` (integer strings): a grant's remainder that
-  left the balance when it ended, a ledger row ``expiry:<account>:<grant>`` of -amount at ``at`` (ms);
+  left the balance when it ended, a ledger row ``expiry:<account>:<grant>`` of -amount at ``at`` (ms); a
+  part of it, when live holds kept the rest (with ``"left"``, what they kept, > 0), the row
+  ``expiry-part:<account>:<grant>:<left>`` (a grant's remainder only shrinks: each part's id is its own);
 - payoff: field ``p``, the same shape: a new grant paid part of a negative balance. Its money-in row
   counted the whole amount already, so its ledger row ``payoff:<account>:<grant>`` is an 'adjustment' of 0
   that only records the draw on the grant (and makes it once);
@@ -187,6 +189,7 @@ class GrantMove(msgspec.Struct, forbid_unknown_fields=False):
     at: str
     grant: str = ""
     id: str = ""
+    left: str = ""  # an expiry's part: what is kept of the grant (absent: nothing, the grant is gone)
 
 
 _decode_move = msgspec.json.Decoder(GrantMove).decode
@@ -223,8 +226,10 @@ def move_row(fields: dict[Any, Any]) -> tuple[Any, ...] | None:
             continue
         move, amount, at = moved
         drawn = encode_json({move.grant: amount}).decode()
-        return (f"{prefix}:{move.account}:{move.grant}", move.account, kind, sign * amount, *_NONE, at,
-                None, None, None, drawn)  # fmt: skip
+        row_id = f"{prefix}:{move.account}:{move.grant}"
+        if field == "x" and move.left:  # account ids have no ':', and <left> is digits: ids never meet
+            row_id = f"expiry-part:{move.account}:{move.grant}:{_micro(move.left, 'x left')}"
+        return (row_id, move.account, kind, sign * amount, *_NONE, at, None, None, None, drawn)
     return None
 
 

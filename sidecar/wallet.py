@@ -64,7 +64,9 @@ class GrantTerms:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """A grant as Redis holds it: what is left of it and its terms."""
+    """A grant as Redis holds it: what is left of it and its terms. `ended_ms` (0: not yet): the grant
+    ended then, and what is left of it is kept only for the live holds admitted against it (README
+    "Expiry, once")."""
 
     grant_id: str
     remaining: int
@@ -73,20 +75,27 @@ class Grant:
     order_ms: int
     idle: bool
     kind: str
+    ended_ms: int = 0
 
     @classmethod
     def parse(cls, grant_id: str, value: str) -> Grant:
-        rem, exp, pri, order, idle, kind = value.split(" ")
-        return cls(grant_id, int(rem), int(exp), int(pri), int(order), idle == "1", kind)
+        rem, exp, pri, order, idle, kind, *ended = value.split(" ")
+        end = int(ended[0]) if len(ended) == 1 else 0
+        if len(ended) > 1:
+            raise ValueError(f"grant {grant_id!r} is stored malformed")
+        return cls(grant_id, int(rem), int(exp), int(pri), int(order), idle == "1", kind, end)
 
     def encode(self) -> str:
         """Its value in the grants hash, as `parse` reads it (and lua/wallet.lua's w_format writes it)."""
-        return (
-            f"{self.remaining} {self.expires_ms} {self.priority} {self.order_ms} {int(self.idle)} {self.kind}"
-        )
+        terms = f"{self.expires_ms} {self.priority} {self.order_ms} {int(self.idle)} {self.kind}"
+        value = f"{self.remaining} {terms}"
+        return f"{value} {self.ended_ms}" if self.ended_ms else value
 
     def ends_ms(self, active_ms: int, idle_ms: int) -> int:
-        """When it stops counting (0: never): its fixed end, or idle_ms after the last activity."""
+        """When it stops counting (0: never): its fixed end, or idle_ms after the last activity; once it
+        ended, that instant (later activity no longer moves it)."""
+        if self.ended_ms:
+            return self.ended_ms
         end = self.expires_ms
         if self.idle and idle_ms > 0:
             idle_end = active_ms + idle_ms
@@ -116,6 +125,28 @@ def draw(grants: Sequence[Grant], charge: int, active_ms: int, idle_ms: int) -> 
         taken.append((g.grant_id, take))
         left -= take
     return taken
+
+
+def expiring(
+    grants: Sequence[Grant], now_ms: int, active_ms: int, idle_ms: int, spare: int | None
+) -> list[tuple[Grant, int]]:
+    """The grants that ended by `now_ms`, soonest ended first (then lower priority number, the oldest, by
+    id), each with the part of it that expires now: all of it while `spare` lasts (what keeps the
+    account's balance - held + its credit line at 0 or above; None: no limit), the rest kept for the
+    live holds. The reference for lua/wallet.lua's w_expire."""
+
+    def key(g: Grant) -> tuple[int, int, int, str]:
+        return (g.ends_ms(active_ms, idle_ms), g.priority, g.order_ms, g.grant_id)
+
+    ended = sorted((g for g in grants if 0 < g.ends_ms(active_ms, idle_ms) <= now_ms), key=key)
+    left = None if spare is None else max(spare, 0)
+    parts = []
+    for g in ended:
+        part = g.remaining if left is None else min(g.remaining, left)
+        if left is not None:
+            left -= part
+        parts.append((g, part))
+    return parts
 
 
 # ---- spend caps -------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import msgspec
 import pytest
 
 from sidecar.outbox import UsageEvent, encode_event, ledger_row
+from sidecar.rebuild import rebuild_if_empty
+from sidecar.reconcile import reconcile
 from sidecar.services import Services, services
 from sidecar.wallet import GrantTerms, WalletPolicy
 
@@ -179,6 +181,7 @@ async def test_grant_draws_fold_into_grants(svc: Services) -> None:
     ("fields", "reason"),
     [
         ({"x": {"account": "A", "grant": "g", "amount": "12.5", "at": "1"}}, "x amount"),
+        ({"x": {"account": "A", "grant": "g", "amount": "1", "at": "1", "left": "-2"}}, "x left"),
         ({"p": {"account": "A", "grant": "", "amount": "1", "at": "1"}}, "without an account or grant"),
         ({"x": b"{nope"}, "x undecodable"),
         ({"d": "USAGE", "g": [["g1", "-3"]]}, "g amount"),
@@ -286,3 +289,40 @@ async def test_the_scripts_expiry_and_payoff_entries_reach_the_ledger(svc: Servi
     ]
     assert await draws(svc, account) == {"promo": 1_000, "buy": 400, "promo2": 500}
     assert await svc.store.ledger_sum(account) == (await svc.balances.balance(account)).balance
+
+
+async def test_an_expiry_in_parts_reaches_the_ledger_once_per_part_across_a_lost_redis(svc: Services) -> None:
+    """A grant that ends under a live hold expires in parts (what the hold does not need now, the rest
+    once nothing needs it): each part its own row, reconciled while in the outbox, and a Redis lost and
+    rebuilt between the parts expires the rest under the final id, once."""
+    now = [int(dt.datetime.now(dt.UTC).timestamp() * 1000)]
+    svc.balances.wallet = WalletPolicy(svc.balances.wallet.idle_expiry_ms, lambda: now[0])
+    account: str = (await svc.admin.create_account())["id"]
+    ends = now[0] + 60_000
+    await svc.admin.grant(account, 100, "forever", "purchase")
+    terms = GrantTerms("promotion", expires_ms=ends)
+    await svc.admin.grant(account, 1_000, "promo", "promotion", terms=terms)
+    assert (await svc.balances.reserve(account, "req_1", 1_000, LEASE)).status.name == "HELD"
+    now[0] = ends + 5
+    assert await svc.balances.expire_grants() == 100  # the hold keeps the other 900
+    assert await reconcile(svc.redis, svc.keys, svc.store) == []  # the part in the outbox counts
+    await svc.flusher().drain()
+    assert await reconcile(svc.redis, svc.keys, svc.store) == []
+    names = [n async for n in svc.redis.scan_iter(match=f"{svc.keys.prefix}*")]
+    await svc.redis.delete(*names)  # the hold with it
+    settled_ms = svc.balances.settled_marker_ms
+    assert await rebuild_if_empty(svc.redis, svc.keys, svc.store, settled_marker_ms=settled_ms, now_ms=now[0])
+    assert (await svc.balances.balance(account)).balance == 1_000
+    assert await svc.balances.expire_grants() == 900  # nothing holds: the rest goes
+    assert await svc.balances.expire_grants() == 0
+    await svc.flusher().drain()
+    found = await rows(svc, "SELECT idempotency_id, amount, created_at FROM ledger WHERE account_id = $1"
+                       " AND kind = 'expiry' ORDER BY created_at", account)  # fmt: skip
+    assert [(r["idempotency_id"], r["amount"]) for r in found] == [
+        (f"expiry-part:{account}:promo:900", -100),
+        (f"expiry:{account}:promo", -900),
+    ]
+    assert found[0]["created_at"] == dt.datetime.fromtimestamp(ends / 1000, dt.UTC)  # the grant's end
+    assert await draws(svc, account) == {"promo": 1_000}
+    assert await svc.store.ledger_sum(account) == (await svc.balances.balance(account)).balance == 100
+    assert await reconcile(svc.redis, svc.keys, svc.store) == []

@@ -8,9 +8,11 @@ after every step.
 Invariants, for every account after every step: Redis' balance and held equal the model's; granted =
 available + held + Σ settled + expired + reversed (less what a lost Redis took with it, unflushed); a
 paid order is one grant; a reversal takes back at most its order's credits, never below what is
-available; nothing held is negative and no balance is, except after a settle that came in after its
-hold was reaped (the documented overdraft); every request id is settled at most once; reconcile finds
-no drift; once flushed, the ledger's sum equals Redis' balance and holds one usage row per settled request id.
+available; nothing held is negative and no prepaid balance is below what is held (so none below zero,
+and no grant ending under a live hold takes what the hold was admitted against), except after a settle
+that came in after its hold was reaped (the documented overdraft); every request id is settled at most
+once; reconcile finds no drift; once flushed, the ledger's sum equals Redis' balance and holds one usage
+row per settled request id.
 
 ``CREDITGATE_MODEL_EXAMPLES`` (default 200) sets the examples per topology, 30 steps each; CI runs them
 derandomized (the same examples every run), ``CREDITGATE_MODEL_RANDOM=1`` draws new ones (nightly). A
@@ -20,9 +22,9 @@ failure prints the shrunk steps and the blob that replays it (``@reproduce_failu
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import os
-import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -76,7 +78,7 @@ from sidecar.rebuild import rebuild_if_empty
 from sidecar.reconcile import reconcile
 from sidecar.services import Services, services
 from sidecar.signals.events import EventLog
-from sidecar.wallet import PERIODS, Grant, GrantTerms, WalletPolicy, cap_scopes, draw, periods
+from sidecar.wallet import PERIODS, Grant, GrantTerms, WalletPolicy, cap_scopes, draw, expiring, periods
 
 from .conftest import make_settings
 from .support_ledger import delete_every_row
@@ -187,13 +189,14 @@ class Account:
         return [g for g in self.grants.values() if g.remaining > 0]
 
     def expire_due(self, now_ms: int) -> int:
-        """Expire every grant that ended by now (what the scripts do first); returns the amount."""
+        """Expire what ended by now (what the scripts do first): of the grants that ended, what the live
+        holds need (balance - held + the credit line kept at 0 or above) is kept, marked ended, and
+        expires once they no longer need it; returns the amount expired now."""
         total = 0
-        for g in self.live_grants():
+        for g, part in expiring(self.live_grants(), now_ms, self.active_ms, IDLE_MS, self.available()):
             end = g.ends_ms(self.active_ms, IDLE_MS)
-            if 0 < end <= now_ms:
-                total += g.remaining
-                self.grants[g.grant_id] = dataclasses.replace(g, remaining=0)
+            self.grants[g.grant_id] = dataclasses.replace(g, remaining=g.remaining - part, ended_ms=end)
+            total += part
         self.balance -= total
         self.expired += total
         return total
@@ -326,8 +329,13 @@ class MoneyModel(RuleBasedStateMachine):
         )
 
     def new_id(self, kind: str) -> str:
+        """An id of the example's own, numbered in the order of its steps: the same steps make the same
+        ids (and so the same partitions and the same tie-breaks among grants), in every run and in a
+        replay. The examples of a run share one key prefix and one schema, and ids repeat across them:
+        `_reset` empties both before each example (and no task or cache outlives it), so no earlier
+        example's key, row or ledger id is there to meet."""
         self.round += 1
-        return f"{kind}_{self.round:04d}_{uuid.uuid4().hex[:6]}"
+        return f"{kind}_{self.round:04d}"
 
     # ---- accounts and money in ----------------------------------------------------------------------
 
@@ -412,7 +420,9 @@ class MoneyModel(RuleBasedStateMachine):
         reported."""
         pay = self.payments
         order = self.run(
-            pay.orders.create(account, "manual", credits=credits, amount_minor=1, currency="usd")
+            pay.orders.create(
+                account, "manual", credits=credits, amount_minor=1, currency="usd", order_id=self.new_id("o")
+            )
         )
         landed = self.run_all(pay.land(order, "ref"), pay.land(order, "ref"))
         assert sorted(g["credited"] for g in landed) == [False, True]
@@ -590,6 +600,14 @@ class MoneyModel(RuleBasedStateMachine):
         acct.who[rid] = caller
         acct.take_caps(rid, cap_scopes(caller[0], "m", caller[1]), amount)
 
+    def _charged(self, acct: Account, charge: int) -> None:
+        """A settle's money once its hold is released: the charge drawn (on what ended grants kept for
+        the holds first), then what those grants kept and the holds left no longer need expires."""
+        if charge:
+            acct.draw(charge, self.clock)
+        acct.balance -= charge
+        acct.expire_due(self.clock)
+
     def _event(self, acct: Account, rid: str) -> UsageEvent:
         key_id, user = acct.who.get(rid, (None, None))
         return UsageEvent(route="chat", model="m", key_id=key_id, user=user)
@@ -643,6 +661,7 @@ class MoneyModel(RuleBasedStateMachine):
         )
         assert result.first
         assert result.charged == charge
+        acct.expire_due(self.clock)  # while the hold still counts
         released = acct.holds.pop(rid, 0)
         assert result.released == released
         acct.release_caps(rid, released)
@@ -651,10 +670,8 @@ class MoneyModel(RuleBasedStateMachine):
         if rid in acct.reaped:
             acct.reaped.pop(rid)
             acct.overdrawn = acct.overdrawn or charge > 0
-        acct.expire_due(self.clock)
-        if charge:
-            acct.draw(charge, self.clock)
-        acct.balance -= charge
+        self._charged(acct, charge)
+        assert result.balance == acct.balance
         acct.charges[rid] = charge
         if charge:
             acct.usage_rows.add(rid)
@@ -686,6 +703,7 @@ class MoneyModel(RuleBasedStateMachine):
             assert result.charged == acct.charges[rid], rid
             return
         assert result.first, rid
+        acct.expire_due(self.clock)  # while its hold (a reserve sent again took one) still counts
         released = acct.holds.pop(rid, 0)
         assert result.released == released
         acct.release_caps(rid, released)
@@ -693,15 +711,14 @@ class MoneyModel(RuleBasedStateMachine):
         acct.leases.pop(rid, None)
         acct.forgotten.remove(rid)
         acct.overdrawn = acct.overdrawn or charge > 0
-        acct.expire_due(self.clock)
         if rid not in acct.usage_rows:  # its charge was lost with Redis: this one restores it
-            if charge:
-                acct.draw(charge, self.clock)
+            self._charged(acct, charge)
             acct.lost -= charge
-            acct.balance -= charge
             if charge:
                 acct.usage_rows.add(rid)
                 acct.unflushed.add(rid)
+        else:
+            acct.expire_due(self.clock)
 
     @rule(request=settled)
     def reserve_after_settle(self, request: Request) -> None:
@@ -735,6 +752,49 @@ class MoneyModel(RuleBasedStateMachine):
                     acct.leases.pop(rid)
         assert released == expected
 
+    @rule(
+        target=held,
+        account=accounts,
+        amount=st.integers(min_value=1, max_value=20_000_000),
+        kind=st.sampled_from(GRANT_KINDS),
+        ends_in=st.integers(min_value=1, max_value=LEASE_MS - 1),
+        caller=callers,
+        after=st.integers(min_value=0, max_value=1_000),
+    )
+    def hold_across_a_grant_end(
+        self,
+        account: str,
+        amount: int,
+        kind: str,
+        ends_in: int,
+        caller: tuple[str | None, str | None],
+        after: int,
+    ) -> Any:
+        """A grant that ends within a lease, a hold of all the account has available, then the clock moves
+        on to just past the grant's end while every live lease still runs (nothing is reaped), and the
+        sweeper runs: the ended grant keeps what the hold needs, so its settle cannot overdraw."""
+        _, key, _, _ = self._grant(account, amount, GrantTerms(kind, None, self.clock + ends_in))
+        request = self.reserve_everything(account, caller)
+        acct = self.model[account]
+        end = acct.grants[key].ends_ms(acct.active_ms, IDLE_MS)
+        leases = [lease - 1 for a in self.model.values() for lease in a.leases.values()]
+        self.clock = max(self.clock, min([end + after, *leases]))
+        self.sweep()
+        return request
+
+    @rule(target=held, account=accounts, caller=callers)
+    def reserve_everything(self, account: str, caller: tuple[str | None, str | None]) -> Any:
+        """A hold of all the account has available (what a grant ending under the hold must not take)."""
+        probe = copy.deepcopy(self.model[account])
+        probe.expire_due(self.clock)  # what the reserve expires first
+        free = probe.available()
+        amount = 1 if free is None or free <= 0 else free
+        expected = self._expected(account, amount, caller)
+        if expected != ReserveStatus.HELD:
+            self._refused(account, amount, caller, expected)
+            return multiple()
+        return self._hold(account, amount, caller)
+
     @rule(target=cached, account=accounts, charge=st.integers(min_value=0, max_value=1_000))
     def store_in_cache(self, account: str, charge: int) -> Any:
         """A miss that stores its answer in the account's cache as it settles."""
@@ -757,14 +817,12 @@ class MoneyModel(RuleBasedStateMachine):
             )
         )
         assert result.first
+        acct.expire_due(self.clock)
         acct.holds.pop(request_id)
         acct.leases.pop(request_id)
         acct.release_caps(request_id, charge)
         acct.count_spend(cap_scopes(*self._caller_scopes(acct, request_id)), charge)
-        acct.expire_due(self.clock)
-        if charge:
-            acct.draw(charge, self.clock)
-        acct.balance -= charge
+        self._charged(acct, charge)
         acct.charges[request_id] = charge
         if charge:
             acct.usage_rows.add(request_id)
@@ -785,6 +843,7 @@ class MoneyModel(RuleBasedStateMachine):
                                     ReserveStatus.BLOCKED)  # fmt: skip
             if reply.status == ReserveStatus.HELD:
                 self.run(self.svc.balances.settle(account, request_id, 0))
+                acct.expire_due(self.clock)  # what its hold no longer needs
             return
         assert reply.status == ReserveStatus.CACHED
         assert reply.cached == b"answer"
@@ -1011,7 +1070,7 @@ class MoneyModel(RuleBasedStateMachine):
         """A provider-billed subscription: nothing granted until its invoice is paid."""
         if self._subscribed(account):
             return multiple()
-        ref = f"sub_model{uuid.uuid4().hex[:12]}"
+        ref = self.new_id("sub_model")
         view = self.run(self._plans().start(account, "p", ref))["subscription"]
         assert view["period"] is None
         self.stripe_subs[view["id"]] = StripeSub(account, ref)
@@ -1081,8 +1140,7 @@ class MoneyModel(RuleBasedStateMachine):
         acct.expire_due(self.clock)
         if acct.refuses(meter.amount) is not None:
             return False
-        acct.draw(meter.amount, self.clock)
-        acct.balance -= meter.amount
+        self._charged(acct, meter.amount)
         acct.count_spend(["account"], meter.amount)
         if rid in acct.forgotten:  # a lost Redis took the first charge with it: this one restores it
             acct.forgotten.remove(rid)
@@ -1255,6 +1313,7 @@ class MoneyModel(RuleBasedStateMachine):
         assert view.result is not None
         assert view.result.charged == charge
         assert view.state == ("settled" if kind == "settle" else "released")
+        acct.expire_due(self.clock)  # while the hold still counts
         released = acct.holds.pop(rid, 0)
         assert view.result.released == released
         acct.release_caps(rid, released)
@@ -1262,12 +1321,10 @@ class MoneyModel(RuleBasedStateMachine):
         acct.leases.pop(rid, None)
         if acct.reaped.pop(rid, None) is not None:
             acct.overdrawn = acct.overdrawn or charge > 0
-        acct.expire_due(self.clock)
+        self._charged(acct, charge)
         if charge:
-            acct.draw(charge, self.clock)
             acct.usage_rows.add(rid)
             acct.unflushed.add(rid)
-        acct.balance -= charge
         acct.charges[rid] = charge
         meta = self.op_meta[rid]
         meta.end, meta.charged = (kind, units), charge
@@ -1385,8 +1442,10 @@ class MoneyModel(RuleBasedStateMachine):
             acct.balance += acct.reversed_unflushed  # a reversal not flushed is lost like a charge
             acct.reversed -= acct.reversed_unflushed
             acct.reversed_unflushed = 0
+            # The ledger knows each grant's terms, not that it ended under a live hold: with the holds
+            # gone, a fixed end ends it again at once, an idle expiry starts again.
             acct.grants = {
-                gid: dataclasses.replace(g, remaining=acct.flushed_grants[gid])
+                gid: dataclasses.replace(g, remaining=acct.flushed_grants[gid], ended_ms=0)
                 for gid, g in acct.grants.items()
             }
             excess = sum(g.remaining for g in acct.live_grants()) - max(acct.balance, 0)
@@ -1431,7 +1490,10 @@ class MoneyModel(RuleBasedStateMachine):
             ), account
             self.check_grants(account, acct)
             assert view.held >= 0
-            assert acct.overdrawn or acct.invoice or view.balance >= 0, account
+            # Prepaid, nothing is spent beyond what is held, and holds never outgrow the balance (no
+            # grant ending under a hold takes what the hold was admitted against), until a settle after
+            # its hold was reaped overdraws.
+            assert acct.overdrawn or acct.invoice or view.balance >= view.held >= 0, account
             self.check_caps(account, acct)
 
     def check_grants(self, account: str, acct: Account) -> None:

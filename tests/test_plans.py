@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
+from sidecar.balances import ReserveStatus
 from sidecar.config import load_settings
 from sidecar.documents.plan_periods import period, period_at
 from sidecar.documents.plans import grant_key
 from sidecar.errors import ConfigError
+from sidecar.outbox import UsageEvent
 
 from .conftest import SidecarFactory
 from .support_plans import FEB28, JAN31, MAR31, PLAN_SETTINGS, C, Scene, iso, ms, new_sidecar
@@ -246,6 +248,28 @@ async def test_a_rollover_carries_what_expired_capped_once_the_ledger_has_it(
     )
     want = [(grant_key(sub["id"], 1), 10 * C, MAR31), (grant_key(sub["id"], 1, carry=True), carried, MAR31)]
     assert left == sorted(want)
+
+
+async def test_a_rollover_carries_every_part_of_an_expiry_a_live_hold_split(scene: Scene) -> None:
+    """A period's grant that ends under a live hold expires in parts (what the hold does not need at the
+    end, the rest once its settle drew on it): the rollover carries them all."""
+    account, _ = await scene.account(purchased=2 * C)
+    sub = await scene.subscribe(account, "keep")
+    b = scene.sc.balances
+    assert (await b.reserve(account, "req_long", 10 * C, MAR31)).status is ReserveStatus.HELD
+    scene.clock.now = FEB28
+    assert await b.expire_grants(FEB28) == 2 * C  # 12 - 10 held: the hold keeps 8 of the period's 10
+    scene.clock.now = FEB28 + 1_000
+    await b.settle(account, "req_long", 4 * C, UsageEvent(route="chat"))  # 4 of the kept 8; 4 expire
+    assert await scene.plans.run_pass() == 1  # period 1's grant
+    await scene.flush()
+    assert await scene.plans.run_pass() == 1  # the carry: both parts
+    assert (await scene.periods(sub["id"]))[1][3] == 6 * C
+    ended = grant_key(sub["id"], 0)
+    assert await scene.ledger(account, "expiry") == [
+        (f"expiry-part:{account}:{ended}:{8 * C}", -2 * C),
+        (f"expiry:{account}:{ended}", -4 * C),
+    ]
 
 
 @pytest.mark.parametrize(

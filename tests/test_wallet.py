@@ -145,6 +145,69 @@ async def test_a_reserve_does_not_count_credits_that_ended(balances: Balances, c
     assert len([e for e in await outbox(b, account) if "x" in e]) == 1
 
 
+async def test_a_grant_that_ends_under_a_live_hold_keeps_what_the_hold_needs(
+    balances: Balances, clock: Clock
+) -> None:
+    """Seen before (by reading): a grant's fixed end passed while a hold admitted against it was live, the
+    whole remainder left the balance (below what was held) and the settle took the balance below zero,
+    although no hold had been reaped."""
+    b = balances
+    account = await new_account(b)
+    await b.credit(account, "forever", 1, GrantTerms("purchase"))
+    await b.credit(account, "sub", 1000, GrantTerms("subscription", expires_ms=T0 + DAY_MS))
+    assert (await b.reserve(account, "r1", 1000, T0 + 100 * DAY_MS)).status is ReserveStatus.HELD
+    clock.now = T0 + DAY_MS + 5  # past the grant's end, inside the hold's lease
+    result = await b.settle(account, "r1", 1000)
+    assert result.balance == 0  # the hold's 1000: 999 the ended grant kept for it, then 1 of "forever"
+    assert (await b.balance(account)).balance == 0
+    [expiry] = [e["x"] for e in await outbox(b, account) if "x" in e]
+    # what the hold did not need expired (at the grant's end); the rest was drawn, nothing is left
+    at = str(T0 + DAY_MS)
+    assert expiry == {"account": account, "grant": "sub", "amount": "1", "at": at, "left": "999"}
+    [drawn] = [e["g"] for e in await outbox(b, account) if "g" in e]
+    assert drawn == [["sub", "999"], ["forever", "1"]]
+    assert await grants(b, account) == {}
+
+
+async def test_an_ended_grant_held_back_for_holds_expires_once_they_no_longer_need_it(
+    balances: Balances, clock: Clock
+) -> None:
+    """The part of an ended grant that live holds need stays (no new hold can take it); each script that
+    touches the account after a settle or release, or the sweeper, expires what they no longer need, each
+    part once, under its own ledger id."""
+    b = balances
+    account = await new_account(b)
+    await b.credit(account, "forever", 100, GrantTerms("purchase"))
+    await b.credit(account, "promo", 1000, GrantTerms("promotion", expires_ms=T0 + DAY_MS))
+    for rid, amount in (("r1", 600), ("r2", 400)):
+        assert (await b.reserve(account, rid, amount, T0 + 100 * DAY_MS)).status is ReserveStatus.HELD
+    clock.now = T0 + DAY_MS
+    assert await b.expire_grants() == 100  # 1100 - 1000 held: the rest stays for the holds
+    assert await b.expire_grants() == 0
+    assert (await grants(b, account))["promo"].remaining == 900
+    assert (await b.balance(account)).balance == 1000
+    refused = await b.reserve(account, "r3", 1, T0 + 100 * DAY_MS)  # nothing the ended grant kept
+    assert refused.status is ReserveStatus.INSUFFICIENT
+    # r1 draws on "promo" first (800 left of it), its hold released: of the 900 then, r2's 400 need 400
+    # (300 of promo, 100 of forever), so 500 of promo expire after the usage entry (its b: 900)
+    assert (await b.settle(account, "r1", 100)).balance == 400
+    assert [(e["g"], e["b"]) for e in await outbox(b, account) if "g" in e] == [([["promo", "100"]], 900)]
+    assert (await grants(b, account))["promo"].remaining == 300
+    clock.now = T0 + DAY_MS + 7
+    assert await b.expire_hold(account, "r2", T0 + 200 * DAY_MS) == 400  # reaped: nothing needs it now
+    assert await b.expire_grants() == 300
+    assert await b.expire_grants() == 0
+    assert set(await grants(b, account)) == {"forever"}
+    assert (await b.balance(account)).balance == 100
+    assert not await b.redis.zscore(b.keys.account(account).wallet_due, account)  # nothing due any more
+    expiries = [e["x"] for e in await outbox(b, account) if "x" in e]
+    assert expiries == [
+        {"account": account, "grant": "promo", "amount": "100", "at": str(T0 + DAY_MS), "left": "900"},
+        {"account": account, "grant": "promo", "amount": "500", "at": str(T0 + DAY_MS), "left": "300"},
+        {"account": account, "grant": "promo", "amount": "300", "at": str(T0 + DAY_MS + 7)},
+    ]
+
+
 async def test_a_grant_pays_back_a_negative_balance_first(balances: Balances) -> None:
     b = balances
     account = await new_account(b)

@@ -267,11 +267,17 @@ class Plans:
             )
             if left > 0:  # not all used or expired (and flushed) yet: look again next pass
                 return 0
+            # Their expiry rows: whole (by id), or in parts while live holds kept the rest (the
+            # account's few expiry-part rows, by id range, that name these grants).
             expired = await conn.fetchval(
-                "SELECT coalesce(-sum(amount), 0) FROM ledger WHERE account_id = $1"
-                " AND idempotency_id = ANY($2::text[])",
+                "SELECT coalesce(-sum(amount), 0) FROM ledger WHERE account_id = $1 AND kind = 'expiry'"
+                " AND (idempotency_id = ANY($2::text[])"
+                " OR (idempotency_id >= $3 AND idempotency_id < $4 AND drawn ?| $5::text[]))",
                 account,
                 [f"expiry:{account}:{i}" for i in ids],
+                f"expiry-part:{account}:",
+                f"expiry-part:{account};",  # ';' follows ':'
+                ids,
             )
             carried = int(expired) if plan.rollover == "all" else min(int(expired), plan.rollover_cap or 0)
         if carried > 0:
