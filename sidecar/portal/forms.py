@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from ..errors import BadRequest
 from ..money import MAX_MICRO, MICRO
@@ -30,11 +30,12 @@ def text(form: Mapping[str, str], name: str, *, required: bool = False, longest:
     return value
 
 
-def _decimal(raw: str, name: str, what: str) -> Decimal:
+def _scaled(raw: str, name: str, what: str, factor: int) -> Decimal:
+    """`raw` as an exact decimal times `factor` (a unit's subdivisions); a BadRequest naming `name`."""
     cleaned = raw.replace(",", "").replace("_", "").strip()
     try:
-        value = Decimal(cleaned)
-    except (InvalidOperation, ValueError):
+        value = Decimal(cleaned) * factor
+    except (ArithmeticError, ValueError):  # InvalidOperation, or Overflow past the context ("1e999999")
         raise BadRequest(f"{name} must be {what}, e.g. 12.5.", param=name) from None
     if not value.is_finite():
         raise BadRequest(f"{name} must be {what}, e.g. 12.5.", param=name)
@@ -45,7 +46,7 @@ def credits(form: Mapping[str, str], name: str, *, positive: bool = True) -> int
     """A number of credits (a decimal, at most 6 places) as micro-credits; 0 only when not `positive`."""
     raw = text(form, name, required=True, longest=40)
     assert raw is not None
-    exact = _decimal(raw, name, "a number of credits") * MICRO
+    exact = _scaled(raw, name, "a number of credits", MICRO)
     if exact != exact.to_integral_value():
         raise BadRequest(f"{name} has more than 6 decimals.", param=name)
     micro = int(exact)
@@ -63,7 +64,7 @@ def money(form: Mapping[str, str], name: str, currency: str) -> int:
     """An amount of the currency in its major unit ('25.00') as minor units (2500 for usd)."""
     raw = text(form, name, required=True, longest=40)
     assert raw is not None
-    exact = _decimal(raw, name, f"an amount of {currency.upper()}") * 10 ** minor_digits(currency)
+    exact = _scaled(raw, name, f"an amount of {currency.upper()}", 10 ** minor_digits(currency))
     if exact != exact.to_integral_value() or exact <= 0:
         places = minor_digits(currency)
         raise BadRequest(f"{name} must be a positive amount with at most {places} decimals.", param=name)

@@ -34,6 +34,8 @@ def api_query(query: Mapping[str, str], *, csv: bool = False) -> dict[str, str]:
         except ValueError:
             raise BadRequest(f"{name} must be a date (YYYY-MM-DD).", param=name) from None
         out[name] = (day + dt.timedelta(days=1) if name == "to" else day).isoformat()
+    if "from" in out and "to" in out and out["from"] >= out["to"]:
+        raise BadRequest("from must not be after to.", param="from")
     if query.get("cursor") and not csv:
         out["cursor"] = query["cursor"]
     if csv:

@@ -62,6 +62,7 @@ async def create_key(request: web.Request) -> web.StreamResponse:
         name, expires_ms = new_key_terms(body, d.now_ms())
         made = await d.admin.create_key(account, name, expires_ms)
     except CreditgateError as err:
+        err.param = "expires_on" if err.param == "expires_at" else err.param  # the form's field
         return await keys_view(request, status=status_of(err), form=form, **form_error(err))
     return await keys_view(request, status=201, new_key=made)
 
