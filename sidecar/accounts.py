@@ -135,8 +135,11 @@ class AccountDirectory:
 
     async def caller_for_key(self, api_key: str, now: float, now_ms: int | None = None) -> Caller | None:
         """The account and key id behind a presented key; None for an unknown, revoked or expired key."""
+        return await self.caller_for_hash(hash_key(api_key), now, now_ms)
+
+    async def caller_for_hash(self, key_hash: str, now: float, now_ms: int | None = None) -> Caller | None:
+        """The same by the key's SHA-256 (a portal session keeps the hash, never the key)."""
         now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-        key_hash = hash_key(api_key)
         known = self._cache.get(key_hash)
         if known is None or known.until <= now:
             known = await self._look_up(key_hash, now, now_ms)

@@ -17,7 +17,7 @@ import msgspec
 import yaml
 
 from . import environment
-from .documents.document_settings import DocumentSettings, check_document_settings
+from .documents.document_settings import check_document_settings
 from .documents.plan_settings import check_plan_settings
 from .documents.tax import check_tax_settings
 from .environment import ENV_PREFIX
@@ -29,6 +29,7 @@ from .metering.settings import OperationConfig, check_operation_settings
 from .payments.packages import check_payment_settings
 from .payments.referral_codes import ReferralPolicy
 from .payments.settings import PackageConfig, WebhookProviderConfig
+from .portal.settings import PortalSettings
 from .pricing import PriceTable
 from .redis_urls import is_cluster_url, parse_cluster_url
 from .tables import ModelConfig, PositiveInt, UpstreamConfig, default_models
@@ -44,10 +45,10 @@ OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port
 __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
-class Settings(DocumentSettings, kw_only=True, forbid_unknown_fields=True):
+class Settings(PortalSettings, kw_only=True, forbid_unknown_fields=True):
     # (inherited, a chain: payments/settings.py < signals/settings.py < signals/alert_settings.py <
     # metering/meters_settings.py < metering/settings.py < metering/idempotency_settings.py <
-    # documents/tax_settings.py < documents/plan_settings.py < documents/document_settings.py)
+    # documents/tax_settings.py < documents/plan_settings.py < documents/document_settings.py < portal/…)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080

@@ -149,6 +149,11 @@ class KeySpace:
         """String: the key hash behind a public key id, for revocation."""
         return f"{self.prefix}api-key-id:{key_id}"
 
+    def portal_session(self, token_hash: str) -> str:
+        """Hash: a billing-portal session (portal/sessions.py), by the SHA-256 of its cookie's token;
+        it expires portal_session_seconds after its last page."""
+        return f"{self.prefix}portal-session:{token_hash}"
+
 
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text (the client returns bytes)."""

@@ -31,9 +31,8 @@ from ..balances import Balances, ReserveStatus
 from ..errors import WindowClosed
 from ..outbox import UsageEvent
 from ..signals.events import METER_UNPAID, Connection, Event, EventLog
-from . import meters_periods as periods
 from . import meters_store as store
-from .meters_runway import observe_runway
+from .meters_runway import cost_ahead, observe_runway
 from .meters_store import Meter
 
 LEASE_MS = 300_000  # a charge's hold, released by the reaper if its settle never comes
@@ -186,13 +185,7 @@ class MeterCharges:
         for m in live:
             by_account[m.account].append(m)
         for account, meters in by_account.items():
-            cost = sum(
-                m.amount
-                * periods.starts_within(
-                    m.kind, m.started_ms, m.period, m.next_period, now_ms + periods.RUNWAY_MS, m.stopped_ms
-                )
-                for m in meters
-            )
+            cost = cost_ahead(meters, now_ms)
             available = await self.balances.available(account)
             async with self.pool.acquire() as conn, conn.transaction():
                 await observe_runway(conn, self.events, account, available, cost, now_ms)

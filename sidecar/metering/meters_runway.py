@@ -5,10 +5,26 @@ time, so two sidecars observing the same pass, or an older pass arriving late, c
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ..signals.crossings import observe
 from ..signals.events import LOW_RUNWAY, Connection, Event, EventLog
+from . import meters_periods as periods
+from .meters_store import Meter
 
 SIGNAL = "runway"
+
+
+def cost_ahead(meters: Iterable[Meter], now_ms: int) -> int:
+    """What these meters charge in the next 48 hours (RUNWAY_MS), the periods due now included: the
+    warning's threshold, and the portal's banner."""
+    return sum(
+        m.amount
+        * periods.starts_within(
+            m.kind, m.started_ms, m.period, m.next_period, now_ms + periods.RUNWAY_MS, m.stopped_ms
+        )
+        for m in meters
+    )
 
 
 async def observe_runway(

@@ -5,7 +5,7 @@ order lands when Stripe's signed webhook says it was paid (webhooks.py)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -13,8 +13,9 @@ from aiohttp import web
 from ..admin import _decode as decode_body  # the admin API's body decoder
 from ..money import format_credits
 from ..wallet_api import WALLET_OPS
-from .context import PAYMENT_CONTEXT
+from .context import PAYMENT_CONTEXT, PaymentContext
 from .landing import PAYMENTS
+from .orders import OrderStore
 from .packages import catalog, purchase_of
 
 
@@ -32,13 +33,22 @@ async def packages(request: web.Request) -> web.Response:
 async def checkout(request: web.Request) -> web.Response:
     caller = await request.config_dict[WALLET_OPS].caller(request)
     ctx = request.config_dict[PAYMENT_CONTEXT]
-    stripe = ctx.stripe_on()
+    ctx.stripe_on()
     body: CheckoutBody = decode_body(await request.read(), CheckoutBody)
+    started = await start_checkout(ctx, request.config_dict[PAYMENTS].orders, caller.account, body)
+    return web.json_response(started, status=201)
+
+
+async def start_checkout(
+    ctx: PaymentContext, orders: OrderStore, account: str, body: CheckoutBody
+) -> dict[str, Any]:
+    """A pending order for `account` and its hosted Checkout Session (the API's checkout and the portal's
+    Buy credits): the answer's body, with the session's `url` to send the customer to."""
+    stripe = ctx.stripe_on()
     settings = ctx.settings
     purchase = purchase_of(settings, body.package, body.amount)
-    orders = request.config_dict[PAYMENTS].orders
     order = await orders.create(
-        caller.account,
+        account,
         "stripe",
         credits=purchase.credits,
         amount_minor=purchase.amount_minor,
@@ -53,15 +63,12 @@ async def checkout(request: web.Request) -> web.Response:
         save_method=body.save_payment_method,
     )
     await orders.set_provider_ref(order.order_id, session.session_id)
-    return web.json_response(
-        {
-            "order_id": order.order_id,
-            "url": session.url,
-            "session_id": session.session_id,
-            "credits": format_credits(order.credits),
-            "credits_micro": order.credits,
-            "amount_minor": order.amount_minor,
-            "currency": order.currency,
-        },
-        status=201,
-    )
+    return {
+        "order_id": order.order_id,
+        "url": session.url,
+        "session_id": session.session_id,
+        "credits": format_credits(order.credits),
+        "credits_micro": order.credits,
+        "amount_minor": order.amount_minor,
+        "currency": order.currency,
+    }

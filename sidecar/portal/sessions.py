@@ -1,0 +1,84 @@
+"""Portal sessions in Redis: a random token in an HttpOnly cookie, the session under the token's SHA-256
+(a copy of Redis holds no usable cookie), living `portal_session_seconds` after its last page.
+
+A customer's session keeps the SHA-256 of the client key it was opened with, never the key: each page
+looks the key up again, so a revoked or expired key ends its sessions at once. An operator's session
+(opened with the admin token) names no account: it may open any. Each session has its own CSRF token,
+which every form posts back."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from ..keys import KeySpace, as_text
+from ..redis_client import RedisClient
+
+TOKEN_BYTES = 32
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    token_hash: str
+    account: str | None  # None: an operator's session (any account)
+    key_hash: str  # the client key's SHA-256 ("" for an operator)
+    csrf: str
+    created_ms: int
+
+    @property
+    def operator(self) -> bool:
+        return self.account is None
+
+    def csrf_ok(self, presented: str) -> bool:
+        return hmac.compare_digest(presented.encode(), self.csrf.encode())
+
+
+class SessionStore:
+    def __init__(self, redis: RedisClient, keys: KeySpace, seconds: int) -> None:
+        self.redis, self.keys, self.seconds = redis, keys, seconds
+
+    async def open(self, account: str | None, key_hash: str, now_ms: int) -> tuple[str, Session]:
+        """A new session: (the cookie's token, the session)."""
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        session = Session(token_hash(token), account, key_hash, secrets.token_urlsafe(24), now_ms)
+        name = self.keys.portal_session(session.token_hash)
+        fields: dict[Any, Any] = {
+            "account": account or "",
+            "operator": "1" if account is None else "0",
+            "key_hash": key_hash,
+            "csrf": session.csrf,
+            "created_ms": str(now_ms),
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:  # one key: one slot
+            pipe.hset(name, mapping=fields)
+            pipe.expire(name, self.seconds)
+            await pipe.execute()
+        return token, session
+
+    async def find(self, token: str) -> Session | None:
+        """The session of a cookie's token (its life extended), or None: unknown, expired, malformed."""
+        if not token or len(token) > 100 or not token.isascii():
+            return None
+        hashed = token_hash(token)
+        name = self.keys.portal_session(hashed)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(name)
+            pipe.expire(name, self.seconds)  # a missing key stays missing
+            raw, _ = await pipe.execute()
+        found = {as_text(k): as_text(v) for k, v in raw.items()}
+        if "csrf" not in found or found.get("operator") not in ("0", "1"):
+            return None
+        account = None if found["operator"] == "1" else found.get("account") or None
+        if account is None and found["operator"] == "0":
+            return None
+        return Session(hashed, account, found.get("key_hash", ""), found["csrf"], int(found["created_ms"]))
+
+    async def close(self, session: Session) -> None:
+        await self.redis.delete(self.keys.portal_session(session.token_hash))
