@@ -67,6 +67,7 @@ def features() -> list[Feature]:
     from .metering import meters_api, operation_api
     from .signals import alerts_api
     from .signals import routes as signals
+    from .vault import api as vault_api
 
     return [
         Feature("signal-delivery", signals.add_routes, signals.add_admin_routes, signals.start),
@@ -77,4 +78,5 @@ def features() -> list[Feature]:
         plans_api.FEATURE,  # subscription plans: documents/plans_api.py
         billing_modes_api.FEATURE,  # invoice mode, credit limits, blocks: documents/billing_modes_api.py
         invoices_api.FEATURE,  # invoices, receipts, credit notes: documents/invoices_api.py
+        vault_api.FEATURE,  # customers' own provider keys (BYOK vault): vault/api.py
     ]
