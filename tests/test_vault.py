@@ -266,6 +266,24 @@ async def test_requests_to_that_provider_go_out_with_the_vault_key_at_the_byok_m
     assert (await sc.balance(account))["balance"] == START - 3 * POOLED_CHARGE - 3 * BYOK_CHARGE
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+async def test_responses_name_the_key_source_and_whether_marked_up(
+    make_sidecar: SidecarFactory, fake: Fake, east: Fake, stream: bool
+) -> None:
+    sc = await vault_sidecar(make_sidecar, fake, east)
+    _, api_key = await sc.account(START)
+    fake.answer = Answer(stream=stream)  # an event stream is relayed as it comes (forward.py)
+    seen = []
+    for step in ("pool", "vault", "inline"):
+        if step == "vault":
+            await store_key(sc, api_key, "default", VAULT_KEY)
+        inline = {"x-creditgate-provider-key": INLINE_KEY} if step == "inline" else {}
+        status, got, _ = await chat(sc, api_key, **inline)
+        assert status == 200
+        seen.append((got["x-creditgate-key-source"], got["x-creditgate-markup"]))
+    assert seen == [("pool", "true"), ("vault", "false"), ("inline", "false")]
+
+
 class Counting:
     """A Redis client that counts the HGETALLs sent through it."""
 

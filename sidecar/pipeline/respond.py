@@ -91,7 +91,16 @@ def body_answer(
     headers["x-creditgate-charged"] = str(charge)
     if settlement is not None:
         headers["x-creditgate-balance"] = str(settlement.balance)
+    headers.update(key_headers(adm))
     return web.Response(status=status, body=body, headers=headers)
+
+
+def key_headers(adm: Admission) -> dict[str, str]:
+    """Where the provider key came from (pool, vault, inline) and whether the pooled markup applied."""
+    return {
+        "x-creditgate-key-source": adm.key_source,
+        "x-creditgate-markup": "true" if adm.marked_up else "false",
+    }
 
 
 async def hit_answer(
