@@ -38,6 +38,9 @@ from .services import services as services
 from .settlements import PendingSettlement
 from .supervisor import Supervisor
 from .upstream import create_session, upstreams_from
+from .vault.api import VAULT
+from .vault.settings import key_ring
+from .vault.store import Vault
 from .wallet_api import WALLET_OPS, WalletOps, add_admin_routes, add_routes
 from .wire import ROUTES
 
@@ -72,14 +75,26 @@ def create_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with services(settings) as svc:
             await check_redis(svc.redis)  # an evicting policy refused (exit 2), no maxmemory warned about
-            session = create_session(settings)
             upstreams = upstreams_from(settings, demo_upstream_url)
+            # The BYOK vault: a master key that does not open its records stops startup (ConfigError).
+            vault = app[VAULT] = Vault(
+                key_ring(settings),
+                svc.store.pool,
+                svc.redis,
+                svc.keys,
+                {up.vault_provider for up in upstreams.values()},
+                cache_seconds=settings.auth_cache_seconds,
+            )
+            await vault.verify()
+            session = create_session(settings)
             cache = (
                 ResponseCache(CachePolicy.of(settings), svc.redis, svc.keys)
                 if settings.cache_enabled
                 else None
             )
-            proxy = Gateway(settings, prices, svc.balances, svc.accounts, upstreams, session, cache)
+            proxy = Gateway(
+                settings, prices, svc.balances, svc.accounts, upstreams, session, cache, own_keys=vault
+            )
             app[PROXY], app[SERVICES], app[ADMIN_OPS] = proxy, svc, svc.admin
             app[PAYMENTS] = Payments(OrderStore(svc.store.pool), app[ADMIN_OPS], svc.balances)
             app[PAYMENTS].on_purchase.append(referral_bonus(app[ADMIN_OPS]))  # payments/referrals.py

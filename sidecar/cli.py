@@ -26,6 +26,7 @@ from .reconcile import inspect, stale_after_ms
 from .repair import repair_all
 from .serve import CannotListen, demo_bootstrap, serve
 from .serve import run as _run
+from .vault import cli as vault_cli
 from .workers import serve_workers
 
 log = logging.getLogger("creditgate")
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     key_revoke.add_argument("key_id")
     wallet_cli.add_parsers(sub, key, key_create)  # key list|update, caps, time-zone
     refund_cli.add_parsers(manual_cli.add_parsers(sub))  # order create|paid|show|list|refund
+    vault_cli.add_parsers(sub)  # vault rotate
     grant = sub.add_parser("grant", help="add credits to an account, once per idempotency key")
     grant.add_argument("account")
     amount = grant.add_mutually_exclusive_group(required=True)
@@ -231,6 +233,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         **wallet_cli.calls(args),
         **refund_cli.calls(args),
         **manual_cli.calls(args),
+        **vault_cli.calls(args),
     }
     result = _run(_with_services(settings, calls[verb]))
     print(json.dumps(result, indent=2))

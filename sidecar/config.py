@@ -33,6 +33,7 @@ from .portal.settings import PortalSettings
 from .pricing import PriceTable
 from .redis_urls import is_cluster_url, parse_cluster_url
 from .tables import ModelConfig, PositiveInt, UpstreamConfig, default_models
+from .vault.settings import check_vault_settings
 
 T = TypeVar("T")
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -48,7 +49,8 @@ __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 class Settings(PortalSettings, kw_only=True, forbid_unknown_fields=True):
     # (inherited, a chain: payments/settings.py < signals/settings.py < signals/alert_settings.py <
     # metering/meters_settings.py < metering/settings.py < metering/idempotency_settings.py <
-    # documents/tax_settings.py < documents/plan_settings.py < documents/document_settings.py < portal/…)
+    # documents/tax_settings.py < documents/plan_settings.py < documents/document_settings.py <
+    # vault/settings.py < portal/settings.py)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -215,6 +217,7 @@ def _check(settings: Settings) -> None:
     check_tax_settings(settings)  # documents/tax.py
     check_plan_settings(settings)  # documents/plan_settings.py
     check_document_settings(settings)  # documents/document_settings.py
+    check_vault_settings(settings)  # vault/settings.py: the master keys
     ReferralPolicy.of(settings)  # the referral settings (payments/referral_codes.py)
     if settings.redis_url is not None and is_cluster_url(settings.redis_url):
         try:

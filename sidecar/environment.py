@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 ENV_PREFIX = "CREDITGATE_"
 STRUCTURED = {"models", "upstreams", "packages", "payment_webhooks", "operations"}
+MAPPINGS = {"vault_previous_keys"}  # plain mappings of text, as JSON
 # From the environment: comma-separated, or JSON.
 _LISTS = {
     "alert_top_up_percents",
@@ -65,7 +66,7 @@ def from_env(environ: Mapping[str, str], known: Collection[str]) -> dict[str, An
             continue
         if field not in known:
             raise ConfigError(f"Unknown setting {name}.", param=name)
-        if field in STRUCTURED or (field in _LISTS and value.lstrip().startswith("[")):
+        if field in STRUCTURED or field in MAPPINGS or (field in _LISTS and value.lstrip().startswith("[")):
             try:
                 raw[field] = msgspec.json.decode(value)
             except msgspec.DecodeError as exc:

@@ -68,6 +68,7 @@ def features() -> list[Feature]:
     from .portal import routes as portal
     from .signals import alerts_api
     from .signals import routes as signals
+    from .vault import api as vault_api
 
     return [
         Feature("signal-delivery", signals.add_routes, signals.add_admin_routes, signals.start),
@@ -78,5 +79,6 @@ def features() -> list[Feature]:
         plans_api.FEATURE,  # subscription plans: documents/plans_api.py
         billing_modes_api.FEATURE,  # invoice mode, credit limits, blocks: documents/billing_modes_api.py
         invoices_api.FEATURE,  # invoices, receipts, credit notes: documents/invoices_api.py
+        vault_api.FEATURE,  # customers' own provider keys (BYOK vault): vault/api.py
         portal.FEATURE,  # the billing portal at /portal (last: its pages use every feature's objects)
     ]

@@ -31,6 +31,8 @@ class AccountKeys:
     caps: str  # hash: "<scope>|<period>" -> limit; "tz" -> the account's time zone
     cap_held: str  # hash: scope -> micro-credits held by the account's live holds in that scope
     hold_scopes: str  # hash: request id -> the scopes its hold counts in ("\n"-joined)
+    # The BYOK vault's mirror (vault/mirror.py): provider -> the sealed key record (never plain text).
+    llm_keys: str
 
     def spend(self, period_id: str) -> str:
         """Hash: scope -> micro-credits settled in the period ("total", "d2026-12-07", "m2026-12")."""
@@ -127,6 +129,7 @@ class KeySpace:
                 caps=f"{tag}:caps:{account}",
                 cap_held=f"{tag}:cap-held:{account}",
                 hold_scopes=f"{tag}:hold-scopes:{account}",
+                llm_keys=f"{tag}:llm-keys:{account}",
             )
             if len(self._cache) < 100_000:
                 self._cache[account] = keys

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 
 from .config import Settings
+from .vault.settings import master_key_texts
 
 REDACTED = "[redacted]"
 # Client keys, provider-style secret keys, bearer credentials and the password part of URLs.
@@ -50,11 +51,12 @@ class Redactor:
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret the settings hold: provider keys, the admin token, the account header's secret, URL
-    passwords."""
+    passwords, the vault's master keys."""
     found = [settings.admin_token or "", settings.upstream_api_key or ""]
     found.append(settings.account_header_secret or "")
     found += [settings.signal_webhook_secret or "", settings.smtp_password or ""]  # signals/settings.py
     found += [conf.key() or "" for conf in settings.upstream_table().values()]
+    found += master_key_texts(settings)  # the vault's master keys (vault/settings.py)
     for url in (
         settings.redis_url,
         settings.database_url,

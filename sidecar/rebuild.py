@@ -1,6 +1,6 @@
 """Rebuilding a lost Redis from the ledger (Postgres is the truth): accounts, balances, active keys, the
-money in still on its way, the settled markers of the debits whose request could still be retried, and
-the billing modes' credit lines and blocks (credit_lines.py).
+money in still on its way, the settled markers of the debits whose request could still be retried, the
+billing modes' credit lines and blocks (credit_lines.py), and the BYOK vault's sealed keys (vault/mirror.py).
 
 A Redis that comes up empty (first start, or lost without persistence), or a cluster shard that lost its
 keys, is rebuilt partition by partition; see ``rebuild_if_empty``.
@@ -21,6 +21,7 @@ from .keys_api import restore_key_expiries
 from .ledger_store import LedgerConnection, LedgerStore
 from .reconcile import redis_snapshot
 from .redis_client import RedisClient
+from .vault.mirror import restore_vault
 from .wallet import Grant, draw
 
 log = logging.getLogger("creditgate.rebuild")
@@ -131,6 +132,7 @@ async def rebuild_if_empty(
         # The caps, the time zones and the keys' expiries, from Postgres (the spend counts start again).
         await restore_caps(redis, keys, store)
         await restore_key_expiries(redis, keys, store)
+        await restore_vault(redis, keys, store.pool, todo)  # the BYOK vault's sealed keys
         # Money in the rebuilt balances already count; in partitions left alone it is still pending.
         await store.mark_applied([p[0] for p in unapplied if keys.partition_of(p[1]) in todo])
         log.warning(

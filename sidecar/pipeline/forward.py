@@ -167,6 +167,8 @@ class Forwarder:
         headers: CIMultiDict[str] = response_headers(answer.headers, byok=adm.byok, extra=self.policy.relayed)
         headers["x-request-id"] = adm.request_id
         headers["x-creditgate-held"] = str(adm.hold)
+        headers["x-creditgate-key-source"] = adm.key_source  # as respond.key_headers
+        headers["x-creditgate-markup"] = "true" if adm.marked_up else "false"
         if adm.cache is not None:
             headers.update(miss_headers(adm.cache.forward, stored=False))
         response, ending, captured = await relay_stream(

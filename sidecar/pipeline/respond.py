@@ -82,12 +82,25 @@ def body_answer(
     body = fwd.body
     if status != 200 and not adm.byok:  # may quote the pooled key, its org or project
         body = scrub_secrets(body, fwd.upstream.secrets)
+    elif status != 200 and adm.key_source == "vault" and adm.byok_key:
+        # The caller's own key, but one it never sent: a stored key is never shown again, not even in
+        # the provider's "Incorrect API key provided: ..." (the status and the rest are the provider's).
+        body = scrub_secrets(body, (adm.byok_key,))
     if adm.cache is not None:
         headers.update(miss_headers(adm.cache.forward, stored=stored))
     headers["x-creditgate-charged"] = str(charge)
     if settlement is not None:
         headers["x-creditgate-balance"] = str(settlement.balance)
+    headers.update(key_headers(adm))
     return web.Response(status=status, body=body, headers=headers)
+
+
+def key_headers(adm: Admission) -> dict[str, str]:
+    """Where the provider key came from (pool, vault, inline) and whether the pooled markup applied."""
+    return {
+        "x-creditgate-key-source": adm.key_source,
+        "x-creditgate-markup": "true" if adm.marked_up else "false",
+    }
 
 
 async def hit_answer(

@@ -1,6 +1,6 @@
 """The portal's settings, a part of `config.Settings` (README "Billing portal" documents each). msgspec
 takes one base with fields per Struct, so this block stands in the chain of bases: Settings inherits it,
-it inherits the document settings."""
+it inherits the vault's settings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
-from ..documents.document_settings import DocumentSettings
+from ..vault.settings import VaultSettings
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 DAY_SECONDS = 86_400
 
 
-class PortalSettings(DocumentSettings, kw_only=True):
+class PortalSettings(VaultSettings, kw_only=True):
     # Whether /portal is routed on the API listener; unset: on in standalone mode, off in sidecar mode.
     portal_enabled: bool | None = None
     # A signed-in session ends this long after its last page (a sign-out, or its key revoked, ends it
