@@ -10,7 +10,8 @@ from .. import bodies
 from ..config import Settings
 from ..features import Feature
 from ..wallet_api import WALLET_OPS, _json
-from .store import KeyBody, Vault
+from .records import KeyBody
+from .store import Vault
 
 VAULT = web.AppKey("vault", Vault)
 
