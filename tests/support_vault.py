@@ -13,7 +13,7 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from .conftest import PROVIDER_KEY, Sidecar, SidecarFactory
-from .test_pooled_key import Fake, start_fake
+from .support_fake_provider import Fake, start_fake
 
 START = 10_000_000
 EAST_POOL_KEY = "sk-pool-key-of-east-upstream"

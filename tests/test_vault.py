@@ -29,6 +29,7 @@ from sidecar.vault.store import Vault
 
 from .conftest import PROVIDER_KEY, Sidecar, SidecarFactory, make_settings, new_key_prefix, process_env
 from .support import creditgate
+from .support_fake_provider import Answer, Fake
 from .support_vault import (
     BYOK_CHARGE,
     EAST_POOL_KEY,
@@ -46,7 +47,6 @@ from .support_vault import (
 )
 from .support_vault import east as east  # the fixtures
 from .support_vault import fake as fake
-from .test_pooled_key import Answer, Fake
 
 KEYS = "/v1/account/llm-keys"
 VIEW_FIELDS = {"object", "id", "provider", "label", "last4", "created_at", "updated_at"}

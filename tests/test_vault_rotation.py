@@ -19,10 +19,10 @@ from sidecar.vault.rotate import rotate
 from sidecar.vault.settings import key_ring
 
 from .conftest import Sidecar, SidecarFactory, process_env
+from .support_fake_provider import Fake
 from .support_vault import MASTER, NEW_MASTER, START, chat, store_key, vault_sidecar
 from .support_vault import east as east  # the fixtures
 from .support_vault import fake as fake
-from .test_pooled_key import Fake
 
 ACCOUNTS = 10  # one record each
 
