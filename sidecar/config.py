@@ -105,6 +105,12 @@ class Settings(DocumentSettings, kw_only=True, forbid_unknown_fields=True):
     pooled_multiplier: str = "1.25"
     byok_multiplier: str = "1"
     byok_header: str = "x-creditgate-provider-key"
+    # Routing over a model's upstream candidates (README "Routing and fallback"): the most upstream calls
+    # per request, the failures in a row that cool a candidate down, for how long, and the order.
+    routing_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    routing_failures_to_cool: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    routing_cooldown_seconds: PositiveSeconds = 30.0
+    routing_order: Literal["priority", "cost"] = "priority"
     # Headers beyond the built-in allow-lists: client headers sent upstream, provider headers relayed
     # (names, or prefixes ending in *).
     forward_request_headers: list[str] = msgspec.field(default_factory=list)
