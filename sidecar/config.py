@@ -17,7 +17,7 @@ import msgspec
 import yaml
 
 from . import environment
-from .documents.document_settings import DocumentSettings, check_document_settings
+from .documents.document_settings import check_document_settings
 from .documents.plan_settings import check_plan_settings
 from .documents.tax import check_tax_settings
 from .environment import ENV_PREFIX
@@ -31,6 +31,7 @@ from .payments.referral_codes import ReferralPolicy
 from .payments.settings import PackageConfig, WebhookProviderConfig
 from .pricing import PriceTable
 from .redis_urls import is_cluster_url, parse_cluster_url
+from .routing_settings import RoutingSettings
 from .tables import ModelConfig, PositiveInt, UpstreamConfig, default_models
 
 T = TypeVar("T")
@@ -44,10 +45,11 @@ OPS_PORT_SIDECAR = 9090  # the ops listener's port in sidecar mode when ops_port
 __all__ = ["ACCOUNT_SECRET_HEADER", "Settings", "is_loopback", "load_settings"]
 
 
-class Settings(DocumentSettings, kw_only=True, forbid_unknown_fields=True):
+class Settings(RoutingSettings, kw_only=True, forbid_unknown_fields=True):
     # (inherited, a chain: payments/settings.py < signals/settings.py < signals/alert_settings.py <
     # metering/meters_settings.py < metering/settings.py < metering/idempotency_settings.py <
-    # documents/tax_settings.py < documents/plan_settings.py < documents/document_settings.py)
+    # documents/tax_settings.py < documents/plan_settings.py < documents/document_settings.py <
+    # routing_settings.py)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -105,12 +107,6 @@ class Settings(DocumentSettings, kw_only=True, forbid_unknown_fields=True):
     pooled_multiplier: str = "1.25"
     byok_multiplier: str = "1"
     byok_header: str = "x-creditgate-provider-key"
-    # Routing over a model's upstream candidates (README "Routing and fallback"): the most upstream calls
-    # per request, the failures in a row that cool a candidate down, for how long, and the order.
-    routing_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
-    routing_failures_to_cool: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
-    routing_cooldown_seconds: PositiveSeconds = 30.0
-    routing_order: Literal["priority", "cost"] = "priority"
     # Headers beyond the built-in allow-lists: client headers sent upstream, provider headers relayed
     # (names, or prefixes ending in *).
     forward_request_headers: list[str] = msgspec.field(default_factory=list)

@@ -23,9 +23,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import msgspec
+
+if TYPE_CHECKING:
+    from .routing_settings import RoutingSettings
 
 # The result of one upstream attempt, as the metrics label it.
 OK = "ok"  # a 2xx (a stream relayed counts here, however it ends)
@@ -211,6 +214,14 @@ class Router:
         self._attempts: Counter[tuple[str, str]] = Counter()
         self._fallbacks: Counter[tuple[str, str]] = Counter()
         self._cooldowns: Counter[str] = Counter()
+
+    @classmethod
+    def of(cls, s: RoutingSettings) -> Router:
+        return cls(
+            max_attempts=s.routing_max_attempts,
+            failures_to_cool=s.routing_failures_to_cool,
+            cooldown_seconds=s.routing_cooldown_seconds,
+        )
 
     def plan(self, candidates: Sequence[R], order: str) -> Plan[R]:
         """The order to try `candidates` in: the healthy ones (cooling ones skipped), else all."""
