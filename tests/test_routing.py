@@ -18,6 +18,7 @@ from sidecar import routing
 from sidecar.config import Settings, load_settings
 from sidecar.errors import ConfigError
 from sidecar.pipeline import admit
+from sidecar.pipeline.outcome import Ending, Phase, Tariff, decide
 from sidecar.pricing import PriceTable, Usage, cost
 from sidecar.routing import Breaker, Router, ranked, with_model
 from sidecar.wire import ROUTES
@@ -168,8 +169,12 @@ ROUTED = {
 }
 
 
-def table(models: dict[str, Any], upstreams: dict[str, Any] = UPSTREAMS, **extra: Any) -> PriceTable:
-    raw = {"models": models, "upstreams": upstreams, **extra}
+def table(
+    models: dict[str, Any], upstreams: dict[str, Any] = UPSTREAMS, costs_c: dict[str, Any] | None = None
+) -> PriceTable:
+    if costs_c is not None:
+        upstreams = {**upstreams, "c": {**upstreams["c"], "costs": costs_c}}
+    raw = {"models": models, "upstreams": upstreams}
     return PriceTable.from_settings(msgspec.convert(raw, Settings))
 
 
@@ -315,3 +320,41 @@ def test_the_hold_bounds_the_charge_whichever_candidate_serves(
         assert adm.lowered_to(fits).hold <= available
     if fits < max_tokens:
         assert adm.lowered_to(fits + 1).hold > available
+
+
+# ---- the provider's cost beside the charge ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ending", "own_key", "with_rates", "expected"),
+    [
+        (Ending(Phase.ANSWERED, status=200, usage=Usage(10, 20)), False, True, 10 * 500 + 20 * 1000),
+        # a's rates price no cached tokens apart: they cost its prompt rate
+        (Ending(Phase.STREAMED, status=200, usage=Usage(10, 20, 4)), False, True, 10 * 500 + 20 * 1000),
+        (Ending(Phase.ANSWERED, status=200, usage=Usage(10, 20)), True, True, 0),  # the caller's key
+        (Ending(Phase.ANSWERED, status=200, usage=Usage(10, 20)), False, False, None),  # no profile
+        (Ending(Phase.ANSWERED, status=200, answer_bytes=80), False, True, None),  # estimated
+        (Ending(Phase.STREAMED, status=200, relayed_events=3), False, True, None),  # cut, no usage
+        (Ending(Phase.TOO_LARGE, status=200, answer_bytes=10**6), False, True, None),
+        (Ending(Phase.BODY_FAILED, status=200), False, True, None),
+        (Ending(Phase.ANSWERED, status=500), False, True, 0),  # not billed
+        (Ending(Phase.UNREACHABLE), False, False, 0),
+        (Ending(Phase.NOT_SENT), False, True, 0),
+    ],
+)
+def test_the_providers_cost_of_each_ending(
+    ending: Ending, own_key: bool, with_rates: bool, expected: int | None
+) -> None:
+    prices = table({"m": ROUTED})
+    a = prices.candidates(prices.resolve("m"))[0]
+    tariff = Tariff(a.price, prices.pooled, 100, rates=a.rates if with_rates else None, own_key=own_key)
+    assert decide(ending, tariff).cost == expected
+
+
+def test_a_cost_rounds_up_once() -> None:
+    rates = table({"m": {"prompt": "1", "upstream": "c"}}, costs_c={"default": {"prompt": "0.0000015"}})
+    (c,) = rates.candidates(rates.resolve("m"))
+    assert c.rates is not None
+    tariff = Tariff(c.price, rates.pooled, 100, rates=c.rates)
+    # 3 tokens × 0.0015 micro-credits = 0.0045: 1 micro-credit (rounded up once, not per token).
+    assert decide(Ending(Phase.ANSWERED, status=200, usage=Usage(3, 0)), tariff).cost == 1
