@@ -118,9 +118,9 @@ class Admission:
 
     def served_by(self, choice: Choice | None) -> Admission:
         """The request as the candidate `choice` served it: its price, multiplier and key."""
-        if choice is None:
-            return self
-        sent = choice.candidate.model
+        sent = choice.candidate.model if choice is not None else None
+        if choice is None or (choice is self.choices[0] and (sent is None or sent == choice.price.model)):
+            return self  # the primary served (the usual case): as admitted
         return dataclasses.replace(
             self,
             price=choice.price,

@@ -152,13 +152,8 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError) as exc:
             timings.upstream_ended = time.perf_counter()
             failed = Ending(Phase.UNREACHABLE, cut=live.cut)
-            result = (
-                routing.CUT
-                if live.cut
-                else routing.TIMEOUT
-                if isinstance(exc, TimeoutError)
-                else (routing.UNREACHABLE)
-            )
+            result = routing.TIMEOUT if isinstance(exc, TimeoutError) else routing.UNREACHABLE
+            result = routing.CUT if live.cut else result
             return Forwarded(failed, up, timings, failure=type(exc).__name__, choice=choice, result=result)
         finally:
             live.cutter = None

@@ -212,8 +212,10 @@ class Gateway:
         try:
             fwd = await self.forwarder.forward(request, adm, live, self.prices.order(adm.price))
             adm = adm.served_by(fwd.choice)
-            tariff = Tariff(adm.price, adm.multiplier, adm.body_size, self.no_usage_charge, adm.hold)
-            verdict = decide(fwd.ending, dataclasses.replace(tariff, rates=fwd.rates, own_key=adm.byok))
+            tariff = Tariff(
+                adm.price, adm.multiplier, adm.body_size, self.no_usage_charge, adm.hold, fwd.rates, adm.byok
+            )
+            verdict = decide(fwd.ending, tariff)
             if verdict.outcome in (Outcome.NO_USAGE, Outcome.NO_USAGE_ESTIMATED):
                 self._warn_no_usage(adm, fwd)
             stored = keep.for_cache(self.cache, adm, fwd, verdict)
