@@ -57,10 +57,11 @@ _TYPES = (
             "key_id",
             "end_user",
             "tags",  # a text[] per row: sent as its text form here (the bench's rows have none)
+            "upstream_model",
         ),
         "text",
     )
-    | {"drawn": "jsonb"}
+    | {"drawn": "jsonb", "attempts": "integer", "marked_up": "boolean"}
 )
 # The same insert with one array per column (the flusher's encoding before ledger_usage_row).
 PER_COLUMN = BARE_INSERT.replace(

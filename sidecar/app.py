@@ -32,6 +32,7 @@ from .reconcile import complete_money_in, inspect, stale_after_ms
 from .redis_guard import check_redis
 from .repair import repair_all
 from .responses import error_middleware
+from .routing_metrics import RoutingCollector
 from .services import Services as Services
 from .services import connect_redis as connect_redis
 from .services import services as services
@@ -121,6 +122,7 @@ def create_app(
             metrics.sources.drift = lambda: (drift.accounts, drift.total)
             metrics.sources.reconcile = lambda: drift.stats
             metrics.sources.backlog = flusher.backlog
+            metrics.registry.register(RoutingCollector(proxy.router.stats))  # routing_metrics.py
 
             async def reap() -> None:
                 released = await svc.balances.expire_holds(int(time.time() * 1000))

@@ -50,7 +50,7 @@ class Settings(PortalSettings, kw_only=True, forbid_unknown_fields=True):
     # (inherited, a chain: payments/settings.py < signals/settings.py < signals/alert_settings.py <
     # metering/meters_settings.py < metering/settings.py < metering/idempotency_settings.py <
     # documents/tax_settings.py < documents/plan_settings.py < documents/document_settings.py <
-    # vault/settings.py < portal/settings.py)
+    # routing_settings.py < vault/settings.py < portal/settings.py)
     # The API listener: /v1/* and, when the admin API is on, /admin/*.
     host: str = "127.0.0.1"
     port: Port = 8080

@@ -68,6 +68,12 @@ def _range(query: Mapping[str, str], now: dt.datetime) -> tuple[dt.datetime, dt.
     return start, to
 
 
+def time_range(query: Mapping[str, str], now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The instants `from` .. `to` of a query (`to` unset: now; `from` unset: DEFAULT_RANGE_DAYS before
+    `to`), at most MAX_RANGE_DAYS apart; a malformed one is a BadRequest naming it."""
+    return _range(query, now)
+
+
 @dataclass(frozen=True, slots=True)
 class Cursor:
     """Where a page of history ends: the last row's (created_at, idempotency id); opaque to clients."""

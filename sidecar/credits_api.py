@@ -214,7 +214,10 @@ class CreditReads:
             raise NotFound(f"No request {request_id!r} in this account's ledger.", param="request_id")
         out: dict[str, Any] = {"object": "credits.request", "request_id": r["idempotency_id"]}
         _money(out, "charge", -int(r["amount"]))
-        for name in ("model", "route", "provider", "key_source", "multiplier", "key_id", "outcome"):
+        for name in (
+            "model", "route", "provider", "key_source", "marked_up", "multiplier", "key_id", "outcome",
+            "attempts", "upstream_model",
+        ):  # fmt: skip
             out[name] = r[name]
         out["user"], out["tags"] = r["end_user"], r["tags"] or []
         for name in ("prompt_tokens", "cached_tokens", "completion_tokens"):
@@ -238,6 +241,7 @@ def _entry(r: Any) -> dict[str, Any]:
         out.update(
             tags=r["tags"] or [], prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"]
         )
+        out.update(key_source=r["key_source"], attempts=r["attempts"])
     if r["drawn"]:
         out["drawn"] = msgspec.json.decode(r["drawn"])
     if r["note"] is not None:

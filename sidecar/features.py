@@ -63,6 +63,7 @@ class Feature:
 
 def features() -> list[Feature]:
     """Every feature, in start order (imported here, late, so a feature may import app-level modules)."""
+    from . import margins
     from .documents import billing_modes_api, invoices_api, plans_api, profiles_api
     from .metering import meters_api, operation_api
     from .portal import routes as portal
@@ -79,6 +80,7 @@ def features() -> list[Feature]:
         plans_api.FEATURE,  # subscription plans: documents/plans_api.py
         billing_modes_api.FEATURE,  # invoice mode, credit limits, blocks: documents/billing_modes_api.py
         invoices_api.FEATURE,  # invoices, receipts, credit notes: documents/invoices_api.py
+        margins.FEATURE,  # GET /admin/margins: revenue, provider cost and margin (margins.py)
         vault_api.FEATURE,  # customers' own provider keys (BYOK vault): vault/api.py
         portal.FEATURE,  # the billing portal at /portal (last: its pages use every feature's objects)
     ]

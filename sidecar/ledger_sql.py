@@ -23,8 +23,9 @@ def scoped(lock: int | str) -> str:
 LEDGER_FOLD = 0x637265666F  # one fold of the balance deltas at a time ("crefo")
 
 # The fields of a batch row, in the order outbox.ledger_row builds them: the composite type
-# ledger_usage_row (migrations 002 and 005) has them in this order. A batch travels as one array of that type
-# (one parameter: about a third of the client CPU of one array per column, see README "Flush throughput").
+# ledger_usage_row (migrations 002, 005 and 019) has them in this order. A batch travels as one array of
+# that type (one parameter: about a third of the client CPU of one array per column, see README "Flush
+# throughput").
 # The three times are epoch milliseconds and become timestamptz in SQL; created_ms (the partition key)
 # comes from the outbox entry itself, so a redelivered entry is the same (account, created_at, request
 # id) and inserts nothing. drawn is jsonb text: {"<grant id>": micro-credits, ...}.
@@ -52,6 +53,10 @@ BATCH_FIELDS = (
     "end_user",
     "tags",
     "drawn",
+    "cost",
+    "attempts",
+    "upstream_model",
+    "marked_up",
 )
 _STORED = tuple(f for f in BATCH_FIELDS if not f.endswith("_ms"))
 _MS = "timestamptz 'epoch' + b.{} * interval '1 millisecond'"

@@ -38,7 +38,9 @@ class RequestRecord:
     error_code: str | None = None
     cache: str = "off"  # hit, collapsed, miss, bypass, off
     stream: bool = False
-    key_source: str | None = None  # pool / vault / inline
+    key_source: str | None = None  # pool / vault / inline (of the upstream that served)
+    upstream: str | None = None  # the upstream that served (the last one tried)
+    attempts: int = 0  # upstream calls made
     hold: int = 0
     charge: int = 0
     saved: int = 0  # what a cache hit saved the caller
@@ -150,6 +152,8 @@ def log_request(rec: RequestRecord) -> None:
             "cache": rec.cache,
             "stream": rec.stream,
             "key_source": rec.key_source,
+            "upstream": rec.upstream,
+            "attempts": rec.attempts,
             "outcome": rec.outcome,
             "prompt_tokens": usage.prompt_tokens if usage else 0,
             "cached_tokens": usage.cached_tokens if usage else 0,

@@ -46,6 +46,13 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     key_id: str | None = None
     user: str | None = None
     tags: list[str] | None = None
+    # Routing (README "Routing and fallback"): the provider's cost (micro-credits; None: unknown), the
+    # upstream calls made, the model name the serving upstream was sent when not ours, and whether the
+    # pooled markup applied (the operator's key served).
+    cost: int | None = None
+    attempts: int | None = None
+    upstream_model: str | None = None
+    marked_up: bool | None = None
 
 
 encode_event = msgspec.json.Encoder().encode
@@ -86,6 +93,8 @@ def checked_event(fields: dict[Any, Any]) -> UsageEvent:
         raise BadEntry(f"charge {event.charge} outside 0..{MAX_MICRO}")
     if event.hold is not None and not 0 <= event.hold <= MAX_MICRO:
         raise BadEntry(f"hold {event.hold} outside 0..{MAX_MICRO}")
+    if event.cost is not None and not 0 <= event.cost <= MAX_MICRO:
+        raise BadEntry(f"cost {event.cost} outside 0..{MAX_MICRO}")
     return event
 
 
@@ -137,6 +146,10 @@ def ledger_row(fields: dict[Any, Any], entry_id: str | bytes) -> tuple[Any, ...]
         event.user,
         event.tags,
         drawn,
+        event.cost,
+        event.attempts,
+        event.upstream_model,
+        event.marked_up,
     )
 
 
@@ -196,6 +209,7 @@ _decode_move = msgspec.json.Decoder(GrantMove).decode
 encode_json = msgspec.json.Encoder().encode
 _MOVE_KINDS = {"x": ("expiry", "expiry", -1), "p": ("payoff", "adjustment", 0)}
 _NONE = (None,) * 14  # a row's route .. settled_ms
+_NO_ROUTING = (None,) * 4  # a row's cost .. marked_up
 
 
 def _decoded(fields: dict[Any, Any], field: str) -> tuple[GrantMove, int, int] | None:
@@ -219,7 +233,7 @@ def move_row(fields: dict[Any, Any]) -> tuple[Any, ...] | None:
         taken, amount, at = found
         drawn = _drawn(fields, amount)
         return (f"reversal:{taken.account}:{taken.id}", taken.account, "reversal", -amount, *_NONE, at,
-                None, None, None, drawn)  # fmt: skip
+                None, None, None, drawn, *_NO_ROUTING)  # fmt: skip
     for field, (prefix, kind, sign) in _MOVE_KINDS.items():
         moved = _decoded(fields, field)
         if moved is None:
@@ -229,7 +243,7 @@ def move_row(fields: dict[Any, Any]) -> tuple[Any, ...] | None:
         row_id = f"{prefix}:{move.account}:{move.grant}"
         if field == "x" and move.left:  # account ids have no ':', and <left> is digits: ids never meet
             row_id = f"expiry-part:{move.account}:{move.grant}:{_micro(move.left, 'x left')}"
-        return (row_id, move.account, kind, sign * amount, *_NONE, at, None, None, None, drawn)
+        return (row_id, move.account, kind, sign * amount, *_NONE, at, None, None, None, drawn, *_NO_ROUTING)
     return None
 
 

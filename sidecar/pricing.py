@@ -10,19 +10,24 @@ model at startup, and every cost is computed with integers only:
 Rounding happens once, at the end, upward to the next micro-credit. The multiplier applies to the whole
 base, the fee included: pooled key ``pooled_multiplier`` (1.25 by default), the caller's own key
 ``byok_multiplier`` (1 by default).
+A model's upstream candidates and their provider cost rates (``ceil(base)`` at multiplier 1): price_routes.py.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import BadRequest, ConfigError
-from .money import MAX_CHARGE, MICRO
+from .money import MAX_CHARGE
+
+if TYPE_CHECKING:
+    from .price_routes import Candidate, UpstreamCosts
+    from .tables import RouteConfig
 
 
 class ModelPrices(Protocol):
@@ -50,6 +55,10 @@ class ModelPrices(Protocol):
     def file_input_tokens(self) -> int | None: ...
     @property
     def stored_input_tokens(self) -> int | None: ...
+    @property
+    def routes(self) -> list[RouteConfig] | None: ...
+    @property
+    def routing_order(self) -> str | None: ...
 
 
 class PriceSettings(Protocol):
@@ -61,6 +70,9 @@ class PriceSettings(Protocol):
     def pooled_multiplier(self) -> str: ...
     @property
     def byok_multiplier(self) -> str: ...
+    @property
+    def routing_order(self) -> str: ...
+    def upstream_table(self) -> Mapping[str, UpstreamCosts]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +115,9 @@ class Multiplier:
     denominator: int
 
 
+ONE = Multiplier(1, 1)
+
+
 def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
@@ -110,6 +125,12 @@ def ceil_div(numerator: int, denominator: int) -> int:
 def cost(price: Price, usage: Usage, multiplier: Multiplier) -> int:
     """The charge for a finished request, in micro-credits, rounded up once."""
     return ceil_div(price.base(usage) * multiplier.numerator, price.scale * multiplier.denominator)
+
+
+def provider_cost(rates: Price, usage: Usage) -> int:
+    """What the provider charges for `usage` at its cost rates, in micro-credits, rounded up once (at
+    most MAX_CHARGE, as a charge)."""
+    return min(cost(rates, usage, ONE), MAX_CHARGE)
 
 
 def worst_case(price: Price, prompt_tokens: int, output_tokens: int, multiplier: Multiplier) -> int:
@@ -191,59 +212,78 @@ def _decimals(number: Decimal) -> int:
 
 class PriceTable:
     def __init__(
-        self, prices: dict[str, Price], aliases: dict[str, str], pooled: Multiplier, byok: Multiplier
+        self,
+        prices: dict[str, Price],
+        aliases: dict[str, str],
+        pooled: Multiplier,
+        byok: Multiplier,
+        routes: dict[str, tuple[Candidate, ...]] | None = None,
+        orders: dict[str, str] | None = None,
     ) -> None:
         self.prices = prices
         self.aliases = aliases
         self.pooled = pooled
         self.byok = byok
+        # Each model's upstream candidates, in their static order (priority, then position); a model
+        # missing here (a table built by hand) has its price's upstream alone.
+        self.routes = routes or {}
+        self.orders = orders or {}  # each model's routing order, "priority" or "cost"
+        self.warnings: list[str] = []  # prices below a candidate's provider cost (logged at startup)
 
     @classmethod
     def from_settings(cls, settings: PriceSettings) -> PriceTable:
+        from .price_routes import PRICE_FIELDS, check_cost_profiles, model_routes, rates_of  # (imports this)
+
         prices: dict[str, Price] = {}
         aliases: dict[str, str] = {}
+        routes: dict[str, tuple[Candidate, ...]] = {}
+        orders: dict[str, str] = {}
+        check_cost_profiles(upstreams := settings.upstream_table())
+        warnings: list[str] = []
         for name, model in settings.models.items():
             where = f"models.{name}"
-            per_1k = {
-                "prompt": parse_decimal(model.prompt, f"{where}.prompt"),
-                "completion": parse_decimal(model.completion, f"{where}.completion"),
-            }
-            if model.cached_prompt is not None:
-                per_1k["cached_prompt"] = parse_decimal(model.cached_prompt, f"{where}.cached_prompt")
-            per_token = {field: value * Fraction(MICRO, 1000) for field, value in per_1k.items()}
-            fee = parse_decimal(model.request_fee, f"{where}.request_fee") * MICRO
-            scale = math.lcm(fee.denominator, *(v.denominator for v in per_token.values()))
-
-            def scaled(value: Fraction, scale: int = scale) -> int:
-                return int(value * scale)
-
-            prices[name] = Price(
-                model=name,
-                upstream=model.upstream,
+            own = {field: getattr(model, field) for field in PRICE_FIELDS}
+            base = dataclasses.replace(
+                rates_of(own, where, name, model.upstream),
                 max_output_tokens=model.max_output_tokens,
-                scale=scale,
-                prompt=scaled(per_token["prompt"]),
-                completion=scaled(per_token["completion"]),
-                cached_prompt=scaled(per_token["cached_prompt"]) if "cached_prompt" in per_token else None,
-                request_fee=scaled(fee),
                 unseen_input_tokens={
                     kind: tokens
                     for kind, setting in _SETTING.items()
                     if (tokens := getattr(model, setting)) is not None
                 },
             )
+            routes[name], below = model_routes(name, model, base, upstreams)
+            prices[name] = dataclasses.replace(base, upstream=routes[name][0].upstream)  # the primary's
+            orders[name] = model.routing_order or settings.routing_order
+            warnings += below
             for alias in model.aliases:
                 if alias in settings.models or aliases.get(alias, name) != name:
                     raise ConfigError(
                         f"{where}.aliases: {alias!r} names two models.", param=f"{where}.aliases"
                     )
                 aliases[alias] = name
-        return cls(
+        table = cls(
             prices,
             aliases,
             _multiplier(settings.pooled_multiplier, "pooled_multiplier"),
             _multiplier(settings.byok_multiplier, "byok_multiplier"),
+            routes,
+            orders,
         )
+        table.warnings = warnings
+        return table
+
+    def candidates(self, price: Price) -> tuple[Candidate, ...]:
+        """The model's upstream candidates in their static order (the first is the primary)."""
+        found = self.routes.get(price.model)
+        if found is None:
+            from .price_routes import only_candidate
+
+            found = (only_candidate(price),)
+        return found
+
+    def order(self, price: Price) -> str:
+        return self.orders.get(price.model, "priority")
 
     def listing(self) -> list[dict[str, object]]:
         """The priced models, then their aliases, as OpenAI model objects."""

@@ -46,15 +46,21 @@ WITH sums AS (
 SELECT * FROM ranked WHERE dim = 'total' OR by_today <= $4 OR by_month <= $4
 """
 
+
+# Rows written before migration 019 say 'pooled' / 'byok': shown as the key sources they were.
+KEY_SOURCE = "CASE key_source WHEN 'pooled' THEN 'pool' WHEN 'byok' THEN 'inline' ELSE key_source END"
+
 _HISTORY_COLUMNS = (
     "idempotency_id, kind, amount, created_at, route, model, key_id, end_user, tags, drawn, note,"
-    " prompt_tokens, cached_tokens, completion_tokens, saved, outcome"
+    f" prompt_tokens, cached_tokens, completion_tokens, saved, outcome, {KEY_SOURCE} AS key_source, attempts"
 )
 
-_REQUEST = """
-SELECT idempotency_id, amount, model, route, provider, key_source, multiplier, key_id, end_user, tags,
-    drawn, hold, overdraft, saved, outcome, prompt_tokens, cached_tokens, completion_tokens,
-    started_at, settled_at, created_at
+# Never the provider's cost (`cost`): that is the operator's (GET /admin/margins).
+_REQUEST = f"""
+SELECT idempotency_id, amount, model, route, provider, {KEY_SOURCE} AS key_source, multiplier, key_id,
+    end_user, tags, drawn, hold, overdraft, saved, outcome, prompt_tokens, cached_tokens, completion_tokens,
+    started_at, settled_at, created_at, attempts, upstream_model,
+    coalesce(marked_up, key_source = 'pooled') AS marked_up
 FROM ledger WHERE idempotency_id = $1 AND account_id = $2 AND kind = 'usage'
 """
 

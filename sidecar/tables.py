@@ -3,12 +3,47 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+RoutingOrder = Literal["priority", "cost"]
+
+
+class RouteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One upstream candidate of a model (README "Routing and fallback"): the upstream, the name the model
+    has there (unset: the model's own), its priority (lower first; unset: its position in the list) and
+    weight among candidates of one priority, and the customer's price when it serves (each price field
+    unset: the model's)."""
+
+    upstream: str
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    priority: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
+    weight: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1
+    prompt: str | None = None
+    completion: str | None = None
+    cached_prompt: str | None = None
+    request_fee: str | None = None
+
+
+class CostRates(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a provider charges the operator for one model, read like prices: decimal strings of credits
+    per 1K tokens (the fee per request); unset cached_prompt: cached tokens cost the prompt rate."""
+
+    prompt: str
+    completion: str = "0"
+    cached_prompt: str | None = None
+    request_fee: str = "0"
+
+
+class CostProfile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An upstream's provider cost profile: rates by the model name sent to it, else the default (neither:
+    the cost of its requests is unknown, NULL in the ledger)."""
+
+    default: CostRates | None = None
+    models: dict[str, CostRates] = msgspec.field(default_factory=dict)
 
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -28,6 +63,10 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     audio_input_tokens: NonNegativeInt | None = None
     file_input_tokens: NonNegativeInt | None = None
     stored_input_tokens: NonNegativeInt | None = None
+    # The upstream candidates, tried in order when one fails before answering (unset: `upstream` alone,
+    # the model's name as the client sent it); and how they are ordered (unset: routing_order).
+    routes: list[RouteConfig] | None = None
+    routing_order: RoutingOrder | None = None
 
 
 class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -43,6 +82,8 @@ class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Whose API this is, for the accounts' stored provider keys (the BYOK vault): unset, the upstream's
     # own name. Two upstreams of one provider (say two regions) share the vault key of that provider.
     provider: str | None = None
+    # What the provider charges the operator (README "Provider costs and margins"); unset: unknown.
+    costs: CostProfile | None = None
 
     def key(self) -> str | None:
         if self.api_key_env:

@@ -175,7 +175,7 @@ async def test_a_grant_retried_in_a_later_month_credits_once(svc: Services) -> N
 
 def usage(request_id: str, account: str, amount: int, at_ms: int) -> tuple[Any, ...]:
     """A batch row as outbox.ledger_row builds it (no metadata)."""
-    return (request_id, account, "usage", -amount, *[None] * 12, at_ms, at_ms, at_ms, *[None] * 4)
+    return (request_id, account, "usage", -amount, *[None] * 12, at_ms, at_ms, at_ms, *[None] * 8)
 
 
 async def test_batches_on_the_same_accounts_do_not_wait_for_each_other(svc: Services) -> None:

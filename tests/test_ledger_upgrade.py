@@ -102,7 +102,7 @@ async def test_after_the_upgrade_a_redelivered_entry_and_a_retried_grant_change_
     await store.migrate()
     # req_1, flushed before the upgrade (committed, not acknowledged), comes again: the same row.
     columns = [None] * 12
-    attribution = [None] * 4
+    attribution = [None] * 8  # key_id .. drawn, cost .. marked_up
     await store.insert_usage(
         [("req_1", "acct_a", "usage", -300, *columns, ms(DEC), ms(DEC), ms(DEC), *attribution)]
     )
@@ -130,7 +130,7 @@ async def test_per_account_reads_use_the_primary_key_of_the_months_they_ask_for(
     start = ms(dt.datetime(2026, 11, 1, tzinfo=UTC))
     span = ms(dt.datetime(2027, 2, 1, tzinfo=UTC)) - start
     rows = [
-        (f"req_{i}", accounts[i % 200], "usage", -1, *[None] * 14, start + i * span // 30_000, *[None] * 4)
+        (f"req_{i}", accounts[i % 200], "usage", -1, *[None] * 14, start + i * span // 30_000, *[None] * 8)
         for i in range(30_000)
     ]
     await store.insert_usage(rows)

@@ -10,24 +10,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-import msgspec
+from typing import TYPE_CHECKING
 
 from ..afford import affordable_output_tokens, with_output_limit
 from ..cachekey import CachePlan
 from ..caller import Caller
 from ..config import ACCOUNT_SECRET_HEADER, Settings
 from ..errors import BadRequest, RequestTimeout, Unauthorized
-from ..pricing import Multiplier, Price, PriceTable, estimate_prompt_tokens, unseen_prompt_tokens, worst_case
+from ..pricing import (
+    Multiplier,
+    Price,
+    PriceTable,
+    estimate_prompt_tokens,
+    unseen_prompt_tokens,
+    worst_case,
+)
 from ..wire import MeteredRequest, Route, decode_request, prompt_count, unseen_inputs, with_usage_requested
-
-KeySource = Literal["pool", "vault", "inline"]
-NO_KEYS: Mapping[str, str] = {}
+from .attribution import MAX_USER_CHARS as MAX_USER_CHARS
+from .attribution import end_user_of, tags_of
+from .choices import NO_KEYS as NO_KEYS
+from .choices import Choice as Choice
+from .choices import KeySource as KeySource
+from .choices import choices_for
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -71,9 +78,9 @@ class Admission:
     request: MeteredRequest
     price: Price
     multiplier: Multiplier
-    body: bytes  # what is forwarded
+    body: bytes  # what is forwarded (with each candidate's model name, when it differs)
     body_size: int  # the client's body size, for estimates
-    hold: int  # the worst case, micro-credits
+    hold: int  # the worst case, micro-credits: the most expensive candidate's
     # The worst case's parts: prompt tokens (body bytes and unseen inputs), and completions generated per
     # unit of output limit (prompts × max(n, best_of); 0 without output).
     prompt_tokens: int
@@ -92,10 +99,36 @@ class Admission:
     # Where the provider key comes from: "pool" (the operator's), "vault" (the account's stored key for
     # the upstream's provider), "inline" (the byok_header; it wins over the vault).
     key_source: KeySource = "pool"
+    # The upstream candidates in their static order (the first is the primary). `price`, `multiplier`,
+    # `byok_key` and `key_source` are the primary's until an upstream answered, then the serving one's
+    # (`served_by`), so the charge is at the price and multiplier of the candidate that served.
+    choices: tuple[Choice, ...] = ()
+    upstream_model: str | None = None  # the model name the serving upstream was sent, when not ours
 
     @property
     def byok(self) -> bool:
         return self.byok_key is not None
+
+    @property
+    def any_own_key(self) -> bool:
+        """Whether some candidate would go out with the caller's own key (such an answer is never shared
+        across accounts by the cache: decided before any upstream is called, so the cache key does not
+        depend on which one served)."""
+        return self.byok or any(c.api_key is not None for c in self.choices)
+
+    def served_by(self, choice: Choice | None) -> Admission:
+        """The request as the candidate `choice` served it: its price, multiplier and key."""
+        sent = choice.candidate.model if choice is not None else None
+        if choice is None or (choice is self.choices[0] and (sent is None or sent == choice.price.model)):
+            return self  # the primary served (the usual case): as admitted
+        return dataclasses.replace(
+            self,
+            price=choice.price,
+            multiplier=choice.multiplier,
+            byok_key=choice.api_key,
+            key_source=choice.key_source,
+            upstream_model=sent if sent is not None and sent != choice.price.model else None,
+        )
 
     @property
     def marked_up(self) -> bool:
@@ -108,17 +141,32 @@ class Admission:
         return self.request.output_limit or self.price.max_output_tokens
 
     def affordable(self, available: int) -> int:
-        """The largest output limit `available` micro-credits cover, by the hold's own worst case."""
-        return affordable_output_tokens(
-            available, self.price, self.prompt_tokens, self.outputs, self.multiplier, self.output_limit
+        """The largest output limit `available` micro-credits cover, by the hold's own worst case: on
+        every candidate (the least any of them affords)."""
+        priced = [(c.price, c.multiplier) for c in self.choices] or [(self.price, self.multiplier)]
+        return min(
+            affordable_output_tokens(
+                available, price, self.prompt_tokens, self.outputs, multiplier, self.output_limit
+            )
+            for price, multiplier in priced
         )
 
     def lowered_to(self, limit: int) -> Admission:
         """The same request with its output limit lowered to `limit`: body, hold and no cache."""
+        choices = tuple(
+            dataclasses.replace(
+                c, hold=worst_case(c.price, self.prompt_tokens, self.outputs * limit, c.multiplier)
+            )
+            for c in self.choices
+        )
         return dataclasses.replace(
             self,
             body=with_output_limit(self.body, self.route.kind, limit),
-            hold=worst_case(self.price, self.prompt_tokens, self.outputs * limit, self.multiplier),
+            hold=max(
+                (c.hold for c in choices),
+                default=worst_case(self.price, self.prompt_tokens, self.outputs * limit, self.multiplier),
+            ),
+            choices=choices,
             cache=None,
         )
 
@@ -143,59 +191,6 @@ async def authenticate(headers: Mapping[str, str], accounts: AccountDirectory, p
     if found is None:
         raise Unauthorized("Incorrect, revoked or expired API key.")
     return found
-
-
-MAX_TAGS = 8
-MAX_USER_CHARS = 256
-_TAG_PART = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
-_text = msgspec.json.Decoder(str)
-
-
-def tags_of(headers: Mapping[str, str], header: str) -> tuple[str, ...]:
-    """The tags header's "k=v,k=v" (at most MAX_TAGS, keys unique, each part 1-64 of A-Z a-z 0-9 _ . : -),
-    as "k=v" strings; a malformed header is a 400 naming it."""
-    raw = headers.get(header, "").strip()
-    if not raw:
-        return ()
-    tags: list[str] = []
-    seen: set[str] = set()
-    for item in raw.split(","):
-        key, eq, value = item.strip().partition("=")
-        if not eq or not _TAG_PART.match(key) or not _TAG_PART.match(value) or key in seen:
-            raise BadRequest(
-                f"The {header} header takes up to {MAX_TAGS} comma-separated key=value tags, each key "
-                "(unique) and value 1-64 characters of A-Z a-z 0-9 _ . : -.",
-                param=header,
-            )
-        seen.add(key)
-        tags.append(f"{key}={value}")
-    if len(tags) > MAX_TAGS:
-        raise BadRequest(f"The {header} header has {len(tags)} tags; at most {MAX_TAGS}.", param=header)
-    return tuple(tags)
-
-
-def end_user_of(request: MeteredRequest) -> str | None:
-    """The OpenAI `user` field when it is a string (another type is the upstream's to refuse): at most
-    MAX_USER_CHARS characters of text Postgres can store, else a 400 naming `user`."""
-    raw = bytes(request.user)
-    if not raw.startswith(b'"'):
-        return None
-    user = _text.decode(raw)
-    if not user:
-        return None
-    if len(user) > MAX_USER_CHARS or "\x00" in user or "\n" in user or not _encodable(user):
-        raise BadRequest(
-            f"user must be at most {MAX_USER_CHARS} characters of text (no NUL or newline).", param="user"
-        )
-    return user
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:  # a JSON lone-surrogate escape
-        return False
-    return True
 
 
 def _check_account_secret(headers: Mapping[str, str], header: str, secret: str | None) -> None:
@@ -245,10 +240,12 @@ def plan(
     *,
     key_id: str | None = None,
     own_keys: Mapping[str, str] = NO_KEYS,
-    provider: str | None = None,
+    providers: Mapping[str, str] = NO_KEYS,
 ) -> Admission:
     """Everything the later stages act on but the cache's part (its key may take the key worker: the
-    hold stage plans it, `Holder.plan_cache`); raises BadRequest naming the offending field."""
+    hold stage plans it, `Holder.plan_cache`); raises BadRequest naming the offending field.
+    `own_keys` are the account's stored provider keys by provider, `providers` the provider of each
+    upstream (unset: the upstream's name)."""
     parsed, price = identified
     limit = parsed.output_limit
     if limit is not None and limit > price.max_output_tokens:
@@ -267,14 +264,20 @@ def plan(
     choices = parsed.choices if route.has_n else 1
     prompts = prompt_count(parsed) if route.kind == "completions" else 1
     outputs = prompts * choices if route.has_output else 0
-    inline = headers.get(policy.byok_header) or None
-    stored = own_keys.get(provider) if provider is not None else None
-    byok_key = inline or stored
-    key_source: KeySource = "inline" if inline else "vault" if stored else "pool"
-    multiplier = prices.byok if byok_key else prices.pooled
     prompt_tokens = estimate_prompt_tokens(len(body), policy.prompt_bytes_per_token) + unseen_prompt_tokens(
         price, unseen_inputs(parsed, route.kind)
     )
+    output_tokens = outputs * (limit or price.max_output_tokens)
+    routes = choices_for(
+        prices,
+        price,
+        headers.get(policy.byok_header) or None,
+        own_keys,
+        providers,
+        prompt_tokens,
+        output_tokens,
+    )
+    primary = routes[0]
     strip = bool(
         parsed.stream
         and route.kind in ("chat", "completions")
@@ -287,15 +290,16 @@ def plan(
         account=account,
         route=route,
         request=parsed,
-        price=price,
-        multiplier=multiplier,
+        price=primary.price,
+        multiplier=primary.multiplier,
         body=with_usage_requested(body, parsed) if strip else body,
         body_size=len(body),
-        hold=worst_case(price, prompt_tokens, outputs * (limit or price.max_output_tokens), multiplier),
+        hold=max(c.hold for c in routes),
         prompt_tokens=prompt_tokens,
         outputs=outputs,
-        byok_key=byok_key,
-        key_source=key_source,
+        byok_key=primary.api_key,
+        key_source=primary.key_source,
+        choices=routes,
         strip_usage_chunk=strip,
         fit_output=fit or policy.afford_output_limit,
         cache=None,

@@ -1,9 +1,13 @@
-"""Stage 3, forwarding: the upstream call, and the relay of its answer.
+"""Stage 3, forwarding: the upstream calls, and the relay of the answer.
 
-A stream is relayed as it arrives (stream.py); a body is read whole and returned, for the handler to
-answer once it is settled (its headers carry the charge), up to `max_body_bytes` (upstream_max_body_bytes):
-a larger one is not read on. The stage never raises for what the upstream
-did: it returns a `Forwarded` whose `Ending` says how far it got, and outcome.py decides what that costs.
+The request's candidates are tried in the order the router gives (routing.py): one that fails before
+anything reached the client (a connect error, a timeout before the headers, a 429, a 5xx) is followed by
+the next, within `routing_max_attempts`, unless the shutdown cut it. A stream is relayed as it arrives
+(stream.py), and once relayed it never switches upstream; a body is read whole and returned, for the
+handler to answer once it is settled (its headers carry the charge), up to `max_body_bytes`
+(upstream_max_body_bytes): a larger one is not read on. The stage never raises for what the upstream
+did: it returns a `Forwarded` whose `Ending` says how far the last attempt got, and outcome.py decides
+what that costs (failed attempts cost nothing).
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .. import routing
 from ..cachekey import miss_headers
 from ..headers import HeaderNames, request_headers, response_headers
+from ..pricing import Price
+from ..routing import Router
 from ..upstream import Upstream
 from ..usage import usage_from_body
 from .admit import Admission
+from .choices import Choice
 from .live import Live, Timings
 from .outcome import Ending, Phase
 from .stream import StreamPolicy, relay_stream
@@ -51,15 +59,28 @@ class Forwarded:
     response: web.StreamResponse | None = None
     captured: bytes | None = None  # a whole stream with usage, as the upstream sent it, for the cache
     failure: str = field(default="")  # what went wrong, for the client's error message
+    choice: Choice | None = None  # the candidate of this attempt (the last one made)
+    result: str = routing.OK  # this attempt's result, as routing.py names it
+    attempts: int = 0  # upstream calls made for the request, this one included
+
+    @property
+    def rates(self) -> Price | None:
+        """The cost rates of the upstream of this attempt (None: unknown)."""
+        return self.choice.candidate.rates if self.choice is not None else None
 
 
 class Forwarder:
     def __init__(
-        self, session: aiohttp.ClientSession, upstreams: Mapping[str, Upstream], policy: ForwardPolicy
+        self,
+        session: aiohttp.ClientSession,
+        upstreams: Mapping[str, Upstream],
+        policy: ForwardPolicy,
+        router: Router,
     ) -> None:
         self.session = session
         self.upstreams = upstreams
         self.policy = policy
+        self.router = router
         self._urls: dict[tuple[str, str], URL] = {}
         self._too_large_warned: dict[str, float] = {}  # upstream -> last warning
 
@@ -70,42 +91,90 @@ class Forwarder:
             url = self._urls[(upstream.name, path)] = URL(f"{upstream.base_url}/{path}")
         return url
 
-    async def forward(self, request: web.Request, adm: Admission, live: Live) -> Forwarded:
-        up = self.upstreams[adm.price.upstream]
-        timings = Timings()
+    async def forward(self, request: web.Request, adm: Admission, live: Live, order: str) -> Forwarded:
+        """Try the request's candidates (`order`: "priority" or "cost") until one answers with anything
+        but a fallback failure, the attempts run out, or the shutdown cuts it."""
+        router, timings = self.router, Timings()
+        plan = router.plan(adm.choices, order)
         if live.cut:  # started after shutdown cut everything: the upstream is not called
-            return Forwarded(Ending(Phase.NOT_SENT), up, timings)
+            first = plan.order[0]
+            return Forwarded(Ending(Phase.NOT_SENT), self.upstreams[first.upstream], timings, choice=first)
+        fwd: Forwarded | None = None
+        for choice in plan.order:
+            if fwd is not None and fwd.attempts >= router.max_attempts:
+                break
+            if not router.begin(choice, plan.forced):  # cooled, or its trial taken, since the plan
+                continue
+            if fwd is not None:
+                router.fell_back(adm.price.model, fwd.choice or choice)
+            attempts = fwd.attempts + 1 if fwd is not None else 1
+            fwd = await self._attempt(request, adm, choice, live, timings)
+            fwd.attempts = attempts
+            router.done(choice, fwd.result)
+            if fwd.result not in routing.FALLBACK or live.cut:
+                break
+        if fwd is None:  # every healthy one cooled meanwhile: the first is tried all the same
+            choice = plan.order[0]
+            router.begin(choice, True)
+            fwd = await self._attempt(request, adm, choice, live, timings)
+            fwd.attempts = 1
+            router.done(choice, fwd.result)
+        return fwd
+
+    async def _attempt(
+        self, request: web.Request, adm: Admission, choice: Choice, live: Live, timings: Timings
+    ) -> Forwarded:
+        """One upstream call with the candidate's key and model name."""
+        up = self.upstreams[choice.upstream]
+        own = choice.api_key is not None
         headers = request_headers(
             request.headers,
             self.policy.drop_headers,
-            adm.byok_key or up.api_key,
-            byok=adm.byok,
+            choice.api_key or up.api_key,
+            byok=own,
             organization=up.organization,
             project=up.project,
             extra=self.policy.forwarded,
         )
-        timings.upstream_started = time.perf_counter()
+        body = adm.body
+        sent = choice.candidate.model
+        if sent is not None and sent != adm.request.model:
+            body = routing.with_model(body, sent)
+        now = time.perf_counter()
+        if timings.upstream_started is None:
+            timings.upstream_started = now
+        timings.upstream_first_byte = None  # the serving attempt's
         try:
             async with live.cut_timeout() as live.cutter:
                 answer = await self.session.post(
-                    self._url(up, adm.route.path), data=adm.body, headers=headers, allow_redirects=False
+                    self._url(up, adm.route.path), data=body, headers=headers, allow_redirects=False
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             timings.upstream_ended = time.perf_counter()
             failed = Ending(Phase.UNREACHABLE, cut=live.cut)
-            return Forwarded(failed, up, timings, failure=type(exc).__name__)
+            result = routing.TIMEOUT if isinstance(exc, TimeoutError) else routing.UNREACHABLE
+            result = routing.CUT if live.cut else result
+            return Forwarded(failed, up, timings, failure=type(exc).__name__, choice=choice, result=result)
         finally:
             live.cutter = None
-            timings.waited += time.perf_counter() - timings.upstream_started
+            timings.waited += time.perf_counter() - now
         async with answer:
             if 300 <= answer.status < 400:  # never followed: it would carry the body and key elsewhere
                 timings.upstream_ended = time.perf_counter()
                 log.warning("upstream %r answered a redirect (HTTP %d)", up.name, answer.status)
-                return Forwarded(Ending(Phase.ANSWERED, status=answer.status), up, timings)
+                ending = Ending(Phase.ANSWERED, status=answer.status)
+                return Forwarded(ending, up, timings, choice=choice, result=routing.REDIRECT)
             if answer.status == 200 and answer.content_type == "text/event-stream":
-                return await self._relay_stream(request, adm, answer, up, live, timings)
-            timings.upstream_first_byte = time.perf_counter()  # the status line and headers are in
-            return await self._read_body(adm, answer, up, live, timings)
+                fwd = await self._relay_stream(request, adm, choice, own, answer, up, live, timings)
+            else:
+                timings.upstream_first_byte = time.perf_counter()  # the status line and headers are in
+                fwd = await self._read_body(adm, answer, up, live, timings)
+        fwd.choice = choice
+        if fwd.ending.phase is Phase.BODY_FAILED:
+            fwd.result = routing.CUT if fwd.ending.cut else routing.BODY_FAILED
+        elif fwd.ending.status is not None:
+            fwd.result = routing.status_result(fwd.ending.status)
+        return fwd
 
     async def _read_body(
         self, adm: Admission, answer: aiohttp.ClientResponse, up: Upstream, live: Live, timings: Timings
@@ -159,16 +228,19 @@ class Forwarder:
         self,
         request: web.Request,
         adm: Admission,
+        choice: Choice,
+        own: bool,
         answer: aiohttp.ClientResponse,
         up: Upstream,
         live: Live,
         timings: Timings,
     ) -> Forwarded:
-        headers: CIMultiDict[str] = response_headers(answer.headers, byok=adm.byok, extra=self.policy.relayed)
+        headers: CIMultiDict[str] = response_headers(answer.headers, byok=own, extra=self.policy.relayed)
         headers["x-request-id"] = adm.request_id
         headers["x-creditgate-held"] = str(adm.hold)
-        headers["x-creditgate-key-source"] = adm.key_source  # as respond.key_headers
-        headers["x-creditgate-markup"] = "true" if adm.marked_up else "false"
+        served = adm.served_by(choice)  # the candidate's key source, not the primary's
+        headers["x-creditgate-key-source"] = served.key_source  # as respond.key_headers
+        headers["x-creditgate-markup"] = "true" if served.marked_up else "false"
         if adm.cache is not None:
             headers.update(miss_headers(adm.cache.forward, stored=False))
         response, ending, captured = await relay_stream(

@@ -36,6 +36,7 @@ from ..observe import RECORD, RequestRecord
 from ..own_keys import OwnKeys
 from ..pricing import PriceTable, cost
 from ..responses import REQUEST_ID
+from ..routing import Router
 from ..settlements import PendingSettlements
 from ..upstream import Upstream, forwarded_extra
 from ..wire import ROUTES
@@ -94,11 +95,16 @@ class Gateway:
             *([s.account_header] if s.account_header else []),
         )
         stream = StreamPolicy(drain_seconds=s.disconnect_drain_seconds, capture_bytes=s.cache_max_entry_bytes)
+        self.router = Router.of(s)  # the process's routing state (routing.py): tests set its clock and RNG
         self.forwarder = Forwarder(
             session,
             upstreams,
             ForwardPolicy(drop, forwarded_extra(s), self.relayed, stream, s.upstream_max_body_bytes),
+            self.router,
         )
+        self.providers = {name: up.vault_provider for name, up in upstreams.items()}  # for the vault's keys
+        for warning in prices.warnings:  # a price below a candidate's provider cost (pricing.below_cost)
+            log.warning("%s", warning)
         self.settler = Settler(
             balances, cache, cache_ttl_seconds=s.cache_ttl_seconds, retry=retry.SETTLE, replays=self.replays
         )
@@ -134,7 +140,7 @@ class Gateway:
             self.admit_policy,
             key_id=caller.key_id,
             own_keys=own_keys,
-            provider=self.forwarder.upstreams[identified[1].upstream].vault_provider,
+            providers=self.providers,
         )
         adm = await self.holder.plan_cache(adm, body, request.headers)
         plan = await self.replays.plan(account, adm.route.path, body, request.headers)
@@ -201,13 +207,15 @@ class Gateway:
         rec: RequestRecord,
         answered: asyncio.Future[web.StreamResponse],
     ) -> None:
-        """The held request's task: forward, decide, settle, answer, whatever happens."""
+        """The held request's task: forward, decide (at the serving candidate's price), settle, answer."""
         adm, stored, replay = held.admission, None, None
         try:
-            fwd = await self.forwarder.forward(request, adm, live)
-            verdict = decide(
-                fwd.ending, Tariff(adm.price, adm.multiplier, adm.body_size, self.no_usage_charge, adm.hold)
+            fwd = await self.forwarder.forward(request, adm, live, self.prices.order(adm.price))
+            adm = adm.served_by(fwd.choice)
+            tariff = Tariff(
+                adm.price, adm.multiplier, adm.body_size, self.no_usage_charge, adm.hold, fwd.rates, adm.byok
             )
+            verdict = decide(fwd.ending, tariff)
             if verdict.outcome in (Outcome.NO_USAGE, Outcome.NO_USAGE_ESTIMATED):
                 self._warn_no_usage(adm, fwd)
             stored = keep.for_cache(self.cache, adm, fwd, verdict)
@@ -221,7 +229,9 @@ class Gateway:
                 answered.set_exception(error)
             elif fwd.response is not None:
                 answered.set_result(fwd.response)
-            settlement, stored = await self.settler.settle(adm, fwd.upstream.name, verdict, stored, replay)
+            settlement, stored = await self.settler.settle(
+                adm, fwd.upstream.name, verdict, stored, replay, attempts=fwd.attempts
+            )
             replay = replay if settlement is not None else None  # stored only when Redis took the settle
             if not answered.done():
                 try:
@@ -232,7 +242,7 @@ class Gateway:
                     answered.set_exception(exc)
                 else:
                     answered.set_result(answer)
-            record.finished(rec, fwd, verdict, settlement)
+            record.finished(rec, adm, fwd, verdict, settlement)
         except BaseException as exc:
             replay = None
             if not answered.done():

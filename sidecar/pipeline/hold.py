@@ -113,7 +113,7 @@ class Holder:
             body,
             adm.account,
             headers.get("Cache-Control"),
-            adm.byok,
+            adm.any_own_key,
             headers,
             before_keying=can_pay,
         )

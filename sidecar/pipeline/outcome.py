@@ -21,6 +21,13 @@ code. Pure: `decide` takes the `Ending` the forward stage returns and gives the 
     any charge above MAX_CHARGE                   (as above)                   MAX_CHARGE, logged
 
 Cache hits (cache_hit, cache_collapsed) are charged nothing and do not pass here.
+
+The provider's cost of the request (what the operator pays its upstream, README "Provider costs and
+margins"), beside the charge: 0 when no upstream answered 200 (not sent, unreachable, an error status:
+providers do not bill those) or the caller's own key served (its provider bills the caller); the
+upstream's cost rates applied to the usage it reported (rounded up once) for a 200 with usage; unknown
+(None) for a 200 without usage (estimated, too large, cut, broken off: the provider billed what this
+gateway did not see) or from an upstream without a cost profile.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..money import MAX_CHARGE
-from ..pricing import Multiplier, Price, Usage, cost
+from ..pricing import Multiplier, Price, Usage, cost, provider_cost
 
 # A request answered without usage is estimated at this many bytes per token (the usual English
 # average): the prompt from the client's body, the completion from the answer's body or, for a stream,
@@ -94,6 +101,7 @@ class Verdict:
     usage: Usage | None  # what is charged for (reported, or estimated)
     charge: int  # micro-credits, at most MAX_CHARGE
     uncapped: int  # the charge before the ceiling (above MAX_CHARGE only for absurd usage)
+    cost: int | None = None  # the provider's cost, micro-credits; None: unknown
 
     @property
     def label(self) -> str:
@@ -112,6 +120,8 @@ class Tariff:
     body_size: int  # the client's request body, for the prompt estimate
     no_usage_charge: NoUsageCharge = "estimate"
     hold: int | None = None  # the worst case held: the most a too-large answer's estimate is charged
+    rates: Price | None = None  # the serving upstream's cost rates; None: no cost profile
+    own_key: bool = False  # the caller's own provider key served: the operator pays the provider nothing
 
 
 # The outcomes charged by an estimate: at most the hold.
@@ -139,7 +149,18 @@ def decide(ending: Ending, tariff: Tariff) -> Verdict:
     if outcome in ESTIMATED and tariff.hold is not None:
         # A guess, never the upstream's word: bounded by what the caller agreed to risk (its hold).
         uncapped = min(uncapped, tariff.hold)
-    return Verdict(outcome, ending.status, usage, min(uncapped, MAX_CHARGE), uncapped)
+    return Verdict(outcome, ending.status, usage, min(uncapped, MAX_CHARGE), uncapped, _cost(ending, tariff))
+
+
+def _cost(ending: Ending, tariff: Tariff) -> int | None:
+    """The provider's cost of the request (see the module's docstring)."""
+    if ending.status != 200 or ending.phase is Phase.NOT_SENT:
+        return 0
+    if tariff.own_key:
+        return 0
+    if ending.usage is None or tariff.rates is None or ending.phase not in (Phase.ANSWERED, Phase.STREAMED):
+        return None
+    return provider_cost(tariff.rates, ending.usage)
 
 
 def _outcome(ending: Ending, tariff: Tariff) -> tuple[Outcome, Usage | None]:

@@ -39,8 +39,12 @@ def replayed(rec: RequestRecord) -> None:
     rec.outcome = "idempotent_replay"
 
 
-def finished(rec: RequestRecord, fwd: Forwarded, verdict: Verdict, settlement: Settlement | None) -> None:
-    """After settlement: the upstream's timings, the outcome, and the charge once Redis took it."""
+def finished(
+    rec: RequestRecord, adm: Admission, fwd: Forwarded, verdict: Verdict, settlement: Settlement | None
+) -> None:
+    """After settlement: the upstream that served and its key, the timings, the outcome, and the charge
+    once Redis took it."""
+    rec.upstream, rec.attempts, rec.key_source = fwd.upstream.name, fwd.attempts, adm.key_source
     t = fwd.timings
     rec.upstream_started, rec.upstream_first_byte, rec.upstream_ended = (
         t.upstream_started,

@@ -29,6 +29,7 @@ def failure(adm: Admission, fwd: Forwarded, charge: int = 0) -> CreditgateError 
     """The error an ending that has no answer to relay calls for (None when there is an answer); `charge`
     is what the request is charged, for the one error that costs something (a too-large answer)."""
     ending, name = fwd.ending, fwd.upstream.name
+    tried = f" (the last of {fwd.attempts} upstreams tried)" if fwd.attempts > 1 else ""
     if ending.phase is Phase.TOO_LARGE:
         return UpstreamUnavailable(
             f"The upstream {name!r} answered (HTTP {ending.status}) with a body larger than "
@@ -40,7 +41,7 @@ def failure(adm: Admission, fwd: Forwarded, charge: int = 0) -> CreditgateError 
     if ending.phase in (Phase.UNREACHABLE, Phase.BODY_FAILED) and ending.cut:
         return ServiceUnavailable(SHUTTING_DOWN, code="shutting_down")
     if ending.phase is Phase.UNREACHABLE:
-        return UpstreamUnavailable(f"The upstream {name!r} could not be reached ({fwd.failure}).")
+        return UpstreamUnavailable(f"The upstream {name!r} could not be reached ({fwd.failure}){tried}.")
     if ending.phase is Phase.BODY_FAILED:
         return UpstreamUnavailable(f"The upstream {name!r} failed mid-response.")
     if ending.phase is Phase.ANSWERED and ending.status is not None and 300 <= ending.status < 400:

@@ -39,9 +39,18 @@ class Stored:
 
 
 def ledger_entry(
-    adm: Admission, provider: str, outcome: str, usage: Usage | None, *, hold: int, saved: int | None = None
+    adm: Admission,
+    provider: str,
+    outcome: str,
+    usage: Usage | None,
+    *,
+    hold: int,
+    saved: int | None = None,
+    cost: int | None = None,
+    attempts: int = 0,
 ) -> UsageEvent:
-    """The outbox entry (the future ledger row) of a request."""
+    """The outbox entry (the future ledger row) of a request: `provider` the upstream that served (the
+    last one tried), `cost` what its provider charges (None: unknown), `attempts` the upstream calls."""
     usage = usage or Usage()
     return UsageEvent(
         route=adm.route.kind,
@@ -60,6 +69,10 @@ def ledger_entry(
         key_id=adm.key_id,
         user=adm.end_user,
         tags=list(adm.tags) or None,
+        cost=cost,
+        attempts=attempts,
+        upstream_model=adm.upstream_model,
+        marked_up=adm.marked_up,
     )
 
 
@@ -87,10 +100,13 @@ class Settler:
         verdict: Verdict,
         stored: Stored | None,
         replay: IdempotentAnswer | None = None,
+        *,
+        attempts: int = 1,
     ) -> tuple[Settlement | None, Stored | None]:
         """Debit `verdict.charge` and release the hold; returns the settlement (None when Redis did not
         take it: it is then queued) and the cache entry that was stored (None if none was). `replay` is
-        the Idempotency-Key's answer to store (stored when the settlement is returned)."""
+        the Idempotency-Key's answer to store (stored when the settlement is returned); `attempts` the
+        upstream calls made."""
         if verdict.uncapped > verdict.charge:  # usage no real request has: billed at the ceiling
             log.error(
                 "request %s reported usage costing %d micro-credits; charged the ceiling of %d",
@@ -98,7 +114,9 @@ class Settler:
                 verdict.uncapped,
                 verdict.charge,
             )
-        event = ledger_entry(adm, provider, verdict.label, verdict.usage, hold=adm.hold)
+        event = ledger_entry(
+            adm, provider, verdict.label, verdict.usage, hold=adm.hold, cost=verdict.cost, attempts=attempts
+        )
         store = None  # an account-scope entry: stored by the settle script, in the account's slot
         if stored is not None and adm.cache is not None and adm.cache.colocated:
             store = (adm.cache.key, stored.encoded, self.cache_ttl_ms)
@@ -176,7 +194,7 @@ class Settler:
         saved (and no settled marker: it moved no money, and its ledger row is written once by request
         id), its Idempotency-Key's answer `replay` stored with it. Raises UnknownAccount when the account
         is gone."""
-        event = ledger_entry(adm, provider, outcome, usage, hold=0, saved=saved)
+        event = ledger_entry(adm, provider, outcome, usage, hold=0, saved=saved, cost=0)
         idempotency = self._idempotency(adm, replay)
         return await self.balances.settle(
             adm.account, adm.request_id, 0, event, record=True, idempotency=idempotency

@@ -1,6 +1,6 @@
 """The vault's settings, a part of `config.Settings` (the README's "The BYOK vault" documents each).
 msgspec takes one base with fields per Struct, so this block stands in the chain of bases: Settings
-inherits it, it inherits the document settings."""
+inherits it, it inherits the routing settings."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import re
 
 import msgspec
 
-from ..documents.document_settings import DocumentSettings
 from ..errors import ConfigError
+from ..routing_settings import RoutingSettings
 from .crypto import KeyRing, master_key_of
 
 KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
 
 
-class VaultSettings(DocumentSettings, kw_only=True):
+class VaultSettings(RoutingSettings, kw_only=True):
     # The master key the vault seals customers' provider keys with: base64 of 32 random bytes, given
     # directly (CREDITGATE_VAULT_MASTER_KEY) or in a file (a mounted secret); unset: no vault writes.
     vault_master_key: str | None = None
