@@ -101,7 +101,14 @@ def create_app(
             app[PAYMENTS].on_purchase.append(referral_bonus(app[ADMIN_OPS]))  # payments/referrals.py
             # keys, caps, estimates (wallet_api.py)
             app[WALLET_OPS] = WalletOps(
-                svc.redis, svc.keys, svc.accounts, svc.store.pool, prices, proxy.admit_policy
+                svc.redis,
+                svc.keys,
+                svc.accounts,
+                svc.store.pool,
+                prices,
+                proxy.admit_policy,
+                own_keys=vault,
+                providers=proxy.providers,
             )
             flusher = svc.flusher()
             app[FLUSHER] = flusher

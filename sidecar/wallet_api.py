@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -24,6 +25,7 @@ from .keys import KeySpace
 from .keys_api import KeyBody, KeyOps
 from .metering.operation_api import estimate_operation
 from .money import format_credits
+from .own_keys import OwnKeys
 from .pipeline import admit
 from .pricing import PriceTable
 from .redis_client import RedisClient
@@ -42,8 +44,14 @@ class WalletOps:
         pool: Any,
         prices: PriceTable,
         policy: admit.AdmitPolicy,
+        *,
+        own_keys: OwnKeys | None = None,
+        providers: Mapping[str, str] | None = None,
     ) -> None:
         store = WalletStore(pool)
+        # The accounts' stored provider keys and each upstream's provider: an estimate is figured with the
+        # keys the request would go out with (a vault key is charged at the BYOK multiplier).
+        self.own_keys, self.providers = own_keys, providers or admit.NO_KEYS
         self.redis, self.keys, self.accounts, self.prices, self.policy = redis, keys, accounts, prices, policy
         self.key_ops = KeyOps(accounts, store)
         self.caps = CapOps(redis, keys, store, prices)
@@ -68,6 +76,8 @@ class WalletOps:
             self.prices,
             self.policy,
             key_id=caller.key_id,
+            own_keys=await self.own_keys.keys_of(caller.account) if self.own_keys else admit.NO_KEYS,
+            providers=self.providers,
         )
         fields = await self.redis.hmget(self.keys.account(caller.account).balance, AVAILABLE)
         available = credit_available(caller.account, fields)  # with the credit line (invoice mode)

@@ -266,6 +266,28 @@ async def test_requests_to_that_provider_go_out_with_the_vault_key_at_the_byok_m
     assert (await sc.balance(account))["balance"] == START - 3 * POOLED_CHARGE - 3 * BYOK_CHARGE
 
 
+async def test_an_estimate_is_figured_with_the_vault_key(
+    make_sidecar: SidecarFactory, fake: Fake, east: Fake
+) -> None:
+    """POST /v1/credits/estimate quotes the hold the request would take: with a stored key for the
+    model's provider, at the BYOK multiplier (1), below the pooled one (1.25)."""
+    sc = await vault_sidecar(make_sidecar, fake, east)
+    _, api_key = await sc.account(START)
+    raw = msgspec.json.encode({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+
+    async def hold() -> int:
+        resp = await sc.client.post("/v1/credits/estimate", data=raw, headers=bearer(api_key))
+        body = await resp.json()
+        assert resp.status == 200, body
+        return int(body["hold"])
+
+    pooled = await hold()
+    await store_key(sc, api_key, "default", VAULT_KEY)
+    own = await hold()
+    assert own * 5 <= pooled * 4 < own * 5 + 5  # 1.25x, each rounded up once
+    assert fake.seen == []  # nothing went upstream
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
 async def test_responses_name_the_key_source_and_whether_marked_up(
     make_sidecar: SidecarFactory, fake: Fake, east: Fake, stream: bool
