@@ -21,7 +21,8 @@ from .support_portal import csrf_of, post_form, sign_in, text_of
 
 C = 1_000_000
 SESSION_SECONDS = 600
-PAGES = ("", "usage", "usage?by=tag", "history", "history.csv", "keys", "settings", "buy", "documents")
+PAGES = ("", "usage", "usage?by=tag", "history", "history.csv", "keys", "provider-keys", "settings", "buy",
+         "documents")  # fmt: skip
 
 
 @pytest.fixture
@@ -204,6 +205,8 @@ async def test_another_accounts_data_is_never_reachable(portal: Sidecar) -> None
         "billing-profile": {"legal_name": "X", "address_lines": "1 St", "city": "C", "postal_code": "1",
                             "country": "DE", "billing_email": "x@example.com"},
         "buy": {"package": "pro"},
+        "provider-keys": {"provider": "default", "key": "AIzaAttackersKey0123456789"},
+        "provider-keys/lk_0123/delete": {},
     }  # fmt: skip
     for path, data in forms.items():
         status, _, _ = await post_form(client, f"/portal/accounts/{other}/{path}", {**data, "csrf": csrf})
