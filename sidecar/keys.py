@@ -157,6 +157,11 @@ class KeySpace:
         it expires portal_session_seconds after its last page."""
         return f"{self.prefix}portal-session:{token_hash}"
 
+    def portal_new_key(self, token_hash: str) -> str:
+        """String: an API key the session just made, sealed, kept for the one page that shows it
+        (portal/sessions.py); it expires after NEW_KEY_SECONDS."""
+        return f"{self.prefix}portal-new-key:{token_hash}"
+
 
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text (the client returns bytes)."""

@@ -18,6 +18,7 @@ from .edge import desk, viewer
 from .render import credits
 
 NOTICES = {
+    "key-created": "The key is created. Its secret is shown only once, on the first page after it was made.",
     "key-revoked": "The key is revoked: it no longer works anywhere.",
     "key-renamed": "The key's name is saved.",
     "provider-key-added": "The provider key is stored: requests to that provider now go out with it.",
