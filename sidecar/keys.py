@@ -154,7 +154,8 @@ class KeySpace:
 
     def portal_session(self, token_hash: str) -> str:
         """Hash: a billing-portal session (portal/sessions.py), by the SHA-256 of its cookie's token;
-        it expires portal_session_seconds after its last page."""
+        it expires portal_session_seconds after its last page (portal_session_max_seconds after it was
+        opened at the latest)."""
         return f"{self.prefix}portal-session:{token_hash}"
 
     def portal_new_key(self, token_hash: str) -> str:

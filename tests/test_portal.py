@@ -5,7 +5,9 @@ account's data never reachable, by URL or by form field."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import time
 import uuid
 from typing import Any
 
@@ -55,6 +57,7 @@ def test_the_portal_is_on_standalone_and_off_in_sidecar_mode() -> None:
     both = {"CREDITGATE_MODE": "sidecar", "CREDITGATE_PORTAL_ENABLED": "true"}
     assert portal_on(load_settings(environ=both))
     assert load_settings(environ={}).portal_session_seconds == 3600
+    assert load_settings(environ={}).portal_session_max_seconds == 12 * 3600
 
 
 async def test_a_key_becomes_a_session_and_never_reaches_the_browser(portal: Sidecar) -> None:
@@ -150,6 +153,31 @@ async def test_sign_out_ends_the_session_and_its_cookie_opens_nothing_after(port
     client.session.cookie_jar.update_cookies({"creditgate_portal": token})  # the old cookie, replayed
     page = await client.get(f"/portal/accounts/{account}/", allow_redirects=False)
     assert (page.status, page.headers["Location"]) == (303, "/portal/sign-in?ended=1")
+
+
+async def test_a_session_ends_at_its_absolute_lifetime_however_busy(make_sidecar: SidecarFactory) -> None:
+    sc = await make_sidecar(portal_session_seconds=SESSION_SECONDS, portal_session_max_seconds=3600)
+    start = time.time_ns() // 1_000_000
+    now = [start]  # the app's clock, moved by the test (Redis' TTLs run on the real one)
+    sc.balances.wallet = dataclasses.replace(sc.balances.wallet, clock=lambda: now[0])
+    account, key = await sc.account(C)
+    await sign_in(sc.client, key)
+    (cookie,) = [c for c in sc.client.session.cookie_jar if c.key == "creditgate_portal"]
+    stored = sc.services.keys.portal_session(token_hash(cookie.value))
+    redis = sc.services.redis
+    page = f"/portal/accounts/{account}/"
+    for minute in range(9, 50, 9):  # a page every 9 minutes: never idle for the 10 of its idle time
+        now[0] = start + minute * 60_000
+        assert (await sc.client.get(page, allow_redirects=False)).status == 200, minute
+        assert SESSION_SECONDS * 1000 - 5_000 < await redis.pttl(stored) <= SESSION_SECONDS * 1000
+    now[0] = start + 58 * 60_000  # 2 minutes before its end: Redis keeps it no longer than that
+    assert (await sc.client.get(page, allow_redirects=False)).status == 200
+    assert 120_000 - 5_000 < await redis.pttl(stored) <= 120_000
+    now[0] = start + 60 * 60_000  # its end: the next page is the sign-in, the session deleted
+    resp = await sc.client.get(page, allow_redirects=False)
+    assert (resp.status, resp.headers["Location"]) == (303, "/portal/sign-in?ended=1")
+    assert not await redis.exists(stored)
+    assert (await sign_in(sc.client, key))[0] == page  # signing in again opens a new one
 
 
 async def test_a_revoked_key_ends_its_sessions(portal: Sidecar) -> None:

@@ -45,7 +45,7 @@ async def start(app: web.Application, running: Running) -> None:
     app[DESK] = Desk(
         settings=s,
         services=svc,
-        sessions=SessionStore(svc.redis, svc.keys, s.portal_session_seconds),
+        sessions=SessionStore(svc.redis, svc.keys, s.portal_session_seconds, s.portal_session_max_seconds),
         wallet=app[WALLET_OPS],
         admin=app[ADMIN_OPS],
         alerts=app[ALERTS],

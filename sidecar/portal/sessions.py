@@ -1,5 +1,7 @@
 """Portal sessions in Redis: a random token in an HttpOnly cookie, the session under the token's SHA-256
-(a copy of Redis holds no usable cookie), living `portal_session_seconds` after its last page.
+(a copy of Redis holds no usable cookie), living `portal_session_seconds` after its last page and never
+past `portal_session_max_seconds` after it was opened (by the app's clock; Redis's TTL never outlasts
+that end either).
 
 A customer's session keeps the SHA-256 of the client key it was opened with, never the key: each page
 looks the key up again, so a revoked or expired key ends its sessions at once. An operator's session
@@ -67,8 +69,12 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, redis: RedisClient, keys: KeySpace, seconds: int) -> None:
-        self.redis, self.keys, self.seconds = redis, keys, seconds
+    def __init__(self, redis: RedisClient, keys: KeySpace, seconds: int, max_seconds: int) -> None:
+        self.redis, self.keys, self.seconds, self.max_ms = redis, keys, seconds, max_seconds * 1000
+
+    def _ttl_ms(self, created_ms: int, now_ms: int) -> int:
+        """How long the session may live from now: its idle time, cut at its absolute end."""
+        return min(self.seconds * 1000, created_ms + self.max_ms - now_ms)
 
     async def open(self, account: str | None, key_hash: str, now_ms: int) -> tuple[str, Session]:
         """A new session: (the cookie's token, the session)."""
@@ -84,12 +90,13 @@ class SessionStore:
         }
         async with self.redis.pipeline(transaction=False) as pipe:  # one key: one slot
             pipe.hset(name, mapping=fields)
-            pipe.expire(name, self.seconds)
+            pipe.pexpire(name, self._ttl_ms(now_ms, now_ms))
             await pipe.execute()
         return token, session
 
-    async def find(self, token: str) -> Session | None:
-        """The session of a cookie's token (its life extended), or None: unknown, expired, malformed."""
+    async def find(self, token: str, now_ms: int) -> Session | None:
+        """The session of a cookie's token (its life extended, up to its absolute end), or None:
+        unknown, expired, past its absolute end (then deleted), malformed."""
         if not token or len(token) > 100 or not token.isascii():
             return None
         hashed = token_hash(token)
@@ -104,7 +111,17 @@ class SessionStore:
         account = None if found["operator"] == "1" else found.get("account") or None
         if account is None and found["operator"] == "0":
             return None
-        return Session(hashed, account, found.get("key_hash", ""), found["csrf"], int(found["created_ms"]))
+        created = found.get("created_ms", "")
+        if not created.isdigit():
+            return None
+        session = Session(hashed, account, found.get("key_hash", ""), found["csrf"], int(created))
+        left_ms = self._ttl_ms(session.created_ms, now_ms)
+        if left_ms <= 0:
+            await self.close(session)
+            return None
+        if left_ms < self.seconds * 1000:  # its last stretch: Redis drops it at its end, not later
+            await self.redis.pexpire(name, left_ms)
+        return session
 
     async def close(self, session: Session) -> None:
         hashed = session.token_hash
