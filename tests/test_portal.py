@@ -19,6 +19,7 @@ from sidecar.portal.sessions import token_hash
 from sidecar.portal.settings import portal_on
 
 from .conftest import ADMIN_TOKEN, Sidecar, SidecarFactory
+from .support import scrape, value
 from .support_portal import csrf_of, post_form, sign_in, text_of
 
 C = 1_000_000
@@ -301,6 +302,18 @@ async def test_errors_are_pages_and_assets_ship_with_the_package(portal: Sidecar
     assert (await client.get("/portal/static/portal.css")).status == 404  # only by its hashed name
     bare = await client.get("/portal", allow_redirects=False)
     assert (bare.status, bare.headers["Location"]) == (301, "/portal/")
+
+
+async def test_portal_requests_are_counted_in_the_metrics(portal: Sidecar) -> None:
+    account, key = await portal.account(C)
+    await sign_in(portal.client, key)  # the form (200), the sign-in (303), the overview (200)
+    assert (await portal.client.get(f"/portal/accounts/{account}/keys")).status == 200
+    assert (await portal.client.get(f"/portal/accounts/{account}/nowhere")).status == 404
+    m = await scrape(portal)
+    portal_route = {"route": "portal", "model": "other", "cache": "off"}
+    for status_class, count in (("2xx", 3), ("3xx", 1), ("4xx", 1), ("5xx", 0)):
+        assert value(m, "creditgate_requests_total", **portal_route, status_class=status_class) == count
+    assert value(m, "creditgate_request_duration_seconds_count", route="portal") == 5
 
 
 async def test_the_portal_is_not_routed_when_off(make_sidecar: SidecarFactory) -> None:
