@@ -238,6 +238,9 @@ def check_pod(name: str, pod: dict[str, Any]) -> None:
     for required in ("CREDITGATE_REDIS_URL", "CREDITGATE_DATABASE_URL"):
         if "secretKeyRef" not in env.get(required, {}).get("valueFrom", {}):
             fail(f"{name}: {required} must come from a Secret (secretKeyRef)")
+    for secret in SECRET_SETTINGS:  # optional, but never a plain value in the manifest
+        if secret in env and "secretKeyRef" not in env[secret].get("valueFrom", {}):
+            fail(f"{name}: {secret} must come from a Secret (secretKeyRef)")
     grace = int(env["CREDITGATE_SHUTDOWN_GRACE_SECONDS"]["value"])
     flush = int(env["CREDITGATE_SHUTDOWN_FLUSH_SECONDS"]["value"])
     period = pod.get("terminationGracePeriodSeconds", 30)
@@ -295,6 +298,16 @@ def check_config(docs: list[dict[str, Any]], where: str) -> None:
     load_rendered(config_text(docs, where), {}, where)
 
 
+SECRET_SETTINGS = (
+    "CREDITGATE_ADMIN_TOKEN",
+    "CREDITGATE_UPSTREAM_API_KEY",
+    "CREDITGATE_ACCOUNT_HEADER_SECRET",
+    "CREDITGATE_VAULT_MASTER_KEY",
+)
+# Stand-ins for values from a Secret that creditgate parses: the vault's master key is 32 bytes, base64.
+SECRET_STAND_INS = {"CREDITGATE_VAULT_MASTER_KEY": "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="}
+
+
 def pod_environ(container: dict[str, Any]) -> dict[str, str]:
     """The container's environment; a value from a Secret (or any valueFrom) stands in as a placeholder."""
     environ = {}
@@ -303,7 +316,8 @@ def pod_environ(container: dict[str, Any]) -> dict[str, str]:
             environ[entry["name"]] = str(entry["value"])
         else:
             ref = entry.get("valueFrom", {}).get("secretKeyRef", {})
-            environ[entry["name"]] = f"from-secret-{ref.get('name')}-{ref.get('key')}".ljust(16, "x")
+            stand_in = f"from-secret-{ref.get('name')}-{ref.get('key')}".ljust(16, "x")
+            environ[entry["name"]] = SECRET_STAND_INS.get(entry["name"], stand_in)
     return environ
 
 
@@ -432,6 +446,36 @@ def check_flusher(docs: list[dict[str, Any]], values: dict[str, Any] | None, whe
             )
 
 
+# The chart's `secrets.<value>` and the environment variable each reaches creditgate as.
+SECRET_VALUES = {
+    "redisUrl": "CREDITGATE_REDIS_URL",
+    "databaseUrl": "CREDITGATE_DATABASE_URL",
+    "adminToken": "CREDITGATE_ADMIN_TOKEN",
+    "upstreamApiKey": "CREDITGATE_UPSTREAM_API_KEY",
+    "accountHeaderSecret": "CREDITGATE_ACCOUNT_HEADER_SECRET",
+    "vaultMasterKey": "CREDITGATE_VAULT_MASTER_KEY",
+}
+
+
+def check_secret_refs(docs: list[dict[str, Any]], values: dict[str, Any] | None, where: str) -> None:
+    """Every Secret the values name reaches each creditgate container (serving and flusher) as its
+    setting's environment variable, by secretKeyRef to that Secret's key."""
+    secrets = (values or {}).get("secrets") or {}
+    for name, pod in pods(docs):
+        container, _ = creditgate_container(name, pod)
+        env = {e["name"]: e for e in container.get("env", [])}
+        for value, variable in SECRET_VALUES.items():
+            ref = secrets.get(value) or {}
+            if not ref.get("name"):
+                continue
+            got = env.get(variable, {}).get("valueFrom", {}).get("secretKeyRef", {})
+            if (got.get("name"), got.get("key")) != (ref["name"], ref.get("key")):
+                fail(
+                    f"{where}: {name}: secrets.{value} ({ref['name']}/{ref.get('key')}) does not reach "
+                    f"{variable} by secretKeyRef (has {got or env.get(variable)})"
+                )
+
+
 def check_documents(docs: list[dict[str, Any]], where: str, values: dict[str, Any] | None) -> None:
     """The checks beyond the schemas, on a list of rendered manifests (and the values they came from)."""
     config = config_text(docs, where)
@@ -441,6 +485,7 @@ def check_documents(docs: list[dict[str, Any]], where: str, values: dict[str, An
     check_services(docs, where)
     check_config(docs, where)
     check_flusher(docs, values, where)
+    check_secret_refs(docs, values, where)
 
 
 def render_and_validate(chart: Path, values: dict[str, Any] | None, where: str) -> list[dict[str, Any]]:
@@ -480,6 +525,7 @@ NEGATIVE = [
         {"config": {"account_header_secret": "x" * 16}},
         "account_header_secret",
     ),
+    ("vault master key in the ConfigMap", {"config": {"vault_master_key": "x" * 44}}, "vault_master_key"),
     (
         "a separate flusher in sidecar mode",
         {"mode": "sidecar", "flusher": {"separate": True}},
@@ -507,6 +553,12 @@ def _set_env(docs: list[dict[str, Any]], name: str, value: str) -> None:
     env[:] = [e for e in env if e["name"] != name] + [{"name": name, "value": value}]
 
 
+def _set_secret_env(docs: list[dict[str, Any]], name: str, secret: str, key: str) -> None:
+    env = _creditgate(docs)["env"]
+    ref = {"secretKeyRef": {"name": secret, "key": key}}
+    env[:] = [e for e in env if e["name"] != name] + [{"name": name, "valueFrom": ref}]
+
+
 def _first(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return next(d for d in docs if d["kind"] == kind)
 
@@ -520,7 +572,7 @@ def _monitor_port(port: str) -> Callable[[list[dict[str, Any]]], None]:
 
 def _reachable_sidecar_api(docs: list[dict[str, Any]]) -> None:
     _set_env(docs, "CREDITGATE_HOST", "0.0.0.0")  # with the secret, so that creditgate itself accepts it
-    _set_env(docs, "CREDITGATE_ACCOUNT_HEADER_SECRET", "a-secret-of-16-characters")
+    _set_secret_env(docs, "CREDITGATE_ACCOUNT_HEADER_SECRET", "app-secrets", "account-header-secret")
 
 
 def _declared_sidecar_api(docs: list[dict[str, Any]]) -> None:
@@ -534,6 +586,14 @@ def _probe_on_api(docs: list[dict[str, Any]]) -> None:
 def _app_on_ops_port(docs: list[dict[str, Any]]) -> None:
     app = next(c for _, pod in pods(docs) for c in pod["containers"] if c["name"] != "creditgate")
     app["ports"][0]["containerPort"] = 9090
+
+
+def _plain_vault_key(docs: list[dict[str, Any]]) -> None:
+    _set_env(docs, "CREDITGATE_VAULT_MASTER_KEY", SECRET_STAND_INS["CREDITGATE_VAULT_MASTER_KEY"])
+
+
+def _other_vault_secret(docs: list[dict[str, Any]]) -> None:
+    _set_secret_env(docs, "CREDITGATE_VAULT_MASTER_KEY", "creditgate-vault", "another-key")
 
 
 def _reachable_account_header(docs: list[dict[str, Any]]) -> None:
@@ -591,6 +651,8 @@ DOCUMENT_NEGATIVE: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], 
     ("sidecar API port declared", "sidecar.yaml", _declared_sidecar_api, "only the ops port"),
     ("app container on the ops port", "sidecar.yaml", _app_on_ops_port, "same port number"),
     ("readiness probe on the API port", "standalone.yaml", _probe_on_api, "on the port named ops"),
+    ("vault master key as a plain value", "standalone.yaml", _plain_vault_key, "must come from a Secret"),
+    ("vault master key from another Secret", "standalone.yaml", _other_vault_secret, "does not reach"),
     (
         "account_header on all addresses without its secret",
         "standalone.yaml",

@@ -154,8 +154,14 @@ class KeySpace:
 
     def portal_session(self, token_hash: str) -> str:
         """Hash: a billing-portal session (portal/sessions.py), by the SHA-256 of its cookie's token;
-        it expires portal_session_seconds after its last page."""
+        it expires portal_session_seconds after its last page (portal_session_max_seconds after it was
+        opened at the latest)."""
         return f"{self.prefix}portal-session:{token_hash}"
+
+    def portal_new_key(self, token_hash: str) -> str:
+        """String: an API key the session just made, sealed, kept for the one page that shows it
+        (portal/sessions.py); it expires after NEW_KEY_SECONDS."""
+        return f"{self.prefix}portal-new-key:{token_hash}"
 
 
 def as_text(value: bytes | str) -> str:

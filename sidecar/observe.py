@@ -1,4 +1,4 @@
-"""One record per request on the API routes, reported once when the request is over.
+"""One record per request on the API routes and the billing portal, reported once when the request is over.
 
 The proxy fills the record as the request goes (account, model, hold, charge, usage, upstream timings);
 an outer middleware (around the error middleware, so it sees error answers too) sets the final status and
@@ -29,7 +29,7 @@ CLIENT_CLOSED = 499  # the client went away before its answer
 
 @dataclass(slots=True)
 class RequestRecord:
-    route: str  # chat, completions, embeddings, responses, models
+    route: str  # chat, completions, embeddings, responses, models, portal
     started: float  # perf_counter
     request_id: str | None = None
     account: str | None = None
@@ -56,7 +56,9 @@ class RequestRecord:
 
     @property
     def status_class(self) -> str:
-        return "5xx" if self.status >= 500 else "4xx" if self.status >= 400 else "2xx"
+        if self.status >= 500:
+            return "5xx"
+        return "4xx" if self.status >= 400 else "3xx" if self.status >= 300 else "2xx"
 
     @property
     def duration(self) -> float:
@@ -90,6 +92,8 @@ def route_label(path: str) -> str | None:
         return _ROUTE_LABELS[path]
     if path == "/v1/models" or path.startswith("/v1/models/"):
         return "models"
+    if path == "/portal" or path.startswith("/portal/"):
+        return "portal"  # the billing portal's pages, forms and assets (when it is routed)
     return None
 
 
@@ -118,6 +122,11 @@ def request_observer(report: Report) -> Middleware:
                 rec.exchange.add_done_callback(lambda _: emit(rec))  # reported once it has settled
             else:
                 emit(rec)
+            raise
+        except web.HTTPException as exc:  # a redirect (the portal's), raised through the error middleware
+            rec.ended = time.perf_counter()
+            rec.status = exc.status
+            emit(rec)
             raise
         rec.ended = time.perf_counter()
         rec.status = response.status

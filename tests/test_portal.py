@@ -5,7 +5,9 @@ account's data never reachable, by URL or by form field."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import time
 import uuid
 from typing import Any
 
@@ -17,11 +19,13 @@ from sidecar.portal.sessions import token_hash
 from sidecar.portal.settings import portal_on
 
 from .conftest import ADMIN_TOKEN, Sidecar, SidecarFactory
+from .support import scrape, value
 from .support_portal import csrf_of, post_form, sign_in, text_of
 
 C = 1_000_000
 SESSION_SECONDS = 600
-PAGES = ("", "usage", "usage?by=tag", "history", "history.csv", "keys", "settings", "buy", "documents")
+PAGES = ("", "usage", "usage?by=tag", "history", "history.csv", "keys", "provider-keys", "settings", "buy",
+         "documents")  # fmt: skip
 
 
 @pytest.fixture
@@ -54,6 +58,7 @@ def test_the_portal_is_on_standalone_and_off_in_sidecar_mode() -> None:
     both = {"CREDITGATE_MODE": "sidecar", "CREDITGATE_PORTAL_ENABLED": "true"}
     assert portal_on(load_settings(environ=both))
     assert load_settings(environ={}).portal_session_seconds == 3600
+    assert load_settings(environ={}).portal_session_max_seconds == 12 * 3600
 
 
 async def test_a_key_becomes_a_session_and_never_reaches_the_browser(portal: Sidecar) -> None:
@@ -151,6 +156,31 @@ async def test_sign_out_ends_the_session_and_its_cookie_opens_nothing_after(port
     assert (page.status, page.headers["Location"]) == (303, "/portal/sign-in?ended=1")
 
 
+async def test_a_session_ends_at_its_absolute_lifetime_however_busy(make_sidecar: SidecarFactory) -> None:
+    sc = await make_sidecar(portal_session_seconds=SESSION_SECONDS, portal_session_max_seconds=3600)
+    start = time.time_ns() // 1_000_000
+    now = [start]  # the app's clock, moved by the test (Redis' TTLs run on the real one)
+    sc.balances.wallet = dataclasses.replace(sc.balances.wallet, clock=lambda: now[0])
+    account, key = await sc.account(C)
+    await sign_in(sc.client, key)
+    (cookie,) = [c for c in sc.client.session.cookie_jar if c.key == "creditgate_portal"]
+    stored = sc.services.keys.portal_session(token_hash(cookie.value))
+    redis = sc.services.redis
+    page = f"/portal/accounts/{account}/"
+    for minute in range(9, 50, 9):  # a page every 9 minutes: never idle for the 10 of its idle time
+        now[0] = start + minute * 60_000
+        assert (await sc.client.get(page, allow_redirects=False)).status == 200, minute
+        assert SESSION_SECONDS * 1000 - 5_000 < await redis.pttl(stored) <= SESSION_SECONDS * 1000
+    now[0] = start + 58 * 60_000  # 2 minutes before its end: Redis keeps it no longer than that
+    assert (await sc.client.get(page, allow_redirects=False)).status == 200
+    assert 120_000 - 5_000 < await redis.pttl(stored) <= 120_000
+    now[0] = start + 60 * 60_000  # its end: the next page is the sign-in, the session deleted
+    resp = await sc.client.get(page, allow_redirects=False)
+    assert (resp.status, resp.headers["Location"]) == (303, "/portal/sign-in?ended=1")
+    assert not await redis.exists(stored)
+    assert (await sign_in(sc.client, key))[0] == page  # signing in again opens a new one
+
+
 async def test_a_revoked_key_ends_its_sessions(portal: Sidecar) -> None:
     account, key = await portal.account(C)
     _, _ = await sign_in(portal.client, key)
@@ -204,6 +234,8 @@ async def test_another_accounts_data_is_never_reachable(portal: Sidecar) -> None
         "billing-profile": {"legal_name": "X", "address_lines": "1 St", "city": "C", "postal_code": "1",
                             "country": "DE", "billing_email": "x@example.com"},
         "buy": {"package": "pro"},
+        "provider-keys": {"provider": "default", "key": "AIzaAttackersKey0123456789"},
+        "provider-keys/lk_0123/delete": {},
     }  # fmt: skip
     for path, data in forms.items():
         status, _, _ = await post_form(client, f"/portal/accounts/{other}/{path}", {**data, "csrf": csrf})
@@ -270,6 +302,18 @@ async def test_errors_are_pages_and_assets_ship_with_the_package(portal: Sidecar
     assert (await client.get("/portal/static/portal.css")).status == 404  # only by its hashed name
     bare = await client.get("/portal", allow_redirects=False)
     assert (bare.status, bare.headers["Location"]) == (301, "/portal/")
+
+
+async def test_portal_requests_are_counted_in_the_metrics(portal: Sidecar) -> None:
+    account, key = await portal.account(C)
+    await sign_in(portal.client, key)  # the form (200), the sign-in (303), the overview (200)
+    assert (await portal.client.get(f"/portal/accounts/{account}/keys")).status == 200
+    assert (await portal.client.get(f"/portal/accounts/{account}/nowhere")).status == 404
+    m = await scrape(portal)
+    portal_route = {"route": "portal", "model": "other", "cache": "off"}
+    for status_class, count in (("2xx", 3), ("3xx", 1), ("4xx", 1), ("5xx", 0)):
+        assert value(m, "creditgate_requests_total", **portal_route, status_class=status_class) == count
+    assert value(m, "creditgate_request_duration_seconds_count", route="portal") == 5
 
 
 async def test_the_portal_is_not_routed_when_off(make_sidecar: SidecarFactory) -> None:

@@ -3,10 +3,11 @@ real creditgate on real Redis and Postgres over real HTTP. One browser for the m
 
 A person signs in (by keyboard), sees the balance, makes an API call and sees the balance and the chart
 change, downloads the CSV and it sums to the balance, buys a package through the fake Stripe and sees the
-grant once its webhook came, creates and revokes a key, sets a cap and gets a 402 from the API, and signs
-out. Every page is photographed at 360 and 1440 px (saved under $CREDITGATE_ARTIFACTS, else
-tests/artifacts), must not be wider than the window, and axe-core (vendored) finds no serious or critical
-violation in it. CREDITGATE_WRITE_DOCS=1 also writes the README's picture, docs/portal-overview.png."""
+grant once its webhook came, creates and revokes a key, stores a provider key, sets a cap and gets a 402
+from the API, and signs out. Every page is photographed at 360 and 1440 px (saved under
+$CREDITGATE_ARTIFACTS, else tests/artifacts), must not be wider than the window, and axe-core (vendored)
+finds no serious or critical violation in it. CREDITGATE_WRITE_DOCS=1 also writes the README's picture,
+docs/portal-overview.png."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .conftest import Sidecar, SidecarFactory
 from .support_portal import chat
 from .support_stripe import FakeStripe, event, post_event, stripe_settings
 from .support_stripe import fake_stripe as fake_stripe  # the fixture
+from .support_vault import MASTER, VAULT_KEY
 
 CHROMIUM = "/usr/bin/chromium"
 HERE = Path(__file__).parent
@@ -105,7 +107,7 @@ async def api_status(sc: Sidecar, key: str, path: str = "/v1/credits/summary") -
 async def test_a_customer_uses_the_portal_in_a_browser(
     make_sidecar: SidecarFactory, fake_stripe: FakeStripe, browser: Browser
 ) -> None:
-    sc = await make_sidecar(**stripe_settings(fake_stripe))
+    sc = await make_sidecar(**stripe_settings(fake_stripe), vault_master_key=MASTER)
     account, key = await sc.account(10 * C)
     base = str(sc.client.make_url("")).rstrip("/")
     context = await browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
@@ -192,6 +194,17 @@ async def test_a_customer_uses_the_portal_in_a_browser(
     assert "The key is revoked" in await page.inner_text("main")
     assert await api_status(sc, new_key) == 401
 
+    # a provider key: stored in the vault, listed by its last four characters only
+    await go(page, "Provider keys")
+    await page.get_by_label("Key", exact=True).fill(VAULT_KEY)
+    await page.get_by_label("Label (optional)").fill("mine")
+    await page.get_by_role("button", name="Add key").click()
+    assert "The provider key is stored" in await page.inner_text("main")
+    assert await page.locator("#provider-keys tbody tr").count() == 1
+    assert f"…{VAULT_KEY[-4:]}" in await page.inner_text("#provider-keys")
+    assert VAULT_KEY not in await page.content()
+    await look.check("provider-keys")
+
     # a cap of 0 a day: the API refuses the next request with a 402
     await go(page, "Settings")
     await page.get_by_label("Limit in credits").fill("abc")
@@ -214,5 +227,15 @@ async def test_a_customer_uses_the_portal_in_a_browser(
     assert "You are signed out." in await page.inner_text("main")
     await page.goto(f"{base}/portal/accounts/{account}/")
     assert page.url.startswith(f"{base}/portal/sign-in")
-    assert look.seen == ["sign-in", "usage", "history", "buy", "overview", "keys", "settings", "documents"]
+    assert look.seen == [
+        "sign-in",
+        "usage",
+        "history",
+        "buy",
+        "overview",
+        "keys",
+        "provider-keys",
+        "settings",
+        "documents",
+    ]
     await context.close()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from sidecar.outbox import UsageEvent
+from sidecar.portal.sessions import token_hash
 
 from .conftest import Sidecar, SidecarFactory
 from .support_portal import chat, csrf_of, post_form, sign_in, text_of, usage_rows
@@ -180,16 +181,28 @@ async def test_a_key_is_made_shown_once_named_capped_and_revoked(portal: Sidecar
     client = portal.client
     _, csrf = await sign_in(client, key)
     base = f"/portal/accounts/{account}"
-    status, page, _ = await post_form(
+    status, _, location = await post_form(
         client, f"{base}/keys", {"csrf": csrf, "name": "ci", "expires_on": "2099-01-31"}
     )
-    assert status == 201
+    assert (status, location) == (303, f"{base}/keys?done=key-created")  # Post/Redirect/Get
+    (cookie,) = [c for c in client.session.cookie_jar if c.key == "creditgate_portal"]
+    kept = portal.services.keys.portal_new_key(token_hash(cookie.value))
+    sealed = await portal.services.redis.get(kept)  # waiting for its page, sealed: no key in Redis
+    assert isinstance(sealed, bytes)
+    page = await (await client.get(f"{base}/keys?done=key-created")).text()
     made = re.search(r'id="new-key" class="secret" type="text" readonly value="(cgk-[^"]+)"', page)
     assert made
     new_key = made.group(1)
     assert "shown only this once" in text_of(page)
-    listed = await (await client.get(f"{base}/keys")).text()
-    assert new_key not in listed  # never again
+    assert new_key.encode() not in sealed
+    assert new_key[len("cgk-") :].encode() not in sealed
+    assert not await portal.services.redis.exists(kept)  # the read that showed it deleted it
+    reloaded = await (await client.get(f"{base}/keys?done=key-created")).text()  # a refresh
+    assert new_key not in reloaded  # never again, and nothing sent again
+    assert 'id="new-key"' not in reloaded
+    assert "The key is created" in text_of(reloaded)
+    assert new_key not in await (await client.get(f"{base}/keys")).text()
+    assert len((await portal.admin("GET", f"/accounts/{account}/keys"))["data"]) == 2  # its own and ci
     assert await chat(portal, new_key) == 200  # it works on the API
     keys = (await portal.admin("GET", f"/accounts/{account}/keys"))["data"]
     (ci,) = [k for k in keys if k["name"] == "ci"]

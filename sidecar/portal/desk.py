@@ -19,6 +19,7 @@ from ..services import Services
 from ..signals.alert_store import AlertStore
 from ..signals.alerts import Alerts
 from ..signals.deliveries import Deliveries
+from ..vault.store import Vault
 from ..wallet_api import WalletOps
 from ..wallet_store import WalletStore
 from .render import Templates
@@ -41,6 +42,7 @@ class Desk:
     invoices: Invoices
     payments: Payments
     payment_context: PaymentContext
+    vault: Vault  # the account's own provider keys (BYOK)
     templates: Templates
 
     @property

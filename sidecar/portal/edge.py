@@ -1,7 +1,8 @@
 """The portal's one authority, decided once per request at its edge (a middleware of the portal app):
 
-- the session: the cookie's token names a session in Redis; a customer's session lives only while the
-  client key it was opened with does (looked up again on every page: revoked or expired ends it);
+- the session: the cookie's token names a session in Redis, within its idle and absolute lifetimes; a
+  customer's session lives only while the client key it was opened with does (looked up again on every
+  page: revoked or expired ends it);
 - the account: a page under /portal/accounts/{account}/ is served only when the session may see that
   account: a customer's own (any other id is a 404, the same as an account that does not exist), any
   existing account for an operator. Handlers read the account from `viewer(request)`, never from a form;
@@ -90,7 +91,7 @@ def clear_cookie(response: web.StreamResponse, name: str) -> None:
 async def current_session(request: web.Request) -> Session | None:
     """The request's live session, or None (no cookie, expired, or its key revoked: then it is closed)."""
     d = desk(request)
-    session = await d.sessions.find(request.cookies.get(COOKIE, ""))
+    session = await d.sessions.find(request.cookies.get(COOKIE, ""), d.now_ms())
     if session is None:
         return None
     if session.operator:

@@ -1,7 +1,8 @@
-"""API keys: the account's keys (revoked ones too), a new key (shown once, on the page that made it, and
-never again), a name, revocation, and each key's spend caps. Through the same objects as the admin API
-(`AdminOps.create_key`, `revoke_key`) and /v1/credits/keys (`KeyOps`, `CapOps`); a key id from a form is
-always checked to be the page's account's before anything is done with it."""
+"""API keys: the account's keys (revoked ones too), a new key (shown once, on the page its form redirects
+to, and never again: a reload of that page creates nothing and shows nothing), a name, revocation, and
+each key's spend caps. Through the same objects as the admin API (`AdminOps.create_key`, `revoke_key`)
+and /v1/credits/keys (`KeyOps`, `CapOps`); a key id from a form is always checked to be the page's
+account's before anything is done with it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..wallet import PERIODS
 from . import forms
 from .edge import COOKIE, clear_cookie, desk, viewer
 from .pages import done, form_data, form_error, page
+from .sessions import NewKey
 
 
 async def keys_view(request: web.Request, *, status: int = 200, **extra: Any) -> web.Response:
@@ -39,7 +41,9 @@ async def keys_view(request: web.Request, *, status: int = 200, **extra: Any) ->
 
 
 async def keys(request: web.Request) -> web.StreamResponse:
-    return await keys_view(request)
+    """The list, and a key just made by this session, if this is the first page since (sessions.py)."""
+    made = await desk(request).sessions.take_new_key(request.cookies.get(COOKIE, ""))
+    return await keys_view(request, new_key=made)
 
 
 async def _own_key(request: web.Request) -> Any:
@@ -64,7 +68,10 @@ async def create_key(request: web.Request) -> web.StreamResponse:
     except CreditgateError as err:
         err.param = "expires_on" if err.param == "expires_at" else err.param  # the form's field
         return await keys_view(request, status=status_of(err), form=form, **form_error(err))
-    return await keys_view(request, status=201, new_key=made)
+    # Post/Redirect/Get: the key waits, sealed, for the one page that shows it; never in a URL.
+    kept = NewKey(id=made["id"], name=made["name"], key=made["key"])
+    await d.sessions.keep_new_key(request.cookies.get(COOKIE, ""), kept)
+    raise done(account, "keys", "key-created")
 
 
 async def revoke_key(request: web.Request) -> web.StreamResponse:

@@ -18,8 +18,12 @@ from .edge import desk, viewer
 from .render import credits
 
 NOTICES = {
+    "key-created": "The key is created. Its secret is shown only once, on the first page after it was made.",
     "key-revoked": "The key is revoked: it no longer works anywhere.",
     "key-renamed": "The key's name is saved.",
+    "provider-key-added": "The provider key is stored: requests to that provider now go out with it.",
+    "provider-key-replaced": "The provider key is replaced: requests to that provider now use the new one.",
+    "provider-key-deleted": "The provider key is deleted from the vault.",
     "cap-set": "The spend cap is saved; it applies to the next request.",
     "cap-deleted": "The spend cap is removed.",
     "zone-set": "The time zone is saved.",

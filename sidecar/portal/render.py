@@ -20,6 +20,7 @@ NAV = (  # (name, label, path under the account): the account pages' navigation
     ("usage", "Usage", "usage"),
     ("history", "History", "history"),
     ("keys", "API keys", "keys"),
+    ("provider-keys", "Provider keys", "provider-keys"),
     ("settings", "Settings", "settings"),
     ("buy", "Buy credits", "buy"),
     ("documents", "Documents", "documents"),

@@ -15,8 +15,19 @@ from ..features import Feature, Running
 from ..payments.context import PAYMENT_CONTEXT
 from ..signals.alerts import Alerts
 from ..signals.alerts_api import ALERTS
+from ..vault.api import VAULT
 from ..wallet_api import WALLET_OPS
-from . import buy_page, documents_page, history_page, keys_page, overview, settings_page, signin, usage_page
+from . import (
+    buy_page,
+    documents_page,
+    history_page,
+    keys_page,
+    overview,
+    provider_keys_page,
+    settings_page,
+    signin,
+    usage_page,
+)
 from .desk import DESK, Desk
 from .edge import edge, security_headers
 from .render import Templates
@@ -34,7 +45,7 @@ async def start(app: web.Application, running: Running) -> None:
     app[DESK] = Desk(
         settings=s,
         services=svc,
-        sessions=SessionStore(svc.redis, svc.keys, s.portal_session_seconds),
+        sessions=SessionStore(svc.redis, svc.keys, s.portal_session_seconds, s.portal_session_max_seconds),
         wallet=app[WALLET_OPS],
         admin=app[ADMIN_OPS],
         alerts=app[ALERTS],
@@ -44,6 +55,7 @@ async def start(app: web.Application, running: Running) -> None:
         invoices=app[INVOICES],
         payments=running.payments,
         payment_context=app[PAYMENT_CONTEXT],
+        vault=app[VAULT],
         templates=app[TEMPLATES],
     )
 
@@ -76,6 +88,7 @@ def portal_app() -> web.Application:
         "/history": history_page.history,
         "/history.csv": history_page.history_csv,
         "/keys": keys_page.keys,
+        "/provider-keys": provider_keys_page.provider_keys,
         "/settings": settings_page.settings,
         "/buy": buy_page.buy,
         "/documents": documents_page.documents,
@@ -94,6 +107,8 @@ def portal_app() -> web.Application:
         "/keys/{key_id}/revoke": keys_page.revoke_key,
         "/keys/{key_id}/name": keys_page.rename_key,
         "/keys/{key_id}/cap": keys_page.key_cap,
+        "/provider-keys": provider_keys_page.add_key,
+        "/provider-keys/{record_id}/delete": provider_keys_page.delete_key,
         "/caps": settings_page.set_cap,
         "/caps/delete": settings_page.delete_cap,
         "/time-zone": settings_page.set_zone,

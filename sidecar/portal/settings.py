@@ -22,6 +22,8 @@ class PortalSettings(VaultSettings, kw_only=True):
     # A signed-in session ends this long after its last page (a sign-out, or its key revoked, ends it
     # at once).
     portal_session_seconds: Annotated[int, msgspec.Meta(ge=60, le=30 * DAY_SECONDS)] = 3600
+    # A session also ends this long after it was opened, however busy (its key must be posted again).
+    portal_session_max_seconds: Annotated[int, msgspec.Meta(ge=60, le=30 * DAY_SECONDS)] = 12 * 3600
     # The session cookie's Secure attribute; unset: when the request came over TLS. Set it true behind
     # a proxy that ends TLS (the sidecar then sees plain HTTP).
     portal_secure_cookie: bool | None = None

@@ -175,6 +175,7 @@ last): the config file, the mode, the listeners, data_dir, the shutdown timings 
 {{- $_ := set $secrets "CREDITGATE_ADMIN_TOKEN" .Values.secrets.adminToken }}
 {{- $_ := set $secrets "CREDITGATE_UPSTREAM_API_KEY" .Values.secrets.upstreamApiKey }}
 {{- $_ := set $secrets "CREDITGATE_ACCOUNT_HEADER_SECRET" .Values.secrets.accountHeaderSecret }}
+{{- $_ := set $secrets "CREDITGATE_VAULT_MASTER_KEY" .Values.secrets.vaultMasterKey }}
 {{- range $env, $ref := $secrets }}
 {{- if $ref.name }}
 - name: {{ $env }}
