@@ -39,6 +39,7 @@ from sidecar.redis_client import connect_redis
 from sidecar.redis_urls import is_cluster_url, parse_cluster_url
 
 from .support_cluster import ClusterUnavailable, LocalCluster
+from .support_schemas import Spare, drop_schema, make_spare, new_schema_name, restore, with_schema
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 PROVIDER_KEY = "sk-provider-secret-for-tests"
@@ -63,6 +64,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "topologies: run the module's tests on one Redis and on a Redis Cluster ([single], [cluster])",
+    )
+    config.addinivalue_line(
+        "markers", "empty_schema: database_url is a fresh empty schema (not a migrated spare)"
     )
 
 
@@ -207,20 +211,46 @@ def process_env(
     )
 
 
-def with_schema(dsn: str, schema: str) -> str:
-    return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+@pytest.fixture(scope="session")
+def _spare_schemas(database_server: str) -> Iterator[list[Spare]]:
+    """This process's migrated schemas not in use (tests/support_schemas.py); dropped at the end."""
+    spares: list[Spare] = []
+    yield spares
+
+    async def drop_all() -> None:
+        conn = await asyncpg.connect(database_server)
+        try:
+            for spare in spares:
+                await drop_schema(conn, spare.name)
+        finally:
+            await conn.close()
+
+    if spares:
+        asyncio.run(drop_all())
 
 
 @pytest.fixture
-async def database_url(database_server: str) -> AsyncIterator[str]:
-    """A DSN whose search_path is a fresh schema of this test's own."""
-    schema = f"t{uuid.uuid4().hex[:12]}"
+async def database_url(
+    database_server: str, _spare_schemas: list[Spare], request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
+    """A DSN whose search_path is a schema of this test's own: migrated, partitioned and empty, as a
+    sidecar's first start leaves it (a spare, tests/support_schemas.py); an empty one for a test marked
+    `empty_schema`."""
     conn = await asyncpg.connect(database_server)
-    await conn.execute(f"CREATE SCHEMA {schema}")
     try:
-        yield with_schema(database_server, schema)
+        if request.node.get_closest_marker("empty_schema"):
+            schema = new_schema_name()
+            await conn.execute(f"CREATE SCHEMA {schema}")
+            yield with_schema(database_server, schema)
+            await drop_schema(conn, schema)
+            return
+        spare = _spare_schemas.pop() if _spare_schemas else await make_spare(conn)
+        yield with_schema(database_server, spare.name)
+        if await restore(conn, spare):
+            _spare_schemas.append(spare)
+        else:
+            await drop_schema(conn, spare.name)
     finally:
-        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
         await conn.close()
 
 

@@ -26,6 +26,7 @@ from sidecar.reconcile import complete_money_in, reconcile
 from sidecar.repair import repair
 
 from .conftest import Sidecar, SidecarFactory, Upstream, clean_env, make_settings
+from .support_schemas import ADVISORY_WAITS
 
 LEASE = 4_000_000_000_000
 
@@ -387,9 +388,7 @@ async def test_reconcile_holds_flushes_back_while_it_compares(svc: Services) -> 
         flushing = asyncio.create_task(svc.flusher().drain())
         # Postgres offers no event for "a session now waits on this lock": poll its lock table, bounded.
         async with asyncio.timeout(10):
-            while not await svc.store.pool.fetchval(  # noqa: ASYNC110
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            ):
+            while not await svc.store.pool.fetchval(ADVISORY_WAITS):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         assert await svc.store.pool.fetchval("SELECT count(*) FROM ledger WHERE kind = 'usage'") == 0
         assert not flushing.done()

@@ -20,6 +20,8 @@ from sidecar.outbox import UsageEvent
 
 from .conftest import make_settings
 
+# The partitions themselves: each test starts from an empty schema, not a migrated and partitioned spare.
+pytestmark = pytest.mark.empty_schema
 LEASE = 4_000_000_000_000
 UTC = dt.UTC
 

@@ -13,6 +13,8 @@ import pytest
 from sidecar.ledger_schema import LedgerConnection, add_partitions, migrate, migration_files
 from sidecar.ledger_store import LedgerStore
 
+# The migrations themselves: each test starts from an empty schema, not a migrated spare.
+pytestmark = pytest.mark.empty_schema
 UTC = dt.UTC
 NOV = dt.datetime(2026, 11, 30, 23, 30, tzinfo=UTC)
 DEC = dt.datetime(2026, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC)

@@ -14,6 +14,7 @@ from sidecar.errors import BadRequest
 from sidecar.payments.x402_topup import micro_credits
 
 from .conftest import Sidecar, SidecarFactory
+from .support_schemas import ADVISORY_WAITS
 from .support_x402 import PAY_TO, PAYER, USDC, FakeFacilitator, decoded, payment_v1, payment_v2
 from .support_x402 import facilitator as facilitator  # the fixture
 
@@ -200,7 +201,7 @@ async def test_the_same_payment_at_once_settles_and_credits_once(
     await facilitator.settle_entered.wait()  # the first holds the order's lock, inside /settle
     others = [asyncio.ensure_future(topup(sc, key, USD, **{"X-PAYMENT": header})) for _ in range(6)]
     pool = sc.services.store.pool
-    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    waiting = ADVISORY_WAITS
     for _ in range(1000):  # until all six wait for the order's lock (or fail, if none does)
         if await pool.fetchval(waiting) >= 6:
             break
