@@ -3,8 +3,9 @@
 Redis: ``CREDITGATE_TEST_REDIS_URL``, else 127.0.0.1:6379 when it answers, else an embedded redis-server
 started for the session. Postgres: ``CREDITGATE_TEST_DATABASE_URL``, else postgres@127.0.0.1:5432/test
 when it answers, else an embedded PostgreSQL. With ``CI=true`` a missing service is a failure, never a
-skip or a fallback. Every test gets its own Redis key prefix and its own Postgres schema, so tests share
-the servers without seeing each other's data.
+skip or a fallback. Every test gets its own Redis key prefix and a Postgres schema of its own (a migrated
+spare, emptied after it: tests/support_schemas.py), so tests share the servers, and the two xdist workers
+the suite runs on share them too, without seeing each other's data.
 """
 
 from __future__ import annotations
