@@ -33,9 +33,6 @@ from .support import settled
 from .support_cluster import LocalCluster
 
 DEADLINE = 30.0  # seconds any cluster state change may take (node timeout 3 s, then the election)
-# One worker runs the module (under xdist): its cluster is started once.
-pytestmark = pytest.mark.xdist_group("failover_cluster")
-
 GRANT = 10**12
 CLIENTS = 32
 BEFORE, AFTER = 60, 100  # requests answered before the failover starts, and after it is over
