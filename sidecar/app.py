@@ -40,7 +40,6 @@ from .settlements import PendingSettlement
 from .supervisor import Supervisor
 from .upstream import create_session, upstreams_from
 from .vault.api import VAULT
-from .vault.settings import key_ring
 from .vault.store import Vault
 from .wallet_api import WALLET_OPS, WalletOps, add_admin_routes, add_routes
 from .wire import ROUTES
@@ -78,15 +77,9 @@ def create_app(
             await check_redis(svc.redis)  # an evicting policy refused (exit 2), no maxmemory warned about
             upstreams = upstreams_from(settings, demo_upstream_url)
             # The BYOK vault: a master key that does not open its records stops startup (ConfigError).
-            vault = app[VAULT] = Vault(
-                key_ring(settings),
-                svc.store.pool,
-                svc.redis,
-                svc.keys,
-                {up.vault_provider for up in upstreams.values()},
-                cache_seconds=settings.auth_cache_seconds,
+            vault = app[VAULT] = await Vault.opened(
+                settings, svc, {u.vault_provider for u in upstreams.values()}
             )
-            await vault.verify()
             session = create_session(settings)
             cache = (
                 ResponseCache(CachePolicy.of(settings), svc.redis, svc.keys)

@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import msgspec
@@ -25,6 +25,11 @@ from ..redis_client import RedisClient
 from .crypto import CannotOpen, KeyRing, associated_data
 from .mirror import COLUMNS, SealedKey, lock_accounts, mirror_record, sync_accounts
 from .records import NO_KEYS, KeyBody, StoredKeys, checked, view
+from .settings import key_ring
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..services import Services
 
 log = logging.getLogger("creditgate.vault")
 
@@ -53,6 +58,21 @@ class Vault:
         self.cache_seconds, self.clock = cache_seconds, clock
         self._cache: dict[str, tuple[StoredKeys, float]] = {}
         self._epoch = 0  # bumped by every write: a read that began before one is not cached
+
+    @classmethod
+    async def opened(cls, settings: Settings, svc: Services, providers: Iterable[str]) -> Vault:
+        """The sidecar's vault, verified: a master key that does not open its records stops startup
+        (ConfigError naming the setting)."""
+        vault = cls(
+            key_ring(settings),
+            svc.store.pool,
+            svc.redis,
+            svc.keys,
+            providers,
+            cache_seconds=settings.auth_cache_seconds,
+        )
+        await vault.verify()
+        return vault
 
     # ---- the request path -------------------------------------------------------------------------
 
