@@ -22,7 +22,12 @@ class X402Orders:
         connections (OrderStore.mark_paid), which a row lock held here would block. The lock's connection
         comes from a pool of its own: waiters holding all of the main pool would starve the holder."""
         async with self.locks.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"x402:{order_id}")
+            # Scoped to the schema, like the ledger's locks: ledgers sharing a database never wait on
+            # each other's.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || ':x402:' || $1, 0))",
+                order_id,
+            )
             yield
 
     async def record_settled(self, order_id: str, transaction: str) -> None:
