@@ -303,9 +303,14 @@ SECRET_SETTINGS = (
     "CREDITGATE_UPSTREAM_API_KEY",
     "CREDITGATE_ACCOUNT_HEADER_SECRET",
     "CREDITGATE_VAULT_MASTER_KEY",
+    "CREDITGATE_VAULT_PREVIOUS_KEYS",
 )
 # Stand-ins for values from a Secret that creditgate parses: the vault's master key is 32 bytes, base64.
-SECRET_STAND_INS = {"CREDITGATE_VAULT_MASTER_KEY": "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="}
+_KEY_STAND_IN = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="
+SECRET_STAND_INS = {
+    "CREDITGATE_VAULT_MASTER_KEY": _KEY_STAND_IN,
+    "CREDITGATE_VAULT_PREVIOUS_KEYS": f'{{"k0": "{_KEY_STAND_IN}"}}',
+}
 
 
 def pod_environ(container: dict[str, Any]) -> dict[str, str]:
@@ -454,6 +459,7 @@ SECRET_VALUES = {
     "upstreamApiKey": "CREDITGATE_UPSTREAM_API_KEY",
     "accountHeaderSecret": "CREDITGATE_ACCOUNT_HEADER_SECRET",
     "vaultMasterKey": "CREDITGATE_VAULT_MASTER_KEY",
+    "vaultPreviousKeys": "CREDITGATE_VAULT_PREVIOUS_KEYS",
 }
 
 
@@ -526,6 +532,11 @@ NEGATIVE = [
         "account_header_secret",
     ),
     ("vault master key in the ConfigMap", {"config": {"vault_master_key": "x" * 44}}, "vault_master_key"),
+    (
+        "earlier vault keys in the ConfigMap",
+        {"config": {"vault_previous_keys": {"k0": "x" * 44}}},
+        "vault_previous_keys",
+    ),
     (
         "a separate flusher in sidecar mode",
         {"mode": "sidecar", "flusher": {"separate": True}},

@@ -176,6 +176,7 @@ last): the config file, the mode, the listeners, data_dir, the shutdown timings 
 {{- $_ := set $secrets "CREDITGATE_UPSTREAM_API_KEY" .Values.secrets.upstreamApiKey }}
 {{- $_ := set $secrets "CREDITGATE_ACCOUNT_HEADER_SECRET" .Values.secrets.accountHeaderSecret }}
 {{- $_ := set $secrets "CREDITGATE_VAULT_MASTER_KEY" .Values.secrets.vaultMasterKey }}
+{{- $_ := set $secrets "CREDITGATE_VAULT_PREVIOUS_KEYS" .Values.secrets.vaultPreviousKeys }}
 {{- range $env, $ref := $secrets }}
 {{- if $ref.name }}
 - name: {{ $env }}
