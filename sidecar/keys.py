@@ -158,6 +158,12 @@ class KeySpace:
         opened at the latest)."""
         return f"{self.prefix}portal-session:{token_hash}"
 
+    def portal_signin(self, address: str, window: int) -> str:
+        """String: the failed billing-portal sign-ins from one client address in one fixed window (the
+        app's clock divided by portal_signin_window_seconds; portal/attempts.py); it expires one window
+        after its first count."""
+        return f"{self.prefix}portal-signin:{window}:{address}"
+
     def portal_new_key(self, token_hash: str) -> str:
         """String: an API key the session just made, sealed, kept for the one page that shows it
         (portal/sessions.py); it expires after NEW_KEY_SECONDS."""

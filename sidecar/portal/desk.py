@@ -22,6 +22,7 @@ from ..signals.deliveries import Deliveries
 from ..vault.store import Vault
 from ..wallet_api import WalletOps
 from ..wallet_store import WalletStore
+from .attempts import SignInAttempts
 from .render import Templates
 from .sessions import SessionStore
 
@@ -33,6 +34,7 @@ class Desk:
     settings: Settings
     services: Services
     sessions: SessionStore
+    attempts: SignInAttempts  # failed sign-ins per client address
     wallet: WalletOps  # keys, caps, time zone
     admin: AdminOps  # new keys, revocation, referrals
     alerts: AlertStore  # alert rules, auto-reload

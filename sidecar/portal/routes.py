@@ -28,6 +28,7 @@ from . import (
     signin,
     usage_page,
 )
+from .attempts import SignInAttempts
 from .desk import DESK, Desk
 from .edge import edge, security_headers
 from .render import Templates
@@ -46,6 +47,9 @@ async def start(app: web.Application, running: Running) -> None:
         settings=s,
         services=svc,
         sessions=SessionStore(svc.redis, svc.keys, s.portal_session_seconds, s.portal_session_max_seconds),
+        attempts=SignInAttempts(
+            svc.redis, svc.keys, s.portal_signin_attempts, s.portal_signin_window_seconds
+        ),
         wallet=app[WALLET_OPS],
         admin=app[ADMIN_OPS],
         alerts=app[ALERTS],

@@ -27,6 +27,10 @@ class PortalSettings(VaultSettings, kw_only=True):
     # The session cookie's Secure attribute; unset: when the request came over TLS. Set it true behind
     # a proxy that ends TLS (the sidecar then sees plain HTTP).
     portal_secure_cookie: bool | None = None
+    # Failed sign-ins (client key or admin token) one client address may make in a fixed window of
+    # portal_signin_window_seconds; past them the sign-in page answers 429 without checking the key.
+    portal_signin_attempts: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
+    portal_signin_window_seconds: Annotated[int, msgspec.Meta(ge=1, le=DAY_SECONDS)] = 600
 
 
 def portal_on(settings: Settings) -> bool:

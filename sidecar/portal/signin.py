@@ -26,6 +26,7 @@ from .edge import (
 from .pages import account_url, page
 
 ENDED = "Your session ended (signed out, expired, or its key was revoked): sign in again."
+LIMITED = "Too many failed sign-ins from your address: wait a few minutes, then try again."
 MAX_SECRET_CHARS = 512
 CHECKOUT_RETURNS = {"success": "checkout-success", "canceled": "checkout-canceled"}
 
@@ -85,6 +86,11 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     if not secret or len(secret) > MAX_SECRET_CHARS or not secret.isascii():
         return _form(request, error="Enter an API key.", status=400)
     now_ms = d.now_ms()
+    attempt = await d.attempts.reserve(request.remote, now_ms)
+    if d.attempts.limited(attempt):  # the secret is not even checked
+        response = _form(request, error=LIMITED, status=429)
+        response.headers["Retry-After"] = str(d.attempts.retry_after(attempt, now_ms))
+        return response
     token = d.settings.admin_token
     if operator_sign_in(d) and token and hmac.compare_digest(secret.encode(), token.encode()):
         cookie, _ = await d.sessions.open(None, "", now_ms)
@@ -100,6 +106,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
             return _form(request, error="That key is not valid: unknown, revoked or expired.", status=401)
         cookie, _ = await d.sessions.open(caller.account, key_hash, now_ms)
         target = account_url(caller.account)
+    await d.attempts.succeeded(attempt)
     response = web.HTTPSeeOther(target)
     set_cookie(response, request, COOKIE, cookie)
     clear_cookie(response, SIGNIN_COOKIE)
