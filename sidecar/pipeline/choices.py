@@ -15,6 +15,12 @@ KeySource = Literal["pool", "vault", "inline"]
 NO_KEYS: Mapping[str, str] = {}
 
 
+def key_headers(source: KeySource, marked_up: bool) -> dict[str, str]:
+    """The answer's headers on where the provider key came from (pool, vault, inline) and whether the
+    pooled markup applied (Admission.marked_up), for a body (respond.py) and a stream (forward.py)."""
+    return {"x-creditgate-key-source": source, "x-creditgate-markup": "true" if marked_up else "false"}
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
     """One upstream candidate as this request would use it: the key it goes out with, the multiplier

@@ -30,7 +30,7 @@ from ..routing import Router
 from ..upstream import Upstream
 from ..usage import usage_from_body
 from .admit import Admission
-from .choices import Choice
+from .choices import Choice, key_headers
 from .live import Live, Timings
 from .outcome import Ending, Phase
 from .stream import StreamPolicy, relay_stream
@@ -238,9 +238,8 @@ class Forwarder:
         headers: CIMultiDict[str] = response_headers(answer.headers, byok=own, extra=self.policy.relayed)
         headers["x-request-id"] = adm.request_id
         headers["x-creditgate-held"] = str(adm.hold)
-        served = adm.served_by(choice)  # the candidate's key source, not the primary's
-        headers["x-creditgate-key-source"] = served.key_source  # as respond.key_headers
-        headers["x-creditgate-markup"] = "true" if served.marked_up else "false"
+        served = adm.served_by(choice)  # the candidate's key, not the primary's
+        headers.update(key_headers(served.key_source, served.marked_up))
         if adm.cache is not None:
             headers.update(miss_headers(adm.cache.forward, stored=False))
         response, ending, captured = await relay_stream(

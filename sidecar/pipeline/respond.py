@@ -18,6 +18,7 @@ from ..headers import HeaderNames, response_headers, scrub_secrets
 from ..idempotency import ORIGINAL_HEADER, REPLAY_HEADER, IdempotentAnswer
 from ..usage import SSEReader
 from .admit import Admission
+from .choices import key_headers
 from .forward import Forwarded
 from .outcome import Phase
 
@@ -92,16 +93,8 @@ def body_answer(
     headers["x-creditgate-charged"] = str(charge)
     if settlement is not None:
         headers["x-creditgate-balance"] = str(settlement.balance)
-    headers.update(key_headers(adm))
+    headers.update(key_headers(adm.key_source, adm.marked_up))
     return web.Response(status=status, body=body, headers=headers)
-
-
-def key_headers(adm: Admission) -> dict[str, str]:
-    """Where the provider key came from (pool, vault, inline) and whether the pooled markup applied."""
-    return {
-        "x-creditgate-key-source": adm.key_source,
-        "x-creditgate-markup": "true" if adm.marked_up else "false",
-    }
 
 
 async def hit_answer(
