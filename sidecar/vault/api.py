@@ -4,6 +4,8 @@ built by app.py before the gateway (which reads it) and kept at VAULT."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from .. import bodies
@@ -34,37 +36,39 @@ async def _delete(request: web.Request, account: str) -> web.Response:
     return _json(await _vault(request).delete(account, request.match_info["key_id"]))
 
 
-def routes(app: web.Application, settings: Settings) -> None:
-    async def caller(request: web.Request) -> str:
-        return (await request.config_dict[WALLET_OPS].caller(request)).account
+def _add(router: web.UrlDispatcher, base: str, account_of: Callable[[web.Request], Awaitable[str]]) -> None:
+    """The three routes under `base`, each acting for the account `account_of` reads off the request."""
 
     async def post(request: web.Request) -> web.Response:
-        return await _put(request, await caller(request))
+        return await _put(request, await account_of(request))
 
     async def get(request: web.Request) -> web.Response:
-        return await _list(request, await caller(request))
+        return await _list(request, await account_of(request))
 
     async def delete(request: web.Request) -> web.Response:
-        return await _delete(request, await caller(request))
+        return await _delete(request, await account_of(request))
 
-    app.router.add_post("/v1/account/llm-keys", post)
-    app.router.add_get("/v1/account/llm-keys", get)
-    app.router.add_delete("/v1/account/llm-keys/{key_id}", delete)
+    router.add_post(base, post)
+    router.add_get(base, get)
+    router.add_delete(base + "/{key_id}", delete)
+
+
+async def _caller(request: web.Request) -> str:
+    """The client's own account, by its key (or the account header)."""
+    return (await request.config_dict[WALLET_OPS].caller(request)).account
+
+
+async def _named(request: web.Request) -> str:
+    """The account the admin's path names."""
+    return request.match_info["account"]
+
+
+def routes(app: web.Application, settings: Settings) -> None:
+    _add(app.router, "/v1/account/llm-keys", _caller)
 
 
 def admin_routes(admin: web.Application, settings: Settings) -> None:
-    async def post(request: web.Request) -> web.Response:
-        return await _put(request, request.match_info["account"])
-
-    async def get(request: web.Request) -> web.Response:
-        return await _list(request, request.match_info["account"])
-
-    async def delete(request: web.Request) -> web.Response:
-        return await _delete(request, request.match_info["account"])
-
-    admin.router.add_post("/accounts/{account}/llm-keys", post)
-    admin.router.add_get("/accounts/{account}/llm-keys", get)
-    admin.router.add_delete("/accounts/{account}/llm-keys/{key_id}", delete)
+    _add(admin.router, "/accounts/{account}/llm-keys", _named)
 
 
 FEATURE = Feature("vault", routes=routes, admin_routes=admin_routes)
